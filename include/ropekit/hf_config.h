@@ -1,0 +1,35 @@
+// ropekit: building RopeParams from a Hugging Face `config.json`.
+//
+// Reads rope_theta (or GPT-NeoX's rotary_emb_base), head_dim (or hidden_size /
+// num_attention_heads), partial_rotary_factor / rotary_pct (GPT-J: rotary_dim),
+// max_position_embeddings, and the scaling dict under `rope_scaling` or the newer
+// `rope_parameters` (key `rope_type` or its alias `type`; Phi-3 `su`/`yarn` map to longrope,
+// Qwen2-VL `mrope` to default). A top-level original_max_position_embeddings (Phi-3) takes
+// priority, as in transformers v5. Every problem is reported as ropekit::Error naming the field.
+#ifndef ROPEKIT_HF_CONFIG_H_
+#define ROPEKIT_HF_CONFIG_H_
+
+#include <string>
+#include <string_view>
+
+#include "ropekit/rope.h"
+
+namespace ropekit {
+
+struct HfRopeConfig {
+  RopeParams params;
+  Layout layout = Layout::kHalfSplit;  // the checkpoint convention of the model type
+  std::string model_type;              // "" when absent
+  int num_attention_heads = 0;         // 0 when absent
+  int num_key_value_heads = 0;         // 0 when absent (then equal to num_attention_heads)
+};
+
+// Parses config.json text. `layer_type` selects one entry of a per-layer-type rope_parameters
+// dict (Gemma-3 style, e.g. "full_attention"); empty selects "full_attention" when nested.
+HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_type = {});
+// Reads and parses a file; errors name the path.
+HfRopeConfig LoadHfConfig(const std::string& path, std::string_view layer_type = {});
+
+}  // namespace ropekit
+
+#endif  // ROPEKIT_HF_CONFIG_H_

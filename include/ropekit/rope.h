@@ -1,0 +1,244 @@
+// ropekit: rotary position embedding (RoPE), public API.
+//
+// RoFormer (Su et al. 2021, arXiv:2104.09864): each pair of channels (a, b) of a query or key at
+// integer position p is rotated by the angle theta_i = p * w_i, where w_i = base^(-2i/R) is the
+// inverse frequency of pair i and R the rotary dimension:
+//   a' = a cos(theta_i) - b sin(theta_i)
+//   b' = b cos(theta_i) + a sin(theta_i)
+// so that <R(m) q, R(n) k> depends only on n - m. Scaling variants (PI, NTK, YaRN, Llama-3.1,
+// LongRoPE, ...) change only the inverse frequencies w_i and a magnitude factor A that multiplies
+// cos and sin; the rotation kernel is the same for all of them.
+//
+// Dimension legend: T = tokens, H = heads, D = head_dim, R = rotary_dim (even, R <= D),
+// N = R / 2 = number of rotated pairs.
+//
+// Channel layouts (one head, D = 8, R = 6; c = rotated, p = passed through unchanged):
+//
+//   kHalfSplit (GPT-NeoX / Hugging Face "rotate_half"): pair i = channels (i, i + N)
+//     channel:  0  1  2  3  4  5  6  7
+//     pair:     0  1  2  0  1  2  p  p        [a0 a1 a2 b0 b1 b2 | p p]
+//
+//   kInterleaved (GPT-J / Meta LLaMA / RoFormer): pair i = channels (2i, 2i + 1)
+//     channel:  0  1  2  3  4  5  6  7
+//     pair:     0  0  1  1  2  2  p  p        [a0 b0 a1 b1 a2 b2 | p p]
+//
+// Hugging Face LLaMA-family checkpoints have their q/k projection rows permuted so that kHalfSplit
+// applied to them equals Meta's kInterleaved rotation on the original weights.
+#ifndef ROPEKIT_ROPE_H_
+#define ROPEKIT_ROPE_H_
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ropekit/error.h"
+
+namespace ropekit {
+
+class ThreadPool;
+
+// Frequency-scaling variants, with Hugging Face `transformers` semantics (rope_type names).
+enum class RopeType {
+  kDefault,   // "default": w_i = base^(-2i/R)
+  kLinear,    // "linear": position interpolation (Chen et al. 2023), w_i / factor
+  kDynamic,   // "dynamic": dynamic NTK, base grows with the current sequence length
+  kYarn,      // "yarn": YaRN (Peng et al. 2023), ramp between interpolation and extrapolation
+  kLongRope,  // "longrope": LongRoPE / Phi-3 "su", per-pair rescale factors
+  kLlama3,    // "llama3": Llama 3.1 smooth band
+  kNtk,       // fixed NTK-aware base scaling: base' = base * alpha^(R/(R-2))
+  kSentinel,
+};
+
+// Name as written in a config ("default", "linear", "dynamic", "yarn", "longrope", "llama3",
+// "ntk"); ParseRopeType throws Error for unknown names.
+std::string_view RopeTypeName(RopeType type);
+RopeType ParseRopeType(std::string_view name);
+
+enum class Layout { kHalfSplit, kInterleaved, kSentinel };
+std::string_view LayoutName(Layout layout);  // "neox" or "gptj"
+Layout ParseLayout(std::string_view name);   // accepts neox|half|halfsplit, gptj|interleaved
+
+// How cos/sin values are formed.
+//  kExact: inverse frequencies and angles in double (angle = p * w with the rounding error of
+//    the product carried along), cos/sin evaluated in double and rounded once to float32.
+//    |error| <= 1.2e-7 (A <= 2) for p < 2^24, <= 4e-7 up to 2^31 - 1.
+//  kHf: reproduces transformers' float32 order of operations: w_i in float32 as HF forms it,
+//    theta = fl32(p) * w_i in float32, cos/sin of that float angle, times fl32(A).
+enum class Numerics { kExact, kHf, kSentinel };
+std::string_view NumericsName(Numerics numerics);  // "exact" or "hf"
+Numerics ParseNumerics(std::string_view name);
+
+// All parameters that determine the inverse frequencies and attention factor. Field names follow
+// the Hugging Face config keys. Only the fields of the chosen type are read.
+struct RopeParams {
+  RopeType type = RopeType::kDefault;
+  double base = 10000.0;  // rope_theta
+  int head_dim = 0;       // D
+  int rotary_dim = 0;     // R = int(head_dim * partial_rotary_factor); even, 2 <= R <= D
+  int64_t max_position_embeddings = 2048;
+
+  // linear, dynamic, yarn, llama3: required (>= 1). longrope: optional (0 = MPE / OMP).
+  double factor = 0.0;
+  // ntk: base scale alpha (>= 1).
+  double ntk_alpha = 1.0;
+  // yarn, longrope, llama3. 0 = use max_position_embeddings.
+  int64_t original_max_position_embeddings = 0;
+  // yarn.
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+  double mscale = 0.0;          // 0 = absent
+  double mscale_all_dim = 0.0;  // 0 = absent
+  bool truncate = true;
+  // yarn, longrope: explicit attention factor A (overrides the computed one).
+  std::optional<double> attention_factor;
+  // longrope: per-pair rescale factors, N entries each.
+  std::vector<double> short_factor;
+  std::vector<double> long_factor;
+  // llama3.
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+
+  // Throws Error naming the first invalid field and its accepted range.
+  void Validate() const;
+};
+
+// Per-pair inverse frequencies and the magnitude factor A, for one sequence length.
+struct RopeFrequencies {
+  Numerics numerics = Numerics::kExact;
+  int rotary_dim = 0;             // R
+  std::vector<double> inv_freq;   // [N]; under kHf every entry is a float32 value
+  double attention_factor = 1.0;  // A; under kHf a float32 value
+};
+
+// Computes w and A. `seq_len` is the current sequence length (max position + 1) for the
+// length-dependent types: dynamic (base grows when seq_len > max_position_embeddings) and
+// longrope (long factors when seq_len > original_max_position_embeddings); 0 means "not given"
+// (dynamic: max_position_embeddings; longrope: short factors). Validates `params`.
+RopeFrequencies ComputeFrequencies(const RopeParams& params, Numerics numerics,
+                                   int64_t seq_len = 0);
+
+// Largest position accepted anywhere in ropekit.
+inline constexpr int64_t kMaxPosition = 2147483647;  // 2^31 - 1
+
+// A cos/sin table shared read-only by every head, layer and thread. Rows for positions below
+// capacity() are precomputed; Reserve() grows it safely (readers keep the rows they hold). Rows
+// for positions beyond the table are computed on the fly with identical values, so any position
+// in [0, kMaxPosition] is valid.
+class RopeTable {
+ public:
+  // Row layout: [cos_0 .. cos_{N-1} | sin_0 .. sin_{N-1}], attention factor applied, padded to
+  // row_stride() floats.
+  struct Rows {
+    std::shared_ptr<const float[]> data;
+    int64_t num_positions = 0;
+    int64_t row_stride = 0;
+  };
+
+  explicit RopeTable(RopeFrequencies frequencies, int64_t initial_positions = 0);
+  ~RopeTable();
+  RopeTable(const RopeTable&) = delete;
+  RopeTable& operator=(const RopeTable&) = delete;
+
+  const RopeFrequencies& frequencies() const { return freq_; }
+  int rotary_dim() const { return freq_.rotary_dim; }
+  int num_pairs() const { return freq_.rotary_dim / 2; }
+  int64_t row_stride() const { return row_stride_; }
+
+  // Computes one row (cos then sin, N floats each) for position p in [0, kMaxPosition].
+  void ComputeRow(int64_t position, float* cos, float* sin) const;
+
+  // Ensures rows for positions [0, num_positions) are precomputed (up to an internal memory
+  // limit; beyond it rows are computed on the fly). Thread-safe.
+  void Reserve(int64_t num_positions);
+  // The current precomputed rows; valid for as long as the returned object is held.
+  Rows Snapshot() const;
+  int64_t capacity() const;
+
+ private:
+  RopeFrequencies freq_;
+  int64_t row_stride_;
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+enum class DType { kF32, kBF16, kF16, kSentinel };
+std::string_view DTypeName(DType dtype);  // "float32", "bfloat16", "float16"
+size_t DTypeSize(DType dtype);
+
+// A strided [T, H, D] view; channels are contiguous. Strides are in elements and may describe
+// token-major ([T, H, D]), head-major ([H, T, D]) or slices of a fused QKV buffer.
+struct TensorView {
+  void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t num_tokens = 0;  // T
+  int64_t num_heads = 0;   // H
+  int64_t head_dim = 0;    // D
+  int64_t token_stride = 0;
+  int64_t head_stride = 0;
+};
+
+// Contiguous token-major [T, H, D] view.
+TensorView ContiguousView(void* data, DType dtype, int64_t num_tokens, int64_t num_heads,
+                          int64_t head_dim);
+
+// Per-token positions, int32 or int64, in any order (no implicit arange).
+class PositionSpan {
+ public:
+  PositionSpan(std::span<const int32_t> p) : i32_(p.data()), size_(p.size()) {}  // NOLINT
+  PositionSpan(std::span<const int64_t> p) : i64_(p.data()), size_(p.size()) {}  // NOLINT
+  PositionSpan(const std::vector<int32_t>& p) : PositionSpan(std::span<const int32_t>(p)) {}
+  PositionSpan(const std::vector<int64_t>& p) : PositionSpan(std::span<const int64_t>(p)) {}
+  int64_t size() const { return static_cast<int64_t>(size_); }
+  int64_t operator[](size_t t) const { return i32_ ? int64_t{i32_[t]} : i64_[t]; }
+
+ private:
+  const int32_t* i32_ = nullptr;
+  const int64_t* i64_ = nullptr;
+  size_t size_ = 0;
+};
+
+enum class Direction {
+  kForward,   // y = R(p) x
+  kBackward,  // y = R(p)^T x = R(-p) x: the gradient of the forward rotation
+};
+
+enum class Backend {
+  kAuto,       // SIMD unless the environment variable ROPEKIT_BACKEND=reference is set
+  kSimd,       // Highway kernel, best target of this CPU (runtime dispatch)
+  kReference,  // plain scalar loops (double arithmetic)
+};
+
+struct RotateOptions {
+  Layout layout = Layout::kHalfSplit;
+  Direction direction = Direction::kForward;
+  Backend backend = Backend::kAuto;
+  ThreadPool* pool = nullptr;  // nullptr: run on the calling thread
+};
+
+// One tensor to rotate: `out` may be `in` itself (in-place) or a disjoint buffer of the same
+// shape and dtype (out-of-place; pass-through channels [R, D) are copied).
+struct RopeOperand {
+  TensorView in;
+  TensorView out;
+};
+
+// Rotates every operand (e.g. q with H heads and k with Hkv heads) by the same per-token
+// positions. Work is split over tokens with static partitioning: results are bitwise identical
+// for any thread count. Throws Error on invalid shapes, dtypes, overlaps or positions.
+void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
+               const RotateOptions& options = {});
+
+// Convenience: in-place rotation of one tensor.
+void ApplyRopeInPlace(const RopeTable& table, PositionSpan positions, const TensorView& x,
+                      const RotateOptions& options = {});
+
+// Name of the SIMD target the dispatcher picks on this CPU (e.g. "AVX3", "AVX2", "SCALAR").
+std::string SimdTargetName();
+
+}  // namespace ropekit
+
+#endif  // ROPEKIT_ROPE_H_

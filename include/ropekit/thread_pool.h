@@ -1,0 +1,43 @@
+// ropekit: a small deterministic thread pool.
+//
+// ParallelFor splits [0, num_tasks) into contiguous, statically assigned ranges, one per worker
+// (worker 0 is the calling thread). Each output is owned by exactly one task, so results never
+// depend on the thread count or on scheduling.
+#ifndef ROPEKIT_THREAD_POOL_H_
+#define ROPEKIT_THREAD_POOL_H_
+
+#include <cstddef>
+#include <functional>
+#include <memory>
+
+namespace ropekit {
+
+class ThreadPool {
+ public:
+  // num_threads >= 1 (counting the caller); 0 means std::thread::hardware_concurrency().
+  explicit ThreadPool(size_t num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  size_t num_threads() const { return num_threads_; }
+
+  // Calls range(begin, end, worker) for each worker's contiguous slice of [0, num_tasks) and
+  // waits for all. Worker w gets tasks [w*num_tasks/W, (w+1)*num_tasks/W). An exception thrown by
+  // a task is rethrown in the caller (the first one, by worker index). Not reentrant.
+  void ParallelFor(size_t num_tasks,
+                   const std::function<void(size_t begin, size_t end, size_t worker)>& range);
+
+ private:
+  size_t num_threads_;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Runs on `pool` when non-null, else on the calling thread (one range, worker 0).
+void ParallelFor(ThreadPool* pool, size_t num_tasks,
+                 const std::function<void(size_t begin, size_t end, size_t worker)>& range);
+
+}  // namespace ropekit
+
+#endif  // ROPEKIT_THREAD_POOL_H_
