@@ -396,12 +396,13 @@ def exact_tolerance(r, a, y_exact, dtype):
     products and the difference: <= 2 u32 * (|a c| + |b s|) + u32 * |y| <= 3 u32 * r * A
     (first order; FMA only removes roundings). The float64 oracle's own error is ~1e-16
     relative on angles <= 2^24 rad, i.e. < 1e-8 * 2^-24 of the bound; 1e-12 * r covers it.
-    float16: the input is exact in float32; the result is rounded once to fp16: <= u16 * |y|
-    (relative half-ulp) or the subnormal half-ulp 2^-25.
+    float16: the input is exact in float32; the float32 result y32 (within tol32 of y) is
+    rounded once to fp16: <= u16 * |y32| <= u16 * (|y| + tol32) (relative half-ulp), or the
+    subnormal half-ulp 2^-25.
     """
     tol = r * (1.2e-7 + 3 * U32 * a) + 1e-12 * r
     if dtype == np.float16:
-        tol = tol + U16 * np.abs(y_exact) + FP16_SUBNORMAL_HALF_ULP
+        tol = tol * (1 + U16) + U16 * np.abs(y_exact) + FP16_SUBNORMAL_HALF_ULP
     return tol
 
 
@@ -421,7 +422,11 @@ def check_pass_through(x, y, d):
     assert x[..., d:].tobytes() == y[..., d:].tobytes(), "pass-through channels changed"
 
 
-CASE_GRID = [(kind, hd, pf) for kind in CASES for hd in HEAD_DIMS for pf in PARTIALS]
+# Every rope type meets every head_dim once; the partial factor rotates with the type index (a
+# Latin-square design), so each (head_dim, partial factor) pair is covered by three rope types
+# while the suite stays within its time budget (each command builds its full cos/sin table).
+CASE_GRID = [(kind, hd, PARTIALS[(j + k) % len(PARTIALS)])
+             for k, kind in enumerate(CASES) for j, hd in enumerate(HEAD_DIMS)]
 
 
 @pytest.mark.parametrize("kind,head_dim,partial", CASE_GRID,
@@ -436,7 +441,11 @@ def test_parity(kind, head_dim, partial):
             seq_len = case.get("seq_len", int(positions.max()) + 1)
             extra = ["--seq-len", seq_len] if "seq_len" in case else []
             r = None
-            for layout in ("neox", "gptj"):
+            # Both layouts in float32; float16 (whose extra roundings do not depend on the
+            # channel order) alternates the layout across cases to save commands.
+            layouts = ("neox", "gptj") if dtype == np.float32 else (
+                ("neox", "gptj")[(head_dim // 16 + len(kind)) % 2],)
+            for layout in layouts:
                 # --numerics exact against float64 mathematics.
                 y = run_apply(tmp, cfg, x, positions, "--layout", layout, "--numerics", "exact",
                               *extra)
@@ -512,9 +521,8 @@ def test_layout_defaults_to_the_config_and_threads_do_not_change_bits():
 
 
 def test_positions_int32_and_repeated_positions():
-    """int32 positions give the same bytes as int64; a position repeated across tokens (which
-    makes the command precompute table rows) gives per-token results identical to a single
-    occurrence."""
+    """int32 positions give the same bytes as int64, and each token's result does not depend on
+    the other tokens of the call (repeated positions, table grown by other positions)."""
     cfg = CASES["default"]["make"](64, 1.0)
     rng = np.random.default_rng(3)
     positions = np.array([5, 3, 5, 0, 1, 2, 3, 4, 5, 5], dtype=np.int64)
