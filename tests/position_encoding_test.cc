@@ -110,6 +110,11 @@ TEST(PositionEncodingSpecTest, ValidateNamesTheField) {
   spec = PositionEncodingSpec{};
   spec.kind = PositionEncodingKind::kNone;
   spec.Validate();
+  spec.kind = PositionEncodingKind::kRope;  // RoPE's own parameters are validated too
+  ExpectError([&] { spec.Validate(); }, {"head_dim"});
+  spec.rope.head_dim = 32;
+  spec.rope.rotary_dim = 32;
+  spec.Validate();
   spec.kind = PositionEncodingKind::kSentinel;
   ExpectError([&] { spec.Validate(); }, {"kind"});
 }
@@ -118,6 +123,8 @@ TEST(PositionEncodingTest, NoneAndRopeHooksDoNothing) {
   for (auto kind : {PositionEncodingKind::kNone, PositionEncodingKind::kRope}) {
     PositionEncodingSpec spec;
     spec.kind = kind;
+    spec.rope.head_dim = 8;
+    spec.rope.rotary_dim = 8;
     const PositionEncoding pe(spec);
     EXPECT_EQ(pe.num_parameters(), 0);
     std::vector<float> x = {1.5f, -2.0f, 3.25f, 0.5f};

@@ -83,6 +83,15 @@ void PositionEncodingSpec::Validate() const {
                     " for dim " + Str(dim) + ")");
       }
       break;
+    case PositionEncodingKind::kRope:
+      if (static_cast<int>(rope_layout) < 0 || rope_layout >= Layout::kSentinel) {
+        throw Error("rope_layout: invalid value");
+      }
+      if (static_cast<int>(rope_numerics) < 0 || rope_numerics >= Numerics::kSentinel) {
+        throw Error("rope_numerics: invalid value");
+      }
+      rope.Validate();
+      break;
     case PositionEncodingKind::kT5:
       // Checks num_buckets and max_distance with T5RelativeBucket's messages.
       T5RelativeBucket(0, bidirectional, num_buckets, max_distance);
