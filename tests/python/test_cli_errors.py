@@ -122,6 +122,8 @@ def test_missing_files(ws):
 
 def test_directory_as_input(ws):
     expect_failure(ws, ws.args(input=ws.in_dir), ws.in_dir, "directory")
+    expect_failure(ws, ws.args(positions=ws.in_dir), ws.in_dir, "directory")
+    expect_failure(ws, ws.args(config=ws.in_dir), ws.in_dir)
 
 
 def test_truncated_npy(ws):
