@@ -542,3 +542,17 @@ def test_empty_input():
     with tempfile.TemporaryDirectory() as tmp:
         y = run_apply(tmp, cfg, x, np.zeros((0,), np.int64))
         assert y.shape == (0, 3, 64) and y.dtype == np.float16
+
+
+def test_gptj_config_uses_the_interleaved_layout_and_rotary_dim():
+    """A GPT-J config (n_embd/n_head, rotary_dim 64 of head_dim 128, base 10000) rotates
+    adjacent pairs of the first 64 channels by default; checked against the float64 oracle."""
+    cfg = {"model_type": "gptj", "n_embd": 512, "n_head": 4, "rotary_dim": 64,
+           "n_positions": 2048}
+    oracle_cfg = _base_config(128, 0.5, 10000.0, 2048)  # the same geometry in LLaMA terms
+    x, positions = make_inputs(128, np.float32, seed=11)
+    with tempfile.TemporaryDirectory() as tmp:
+        y = run_apply(tmp, cfg, x, positions)
+    check_pass_through(x, y, 64)
+    y64, r, a = exact_apply(oracle_cfg, x, positions, int(positions.max()) + 1, "gptj")
+    assert np.all(np.abs(y - y64) <= exact_tolerance(r, a, y64, np.float32))
