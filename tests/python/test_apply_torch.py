@@ -109,14 +109,46 @@ HEAD_DIMS = [64, 80, 96, 128]
 PARTIALS = [0.25, 0.5, 1.0]
 
 
+def head_dim_of(cfg):
+    """head_dim, else hidden_size // num_attention_heads (GPT-J: n_embd // n_head)."""
+    if cfg.get("head_dim"):
+        return int(cfg["head_dim"])
+    if "hidden_size" in cfg:
+        return cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["n_embd"] // cfg["n_head"]
+
+
 def rope_fields(cfg):
-    """(rotary dim d, theta, MPE, scaling dict with rope_type) as transformers reads them."""
-    d = int(cfg["head_dim"] * cfg.get("partial_rotary_factor", 1.0))  # Python double + truncation
-    scaling = dict(cfg.get("rope_scaling") or {})
-    scaling.setdefault("rope_type", scaling.get("type", "default"))
-    if "original_max_position_embeddings" in cfg:  # top-level OMP has priority (v5)
+    """(rotary dim d, theta, MPE, scaling dict with rope_type) as transformers reads them
+    (ROPE_SPEC section 2): rope_scaling or v5 rope_parameters, `type` alias, Phi-3 su/yarn ->
+    longrope, mrope -> default, GPT-NeoX rotary_pct / rotary_emb_base, GPT-J rotary_dim."""
+    params = cfg.get("rope_parameters") or {}
+    if "full_attention" in params:  # per-layer-type dict: the full-attention entry
+        params = params["full_attention"]
+    scaling = dict(cfg.get("rope_scaling") or params)
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind in ("su", "yarn") and cfg.get("model_type") in ("phi3", "phimoe"):
+        kind = "longrope"
+    if kind == "mrope":
+        kind = "default"
+    scaling["rope_type"] = kind
+    head_dim = head_dim_of(cfg)
+    if cfg.get("model_type") == "gptj":
+        d, base = int(cfg.get("rotary_dim") or head_dim), 10000.0
+    else:
+        partial = params.get("partial_rotary_factor",
+                             cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0)))
+        d = int(head_dim * partial)  # Python double product, then truncation
+        base = float(params.get("rope_theta",
+                                cfg.get("rope_theta", cfg.get("rotary_emb_base", 10000.0))))
+    mpe = int(cfg.get("max_position_embeddings", cfg.get("n_positions", 2048)))
+    if cfg.get("original_max_position_embeddings"):  # top-level OMP has priority (v5)
         scaling["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
-    return d, float(cfg["rope_theta"]), int(cfg["max_position_embeddings"]), scaling
+    if kind in ("yarn", "longrope", "llama3"):
+        scaling.setdefault("original_max_position_embeddings", mpe)
+    if kind == "yarn" and not scaling.get("factor"):
+        scaling["factor"] = mpe / scaling["original_max_position_embeddings"]
+    return d, base, mpe, scaling
 
 
 def yarn_attention_factor(s, sc):
@@ -556,3 +588,52 @@ def test_gptj_config_uses_the_interleaved_layout_and_rotary_dim():
     check_pass_through(x, y, 64)
     y64, r, a = exact_apply(oracle_cfg, x, positions, int(positions.max()) + 1, "gptj")
     assert np.all(np.abs(y - y64) <= exact_tolerance(r, a, y64, np.float32))
+
+
+INTERLEAVED_MODEL_TYPES = {"gptj", "codegen"}
+
+
+def bundled_examples():
+    source_dir = os.environ.get("ROPEKIT_SOURCE_DIR")
+    if not source_dir:
+        raise RuntimeError("ROPEKIT_SOURCE_DIR is not set: point it at the source tree "
+                           "(ctest sets it) so that the bundled examples/ configs are tested")
+    examples = os.path.join(source_dir, "examples")
+    return sorted(os.path.join(examples, f) for f in os.listdir(examples) if f.endswith(".json"))
+
+
+def test_bundled_examples():
+    """Every bundled example config, with its default layout: exact against float64 (float32
+    and float16) and hf against the transformers re-statement (float32), at the shuffled
+    special positions."""
+    import json
+    paths = bundled_examples()
+    assert paths, "no example configs found"
+    for path in paths:
+        with open(path) as f:
+            cfg = json.load(f)
+        d, _, _, _ = rope_fields(cfg)
+        head_dim = head_dim_of(cfg)
+        layout = "gptj" if cfg.get("model_type") in INTERLEAVED_MODEL_TYPES else "neox"
+        name = os.path.basename(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            for dtype in (np.float32, np.float16):
+                x, positions = make_inputs(head_dim, dtype, seed=len(name))
+                seq_len = int(positions.max()) + 1
+                y = run_apply(tmp, cfg, x, positions)
+                check_pass_through(x, y, d)
+                y64, r, a = exact_apply(cfg, x, positions, seq_len, layout)
+                err = np.abs(y.astype(np.float64) - y64)
+                assert np.all(err <= exact_tolerance(r, a, y64, dtype)), (
+                    f"{name} exact {np.dtype(dtype).name}: max err {err.max():.3g}")
+                if dtype != np.float32 or layout != "neox":
+                    continue  # GPT-J's transformers pipeline differs (float32 tables)
+                y = run_apply(tmp, cfg, x, positions, "--numerics", "hf")
+                yh = hf_apply(cfg, x, positions, seq_len, layout).astype(np.float64)
+                w_hf, a_hf = hf_inv_freq(cfg, seq_len)
+                w_at = per_channel_w(w_hf.double().numpy(), d, head_dim, layout)
+                dw_at = per_channel_w(hf_frequency_freedom(cfg, seq_len), d, head_dim, layout)
+                p = positions.astype(np.float64)[:, None, None]
+                err = np.abs(y.astype(np.float64) - yh)
+                tol = hf_tolerance(r, a_hf, p, w_at, dw_at, dtype)
+                assert np.all(err <= tol), f"{name} hf: max excess {(err - tol).max():.3g}"
