@@ -283,6 +283,30 @@ def test_rope_table_matches_torch(tmp_path, dim, base):
     np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 4.0}])
+def test_rope_table_from_config(tmp_path, scaling):
+    """A config with partial rotary (R = D / 2), base 5e5 and optionally linear scaling (position
+    interpolation, Chen et al. 2023: angle = (p / s) * w)."""
+    config = {"model_type": "gpt_neox", "hidden_size": 512, "num_attention_heads": 4,
+              "rotary_pct": 0.5, "rotary_emb_base": 500000.0, "max_position_embeddings": 2048}
+    if scaling:
+        config["rope_scaling"] = scaling
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    seq_len = 3001
+    got = table(tmp_path, "--kind", "rope", "--seq-len", seq_len, "--config", path)
+    rotary = 64  # head_dim 128 * rotary_pct 0.5
+    assert got.shape == (seq_len, rotary)
+    inv_freq = 1.0 / torch.pow(torch.tensor(500000.0, dtype=torch.float64),
+                               torch.arange(0, rotary, 2, dtype=torch.float64) / rotary)
+    if scaling:
+        inv_freq = inv_freq / scaling["factor"]
+    angle = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    ref = torch.cat([torch.cos(angle), torch.sin(angle)], dim=1)
+    tol = F32_HALF_ULP_1 + angle.max().item() * 2.0**-51
+    np.testing.assert_allclose(got, ref.numpy(), rtol=0, atol=tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line behaviour.
 
@@ -307,6 +331,7 @@ def test_none_kind():
     (["--kind", "sinusoidal", "--seq-len", "4", "--dim", "4", "--base", "nan"], "--base"),
     (["--kind", "learned", "--seq-len", "4", "--dim", "4", "--init-std", "-1"], "--init-std"),
     (["--kind", "rope", "--seq-len", "4", "--dim", "5"], "--dim"),
+    (["--kind", "rope", "--seq-len", "4", "--config", "missing.json"], "missing.json"),
     (["--kind", "none", "--output", "x.npy"], "--output"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, args, option):
