@@ -33,6 +33,13 @@ void ExpectError(Fn&& fn, std::vector<std::string> parts) {
   }
 }
 
+PositionEncoding MakeAlibi(int heads) {
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kAlibi;
+  spec.num_heads = heads;
+  return PositionEncoding(spec);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Names and sites.
 
@@ -138,6 +145,25 @@ TEST(PositionEncodingTest, NoneAndRopeHooksDoNothing) {
   }
 }
 
+TEST(PositionEncodingTest, RopeFrequenciesComeFromTheSpec) {
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kRope;
+  spec.rope.head_dim = 16;
+  spec.rope.rotary_dim = 8;
+  spec.rope.base = 500000.0;
+  const PositionEncoding pe(spec);
+  EXPECT_TRUE(pe.acts_on_query_key());
+  const RopeFrequencies freq = pe.RopeFrequenciesFor(100);
+  ASSERT_EQ(freq.inv_freq.size(), 4u);
+  EXPECT_EQ(freq.rotary_dim, 8);
+  for (int i = 0; i < 4; ++i) {
+    // w_i = base^(-2i/R) (RoFormer), in long double; kExact keeps double precision.
+    const long double w = std::pow(500000.0L, -2.0L * i / 8);
+    EXPECT_NEAR(freq.inv_freq[i], static_cast<double>(w), 4e-16 * static_cast<double>(w)) << i;
+  }
+  ExpectError([] { MakeAlibi(2).RopeFrequenciesFor(); }, {"alibi", "not rope"});
+}
+
 // ----------------------------------------------------------------------------------------------
 // ALiBi.
 
@@ -199,13 +225,6 @@ TEST(AlibiTest, SlopeRuleForAnyHeadCount) {
     }
   }
   ExpectError([] { AlibiSlopes(0); }, {"num_heads", "0"});
-}
-
-PositionEncoding MakeAlibi(int heads) {
-  PositionEncodingSpec spec;
-  spec.kind = PositionEncodingKind::kAlibi;
-  spec.num_heads = heads;
-  return PositionEncoding(spec);
 }
 
 // bias(i, j) = -m (i - j), rounded once to float: within half an ulp of the long double value.

@@ -170,6 +170,9 @@ class PositionEncoding {
   const std::vector<double>& alibi_slopes() const { return slopes_; }
   // Bucket of T5 for key_position - query_position under this spec (t5 only).
   int Bucket(int64_t relative_position) const;
+  // rope only: ComputeFrequencies(spec.rope, spec.rope_numerics, seq_len), for the RopeTable the
+  // model passes to ApplyRope (with spec.rope_layout) on q and k.
+  RopeFrequencies RopeFrequenciesFor(int64_t seq_len = 0) const;
 
   // Embedding hook. embeddings: [T, d] rows, row t at embeddings + t * row_stride
   // (row_stride >= d). Row t becomes scale * x_t + P[positions[t]] (computed in double, rounded

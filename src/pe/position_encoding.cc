@@ -5,7 +5,9 @@
 // SIMD: the hooks are O(T * d) (embeddings) or O(K) per query row (logits), next to the
 // O(T * d * d) projections and O(T * K * D) attention products of the model that calls them.
 // They are written as plain loops over contiguous floats that the compiler auto-vectorises;
-// a Highway kernel would not change the model's run time measurably.
+// a Highway kernel would not change the model's run time measurably. Each output is formed in
+// double and rounded once to float32, so these loops are their own scalar reference (the tests
+// check them against long double closed forms and finite differences).
 #include "ropekit/position_encoding.h"
 
 #include <algorithm>
@@ -164,6 +166,14 @@ int PositionEncoding::Bucket(int64_t relative_position) const {
   }
   return T5RelativeBucket(relative_position, spec_.bidirectional, spec_.num_buckets,
                           spec_.max_distance);
+}
+
+RopeFrequencies PositionEncoding::RopeFrequenciesFor(int64_t seq_len) const {
+  if (spec_.kind != PositionEncodingKind::kRope) {
+    throw Error("RopeFrequenciesFor: kind " + std::string(PositionEncodingKindName(spec_.kind)) +
+                " is not rope");
+  }
+  return ComputeFrequencies(spec_.rope, spec_.rope_numerics, seq_len);
 }
 
 int64_t PositionEncoding::LearnedRow(int64_t position) const {
