@@ -274,7 +274,8 @@ void PositionEncoding::AddLogitBias(int64_t query_position, PositionSpan key_pos
   for (int64_t j = 0; j < num_keys; ++j) CheckPosition(key_positions[j], "key");
   if (spec_.kind == PositionEncodingKind::kAlibi) {
     // Press et al. 2022, eq. in sec. 3: softmax(q_i K^T + m * [-(i-1), ..., -1, 0]); the bias of
-    // key j is -m * (i - j), exact in double for |i - j| < 2^31, rounded once with the logit.
+    // key j is -m * (i - j): the distance is exact, product and sum are formed in double, and the
+    // result is rounded once to float32.
     const double slope = slopes_[head];
     for (int64_t j = 0; j < num_keys; ++j) {
       const double distance = static_cast<double>(query_position - key_positions[j]);
