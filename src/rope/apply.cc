@@ -21,15 +21,51 @@ bool UseReference(Backend backend) {
 }
 
 // Byte range [lo, hi) touched by a view (channels contiguous).
-std::pair<uintptr_t, uintptr_t> ByteRange(const TensorView& v) {
+std::pair<int64_t, int64_t> ByteRange(const TensorView& v) {
   int64_t lo = 0, hi = v.head_dim - 1;
   const int64_t ts = (v.num_tokens - 1) * v.token_stride;
   const int64_t hs = (v.num_heads - 1) * v.head_stride;
   lo += std::min<int64_t>(0, ts) + std::min<int64_t>(0, hs);
   hi += std::max<int64_t>(0, ts) + std::max<int64_t>(0, hs);
-  const uintptr_t base = reinterpret_cast<uintptr_t>(v.data);
+  const int64_t base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(v.data));
   const int64_t size = static_cast<int64_t>(DTypeSize(v.dtype));
   return {base + lo * size, base + (hi + 1) * size};
+}
+
+// Whether two non-empty views share any element. Exact for views with the same positive token
+// stride whose heads fit inside one token stride (token-major tensors and slices of a fused QKV
+// buffer); otherwise conservative (the byte ranges intersect).
+bool ViewsOverlap(const TensorView& a, const TensorView& b) {
+  const auto [a_lo, a_hi] = ByteRange(a);
+  const auto [b_lo, b_hi] = ByteRange(b);
+  if (!(a_lo < b_hi && b_lo < a_hi)) return false;
+  const int64_t es = static_cast<int64_t>(DTypeSize(a.dtype));
+  if (DTypeSize(b.dtype) != DTypeSize(a.dtype)) return true;
+  const int64_t ts = a.token_stride * es;
+  const auto footprint = [&](const TensorView& v) {
+    return ((v.num_heads - 1) * v.head_stride + v.head_dim) * es;
+  };
+  if (a.token_stride != b.token_stride || ts <= 0 || a.head_stride <= 0 || b.head_stride <= 0 ||
+      footprint(a) > ts || footprint(b) > ts) {
+    return true;
+  }
+  // Token t of a and token t + j of b can only meet for the one or two j with
+  // |diff + j ts| < ts, where diff is the distance between the views' first elements.
+  const int64_t diff = static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.data)) -
+                       static_cast<int64_t>(reinterpret_cast<uintptr_t>(a.data));
+  const int64_t max_shift = std::max(a.num_tokens, b.num_tokens) - 1;
+  const int64_t j_lo = std::max(-max_shift, (-diff - footprint(b)) / ts - 1);
+  const int64_t j_hi = std::min(max_shift, (ts - diff) / ts + 1);
+  for (int64_t j = j_lo; j <= j_hi; ++j) {
+    for (int64_t ha = 0; ha < a.num_heads; ++ha) {
+      const int64_t a0 = ha * a.head_stride * es, a1 = a0 + a.head_dim * es;
+      for (int64_t hb = 0; hb < b.num_heads; ++hb) {
+        const int64_t b0 = diff + j * ts + hb * b.head_stride * es, b1 = b0 + b.head_dim * es;
+        if (a0 < b1 && b0 < a1) return true;
+      }
+    }
+  }
+  return false;
 }
 
 void ValidateView(const TensorView& v, const std::string& name, int64_t num_tokens,
@@ -104,16 +140,13 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
     if (num_tokens == 0 || op.in.num_heads == 0) continue;
     const bool same = op.in.data == op.out.data && op.in.token_stride == op.out.token_stride &&
                       op.in.head_stride == op.out.head_stride;
-    const auto [in_lo, in_hi] = ByteRange(op.in);
-    const auto [out_lo, out_hi] = ByteRange(op.out);
-    if (!same && in_lo < out_hi && out_lo < in_hi) {
+    if (!same && ViewsOverlap(op.in, op.out)) {
       throw Error(name +
                   ": output overlaps input without being the same view (in-place needs "
                   "identical data pointer and strides)");
     }
     for (size_t j = 0; j < k; ++j) {
-      const auto [o_lo, o_hi] = ByteRange(ops[j].out);
-      if (ops[j].in.num_heads > 0 && out_lo < o_hi && o_lo < out_hi) {
+      if (ops[j].in.num_heads > 0 && ViewsOverlap(ops[j].out, op.out)) {
         throw Error(name + ": output overlaps the output of operand " + std::to_string(j));
       }
     }
