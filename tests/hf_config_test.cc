@@ -400,6 +400,8 @@ TEST(HfConfig, LoadNamesThePath) {
   EXPECT_THAT([&] { LoadHfConfig(path); },
               ::testing::ThrowsMessage<Error>(HasSubstr(path + ": rope_theta must be")));
   std::remove(path.c_str());
+  EXPECT_THAT([&] { LoadHfConfig(::testing::TempDir()); },
+              ::testing::ThrowsMessage<Error>(HasSubstr(": is a directory")));
   EXPECT_THAT([&] { LoadHfConfig(path); },
               ::testing::ThrowsMessage<Error>(HasSubstr(path + ": cannot open")));
 }

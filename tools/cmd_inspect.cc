@@ -108,6 +108,29 @@ int RunInspect(const InspectOptions& o) {
     scaling[i] = Classify(p, ratio[i], tol);
   }
 
+  // Runs of equally treated pairs, e.g. "0-28 kept, 29-34 smoothed, 35-63 interpolated".
+  std::string bands;
+  for (int i = 0; i < n;) {
+    int j = i;
+    while (j + 1 < n && scaling[j + 1] == scaling[i]) ++j;
+    bands += (bands.empty() ? "" : ", ") + std::to_string(i) +
+             (j > i ? "-" + std::to_string(j) : std::string()) + " " + scaling[i];
+    i = j + 1;
+  }
+  std::string detail;
+  if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+    // w_1 = base'^(-2/R), so the base in effect is w_1^(-R/2).
+    const double effective = n > 1 ? std::pow(f.inv_freq[1], -p.rotary_dim / 2.0) : p.base;
+    detail = Fmt("%.10g", effective);
+  } else if (p.type == RopeType::kLongRope) {
+    const int64_t omp = p.original_max_position_embeddings > 0 ? p.original_max_position_embeddings
+                                                               : p.max_position_embeddings;
+    detail = o.seq_len > omp ? "long_factor (seq_len > original_max_position_embeddings " +
+                                   std::to_string(omp) + ")"
+                             : "short_factor (seq_len <= original_max_position_embeddings " +
+                                   std::to_string(omp) + " or not given)";
+  }
+
   if (o.json) {
     nlohmann::json j;
     j["config"] = o.config;
@@ -132,6 +155,11 @@ int RunInspect(const InspectOptions& o) {
     j["wavelength"] = wavelength;
     j["ratio_to_unscaled"] = ratio;
     j["scaling"] = scaling;
+    j["bands"] = bands;
+    if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+      j["effective_base"] = n > 1 ? std::pow(f.inv_freq[1], -p.rotary_dim / 2.0) : p.base;
+    }
+    if (p.type == RopeType::kLongRope) j["factor_list"] = detail.substr(0, detail.find(' '));
     // nlohmann prints doubles in the shortest form that reads back to the same double.
     std::printf("%s\n", j.dump(2).c_str());
     return 0;
@@ -162,6 +190,12 @@ int RunInspect(const InspectOptions& o) {
   std::printf("numerics:                 %s\n", std::string(NumericsName(numerics)).c_str());
   std::printf("attention_factor (A):     %.17g (cos and sin are multiplied by A; logits by A^2)\n",
               f.attention_factor);
+  std::printf("pairs:                    %s\n", bands.c_str());
+  if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+    std::printf("effective base:           %s\n", detail.c_str());
+  } else if (p.type == RopeType::kLongRope) {
+    std::printf("factor list:              %s\n", detail.c_str());
+  }
   std::printf("\n%5s  %-24s  %-22s  %-22s  %s\n", "pair", "inv_freq", "wavelength (tokens)",
               "ratio to unscaled", "scaling");
   for (int i = 0; i < n; ++i) {

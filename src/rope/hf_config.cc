@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -522,18 +523,23 @@ HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_ty
 }
 
 HfRopeConfig LoadHfConfig(const std::string& path, std::string_view layer_type) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw Error(path + ": is a directory; give the path of its config.json");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open the file for reading");
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  if (size < 0) throw Error(path + ": cannot determine the file size");
-  if (size > kMaxConfigBytes) {
-    throw Error(path + ": file is " + std::to_string(size) +
-                " bytes; a config.json must be at most " + std::to_string(kMaxConfigBytes));
+  // Read in chunks (works for pipes too) and stop past the size limit.
+  std::string text;
+  char chunk[1 << 16];
+  while (in.read(chunk, sizeof(chunk)) || in.gcount() > 0) {
+    text.append(chunk, static_cast<size_t>(in.gcount()));
+    if (static_cast<int64_t>(text.size()) > kMaxConfigBytes) {
+      throw Error(path + ": file is larger than " + std::to_string(kMaxConfigBytes) +
+                  " bytes; not a config.json");
+    }
   }
-  in.seekg(0, std::ios::beg);
-  std::string text(static_cast<size_t>(size), '\0');
-  if (!in.read(text.data(), size)) throw Error(path + ": read error");
+  if (in.bad()) throw Error(path + ": read error");
   Parser parser(path);
   try {
     return parser.Parse(text, layer_type);

@@ -24,6 +24,7 @@ Dimension legend: D = head_dim, R = rotary_dim, N = R / 2 pairs.
 import json
 import math
 import os
+import pathlib
 import random
 import subprocess
 
@@ -337,3 +338,48 @@ def test_invalid_factor_names_field(tmp_path):
     assert res.returncode == 1
     assert "rope_scaling.factor must be a finite number >= 1 (got 0.5)" in res.stderr
     assert res.stdout == ""
+
+
+EXAMPLES = sorted((pathlib.Path(__file__).resolve().parents[2] / "examples").glob("*.json"))
+
+
+def test_examples_present():
+    assert len(EXAMPLES) >= 6, EXAMPLES
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_bundled_examples_match_oracle(path):
+    cfg = json.loads(path.read_text())
+    res = subprocess.run([CLI, "inspect", str(path), "--json", "--numerics", "hf"],
+                         capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    if cfg.get("model_type") == "gptj":
+        # GPT-J: rotary_dim of n_embd / n_head, base fixed at 10000, interleaved pairs.
+        assert (got["head_dim"], got["rotary_dim"], got["base"], got["layout"]) == (256, 64, 1e4, "gptj")
+        cfg = {"head_dim": 64, "rope_theta": 1e4, "max_position_embeddings": 2048}
+    elif cfg.get("model_type") == "gpt_neox":
+        assert (got["head_dim"], got["rotary_dim"]) == (96, 24)
+        cfg = {"head_dim": 96, "partial_rotary_factor": 0.25, "rope_theta": cfg["rotary_emb_base"],
+               "max_position_embeddings": 2048}
+    elif "rope_parameters" in cfg:
+        full = cfg["rope_parameters"]["full_attention"]
+        cfg = dict(cfg, rope_theta=full["rope_theta"], rope_scaling=full)
+    else:
+        cfg = dict(cfg)
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
+    ref, att = torch_inv_freq(cfg, 0, "cr")
+    assert f32_ulps(np.array(got["inv_freq"]), ref.numpy()).max() <= 1, path.name
+    assert got["attention_factor"] == float(F32(att))
+
+
+def test_llama31_bands_published(tmp_path):
+    # Llama-3.1-8B: pairs 0-28 unchanged, 29-34 smoothed, 35-63 divided by 8.
+    cfg = {"model_type": "llama", "hidden_size": 4096, "num_attention_heads": 32,
+           "max_position_embeddings": 131072, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    for numerics in ("exact", "hf"):
+        got = run_inspect(tmp_path, "llama31", cfg, 0, numerics)
+        assert got["bands"] == "0-28 kept, 29-34 smoothed, 35-63 interpolated"
+        assert got["scaling"][28] == "kept" and got["scaling"][35] == "interpolated"
