@@ -319,10 +319,17 @@ class Parser {
     out.num_attention_heads = heads ? static_cast<int>(*heads) : 0;
     if (auto kv = OptInt(root, "num_key_value_heads", "num_key_value_heads", 1, kMaxDim)) {
       out.num_key_value_heads = static_cast<int>(*kv);
-    } else if (auto groups =
-                   OptInt(root, "multi_query_group_num", "multi_query_group_num", 1, kMaxDim);
-               chatglm && groups) {
-      out.num_key_value_heads = static_cast<int>(*groups);
+    } else if (chatglm) {
+      if (auto groups =
+              OptInt(root, "multi_query_group_num", "multi_query_group_num", 1, kMaxDim)) {
+        out.num_key_value_heads = static_cast<int>(*groups);
+      }
+    }
+    if (out.num_key_value_heads > 0 && out.num_attention_heads > 0 &&
+        out.num_attention_heads % out.num_key_value_heads != 0) {
+      Fail("num_key_value_heads must divide num_attention_heads = " +
+           std::to_string(out.num_attention_heads) + " (got " +
+           std::to_string(out.num_key_value_heads) + ")");
     }
 
     std::optional<int64_t> head_dim;
