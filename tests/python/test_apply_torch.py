@@ -118,12 +118,14 @@ def head_dim_of(cfg):
     return cfg["n_embd"] // cfg["n_head"]
 
 
-def rope_fields(cfg):
+def rope_fields(cfg, layer_type=None):
     """(rotary dim d, theta, MPE, scaling dict with rope_type) as transformers reads them
     (ROPE_SPEC section 2): rope_scaling or v5 rope_parameters, `type` alias, Phi-3 su/yarn ->
     longrope, mrope -> default, GPT-NeoX rotary_pct / rotary_emb_base, GPT-J rotary_dim."""
     params = cfg.get("rope_parameters") or {}
-    if "full_attention" in params:  # per-layer-type dict: the full-attention entry
+    if layer_type is not None:  # per-layer-type dict (Gemma-3 style)
+        params = params[layer_type]
+    elif "full_attention" in params:  # default: the full-attention entry
         params = params["full_attention"]
     scaling = dict(cfg.get("rope_scaling") or params)
     kind = scaling.get("rope_type", scaling.get("type", "default"))
@@ -609,18 +611,29 @@ def test_bundled_examples():
     import json
     paths = bundled_examples()
     assert paths, "no example configs found"
+    runs = []
     for path in paths:
         with open(path) as f:
             cfg = json.load(f)
+        params = cfg.get("rope_parameters") or {}
+        if params and all(isinstance(v, dict) for v in params.values()):
+            # One run per layer type: the oracle sees that entry as the config's rope_parameters.
+            for layer_type, entry in params.items():
+                runs.append((path, cfg, dict(cfg, rope_parameters=entry),
+                             ["--layer-type", layer_type]))
+        else:
+            runs.append((path, cfg, cfg, []))
+    for path, original, cfg, select in runs:
         d, _, _, _ = rope_fields(cfg)
         head_dim = head_dim_of(cfg)
         layout = "gptj" if cfg.get("model_type") in INTERLEAVED_MODEL_TYPES else "neox"
-        name = os.path.basename(path)
+        name = " ".join([os.path.basename(path)] + select)
+        print(f"example {name}: rotary dim {d} of {head_dim}, {layout}")
         with tempfile.TemporaryDirectory() as tmp:
             for dtype in (np.float32, np.float16):
                 x, positions = make_inputs(head_dim, dtype, seed=len(name))
                 seq_len = int(positions.max()) + 1
-                y = run_apply(tmp, cfg, x, positions)
+                y = run_apply(tmp, original, x, positions, *select)
                 check_pass_through(x, y, d)
                 y64, r, a = exact_apply(cfg, x, positions, seq_len, layout)
                 err = np.abs(y.astype(np.float64) - y64)
@@ -628,7 +641,7 @@ def test_bundled_examples():
                     f"{name} exact {np.dtype(dtype).name}: max err {err.max():.3g}")
                 if dtype != np.float32 or layout != "neox":
                     continue  # GPT-J's transformers pipeline differs (float32 tables)
-                y = run_apply(tmp, cfg, x, positions, "--numerics", "hf")
+                y = run_apply(tmp, original, x, positions, "--numerics", "hf", *select)
                 yh = hf_apply(cfg, x, positions, seq_len, layout).astype(np.float64)
                 w_hf, a_hf = hf_inv_freq(cfg, seq_len)
                 w_at = per_channel_w(w_hf.double().numpy(), d, head_dim, layout)
