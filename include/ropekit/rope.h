@@ -151,9 +151,11 @@ class RopeTable {
   // Computes one row (cos then sin, N floats each) for position p in [0, kMaxPosition].
   void ComputeRow(int64_t position, float* cos, float* sin) const;
 
-  // Ensures rows for positions [0, num_positions) are precomputed (up to an internal memory
-  // limit; beyond it rows are computed on the fly). Thread-safe.
-  void Reserve(int64_t num_positions);
+  // Ensures rows for positions [0, min(num_positions, max_capacity())) are precomputed; rows
+  // beyond are computed on the fly. Thread-safe; growth is geometric, old snapshots stay valid.
+  void Reserve(int64_t num_positions) const;
+  // Most rows the table will hold (a 64 MiB budget).
+  int64_t max_capacity() const;
   // The current precomputed rows; valid for as long as the returned object is held.
   Rows Snapshot() const;
   int64_t capacity() const;

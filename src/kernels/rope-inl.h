@@ -1,0 +1,276 @@
+// Highway per-target RoPE rotation kernel (included once per SIMD target by foreach_target.h).
+//
+// The rotation is a memory-bound stream: per pair, load x_a, x_b and the table row's cos/sin,
+//   forward:  y_a = x_a c - x_b s,  y_b = x_b c + x_a s     (RoFormer eq. 34)
+//   backward: y_a = x_a c + x_b s,  y_b = x_b c - x_a s     (the transpose, R(p)^T = R(-p))
+// with one FMA and one multiply per output, in float32 whatever the storage type. bf16/fp16 are
+// widened to float32 on load and rounded to nearest-even on store with integer operations
+// (Highway 1.0.3's DemoteTo truncates bf16 and, on targets without F16C, fp16).
+// Tails (N not a multiple of the vector length) run the same code with a one-lane tag, so no
+// masked loads are needed and every element uses the same formula.
+//
+// Dimension legend: T = tokens, H = heads, D = head_dim, R = rotary_dim, N = R / 2.
+// Half-split pairs are (i, i + N); interleaved pairs are (2i, 2i + 1); channels [R, D) pass
+// through unchanged.
+
+#if defined(ROPEKIT_SRC_KERNELS_ROPE_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef ROPEKIT_SRC_KERNELS_ROPE_INL_H_
+#undef ROPEKIT_SRC_KERNELS_ROPE_INL_H_
+#else
+#define ROPEKIT_SRC_KERNELS_ROPE_INL_H_
+#endif
+
+#include <cstring>
+#include <vector>
+
+#include "hwy/highway.h"
+#include "src/kernels/rope_kernels.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace ropekit {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// ---- Storage adapters: float32 lanes <-> memory ------------------------------------------
+
+struct F32Io {
+  using T = float;
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D d, const T* p) {
+    return hn::LoadU(d, p);
+  }
+  template <class D>
+  static HWY_INLINE void Store(D d, hn::Vec<D> v, T* p) {
+    hn::StoreU(v, d, p);
+  }
+  template <class D>
+  static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
+    hn::LoadInterleaved2(d, p, a, b);
+  }
+  template <class D>
+  static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
+    hn::StoreInterleaved2(a, b, d, p);
+  }
+};
+
+// 16-bit storage: values travel as the low 16 bits of uint32 lanes. Conv supplies
+// ToFloat(d, bits32) and FromFloat(d, v) -> bits32 (rounded to nearest even).
+template <class Conv>
+struct Half16Io {
+  using T = uint16_t;
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D d, const T* p) {
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<uint32_t, D> d32;
+    return Conv::ToFloat(d, hn::PromoteTo(d32, hn::LoadU(d16, p)));
+  }
+  template <class D>
+  static HWY_INLINE void Store(D d, hn::Vec<D> v, T* p) {
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<int32_t, D> di32;
+    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di32, Conv::FromFloat(d, v))), d16, p);
+  }
+  // An interleaved pair (a, b) is one little-endian uint32: a in the low half, b in the high.
+  template <class D>
+  static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
+    const hn::Rebind<uint32_t, D> d32;
+    const auto w = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(p));
+    a = Conv::ToFloat(d, hn::And(w, hn::Set(d32, 0xFFFFu)));
+    b = Conv::ToFloat(d, hn::ShiftRight<16>(w));
+  }
+  template <class D>
+  static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
+    const hn::Rebind<uint32_t, D> d32;
+    const auto w = hn::Or(Conv::FromFloat(d, a), hn::ShiftLeft<16>(Conv::FromFloat(d, b)));
+    hn::StoreU(w, d32, reinterpret_cast<uint32_t*>(p));
+  }
+};
+
+struct Bf16Conv {
+  template <class D, class VU>
+  static HWY_INLINE hn::Vec<D> ToFloat(D d, VU bits) {
+    return hn::BitCast(d, hn::ShiftLeft<16>(bits));
+  }
+  // Round to nearest even: add 0x7FFF + lsb, keep the top half; NaN stays a quiet NaN.
+  template <class D>
+  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> FromFloat(D d, hn::Vec<D> v) {
+    const hn::Rebind<uint32_t, D> du;
+    const auto bits = hn::BitCast(du, v);
+    const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
+    const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(hn::Set(du, 0x7FFFu), lsb)));
+    const auto quiet_nan = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x40u));
+    return hn::IfThenElse(hn::RebindMask(du, hn::IsNaN(v)), quiet_nan, rounded);
+  }
+};
+
+struct F16Conv {
+  // binary16 -> float32: shift exponent+mantissa into place and rescale by 2^112, which also
+  // normalises subnormals exactly; infinities and NaNs get the float32 all-ones exponent.
+  template <class D, class VU>
+  static HWY_INLINE hn::Vec<D> ToFloat(D d, VU h) {
+    const hn::Rebind<uint32_t, D> du;
+    const hn::Rebind<int32_t, D> di;
+    const auto sign = hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000u)));
+    const auto em = hn::And(h, hn::Set(du, 0x7FFFu));
+    const auto finite = hn::Mul(hn::BitCast(d, hn::ShiftLeft<13>(em)), hn::Set(d, 0x1.0p112f));
+    const auto special = hn::BitCast(
+        d, hn::Or(hn::Set(du, 0x7F800000u), hn::ShiftLeft<13>(hn::And(em, hn::Set(du, 0x3FFu)))));
+    const auto is_special = hn::RebindMask(d, hn::Gt(hn::BitCast(di, em), hn::Set(di, 0x7BFF)));
+    return hn::Or(hn::IfThenElse(is_special, special, finite), hn::BitCast(d, sign));
+  }
+  // float32 -> binary16 with round-to-nearest-even, subnormals, overflow to infinity: scale the
+  // magnitude so that the float32 adder performs the rounding at the binary16 precision, then
+  // read exponent and mantissa bits (Maratyszcza's FP16 conversion algorithm).
+  template <class D>
+  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> FromFloat(D d, hn::Vec<D> v) {
+    const hn::Rebind<uint32_t, D> du;
+    const hn::Rebind<int32_t, D> di;
+    auto base = hn::Mul(hn::Mul(hn::Abs(v), hn::Set(d, 0x1.0p112f)), hn::Set(d, 0x1.0p-110f));
+    const auto w = hn::BitCast(du, v);
+    const auto shl1_w = hn::Add(w, w);
+    const auto bias =
+        hn::Max(hn::BitCast(di, hn::ShiftRight<1>(hn::And(shl1_w, hn::Set(du, 0xFF000000u)))),
+                hn::Set(di, 0x38800000));
+    base = hn::Add(hn::BitCast(d, hn::Add(hn::BitCast(du, bias), hn::Set(du, 0x07800000u))), base);
+    const auto bits = hn::BitCast(du, base);
+    const auto nonsign = hn::Add(hn::And(hn::ShiftRight<13>(bits), hn::Set(du, 0x7C00u)),
+                                 hn::And(bits, hn::Set(du, 0x0FFFu)));
+    const auto magnitude =
+        hn::IfThenElse(hn::RebindMask(du, hn::IsNaN(v)), hn::Set(du, 0x7E00u), nonsign);
+    return hn::Or(hn::ShiftRight<16>(hn::And(w, hn::Set(du, 0x80000000u))), magnitude);
+  }
+};
+
+using Bf16Io = Half16Io<Bf16Conv>;
+using F16Io = Half16Io<F16Conv>;
+
+// ---- The rotation -------------------------------------------------------------------------
+
+template <bool kBackward, class V>
+HWY_INLINE void Rotate(V a, V b, V c, V s, V& ya, V& yb) {
+  if constexpr (kBackward) {
+    ya = hn::MulAdd(a, c, hn::Mul(b, s));
+    yb = hn::MulSub(b, c, hn::Mul(a, s));
+  } else {
+    ya = hn::MulSub(a, c, hn::Mul(b, s));
+    yb = hn::MulAdd(b, c, hn::Mul(a, s));
+  }
+}
+
+// Pairs [i, i + Lanes(d)) of one head.
+template <class Io, bool kInterleaved, bool kBackward, class D>
+HWY_INLINE void RotateStep(D d, const typename Io::T* x, typename Io::T* y, const float* cos,
+                           const float* sin, size_t n, size_t i) {
+  const auto c = hn::LoadU(d, cos + i);
+  const auto s = hn::LoadU(d, sin + i);
+  hn::Vec<D> a, b, ya, yb;
+  if constexpr (kInterleaved) {
+    Io::LoadPairs(d, x + 2 * i, a, b);
+    Rotate<kBackward>(a, b, c, s, ya, yb);
+    Io::StorePairs(d, ya, yb, y + 2 * i);
+  } else {
+    a = Io::Load(d, x + i);
+    b = Io::Load(d, x + n + i);
+    Rotate<kBackward>(a, b, c, s, ya, yb);
+    Io::Store(d, ya, y + i);
+    Io::Store(d, yb, y + n + i);
+  }
+}
+
+// One operand, one token: every head. x and y may be the same memory (in-place).
+template <class Io, bool kInterleaved, bool kBackward>
+HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const float* cos,
+                                     const float* sin, size_t n) {
+  using T = typename Io::T;
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  const size_t lanes = hn::Lanes(d);
+  const T* in = static_cast<const T*>(op.in.data) + t * op.in.token_stride;
+  T* out = static_cast<T*>(op.out.data) + t * op.out.token_stride;
+  const size_t pass = static_cast<size_t>(op.in.head_dim) - 2 * n;
+  const bool copy_pass = pass != 0 && op.in.data != op.out.data;
+  for (int64_t h = 0; h < op.in.num_heads; ++h) {
+    const T* x = in + h * op.in.head_stride;
+    T* y = out + h * op.out.head_stride;
+    size_t i = 0;
+    for (; i + lanes <= n; i += lanes)
+      RotateStep<Io, kInterleaved, kBackward>(d, x, y, cos, sin, n, i);
+    for (; i < n; ++i) RotateStep<Io, kInterleaved, kBackward>(d1, x, y, cos, sin, n, i);
+    if (copy_pass) std::memcpy(y + 2 * n, x + 2 * n, pass * sizeof(T));
+  }
+}
+
+template <class Io>
+HWY_INLINE void RotateOperandTokenIo(const RopeOperand& op, int64_t t, const float* cos,
+                                     const float* sin, size_t n, Layout layout, bool backward) {
+  if (layout == Layout::kInterleaved) {
+    backward ? RotateOperandToken<Io, true, true>(op, t, cos, sin, n)
+             : RotateOperandToken<Io, true, false>(op, t, cos, sin, n);
+  } else {
+    backward ? RotateOperandToken<Io, false, true>(op, t, cos, sin, n)
+             : RotateOperandToken<Io, false, false>(op, t, cos, sin, n);
+  }
+}
+
+static HWY_NOINLINE void RotateTokens(const RotateJob& job, int64_t t_begin, int64_t t_end) {
+  const size_t n = static_cast<size_t>(job.num_pairs);
+  const bool backward = job.direction == Direction::kBackward;
+  std::vector<float> scratch(2 * n);
+  for (int64_t t = t_begin; t < t_end; ++t) {
+    const int64_t pos = (*job.positions)[t];
+    const float* cos;
+    if (pos < job.num_rows) {
+      cos = job.rows + pos * job.row_stride;
+    } else {
+      job.table->ComputeRow(pos, scratch.data(), scratch.data() + n);
+      cos = scratch.data();
+    }
+    const float* sin = cos + n;
+    for (const RopeOperand& op : job.ops) {
+      switch (op.in.dtype) {
+        case DType::kF32:
+          RotateOperandTokenIo<F32Io>(op, t, cos, sin, n, job.layout, backward);
+          break;
+        case DType::kBF16:
+          RotateOperandTokenIo<Bf16Io>(op, t, cos, sin, n, job.layout, backward);
+          break;
+        case DType::kF16:
+          RotateOperandTokenIo<F16Io>(op, t, cos, sin, n, job.layout, backward);
+          break;
+        default:
+          break;
+      }
+    }
+  }
+}
+
+// Conversion entry points, exported for the tests of the rounding rules.
+HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToBf16(const float* in, uint16_t* out,
+                                                             size_t count) {
+  const hn::CappedTag<float, 1> d1;
+  for (size_t k = 0; k < count; ++k) Bf16Io::Store(d1, hn::LoadU(d1, in + k), out + k);
+}
+HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToF16(const float* in, uint16_t* out,
+                                                            size_t count) {
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  size_t k = 0;
+  for (; k + hn::Lanes(d) <= count; k += hn::Lanes(d))
+    F16Io::Store(d, hn::LoadU(d, in + k), out + k);
+  for (; k < count; ++k) F16Io::Store(d1, hn::LoadU(d1, in + k), out + k);
+}
+HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertF16ToFloat(const uint16_t* in, float* out,
+                                                            size_t count) {
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  size_t k = 0;
+  for (; k + hn::Lanes(d) <= count; k += hn::Lanes(d))
+    hn::StoreU(F16Io::Load(d, in + k), d, out + k);
+  for (; k < count; ++k) hn::StoreU(F16Io::Load(d1, in + k), d1, out + k);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace ropekit
+HWY_AFTER_NAMESPACE();
+
+#endif  // include guard

@@ -1,0 +1,195 @@
+// ApplyRope: validation at the API boundary, table growth, threading and backend choice.
+// The rotation itself is in src/kernels/ (SIMD) and src/reference/rope.h (scalar oracle).
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "ropekit/rope.h"
+#include "ropekit/thread_pool.h"
+#include "src/kernels/rope_kernels.h"
+#include "src/reference/rope.h"
+
+namespace ropekit {
+namespace {
+
+bool UseReference(Backend backend) {
+  if (backend == Backend::kReference) return true;
+  if (backend == Backend::kSimd) return false;
+  const char* env = std::getenv("ROPEKIT_BACKEND");
+  return env != nullptr && std::string(env) == "reference";
+}
+
+// Byte range [lo, hi) touched by a view (channels contiguous).
+std::pair<int64_t, int64_t> ByteRange(const TensorView& v) {
+  int64_t lo = 0, hi = v.head_dim - 1;
+  const int64_t ts = (v.num_tokens - 1) * v.token_stride;
+  const int64_t hs = (v.num_heads - 1) * v.head_stride;
+  lo += std::min<int64_t>(0, ts) + std::min<int64_t>(0, hs);
+  hi += std::max<int64_t>(0, ts) + std::max<int64_t>(0, hs);
+  const int64_t base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(v.data));
+  const int64_t size = static_cast<int64_t>(DTypeSize(v.dtype));
+  return {base + lo * size, base + (hi + 1) * size};
+}
+
+// Whether two non-empty views share any element. Exact for views with the same positive token
+// stride whose heads fit inside one token stride (token-major tensors and slices of a fused QKV
+// buffer); otherwise conservative (the byte ranges intersect).
+bool ViewsOverlap(const TensorView& a, const TensorView& b) {
+  const auto [a_lo, a_hi] = ByteRange(a);
+  const auto [b_lo, b_hi] = ByteRange(b);
+  if (!(a_lo < b_hi && b_lo < a_hi)) return false;
+  const int64_t es = static_cast<int64_t>(DTypeSize(a.dtype));
+  if (DTypeSize(b.dtype) != DTypeSize(a.dtype)) return true;
+  const int64_t ts = a.token_stride * es;
+  const auto footprint = [&](const TensorView& v) {
+    return ((v.num_heads - 1) * v.head_stride + v.head_dim) * es;
+  };
+  if (a.token_stride != b.token_stride || ts <= 0 || a.head_stride <= 0 || b.head_stride <= 0 ||
+      footprint(a) > ts || footprint(b) > ts) {
+    return true;
+  }
+  // Token t of a and token t + j of b can only meet for the one or two j with
+  // |diff + j ts| < ts, where diff is the distance between the views' first elements.
+  const int64_t diff = static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.data)) -
+                       static_cast<int64_t>(reinterpret_cast<uintptr_t>(a.data));
+  const int64_t max_shift = std::max(a.num_tokens, b.num_tokens) - 1;
+  const int64_t j_lo = std::max(-max_shift, (-diff - footprint(b)) / ts - 1);
+  const int64_t j_hi = std::min(max_shift, (ts - diff) / ts + 1);
+  for (int64_t j = j_lo; j <= j_hi; ++j) {
+    for (int64_t ha = 0; ha < a.num_heads; ++ha) {
+      const int64_t a0 = ha * a.head_stride * es, a1 = a0 + a.head_dim * es;
+      for (int64_t hb = 0; hb < b.num_heads; ++hb) {
+        const int64_t b0 = diff + j * ts + hb * b.head_stride * es, b1 = b0 + b.head_dim * es;
+        if (a0 < b1 && b0 < a1) return true;
+      }
+    }
+  }
+  return false;
+}
+
+void ValidateView(const TensorView& v, const std::string& name, int64_t num_tokens,
+                  int rotary_dim) {
+  if (v.dtype != DType::kF32 && v.dtype != DType::kBF16 && v.dtype != DType::kF16) {
+    throw Error(name + ".dtype must be float32, bfloat16 or float16");
+  }
+  if (v.num_tokens != num_tokens) {
+    throw Error(name + ".num_tokens (" + std::to_string(v.num_tokens) +
+                ") must equal the number of positions (" + std::to_string(num_tokens) + ")");
+  }
+  if (v.num_heads < 0) throw Error(name + ".num_heads must be >= 0");
+  if (v.head_dim < rotary_dim) {
+    throw Error(name + ".head_dim (" + std::to_string(v.head_dim) + ") must be >= rotary_dim (" +
+                std::to_string(rotary_dim) + ")");
+  }
+  if (v.num_tokens > 0 && v.num_heads > 0 && v.data == nullptr) throw Error(name + ".data is null");
+  // Heads of one token, and tokens, must not overlap each other.
+  if (v.num_heads > 1 && std::abs(v.head_stride) < v.head_dim) {
+    throw Error(name + ".head_stride (" + std::to_string(v.head_stride) +
+                ") makes heads overlap: |head_stride| must be >= head_dim (" +
+                std::to_string(v.head_dim) + ")");
+  }
+  if (v.num_tokens > 1) {
+    const int64_t span = (v.num_heads - 1) * std::abs(v.head_stride) + v.head_dim;
+    if (std::abs(v.token_stride) < span &&
+        !(std::abs(v.head_stride) >= v.num_tokens * std::abs(v.token_stride) &&
+          std::abs(v.token_stride) >= v.head_dim)) {
+      throw Error(name + ".token_stride (" + std::to_string(v.token_stride) +
+                  ") makes tokens overlap for head_stride " + std::to_string(v.head_stride));
+    }
+  }
+}
+
+}  // namespace
+
+TensorView ContiguousView(void* data, DType dtype, int64_t num_tokens, int64_t num_heads,
+                          int64_t head_dim) {
+  return TensorView{data, dtype, num_tokens, num_heads, head_dim, num_heads * head_dim, head_dim};
+}
+
+void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
+               const RotateOptions& options) {
+  if (options.layout != Layout::kHalfSplit && options.layout != Layout::kInterleaved) {
+    throw Error("layout must be neox (half-split) or gptj (interleaved)");
+  }
+  if (options.direction != Direction::kForward && options.direction != Direction::kBackward) {
+    throw Error("direction must be forward or backward");
+  }
+  const int64_t num_tokens = positions.size();
+  // The table grows to cover every position it can hold; rarer positions past its memory limit
+  // are computed on the fly.
+  const int64_t max_rows = table.max_capacity();
+  int64_t needed_rows = 0;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t p = positions[t];
+    if (p < 0 || p > kMaxPosition) {
+      throw Error("positions[" + std::to_string(t) + "] = " + std::to_string(p) +
+                  " is out of range [0, " + std::to_string(kMaxPosition) + "]");
+    }
+    if (p < max_rows) needed_rows = std::max(needed_rows, p + 1);
+  }
+  for (size_t k = 0; k < ops.size(); ++k) {
+    const std::string name = "operand " + std::to_string(k);
+    const RopeOperand& op = ops[k];
+    ValidateView(op.in, name + " input", num_tokens, table.rotary_dim());
+    ValidateView(op.out, name + " output", num_tokens, table.rotary_dim());
+    if (op.in.dtype != op.out.dtype || op.in.num_heads != op.out.num_heads ||
+        op.in.head_dim != op.out.head_dim) {
+      throw Error(name + ": output must have the input's dtype, num_heads and head_dim");
+    }
+    if (num_tokens == 0 || op.in.num_heads == 0) continue;
+    const bool same = op.in.data == op.out.data && op.in.token_stride == op.out.token_stride &&
+                      op.in.head_stride == op.out.head_stride;
+    if (!same && ViewsOverlap(op.in, op.out)) {
+      throw Error(name +
+                  ": output overlaps input without being the same view (in-place needs "
+                  "identical data pointer and strides)");
+    }
+    for (size_t j = 0; j < k; ++j) {
+      if (ops[j].in.num_heads > 0 && ViewsOverlap(ops[j].out, op.out)) {
+        throw Error(name + ": output overlaps the output of operand " + std::to_string(j));
+      }
+    }
+  }
+  if (num_tokens == 0) return;
+  table.Reserve(needed_rows);
+  const RopeTable::Rows rows = table.Snapshot();
+  const int n = table.num_pairs();
+  const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {
+    if (UseReference(options.backend)) {
+      reference::ApplyRopeTokens(ops, n, options.layout, options.direction,
+                                 static_cast<int64_t>(begin), static_cast<int64_t>(end),
+                                 [&](int64_t t, float* cos, float* sin) {
+                                   const int64_t p = positions[t];
+                                   if (p < rows.num_positions) {
+                                     const float* row = rows.data.get() + p * rows.row_stride;
+                                     std::memcpy(cos, row, n * sizeof(float));
+                                     std::memcpy(sin, row + n, n * sizeof(float));
+                                   } else {
+                                     table.ComputeRow(p, cos, sin);
+                                   }
+                                 });
+      return;
+    }
+    RotateJob job;
+    job.ops = ops;
+    job.positions = &positions;
+    job.rows = rows.data.get();
+    job.num_rows = rows.num_positions;
+    job.row_stride = rows.row_stride;
+    job.table = &table;
+    job.num_pairs = n;
+    job.layout = options.layout;
+    job.direction = options.direction;
+    RotateTokensSimd(job, static_cast<int64_t>(begin), static_cast<int64_t>(end));
+  };
+  ParallelFor(options.pool, static_cast<size_t>(num_tokens), range_fn);
+}
+
+void ApplyRopeInPlace(const RopeTable& table, PositionSpan positions, const TensorView& x,
+                      const RotateOptions& options) {
+  const RopeOperand op{x, x};
+  ApplyRope(table, positions, std::span<const RopeOperand>(&op, 1), options);
+}
+
+}  // namespace ropekit

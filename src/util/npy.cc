@@ -1,0 +1,254 @@
+#include "src/util/npy.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <string_view>
+
+#include "ropekit/error.h"
+
+namespace ropekit {
+namespace {
+
+constexpr char kMagic[] = "\x93NUMPY";
+constexpr size_t kMagicSize = 6;
+constexpr int64_t kMaxDim = int64_t{1} << 40;
+
+struct DTypeInfo {
+  NpyDType dtype;
+  const char* descr;
+  size_t size;
+};
+constexpr DTypeInfo kDTypes[] = {
+    {NpyDType::kF32, "<f4", 4}, {NpyDType::kF64, "<f8", 8}, {NpyDType::kF16, "<f2", 2},
+    {NpyDType::kI32, "<i4", 4}, {NpyDType::kI64, "<i8", 8},
+};
+
+const DTypeInfo& Info(NpyDType dtype) {
+  for (const auto& info : kDTypes) {
+    if (info.dtype == dtype) return info;
+  }
+  throw Error("npy: unknown dtype");
+}
+
+[[noreturn]] void Fail(const std::string& name, const std::string& what) {
+  throw Error(name + ": not a valid .npy file: " + what);
+}
+
+void SkipSpaces(std::string_view s, size_t& i) {
+  while (i < s.size() && (s[i] == ' ' || s[i] == '\t')) ++i;
+}
+
+// Reads a quoted Python string literal starting at s[i].
+std::string ReadQuoted(std::string_view s, size_t& i, const std::string& name) {
+  if (i >= s.size() || (s[i] != '\'' && s[i] != '"'))
+    Fail(name, "expected a quoted string in header");
+  const char quote = s[i++];
+  const size_t start = i;
+  while (i < s.size() && s[i] != quote) ++i;
+  if (i >= s.size()) Fail(name, "unterminated string in header");
+  return std::string(s.substr(start, i++ - start));
+}
+
+}  // namespace
+
+int64_t NpyArray::NumElements() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+size_t NpyArray::ItemSize() const { return Info(dtype).size; }
+
+std::string NpyDTypeName(NpyDType dtype) {
+  switch (dtype) {
+    case NpyDType::kF32:
+      return "float32";
+    case NpyDType::kF64:
+      return "float64";
+    case NpyDType::kF16:
+      return "float16";
+    case NpyDType::kI32:
+      return "int32";
+    case NpyDType::kI64:
+      return "int64";
+  }
+  return "unknown";
+}
+
+NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
+  if (bytes.size() < kMagicSize + 4 || std::memcmp(bytes.data(), kMagic, kMagicSize) != 0) {
+    Fail(name, "missing the \\x93NUMPY magic string");
+  }
+  const int major = bytes[6];
+  size_t header_len = 0;
+  size_t offset = 0;
+  if (major == 1) {
+    header_len = bytes[8] | (size_t{bytes[9]} << 8);
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) Fail(name, "truncated header");
+    header_len =
+        bytes[8] | (size_t{bytes[9]} << 8) | (size_t{bytes[10]} << 16) | (size_t{bytes[11]} << 24);
+    offset = 12;
+  } else {
+    Fail(name, "unsupported format version " + std::to_string(major));
+  }
+  if (header_len > bytes.size() - offset) Fail(name, "truncated header");
+  const std::string_view header(reinterpret_cast<const char*>(bytes.data()) + offset, header_len);
+  const size_t data_offset = offset + header_len;
+
+  // The header is a Python dict literal: {'descr': '<f4', 'fortran_order': False, 'shape': (..), }
+  std::string descr;
+  bool have_descr = false, have_order = false, have_shape = false, fortran = false;
+  std::vector<int64_t> shape;
+  size_t i = 0;
+  SkipSpaces(header, i);
+  if (i >= header.size() || header[i] != '{') Fail(name, "header is not a dict");
+  ++i;
+  for (;;) {
+    SkipSpaces(header, i);
+    if (i < header.size() && header[i] == '}') break;
+    const std::string key = ReadQuoted(header, i, name);
+    SkipSpaces(header, i);
+    if (i >= header.size() || header[i] != ':') Fail(name, "expected ':' in header");
+    ++i;
+    SkipSpaces(header, i);
+    if (key == "descr") {
+      descr = ReadQuoted(header, i, name);
+      have_descr = true;
+    } else if (key == "fortran_order") {
+      if (header.substr(i, 4) == "True") {
+        fortran = true;
+        i += 4;
+      } else if (header.substr(i, 5) == "False") {
+        i += 5;
+      } else {
+        Fail(name, "fortran_order must be True or False");
+      }
+      have_order = true;
+    } else if (key == "shape") {
+      if (i >= header.size() || header[i] != '(') Fail(name, "shape must be a tuple");
+      ++i;
+      for (;;) {
+        SkipSpaces(header, i);
+        if (i < header.size() && header[i] == ')') {
+          ++i;
+          break;
+        }
+        int64_t dim = 0;
+        size_t digits = 0;
+        while (i < header.size() && header[i] >= '0' && header[i] <= '9') {
+          dim = dim * 10 + (header[i] - '0');
+          if (dim > kMaxDim) Fail(name, "shape dimension too large");
+          ++i;
+          ++digits;
+        }
+        if (digits == 0) Fail(name, "bad shape entry");
+        shape.push_back(dim);
+        SkipSpaces(header, i);
+        if (i < header.size() && header[i] == ',') ++i;
+      }
+      have_shape = true;
+    } else {
+      Fail(name, "unexpected header key '" + key + "'");
+    }
+    SkipSpaces(header, i);
+    if (i < header.size() && header[i] == ',') ++i;
+    if (i >= header.size()) Fail(name, "unterminated header dict");
+  }
+  if (!have_descr || !have_order || !have_shape)
+    Fail(name, "header lacks descr, fortran_order or shape");
+  if (fortran) Fail(name, "Fortran-ordered arrays are not supported (use numpy.ascontiguousarray)");
+
+  NpyArray array;
+  bool known = false;
+  for (const auto& info : kDTypes) {
+    if (descr == info.descr || (info.size == 1 && descr == std::string("|") + (info.descr + 1))) {
+      array.dtype = info.dtype;
+      known = true;
+    }
+  }
+  if (!known) {
+    throw Error(name + ": unsupported dtype '" + descr +
+                "' (accepted: float32 <f4, float16 <f2, float64 <f8, int32 <i4, int64 <i8)");
+  }
+  array.shape = shape;
+  int64_t count = 1;
+  for (int64_t d : shape) {
+    if (d != 0 && count > std::numeric_limits<int64_t>::max() / 8 / d)
+      Fail(name, "shape too large");
+    count *= d;
+  }
+  const size_t payload = static_cast<size_t>(count) * array.ItemSize();
+  if (bytes.size() - data_offset != payload) {
+    Fail(name, "payload has " + std::to_string(bytes.size() - data_offset) +
+                   " bytes, shape needs " + std::to_string(payload));
+  }
+  array.bytes.assign(bytes.begin() + data_offset, bytes.end());
+  return array;
+}
+
+NpyArray ReadNpy(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open for reading: " + std::strerror(errno));
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
+  if (in.bad()) throw Error(path + ": read error");
+  return ParseNpy(bytes, path);
+}
+
+std::vector<uint8_t> SerializeNpy(const NpyArray& array) {
+  std::string header = "{'descr': '" + std::string(Info(array.dtype).descr) +
+                       "', 'fortran_order': False, 'shape': (";
+  for (size_t k = 0; k < array.shape.size(); ++k) {
+    header += std::to_string(array.shape[k]);
+    header += (array.shape.size() == 1 || k + 1 < array.shape.size()) ? ", " : "";
+  }
+  if (array.shape.size() == 1) header.pop_back();  // "(5,)"
+  header += "), }";
+  // Pad with spaces so that the data starts at a multiple of 64 bytes; newline terminated.
+  const size_t unpadded = kMagicSize + 2 + 2 + header.size() + 1;
+  header.append((64 - unpadded % 64) % 64, ' ');
+  header += '\n';
+  std::vector<uint8_t> out(kMagic, kMagic + kMagicSize);
+  out.push_back(1);
+  out.push_back(0);
+  out.push_back(static_cast<uint8_t>(header.size() & 0xff));
+  out.push_back(static_cast<uint8_t>(header.size() >> 8));
+  out.insert(out.end(), header.begin(), header.end());
+  out.insert(out.end(), array.bytes.begin(), array.bytes.end());
+  return out;
+}
+
+void WriteFileAtomic(const std::string& path, const void* data, size_t size) {
+  const std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) throw Error(path + ": cannot open for writing: " + std::strerror(errno));
+  const bool ok =
+      std::fwrite(data, 1, size, f) == size && std::fflush(f) == 0 && ::fsync(::fileno(f)) == 0;
+  const bool closed = std::fclose(f) == 0;
+  if (!ok || !closed) {
+    std::remove(tmp.c_str());
+    throw Error(path + ": write failed: " + std::strerror(errno));
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    std::remove(tmp.c_str());
+    throw Error(path + ": cannot rename temporary file into place: " + std::strerror(err));
+  }
+}
+
+void WriteNpy(const std::string& path, const NpyArray& array) {
+  if (static_cast<size_t>(array.NumElements()) * array.ItemSize() != array.bytes.size()) {
+    throw Error(path + ": internal error: payload size does not match shape");
+  }
+  const std::vector<uint8_t> bytes = SerializeNpy(array);
+  WriteFileAtomic(path, bytes.data(), bytes.size());
+}
+
+}  // namespace ropekit

@@ -1,0 +1,120 @@
+// A small thread pool with static partitioning (see include/ropekit/thread_pool.h).
+//
+// Worker w owns tasks [w*n/W, (w+1)*n/W) of every ParallelFor; worker 0 is the caller. A
+// generation counter under one mutex wakes the workers; a countdown tells the caller when all are
+// done. Each output is owned by one task, so results do not depend on the thread count.
+#include "ropekit/thread_pool.h"
+
+#include <condition_variable>
+#include <exception>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "ropekit/error.h"
+
+namespace ropekit {
+
+struct ThreadPool::Impl {
+  std::mutex mutex;
+  std::condition_variable start_cv;
+  std::condition_variable done_cv;
+  uint64_t generation = 0;
+  size_t pending = 0;
+  bool stop = false;
+  size_t num_tasks = 0;
+  const std::function<void(size_t, size_t, size_t)>* range = nullptr;
+  std::vector<std::exception_ptr> errors;
+  std::vector<std::thread> threads;
+};
+
+namespace {
+
+void RunSlice(size_t num_tasks, size_t num_workers, size_t worker,
+              const std::function<void(size_t, size_t, size_t)>& range) {
+  const size_t begin = num_tasks * worker / num_workers;
+  const size_t end = num_tasks * (worker + 1) / num_workers;
+  if (begin < end) range(begin, end, worker);
+}
+
+}  // namespace
+
+ThreadPool::ThreadPool(size_t num_threads)
+    : num_threads_(num_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
+                                    : num_threads),
+      impl_(std::make_unique<Impl>()) {
+  if (num_threads_ > 4096) throw Error("num_threads must be in [0, 4096]");
+  impl_->errors.resize(num_threads_);
+  for (size_t w = 1; w < num_threads_; ++w) {
+    impl_->threads.emplace_back([this, w] {
+      Impl& s = *impl_;
+      uint64_t seen = 0;
+      for (;;) {
+        std::unique_lock<std::mutex> lock(s.mutex);
+        s.start_cv.wait(lock, [&] { return s.stop || s.generation != seen; });
+        if (s.stop) return;
+        seen = s.generation;
+        const size_t num_tasks = s.num_tasks;
+        const auto* range = s.range;
+        lock.unlock();
+        try {
+          RunSlice(num_tasks, num_threads_, w, *range);
+        } catch (...) {
+          s.errors[w] = std::current_exception();
+        }
+        lock.lock();
+        if (--s.pending == 0) s.done_cv.notify_one();
+      }
+    });
+  }
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(impl_->mutex);
+    impl_->stop = true;
+  }
+  impl_->start_cv.notify_all();
+  for (auto& t : impl_->threads) t.join();
+}
+
+void ThreadPool::ParallelFor(size_t num_tasks,
+                             const std::function<void(size_t, size_t, size_t)>& range) {
+  if (num_threads_ == 1 || num_tasks <= 1) {
+    if (num_tasks > 0) range(0, num_tasks, 0);
+    return;
+  }
+  Impl& s = *impl_;
+  {
+    std::lock_guard<std::mutex> lock(s.mutex);
+    s.num_tasks = num_tasks;
+    s.range = &range;
+    s.pending = num_threads_ - 1;
+    for (auto& e : s.errors) e = nullptr;
+    ++s.generation;
+  }
+  s.start_cv.notify_all();
+  try {
+    RunSlice(num_tasks, num_threads_, 0, range);
+  } catch (...) {
+    s.errors[0] = std::current_exception();
+  }
+  {
+    std::unique_lock<std::mutex> lock(s.mutex);
+    s.done_cv.wait(lock, [&] { return s.pending == 0; });
+  }
+  for (auto& e : s.errors) {
+    if (e) std::rethrow_exception(e);
+  }
+}
+
+void ParallelFor(ThreadPool* pool, size_t num_tasks,
+                 const std::function<void(size_t, size_t, size_t)>& range) {
+  if (pool) {
+    pool->ParallelFor(num_tasks, range);
+  } else if (num_tasks > 0) {
+    range(0, num_tasks, 0);
+  }
+}
+
+}  // namespace ropekit
