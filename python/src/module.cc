@@ -42,14 +42,12 @@ namespace {
 // every type whose frequencies do not depend on it, so one table serves all calls.
 class TableCache {
  public:
-  std::shared_ptr<RopeTable> Get(const RopeParams& params, Numerics numerics,
-                                       int64_t seq_len_key) {
+  std::shared_ptr<RopeTable> Get(const RopeParams& params, Numerics numerics, int64_t seq_len_key) {
     std::lock_guard<std::mutex> lock(mu_);
     const auto key = std::make_pair(static_cast<int>(numerics), seq_len_key);
     auto it = tables_.find(key);
     if (it != tables_.end()) return it->second;
-    auto table =
-        std::make_shared<RopeTable>(ComputeFrequencies(params, numerics, seq_len_key));
+    auto table = std::make_shared<RopeTable>(ComputeFrequencies(params, numerics, seq_len_key));
     // Bound the cache: dynamic NTK creates one table per distinct length above
     // max_position_embeddings. Tables in use stay alive through their shared_ptr.
     if (tables_.size() >= kMaxTables) tables_.clear();
@@ -145,8 +143,7 @@ std::string Repr(const Config& c) {
     s += ", ntk_alpha=" + py::str(py::float_(p.ntk_alpha)).cast<std::string>();
   }
   if (p.original_max_position_embeddings != 0) {
-    s += ", original_max_position_embeddings=" +
-         std::to_string(p.original_max_position_embeddings);
+    s += ", original_max_position_embeddings=" + std::to_string(p.original_max_position_embeddings);
   }
   s += ", layout='" + std::string(LayoutName(c.layout)) + "')";
   return s;
@@ -301,7 +298,8 @@ void CheckTorchCpu(py::handle t, const std::string& name) {
   }
   const std::string layout = py::str(t.attr("layout")).cast<std::string>();
   if (layout != "torch.strided") {
-    throw py::value_error(name + " has layout " + layout + "; only dense (torch.strided) tensors "
+    throw py::value_error(name + " has layout " + layout +
+                          "; only dense (torch.strided) tensors "
                           "are supported");
   }
 }
@@ -322,7 +320,8 @@ Array InspectFloat(py::handle h, const std::string& name) {
     } else if (dt == "torch.float64") {
       a.elem = Elem::kF64;
     } else {
-      throw py::type_error(name + " has dtype " + dt + "; expected torch.float32, "
+      throw py::type_error(name + " has dtype " + dt +
+                           "; expected torch.float32, "
                            "torch.bfloat16, torch.float16 or torch.float64");
     }
     a.data = reinterpret_cast<char*>(h.attr("data_ptr")().cast<uintptr_t>());
@@ -508,16 +507,16 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
   } else if (py::isinstance<py::array>(h)) {
     const py::dtype dt = py::reinterpret_borrow<py::array>(h).dtype();
     if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
-      throw py::type_error("positions has dtype " + Str(dt) +
-                           "; expected int32 or int64");
+      throw py::type_error("positions has dtype " + Str(dt) + "; expected int32 or int64");
     }
     arr = np.attr("ascontiguousarray")(h, py::arg("dtype") = dt.attr("newbyteorder")("="));
   } else if (py::isinstance<py::sequence>(h) && !py::isinstance<py::str>(h)) {
     try {
       arr = np.attr("asarray")(h, py::arg("dtype") = "int64");
     } catch (const py::error_already_set&) {
-      throw py::type_error("positions must be a sequence of integers, an int32/int64 numpy "
-                           "array or a torch tensor");
+      throw py::type_error(
+          "positions must be a sequence of integers, an int32/int64 numpy "
+          "array or a torch tensor");
     }
     const py::array checked = py::reinterpret_borrow<py::array>(arr);
     // Reject floats silently truncated by asarray.
@@ -525,8 +524,10 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
       throw py::type_error("positions must contain integers");
     }
   } else {
-    throw py::type_error("positions must be an int32/int64 numpy array, a torch tensor or a "
-                         "sequence of integers, got " + TypeName(h));
+    throw py::type_error(
+        "positions must be an int32/int64 numpy array, a torch tensor or a "
+        "sequence of integers, got " +
+        TypeName(h));
   }
   auto a = py::reinterpret_borrow<py::array>(arr);
   p.owner = arr;
@@ -546,8 +547,8 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
                           std::to_string(a.ndim()) + " dimensions");
   }
   if (num_tokens >= 0 && p.T != num_tokens) {
-    throw py::value_error("positions has " + std::to_string(p.T) + " tokens, expected T = " +
-                          std::to_string(num_tokens));
+    throw py::value_error("positions has " + std::to_string(p.T) +
+                          " tokens, expected T = " + std::to_string(num_tokens));
   }
   const int64_t n = p.rows * p.T;
   auto check = [&](int64_t i, int64_t value) {
@@ -567,14 +568,6 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
   return p;
 }
 
-// Precompute table rows when that is cheap relative to the call; beyond, rows are computed on
-// the fly by the kernels (identical values).
-void MaybeReserve(RopeTable& table, int64_t max_position, int64_t num_tokens) {
-  const int64_t need = max_position + 1;
-  if (need <= table.capacity()) return;
-  if (need <= (int64_t{1} << 16) || need <= 8 * num_tokens) table.Reserve(need);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Rotation.
 
@@ -588,11 +581,72 @@ struct ApplyOptions {
   bool head_major = false;
 };
 
+// Byte intervals [begin, end) of every head row (D channels) of a view, sorted.
+std::vector<std::pair<uintptr_t, uintptr_t>> HeadRows(const Batched& v) {
+  std::vector<std::pair<uintptr_t, uintptr_t>> rows;
+  const auto size = static_cast<int64_t>(ElemSize(v.elem));
+  for (int64_t b = 0; b < v.B; ++b) {
+    for (int64_t t = 0; t < v.T; ++t) {
+      for (int64_t h = 0; h < v.H; ++h) {
+        const auto begin = reinterpret_cast<uintptr_t>(
+            v.data + (b * v.batch_stride + t * v.token_stride + h * v.head_stride) * size);
+        rows.emplace_back(begin, begin + static_cast<uintptr_t>(v.D * size));
+      }
+    }
+  }
+  std::sort(rows.begin(), rows.end());
+  return rows;
+}
+
+bool RowsOverlap(const std::vector<std::pair<uintptr_t, uintptr_t>>& a,
+                 const std::vector<std::pair<uintptr_t, uintptr_t>>& b) {
+  size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (a[i].second <= b[j].first) {
+      ++i;
+    } else if (b[j].second <= a[i].first) {
+      ++j;
+    } else {
+      return true;
+    }
+  }
+  return false;
+}
+
+// The float64 path does not go through ApplyRope's view checks: outputs must not overlap each
+// other, nor (out of place) any input. Small inputs only (gradcheck), so an exact check is cheap.
+void CheckNoOverlapF64(const std::vector<Batched>& ins, const std::vector<Batched>& outs,
+                       bool inplace, const std::vector<std::pair<py::object, std::string>>& xs) {
+  std::vector<std::vector<std::pair<uintptr_t, uintptr_t>>> out_rows;
+  for (const auto& o : outs) out_rows.push_back(HeadRows(o));
+  for (size_t i = 0; i < outs.size(); ++i) {
+    for (size_t k = 1; k < out_rows[i].size(); ++k) {
+      if (out_rows[i][k].first < out_rows[i][k - 1].second) {
+        throw py::value_error(xs[i].second + ": the output's head rows overlap each other");
+      }
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (RowsOverlap(out_rows[i], out_rows[j])) {
+        throw py::value_error(xs[i].second + " and " + xs[j].second + " overlap in memory");
+      }
+    }
+    if (!inplace) {
+      for (size_t j = 0; j < ins.size(); ++j) {
+        if (RowsOverlap(out_rows[i], HeadRows(ins[j]))) {
+          throw py::value_error("the output for " + xs[i].second + " overlaps input " +
+                                xs[j].second);
+        }
+      }
+    }
+  }
+}
+
 void CheckNoGradRecording(const Array& a, const std::string& name) {
   if (!a.is_torch) return;
   if (!a.obj.attr("requires_grad").cast<bool>()) return;
   if (!TorchModule().attr("is_grad_enabled")().cast<bool>()) return;
-  throw py::value_error(name + " requires grad, but ropekit.apply_rope does not record autograd "
+  throw py::value_error(name +
+                        " requires grad, but ropekit.apply_rope does not record autograd "
                         "history; use ropekit.torch.apply_rope / RotaryEmbedding, or call it "
                         "under torch.no_grad()");
 }
@@ -600,8 +654,8 @@ void CheckNoGradRecording(const Array& a, const std::string& name) {
 // Rotates the tensors `xs` (q, k, ...) by the same positions. Returns the outputs (the inputs
 // themselves when in place).
 std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::string>>& xs,
-                               py::handle positions, const Config& config,
-                               const ApplyOptions& opt, py::handle out_arg) {
+                               py::handle positions, const Config& config, const ApplyOptions& opt,
+                               py::handle out_arg) {
   const Layout layout = LayoutArg(opt.layout, config);
   const Numerics numerics = NumericsArg(opt.numerics);
   const Direction direction = opt.backward ? Direction::kBackward : Direction::kForward;
@@ -627,8 +681,10 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
       if (!out_arg.is_none()) throw py::value_error("out must be None when inplace=True");
       if (!in.writeable) throw py::value_error(name + " is read-only; cannot rotate in place");
       if (!in.shape.empty() && in.shape.back() > 1 && in.strides.back() != 1) {
-        throw py::value_error(name + ": in-place rotation needs the last dimension contiguous "
-                              "(stride 1), got stride " + std::to_string(in.strides.back()) +
+        throw py::value_error(name +
+                              ": in-place rotation needs the last dimension contiguous "
+                              "(stride 1), got stride " +
+                              std::to_string(in.strides.back()) +
                               "; use inplace=False (the input is then copied)");
       }
       if (!NonOverlapping(in) || !KernelReadable(in)) {
@@ -646,8 +702,10 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
         }
         if (!out.writeable) throw py::value_error("out is read-only");
         if (!NonOverlapping(out) || !KernelReadable(out)) {
-          throw py::value_error("out must have contiguous channels and non-overlapping, "
-                                "positive strides, got strides " + ShapeString(out.strides));
+          throw py::value_error(
+              "out must have contiguous channels and non-overlapping, "
+              "positive strides, got strides " +
+              ShapeString(out.strides));
         }
       } else {
         out = EmptyLike(in, name);
@@ -667,8 +725,7 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
     if (i > 0 && (v.B != in_views[0].B || v.T != in_views[0].T)) {
       throw py::value_error(xs[i].second + " has " + std::to_string(v.B) + " batch(es) of " +
                             std::to_string(v.T) + " tokens but " + xs[0].second + " has " +
-                            std::to_string(in_views[0].B) + " of " +
-                            std::to_string(in_views[0].T));
+                            std::to_string(in_views[0].B) + " of " + std::to_string(in_views[0].T));
     }
     if (v.D < config.params.rotary_dim) {
       throw py::value_error(xs[i].second + " has head_dim " + std::to_string(v.D) +
@@ -685,30 +742,39 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
   const std::shared_ptr<RopeTable> table = config.cache->Get(config.params, numerics, key);
   const bool f64 = ins[0].elem == Elem::kF64;
 
+  // ApplyRope grows the table to cover the positions (up to its memory budget) by itself.
+  if (f64) CheckNoOverlapF64(in_views, out_views, opt.inplace, xs);
   if (elements > 0) {
-    py::gil_scoped_release release;
-    MaybeReserve(*table, pos.max_position, T);
-    if (f64) {
-      for (size_t i = 0; i < in_views.size(); ++i) {
-        for (int64_t b = 0; b < B; ++b) {
-          RotateF64(*table, pos.Row(b), in_views[i].ViewDouble(b), out_views[i].ViewDouble(b),
-                    layout, direction);
-        }
-      }
-    } else {
-      PoolLease lease(threads);
-      RotateOptions options;
-      options.layout = layout;
-      options.direction = direction;
-      options.pool = lease.get();
-      std::vector<RopeOperand> ops(in_views.size());
-      for (int64_t b = 0; b < B; ++b) {
+    try {
+      py::gil_scoped_release release;
+      if (f64) {
         for (size_t i = 0; i < in_views.size(); ++i) {
-          ops[i].in = in_views[i].View(b);
-          ops[i].out = opt.inplace ? ops[i].in : out_views[i].View(b);
+          for (int64_t b = 0; b < B; ++b) {
+            RotateF64(*table, pos.Row(b), in_views[i].ViewDouble(b), out_views[i].ViewDouble(b),
+                      layout, direction);
+          }
         }
-        ApplyRope(*table, pos.Row(b), ops, options);
+      } else {
+        PoolLease lease(threads);
+        RotateOptions options;
+        options.layout = layout;
+        options.direction = direction;
+        options.pool = lease.get();
+        std::vector<RopeOperand> ops(in_views.size());
+        for (int64_t b = 0; b < B; ++b) {
+          for (size_t i = 0; i < in_views.size(); ++i) {
+            ops[i].in = in_views[i].View(b);
+            ops[i].out = opt.inplace ? ops[i].in : out_views[i].View(b);
+          }
+          ApplyRope(*table, pos.Row(b), ops, options);
+        }
       }
+    } catch (const Error& e) {
+      std::string names;
+      for (size_t i = 0; i < xs.size(); ++i) {
+        names += (i ? ", " : "") + std::to_string(i) + " = " + xs[i].second;
+      }
+      throw py::value_error(std::string(e.what()) + " (operand " + names + ")");
     }
   }
   std::vector<py::object> result;
@@ -754,8 +820,10 @@ Config FromHfConfig(py::handle source, std::optional<std::string> layer_type) {
     const std::string path = py::str(os.attr("fspath")(obj)).cast<std::string>();
     return FromHf(LoadHfConfig(path, lt));
   }
-  throw py::type_error("from_hf_config expects a dict, a path (str / os.PathLike) or an object "
-                       "with to_dict(), got " + TypeName(source));
+  throw py::type_error(
+      "from_hf_config expects a dict, a path (str / os.PathLike) or an object "
+      "with to_dict(), got " +
+      TypeName(source));
 }
 
 }  // namespace
@@ -781,11 +849,12 @@ Immutable; build one with RopeConfig(head_dim=..., ...) or RopeConfig.from_hf_co
 Each config caches its cos/sin tables per (numerics, sequence length), so reuse the object.
 )doc")
       .def(py::init([](const std::string& rope_type, double base, int64_t head_dim,
-                       std::optional<int64_t> rotary_dim, std::optional<double> partial_rotary_factor,
-                       int64_t max_position_embeddings, std::optional<double> factor,
-                       double ntk_alpha, std::optional<int64_t> original_max_position_embeddings,
-                       double beta_fast, double beta_slow, double mscale, double mscale_all_dim,
-                       bool truncate, std::optional<double> attention_factor,
+                       std::optional<int64_t> rotary_dim,
+                       std::optional<double> partial_rotary_factor, int64_t max_position_embeddings,
+                       std::optional<double> factor, double ntk_alpha,
+                       std::optional<int64_t> original_max_position_embeddings, double beta_fast,
+                       double beta_slow, double mscale, double mscale_all_dim, bool truncate,
+                       std::optional<double> attention_factor,
                        std::optional<std::vector<double>> short_factor,
                        std::optional<std::vector<double>> long_factor, double low_freq_factor,
                        double high_freq_factor, const std::string& layout) {
@@ -811,13 +880,13 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
                                        std::to_string(*partial_rotary_factor));
                }
                // transformers: int(head_dim * partial_rotary_factor), a double product truncated.
-               p.rotary_dim = static_cast<int>(static_cast<double>(head_dim) *
-                                               *partial_rotary_factor);
+               p.rotary_dim =
+                   static_cast<int>(static_cast<double>(head_dim) * *partial_rotary_factor);
              } else if (rotary_dim) {
                if (*rotary_dim < 0 || *rotary_dim > head_dim) {
-                 throw py::value_error("rotary_dim must be in [2, head_dim = " +
-                                       std::to_string(head_dim) + "], got " +
-                                       std::to_string(*rotary_dim));
+                 throw py::value_error(
+                     "rotary_dim must be in [2, head_dim = " + std::to_string(head_dim) +
+                     "], got " + std::to_string(*rotary_dim));
                }
                p.rotary_dim = static_cast<int>(*rotary_dim);
              } else {
@@ -849,14 +918,14 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
            }),
            py::kw_only(), py::arg("rope_type") = "default", py::arg("base") = 10000.0,
            py::arg("head_dim"), py::arg("rotary_dim") = py::none(),
-           py::arg("partial_rotary_factor") = py::none(),
-           py::arg("max_position_embeddings") = 2048, py::arg("factor") = py::none(),
-           py::arg("ntk_alpha") = 1.0, py::arg("original_max_position_embeddings") = py::none(),
-           py::arg("beta_fast") = 32.0, py::arg("beta_slow") = 1.0, py::arg("mscale") = 0.0,
-           py::arg("mscale_all_dim") = 0.0, py::arg("truncate") = true,
-           py::arg("attention_factor") = py::none(), py::arg("short_factor") = py::none(),
-           py::arg("long_factor") = py::none(), py::arg("low_freq_factor") = 1.0,
-           py::arg("high_freq_factor") = 4.0, py::arg("layout") = "neox",
+           py::arg("partial_rotary_factor") = py::none(), py::arg("max_position_embeddings") = 2048,
+           py::arg("factor") = py::none(), py::arg("ntk_alpha") = 1.0,
+           py::arg("original_max_position_embeddings") = py::none(), py::arg("beta_fast") = 32.0,
+           py::arg("beta_slow") = 1.0, py::arg("mscale") = 0.0, py::arg("mscale_all_dim") = 0.0,
+           py::arg("truncate") = true, py::arg("attention_factor") = py::none(),
+           py::arg("short_factor") = py::none(), py::arg("long_factor") = py::none(),
+           py::arg("low_freq_factor") = 1.0, py::arg("high_freq_factor") = 4.0,
+           py::arg("layout") = "neox",
            "Keyword constructor for every RopeParams field. rotary_dim defaults to head_dim "
            "(or int(head_dim * partial_rotary_factor)); factor=None and "
            "original_max_position_embeddings=None mean 'absent'. Raises ValueError naming the "
@@ -866,8 +935,8 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
                   "Builds a config from a Hugging Face config.json: a dict, a path, or an object "
                   "with to_dict() (transformers.PretrainedConfig). layer_type selects one entry "
                   "of a per-layer-type rope_parameters dict (e.g. 'sliding_attention').")
-      .def_property_readonly("rope_type",
-                             [](const Config& c) { return std::string(RopeTypeName(c.params.type)); })
+      .def_property_readonly(
+          "rope_type", [](const Config& c) { return std::string(RopeTypeName(c.params.type)); })
       .def_property_readonly("base", [](const Config& c) { return c.params.base; })
       .def_property_readonly("head_dim", [](const Config& c) { return c.params.head_dim; })
       .def_property_readonly("rotary_dim", [](const Config& c) { return c.params.rotary_dim; })
@@ -895,9 +964,11 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
       .def_property_readonly("model_type", [](const Config& c) { return c.model_type; })
       .def_property_readonly("num_attention_heads",
                              [](const Config& c) { return c.num_attention_heads; })
-      .def_property_readonly("num_key_value_heads", [](const Config& c) {
-        return c.num_key_value_heads > 0 ? c.num_key_value_heads : c.num_attention_heads;
-      })
+      .def_property_readonly("num_key_value_heads",
+                             [](const Config& c) {
+                               return c.num_key_value_heads > 0 ? c.num_key_value_heads
+                                                                : c.num_attention_heads;
+                             })
       .def_property_readonly(
           "attention_factor",
           [](const Config& c) {
@@ -939,8 +1010,7 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
               py::gil_scoped_release release;
               const PositionSpan span = pos.Row(0);
               for (int64_t t = 0; t < pos.T; ++t) {
-                table->ComputeRow(span[static_cast<size_t>(t)], cos_data + t * n,
-                                  sin_data + t * n);
+                table->ComputeRow(span[static_cast<size_t>(t)], cos_data + t * n, sin_data + t * n);
               }
             }
             return py::make_tuple(cos, sin);
@@ -951,8 +1021,8 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
       .def("__repr__", &Repr);
 
   auto rotate_one = [](py::object x, py::handle positions, const Config& config,
-                       std::optional<std::string> layout, const std::string& numerics,
-                       bool inplace, bool backward, std::optional<int64_t> seq_len,
+                       std::optional<std::string> layout, const std::string& numerics, bool inplace,
+                       bool backward, std::optional<int64_t> seq_len,
                        std::optional<int64_t> num_threads, bool head_major, py::object out) {
     ApplyOptions opt{layout, numerics, inplace, backward, seq_len, num_threads, head_major};
     return Rotate({{x, "x"}}, positions, config, opt, out)[0];
@@ -965,9 +1035,9 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
   m.def(
       "apply_rope_backward",
       [](py::object grad, py::handle positions, const Config& config,
-                   std::optional<std::string> layout, const std::string& numerics, bool inplace,
-                   std::optional<int64_t> seq_len, std::optional<int64_t> num_threads,
-                   bool head_major, py::object out) {
+         std::optional<std::string> layout, const std::string& numerics, bool inplace,
+         std::optional<int64_t> seq_len, std::optional<int64_t> num_threads, bool head_major,
+         py::object out) {
         ApplyOptions opt{layout, numerics, inplace, true, seq_len, num_threads, head_major};
         return Rotate({{grad, "grad"}}, positions, config, opt, out)[0];
       },
@@ -995,8 +1065,10 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
       "set_num_threads",
       [](int64_t n) {
         if (n < 0 || n > 1024) {
-          throw py::value_error("num_threads must be in [0, 1024] (0: all hardware threads), "
-                                "got " + std::to_string(n));
+          throw py::value_error(
+              "num_threads must be in [0, 1024] (0: all hardware threads), "
+              "got " +
+              std::to_string(n));
         }
         g_default_threads = n == 0 ? HardwareThreads() : static_cast<size_t>(n);
       },

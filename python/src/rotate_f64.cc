@@ -21,8 +21,8 @@ void RotateF64(const RopeTable& table, PositionSpan positions, const ViewF64& in
                 std::to_string(rotary_dim));
   }
   if (positions.size() != in.num_tokens) {
-    throw Error("positions has " + std::to_string(positions.size()) + " entries, expected T = " +
-                std::to_string(in.num_tokens));
+    throw Error("positions has " + std::to_string(positions.size()) +
+                " entries, expected T = " + std::to_string(in.num_tokens));
   }
   std::vector<float> row(2 * static_cast<size_t>(num_pairs));
   const float* cos = row.data();

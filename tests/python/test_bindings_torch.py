@@ -272,3 +272,13 @@ def test_module_errors():
         rotary(torch.zeros(2, 1, 64, device="meta"), torch.zeros(2, 1, 64, device="meta"), [0, 1])
     with pytest.raises(TypeError, match="dtype"):
         rotary(torch.zeros(2, 1, 64), torch.zeros(2, 1, 64, dtype=torch.float16), [0, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_overlapping_outputs_rejected(dtype):
+    x = torch.randn(4, 2, 64, dtype=dtype)
+    with pytest.raises(ValueError, match="overlap"):
+        ropekit.apply_rope_qk(x, x, [0, 1, 2, 3], CFG, inplace=True)
+    buf = torch.randn(5, 2, 64, dtype=dtype)
+    with pytest.raises(ValueError, match="overlap"):
+        ropekit.apply_rope(buf[:4], [0, 1, 2, 3], CFG, out=buf[1:])
