@@ -798,6 +798,18 @@ Config FromHf(const HfRopeConfig& hf) {
   return c;
 }
 
+// Parse errors other than ropekit::Error (e.g. from the JSON library) become ValueError too.
+template <typename Fn>
+Config ParseOrValueError(Fn&& parse, const std::string& what) {
+  try {
+    return FromHf(parse());
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw py::value_error(what + ": " + e.what());
+  }
+}
+
 Config FromHfConfig(py::handle source, std::optional<std::string> layer_type) {
   const std::string lt = layer_type.value_or("");
   py::object obj = py::reinterpret_borrow<py::object>(source);
@@ -809,16 +821,22 @@ Config FromHfConfig(py::handle source, std::optional<std::string> layer_type) {
   if (py::isinstance<py::dict>(obj)) {
     std::string text;
     try {
-      text = py::module_::import("json").attr("dumps")(obj).cast<std::string>();
+      text = py::module_::import("json")
+                 .attr("dumps")(obj, py::arg("allow_nan") = false)
+                 .cast<std::string>();
     } catch (const py::error_already_set& e) {
+      if (e.matches(PyExc_ValueError)) {
+        throw py::value_error("config dict contains a non-finite number (NaN or infinity): " +
+                              std::string(e.what()));
+      }
       throw py::type_error("config dict is not JSON-serialisable: " + std::string(e.what()));
     }
-    return FromHf(ParseHfConfig(text, lt));
+    return ParseOrValueError([&] { return ParseHfConfig(text, lt); }, "config dict");
   }
   py::object os = py::module_::import("os");
   if (py::isinstance<py::str>(obj) || py::isinstance(obj, os.attr("PathLike"))) {
     const std::string path = py::str(os.attr("fspath")(obj)).cast<std::string>();
-    return FromHf(LoadHfConfig(path, lt));
+    return ParseOrValueError([&] { return LoadHfConfig(path, lt); }, path);
   }
   throw py::type_error(
       "from_hf_config expects a dict, a path (str / os.PathLike) or an object "
