@@ -52,27 +52,42 @@ call and returns ``(q_out, k_out)``.
 
 Errors (wrong dtype, shape, device, non-finite config values, positions out of range) raise
 TypeError or ValueError naming the argument. PyTorch autograd: see ``ropekit.torch``.
+
+Other position encodings
+------------------------
+``alibi_slopes(H)`` (float64 [H]), ``alibi_bias(H, query_positions, key_positions)`` (float32
+[H, Tq, Tk], -m_h * (i - j), no mask), ``t5_relative_bucket(key_pos - query_pos,
+bidirectional=False, num_buckets=32, max_distance=128)`` (int or int32 array),
+``sinusoidal_table(positions, dim, base=10000.0)`` (float32 [T, dim]).
 """
 
 from ._ropekit import (
     MAX_POSITION,
     RopeConfig,
+    alibi_bias,
+    alibi_slopes,
     apply_rope,
     apply_rope_backward,
     apply_rope_qk,
     get_num_threads,
     set_num_threads,
     simd_target,
+    sinusoidal_table,
+    t5_relative_bucket,
 )
 
 __all__ = [
     "MAX_POSITION",
     "RopeConfig",
+    "alibi_bias",
+    "alibi_slopes",
     "apply_rope",
     "apply_rope_backward",
     "apply_rope_qk",
     "get_num_threads",
     "set_num_threads",
     "simd_target",
+    "sinusoidal_table",
+    "t5_relative_bucket",
 ]
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "position_encoding_module.h"
 #include "ropekit/error.h"
 #include "ropekit/hf_config.h"
 #include "ropekit/rope.h"
@@ -1094,4 +1095,5 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
   m.def("get_num_threads", []() { return g_default_threads; });
   m.def("simd_target", &SimdTargetName, "The SIMD target the kernels dispatch to on this CPU.");
   m.attr("MAX_POSITION") = kMaxPosition;
+  AddPositionEncodings(m);
 }
