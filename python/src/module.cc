@@ -276,9 +276,18 @@ py::object TorchModule() {
   return modules["torch"];
 }
 
+// torch.Tensor, looked up once torch has been imported by the caller (ropekit never imports
+// it). Deliberately leaked: it must outlive interpreter shutdown order.
 bool IsTorchTensor(py::handle obj) {
-  py::object torch = TorchModule();
-  return !torch.is_none() && py::isinstance(obj, torch.attr("Tensor"));
+  static PyObject* tensor_type = nullptr;
+  if (tensor_type == nullptr) {
+    py::object torch = TorchModule();
+    if (torch.is_none()) return false;
+    tensor_type = py::object(torch.attr("Tensor")).release().ptr();
+  }
+  const int result = PyObject_IsInstance(obj.ptr(), tensor_type);
+  if (result < 0) throw py::error_already_set();
+  return result == 1;
 }
 
 struct Array {
@@ -496,56 +505,68 @@ struct Positions {
 
 Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
   Positions p;
-  py::module_ np = py::module_::import("numpy");
-  py::object arr;
+  // Gathered from either a contiguous torch tensor (used in place) or a NumPy array.
+  std::vector<int64_t> shape;
+  const void* data = nullptr;
+  int64_t itemsize = 0;
   if (IsTorchTensor(h)) {
     CheckTorchCpu(h, "positions");
-    const std::string dt = py::str(h.attr("dtype")).cast<std::string>();
+    const std::string dt = Str(h.attr("dtype"));
     if (dt != "torch.int32" && dt != "torch.int64") {
       throw py::type_error("positions has dtype " + dt + "; expected torch.int32 or torch.int64");
     }
-    arr = np.attr("ascontiguousarray")(h.attr("detach")().attr("numpy")());
-  } else if (py::isinstance<py::array>(h)) {
-    const py::dtype dt = py::reinterpret_borrow<py::array>(h).dtype();
-    if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
-      throw py::type_error("positions has dtype " + Str(dt) + "; expected int32 or int64");
-    }
-    arr = np.attr("ascontiguousarray")(h, py::arg("dtype") = dt.attr("newbyteorder")("="));
-  } else if (py::isinstance<py::sequence>(h) && !py::isinstance<py::str>(h)) {
-    try {
-      arr = np.attr("asarray")(h, py::arg("dtype") = "int64");
-    } catch (const py::error_already_set&) {
-      throw py::type_error(
-          "positions must be a sequence of integers, an int32/int64 numpy "
-          "array or a torch tensor");
-    }
-    const py::array checked = py::reinterpret_borrow<py::array>(arr);
-    // Reject floats silently truncated by asarray.
-    if (!np.attr("array_equal")(checked, np.attr("asarray")(h)).cast<bool>()) {
-      throw py::type_error("positions must contain integers");
-    }
+    py::object t = h.attr("contiguous")();
+    for (py::handle d : py::tuple(t.attr("shape"))) shape.push_back(d.cast<int64_t>());
+    data = reinterpret_cast<const void*>(t.attr("data_ptr")().cast<uintptr_t>());
+    itemsize = dt == "torch.int32" ? 4 : 8;
+    p.owner = t;
   } else {
-    throw py::type_error(
-        "positions must be an int32/int64 numpy array, a torch tensor or a "
-        "sequence of integers, got " +
-        TypeName(h));
+    py::module_ np = py::module_::import("numpy");
+    py::object arr;
+    if (py::isinstance<py::array>(h)) {
+      const py::dtype dt = py::reinterpret_borrow<py::array>(h).dtype();
+      if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
+        throw py::type_error("positions has dtype " + Str(dt) + "; expected int32 or int64");
+      }
+      arr = np.attr("ascontiguousarray")(h, py::arg("dtype") = dt.attr("newbyteorder")("="));
+    } else if (py::isinstance<py::sequence>(h) && !py::isinstance<py::str>(h)) {
+      try {
+        arr = np.attr("asarray")(h, py::arg("dtype") = "int64");
+      } catch (const py::error_already_set&) {
+        throw py::type_error(
+            "positions must be a sequence of integers, an int32/int64 numpy array or a torch "
+            "tensor");
+      }
+      // Reject floats silently truncated by asarray.
+      if (!np.attr("array_equal")(arr, np.attr("asarray")(h)).cast<bool>()) {
+        throw py::type_error("positions must contain integers");
+      }
+    } else {
+      throw py::type_error(
+          "positions must be an int32/int64 numpy array, a torch tensor or a sequence of "
+          "integers, got " +
+          TypeName(h));
+    }
+    auto a = py::reinterpret_borrow<py::array>(arr);
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) shape.push_back(a.shape(i));
+    data = a.data();
+    itemsize = a.itemsize();
+    p.owner = arr;
   }
-  auto a = py::reinterpret_borrow<py::array>(arr);
-  p.owner = arr;
-  if (a.ndim() == 1) {
+  if (shape.size() == 1) {
     p.rows = 1;
-    p.T = a.shape(0);
-  } else if (a.ndim() == 2) {
-    p.rows = a.shape(0);
-    p.T = a.shape(1);
+    p.T = shape[0];
+  } else if (shape.size() == 2) {
+    p.rows = shape[0];
+    p.T = shape[1];
     if (p.rows != batch && p.rows != 1) {
-      throw py::value_error("positions has shape " + ShapeString({a.shape(0), a.shape(1)}) +
+      throw py::value_error("positions has shape " + ShapeString(shape) +
                             "; expected (T,) or (B, T) with B = " + std::to_string(batch) +
                             ", T = " + std::to_string(num_tokens));
     }
   } else {
     throw py::value_error("positions must be 1-D (T,) or 2-D (B, T), got " +
-                          std::to_string(a.ndim()) + " dimensions");
+                          std::to_string(shape.size()) + " dimensions");
   }
   if (num_tokens >= 0 && p.T != num_tokens) {
     throw py::value_error("positions has " + std::to_string(p.T) +
@@ -559,11 +580,11 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
     }
     p.max_position = std::max(p.max_position, value);
   };
-  if (a.itemsize() == 4) {
-    p.i32 = static_cast<const int32_t*>(a.data());
+  if (itemsize == 4) {
+    p.i32 = static_cast<const int32_t*>(data);
     for (int64_t i = 0; i < n; ++i) check(i, p.i32[i]);
   } else {
-    p.i64 = static_cast<const int64_t*>(a.data());
+    p.i64 = static_cast<const int64_t*>(data);
     for (int64_t i = 0; i < n; ++i) check(i, p.i64[i]);
   }
   return p;
