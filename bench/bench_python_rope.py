@@ -67,8 +67,8 @@ def main():
             q = torch.randn(tokens, heads, head_dim, generator=gen).to(dtype)
             positions = torch.arange(tokens, dtype=torch.int64)
             cos32, sin32 = config.cos_sin(positions.numpy())
-            cos = torch.from_numpy(cos32).repeat(1, 2)[:, None, :].to(dtype)  # [T, 1, D]
-            sin = torch.from_numpy(sin32).repeat(1, 2)[:, None, :].to(dtype)
+            cos = torch.from_numpy(cos32).repeat(1, 2)[:, None, :].to(dtype).clone()  # [T, 1, D]
+            sin = torch.from_numpy(sin32).repeat(1, 2)[:, None, :].to(dtype).clone()
 
             def eager():
                 return q * cos + rotate_half(q) * sin
