@@ -799,6 +799,14 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
       throw py::value_error(std::string(e.what()) + " (operand " + names + ")");
     }
   }
+  // Writes through data_ptr() bypass autograd's version counter; bump it with an empty in-place
+  // op on a view (views share the counter) so that autograd still detects the modification of a
+  // tensor saved for backward, as it would for a torch in-place op.
+  if (opt.inplace || !out_arg.is_none()) {
+    for (auto& o : outs) {
+      if (o.is_torch) o.obj.attr("narrow")(-1, 0, 0).attr("zero_")();
+    }
+  }
   std::vector<py::object> result;
   for (auto& o : outs) result.push_back(o.obj);
   return result;

@@ -282,3 +282,16 @@ def test_overlapping_outputs_rejected(dtype):
     buf = torch.randn(5, 2, 64, dtype=dtype)
     with pytest.raises(ValueError, match="overlap"):
         ropekit.apply_rope(buf[:4], [0, 1, 2, 3], CFG, out=buf[1:])
+
+
+def test_inplace_bumps_autograd_version():
+    # x is saved by autograd for w's gradient; rotating it in place must make backward fail
+    # loudly, exactly as a torch in-place op would, instead of using the modified values.
+    x = torch.randn(len(POS), 2, 64)
+    w = torch.randn(len(POS), 2, 64, requires_grad=True)
+    loss = (w * x).sum()
+    version = x._version
+    ropekit.apply_rope(x, POS, CFG, inplace=True)
+    assert x._version > version
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
