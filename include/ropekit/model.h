@@ -142,9 +142,11 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
-// Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. For length-dependent
-// RoPE (dynamic, longrope) keys are stored before rotation and rotated with the table of the
-// current length at every step, so cached decoding equals a full recompute.
+// Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. Cached decoding
+// equals a full recompute of the same prefix. For length-dependent RoPE (dynamic, longrope) keys
+// are stored before rotation and re-rotated with the table of the current length at every step
+// (as transformers does); hidden states of earlier tokens are not recomputed, so for those types
+// the equality is exact in the first layer only.
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t capacity);

@@ -241,7 +241,6 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
       entry.val_loss = ValidationLoss(model, val, T, config.eval_batches * B, B, pool);
     }
     log.push_back(entry);
-    if (on_step) on_step(entry);
     if (config.progress && (t % config.log_interval == 0 || last || entry.val_loss >= 0)) {
       const double elapsed =
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -258,6 +257,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
         ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last)) {
       SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
     }
+    if (on_step) on_step(entry);
   }
   return log;
 }
