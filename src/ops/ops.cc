@@ -23,11 +23,21 @@ namespace {
 constexpr int64_t kTileRows = 64;
 constexpr int64_t kTileCols = 256;
 constexpr int64_t kElementBlock = 4096;  // elementwise ops
+// Below this many multiply-adds an op runs on the calling thread: waking workers costs more than
+// the work (decode steps). Each output is computed by the same tile either way, so results do
+// not change.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+ThreadPool* PoolFor(ThreadPool* pool, int64_t work) {
+  return work < kMinParallelWork ? nullptr : pool;
+}
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-void ForTiles(ThreadPool* pool, int64_t rows, int64_t cols, int64_t tile_rows, int64_t tile_cols,
+void ForTiles(ThreadPool* pool, int64_t rows, int64_t cols, int64_t inner, int64_t tile_rows,
+              int64_t tile_cols,
               const std::function<void(int64_t r0, int64_t r1, int64_t c0, int64_t c1)>& body) {
+  pool = PoolFor(pool, rows * cols * inner);
   const int64_t row_tiles = CeilDiv(rows, tile_rows);
   const int64_t col_tiles = CeilDiv(cols, tile_cols);
   ParallelFor(pool, static_cast<size_t>(row_tiles * col_tiles),
@@ -41,15 +51,17 @@ void ForTiles(ThreadPool* pool, int64_t rows, int64_t cols, int64_t tile_rows, i
               });
 }
 
-void ForRows(ThreadPool* pool, int64_t rows, const std::function<void(int64_t row)>& body) {
-  ParallelFor(pool, static_cast<size_t>(rows), [&](size_t begin, size_t end, size_t) {
-    for (size_t r = begin; r < end; ++r) body(static_cast<int64_t>(r));
-  });
+void ForRows(ThreadPool* pool, int64_t rows, int64_t cols,
+             const std::function<void(int64_t row)>& body) {
+  ParallelFor(PoolFor(pool, rows * cols), static_cast<size_t>(rows),
+              [&](size_t begin, size_t end, size_t) {
+                for (size_t r = begin; r < end; ++r) body(static_cast<int64_t>(r));
+              });
 }
 
 void ForElements(ThreadPool* pool, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
   const int64_t blocks = CeilDiv(n, kElementBlock);
-  ParallelFor(pool, static_cast<size_t>(blocks), [&](size_t begin, size_t end, size_t) {
+  ParallelFor(PoolFor(pool, n), static_cast<size_t>(blocks), [&](size_t begin, size_t end, size_t) {
     for (size_t b = begin; b < end; ++b) {
       const int64_t i0 = static_cast<int64_t>(b) * kElementBlock;
       body(i0, std::min(n, i0 + kElementBlock));
@@ -81,11 +93,12 @@ void MatMul(const float* x, const float* w, float* y, int64_t m, int64_t k, int6
     if (!accumulate) std::fill(y, y + m * n, 0.0f);
     return;
   }
-  ForTiles(pool, m, n, kTileRows, kTileCols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(r1 - r0), int(c1 - c0), int(k), 1.0f,
-                x + r0 * k, int(k), w + c0 * k, int(k), accumulate ? 1.0f : 0.0f, y + r0 * n + c0,
-                int(n));
-  });
+  ForTiles(pool, m, n, k, kTileRows, kTileCols,
+           [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(r1 - r0), int(c1 - c0),
+                         int(k), 1.0f, x + r0 * k, int(k), w + c0 * k, int(k),
+                         accumulate ? 1.0f : 0.0f, y + r0 * n + c0, int(n));
+           });
 }
 
 void MatMulBackwardInput(const float* dy, const float* w, float* dx, int64_t m, int64_t k,
@@ -97,11 +110,12 @@ void MatMulBackwardInput(const float* dy, const float* w, float* dx, int64_t m, 
     if (!accumulate) std::fill(dx, dx + m * k, 0.0f);
     return;
   }
-  ForTiles(pool, m, k, kTileRows, kTileCols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0), int(n), 1.0f,
-                dy + r0 * n, int(n), w + c0, int(k), accumulate ? 1.0f : 0.0f, dx + r0 * k + c0,
-                int(k));
-  });
+  ForTiles(pool, m, k, n, kTileRows, kTileCols,
+           [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0),
+                         int(n), 1.0f, dy + r0 * n, int(n), w + c0, int(k),
+                         accumulate ? 1.0f : 0.0f, dx + r0 * k + c0, int(k));
+           });
 }
 
 void MatMulBackwardWeight(const float* dy, const float* x, float* dw, int64_t m, int64_t k,
@@ -109,15 +123,16 @@ void MatMulBackwardWeight(const float* dy, const float* x, float* dw, int64_t m,
   CheckDims(m, k, n, "MatMulBackwardWeight");
   SetBlasSingleThreaded();
   if (m == 0 || n == 0 || k == 0) return;
-  ForTiles(pool, n, k, kTileRows, kTileCols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0), int(m), 1.0f,
-                dy + r0, int(n), x + c0, int(k), 1.0f, dw + r0 * k + c0, int(k));
-  });
+  ForTiles(
+      pool, n, k, m, kTileRows, kTileCols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0), int(m),
+                    1.0f, dy + r0, int(n), x + c0, int(k), 1.0f, dw + r0 * k + c0, int(k));
+      });
 }
 
 void RmsNorm(const float* x, const float* w, float* y, float* inv_rms, int64_t m, int64_t d,
              double eps, ThreadPool* pool) {
-  ForRows(pool, m, [&](int64_t r) {
+  ForRows(pool, m, d, [&](int64_t r) {
     const float* xr = x + r * d;
     double sum = 0.0;
     for (int64_t c = 0; c < d; ++c) sum += double{xr[c]} * xr[c];
@@ -132,7 +147,7 @@ void RmsNorm(const float* x, const float* w, float* y, float* inv_rms, int64_t m
 void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const float* dy,
                      float* dx, float* dw, int64_t m, int64_t d, ThreadPool* pool,
                      bool accumulate) {
-  ForRows(pool, m, [&](int64_t r) {
+  ForRows(pool, m, d, [&](int64_t r) {
     const float* xr = x + r * d;
     const float* dyr = dy + r * d;
     const double inv = inv_rms[r];
@@ -183,7 +198,7 @@ void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, 
 }
 
 void Softmax(float* x, int64_t m, int64_t n, ThreadPool* pool) {
-  ForRows(pool, m, [&](int64_t r) {
+  ForRows(pool, m, n, [&](int64_t r) {
     float* xr = x + r * n;
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t c = 0; c < n; ++c) mx = std::max(mx, xr[c]);
@@ -196,7 +211,7 @@ void Softmax(float* x, int64_t m, int64_t n, ThreadPool* pool) {
 
 void SoftmaxBackward(const float* p, const float* dp, float* dx, int64_t m, int64_t n,
                      ThreadPool* pool) {
-  ForRows(pool, m, [&](int64_t r) {
+  ForRows(pool, m, n, [&](int64_t r) {
     const float* pr = p + r * n;
     const float* dpr = dp + r * n;
     double dot = 0.0;
@@ -214,7 +229,7 @@ void CrossEntropy(const float* logits, const int32_t* targets, float* losses, fl
                   std::to_string(r) + " must be < vocab_size " + std::to_string(v));
     }
   }
-  ForRows(pool, m, [&](int64_t r) {
+  ForRows(pool, m, v, [&](int64_t r) {
     const float* xr = logits + r * v;
     const int32_t t = targets[r];
     float mx = -std::numeric_limits<float>::infinity();
@@ -262,6 +277,7 @@ void AttentionForward(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
   if (Tq == 0) return;
   const PositionSpan kpos(a.k_positions);
+  pool = PoolFor(pool, a.batch * a.heads * Tq * Tk * D);
   ParallelFor(pool, static_cast<size_t>(a.batch * a.heads), [&](size_t begin, size_t end, size_t) {
     std::vector<float> scratch;
     for (size_t task = begin; task < end; ++task) {
