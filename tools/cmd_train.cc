@@ -114,6 +114,7 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
     keep("--eval-interval", a.tc.eval_interval, saved.eval_interval);
     keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
     keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
+    keep("--bf16", a.tc.bf16, saved.bf16);
     if (state.step >= a.tc.steps) {
       std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
                    static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
@@ -302,6 +303,10 @@ const CommandRegistration kTrain{
                       "Save every N steps (0 = at the end only)")
           ->group(t)
           ->capture_default_str();
+      sub->add_flag("--bf16", a->tc.bf16,
+                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and master "
+                    "weights")
+          ->group(t);
       sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
           ->group(t)
           ->capture_default_str();
