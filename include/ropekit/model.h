@@ -1,0 +1,327 @@
+// ropekit: a small LLaMA-architecture language model built on ropekit's own ops, with every
+// position encoding of ropekit/position_encoding.h, hand-written backward passes, AdamW training,
+// KV-cache generation and Hugging Face-compatible checkpoints.
+//
+// Architecture (Touvron et al. 2023, "LLaMA"): token embedding -> L x [pre-norm RMSNorm ->
+// attention (q/k/v/o projections, causal, grouped KV heads, position encoding hooks) + residual
+// -> RMSNorm -> SwiGLU MLP + residual] -> RMSNorm -> output head (tied or untied). No biases.
+//
+// Dimension legend: V = vocab, d = hidden_size, H = num_heads, Hkv = num_kv_heads,
+// D = head_dim, F = intermediate_size, L = num_layers, B = batch, T = tokens per sequence.
+//
+// Threading: every entry point takes a ThreadPool* (nullptr = calling thread). Work is split in
+// fixed tiles, so losses, gradients and generated text are bitwise identical for any thread
+// count and any run with the same seed. A Model is not safe for concurrent calls (it owns its
+// activation workspace).
+#ifndef ROPEKIT_MODEL_H_
+#define ROPEKIT_MODEL_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ropekit/error.h"
+#include "ropekit/position_encoding.h"
+#include "ropekit/rope.h"
+#include "ropekit/thread_pool.h"
+
+namespace ropekit {
+
+// ---------------------------------------------------------------------------------------------
+// Tokenizer.
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual int vocab_size() const = 0;
+  virtual std::vector<int32_t> Encode(std::string_view text) const = 0;
+  // Throws Error for ids outside [0, vocab_size).
+  virtual std::string Decode(std::span<const int32_t> ids) const = 0;
+};
+
+// Byte-level: one token per byte (vocab 256), lossless for any input, UTF-8 or not.
+class ByteTokenizer : public Tokenizer {
+ public:
+  int vocab_size() const override { return 256; }
+  std::vector<int32_t> Encode(std::string_view text) const override;
+  std::string Decode(std::span<const int32_t> ids) const override;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Configuration.
+
+struct ModelConfig {
+  int vocab_size = 256;         // V
+  int hidden_size = 128;        // d
+  int num_layers = 4;           // L
+  int num_heads = 4;            // H
+  int num_kv_heads = 2;         // Hkv, divides H (1 = MQA, H = MHA)
+  int head_dim = 0;             // D; 0 = hidden_size / num_heads
+  int intermediate_size = 352;  // F
+  double rms_norm_eps = 1e-5;
+  bool tie_word_embeddings = true;
+  int64_t max_position_embeddings = 128;  // the training context length
+  double init_std = 0.02;  // matrices ~ N(0, std); o_proj / down_proj scaled by 1/sqrt(2L)
+  // The position encoding. Model-derived fields (dim, num_heads, rope.head_dim and, when 0,
+  // rope.rotary_dim, max_positions of a learned table = 8 * max_position_embeddings) are filled
+  // in by Resolved(). Default: RoPE, base 10000, half-split layout, exact numerics.
+  PositionEncodingSpec position_encoding = DefaultPositionEncoding();
+
+  static PositionEncodingSpec DefaultPositionEncoding();
+  // A copy with the derived fields filled in; validates (throws Error naming the field).
+  ModelConfig Resolved() const;
+  int resolved_head_dim() const { return head_dim > 0 ? head_dim : hidden_size / num_heads; }
+};
+
+// config.json text with Hugging Face LlamaForCausalLM keys (architectures, model_type "llama",
+// hidden_size, num_attention_heads, num_key_value_heads, head_dim, intermediate_size,
+// num_hidden_layers, rms_norm_eps, rope_theta, rope_scaling, partial_rotary_factor,
+// max_position_embeddings, vocab_size, tie_word_embeddings) plus a "ropekit" object with the
+// position encoding kind and its non-RoPE fields.
+std::string ModelConfigToJson(const ModelConfig& config);
+// Parses it back; `name` (a file name) is used in error messages.
+ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& name);
+
+// ---------------------------------------------------------------------------------------------
+// Model.
+
+struct TensorInfo {
+  std::string name;            // Hugging Face name, e.g. "model.layers.0.self_attn.q_proj.weight"
+  std::vector<int64_t> shape;  // [out, in] for matrices
+  int64_t offset = 0;          // in floats, into the flat parameter buffer (16-float aligned)
+  int64_t size = 0;            // elements
+  bool weight_decay = false;   // true for matrices (AdamW decays only these)
+};
+
+class KVCache;
+
+// Precision of the matrix-product operands. kBf16 is mixed precision as in bf16 autocast: the
+// inputs of every projection / head matmul (weights, activations and, in the backward, output
+// gradients) are rounded to bfloat16 (round to nearest even); products are exact in float32 and
+// accumulate in float32; master weights, optimizer state, norms, softmax and attention scores
+// stay float32. Numerics only: the products still run through float32 sgemm.
+enum class MatmulPrecision { kF32, kBf16 };
+
+class Model {
+ public:
+  // Builds the model and initialises the weights deterministically from `seed`.
+  Model(const ModelConfig& config, uint64_t seed);
+  ~Model();
+  Model(Model&&) noexcept;
+  Model& operator=(Model&&) noexcept;
+
+  const ModelConfig& config() const;  // resolved
+  const std::vector<TensorInfo>& tensors() const;
+  const TensorInfo& tensor_info(std::string_view name) const;  // throws Error if unknown
+  std::span<float> parameters();                               // flat buffer (padded)
+  std::span<const float> parameters() const;
+  std::span<float> tensor(std::string_view name);
+  int64_t num_parameters() const;  // sum of tensor sizes (no padding)
+
+  // Replaces the RoPE parameters (e.g. PI / YaRN scaling at load time or for fine-tuning).
+  // Requires a RoPE model; head_dim must match. Throws Error otherwise.
+  void SetRopeParams(const RopeParams& params);
+
+  void set_matmul_precision(MatmulPrecision precision);
+  MatmulPrecision matmul_precision() const;
+
+  // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
+  // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
+  // (size of parameters()), accumulates grad_scale * d(sum of losses)/d(params) into it.
+  double ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
+                         std::span<float> grads, float grad_scale, ThreadPool* pool);
+
+  // Forward only on [B, T] inputs at positions 0..T-1. logits: optional [B*T, V] output.
+  // targets / losses: optional [B*T] (a target < 0 scores 0).
+  void Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len, float* logits,
+               const int32_t* targets, float* losses, ThreadPool* pool);
+
+  // Appends `tokens` to the cache (positions cache.size() ...) and writes the logits of every
+  // new token ([tokens.size(), V]) or, when last_only, of the last one ([V]).
+  void ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float* logits, bool last_only,
+                     ThreadPool* pool);
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. Cached decoding
+// equals a full recompute of the same prefix. For length-dependent RoPE (dynamic, longrope) keys
+// are stored before rotation and re-rotated with the table of the current length at every step
+// (as transformers does); hidden states of earlier tokens are not recomputed, so for those types
+// the equality is exact in the first layer only.
+class KVCache {
+ public:
+  KVCache(const ModelConfig& config, int64_t capacity);
+  int64_t size() const { return size_; }
+  int64_t capacity() const { return capacity_; }
+  void Clear() { size_ = 0; }
+
+ private:
+  friend class Model;
+  friend struct Model::Impl;
+  int64_t capacity_ = 0;
+  int64_t size_ = 0;
+  int64_t row_ = 0;           // Hkv * D
+  std::vector<float> k_, v_;  // [L, capacity, Hkv*D]
+};
+
+// ---------------------------------------------------------------------------------------------
+// Training.
+
+enum class LrSchedule { kCosine, kConstant };
+
+struct TrainConfig {
+  int64_t steps = 1000;
+  int64_t batch_size = 16;
+  int64_t seq_len = 128;
+  int64_t grad_accum = 1;  // micro-batches of batch_size per optimizer step
+  double lr = 2e-3;        // peak
+  double min_lr = 2e-4;    // end of the cosine
+  int64_t warmup_steps = 100;
+  LrSchedule schedule = LrSchedule::kCosine;
+  double beta1 = 0.9, beta2 = 0.95, eps = 1e-8;
+  double weight_decay = 0.1;        // decoupled (Loshchilov & Hutter 2019), matrices only
+  double grad_clip = 1.0;           // global L2 norm; 0 = off
+  uint64_t data_seed = 1;           // crop offsets are a pure function of (seed, step, micro, row)
+  int64_t eval_interval = 100;      // validation every N steps (and at the end); 0 = never
+  int64_t eval_batches = 8;         // validation windows = eval_batches * batch_size, fixed
+  int64_t checkpoint_interval = 0;  // 0 = only at the end (when checkpoint_dir is set)
+  std::string checkpoint_dir;       // "" = no checkpoints
+  bool bf16 = false;                // MatmulPrecision::kBf16 during training and validation
+  bool progress = false;            // one progress line per log_interval steps on stderr
+  int64_t log_interval = 10;
+
+  void Validate() const;
+};
+std::string TrainConfigToJson(const TrainConfig& config);
+TrainConfig TrainConfigFromJson(std::string_view json_text, const std::string& name);
+
+// AdamW moments, one float per parameter (same layout as Model::parameters()).
+struct OptimizerState {
+  int64_t step = 0;  // optimizer steps taken
+  std::vector<float> m, v;
+};
+
+struct TrainLogEntry {
+  int64_t step = 0;  // 1-based step just taken
+  double loss = 0.0;
+  double lr = 0.0;
+  double grad_norm = 0.0;  // before clipping
+  double val_loss = -1.0;  // < 0 when not evaluated at this step
+};
+
+// Learning rate of step s (0-based): linear warmup (s + 1) / warmup * lr, then cosine from lr to
+// min_lr over the remaining steps (or constant lr).
+double LearningRate(const TrainConfig& config, int64_t step);
+
+// Trains from state.step to config.steps on random crops of `train` (each crop T + 1 tokens),
+// validating on fixed windows of `val`. Saves checkpoints when config.checkpoint_dir is set.
+// `on_step` (optional) sees every step. Returns the log. Resuming from a checkpoint saved at
+// step s with the same config reproduces the uninterrupted run bit for bit.
+std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
+                                 std::span<const int32_t> train, std::span<const int32_t> val,
+                                 ThreadPool* pool,
+                                 const std::function<void(const TrainLogEntry&)>& on_step = {});
+
+// ---------------------------------------------------------------------------------------------
+// Evaluation.
+
+// Mean loss over `num_windows` fixed windows of `seq_len` inputs (+1 target), evenly spaced
+// over `tokens` (deterministic).
+double ValidationLoss(Model& model, std::span<const int32_t> tokens, int64_t seq_len,
+                      int64_t num_windows, int64_t batch, ThreadPool* pool);
+
+struct EvalResult {
+  int64_t context = 0;  // evaluation context length
+  int64_t windows = 0;
+  double mean_loss = 0.0;             // nats per token, over all scored tokens
+  double perplexity = 0.0;            // exp(mean_loss)
+  double tail_loss = 0.0;             // tail protocol: mean over the scored tail tokens
+  std::vector<double> position_loss;  // mean loss per position bucket (bucket_size positions)
+  int64_t bucket_size = 16;
+};
+
+struct EvalOptions {
+  std::vector<int64_t> contexts = {128};  // evaluation lengths
+  // Non-overlapping windows (at most max_windows, 0 = all) for mean_loss and position_loss.
+  int64_t max_windows = 64;
+  // Tail protocol (Kazemnejad et al. 2023, App. F): num_tail_windows end offsets, fixed from the
+  // largest context, each window [e - C, e) scored on its last `tail` targets only, the same
+  // target tokens for every context C. 0 = skip.
+  int64_t num_tail_windows = 64;
+  int64_t tail = 64;
+  int64_t bucket_size = 16;
+  int64_t batch = 4;
+};
+
+std::vector<EvalResult> Evaluate(Model& model, std::span<const int32_t> tokens,
+                                 const EvalOptions& options, ThreadPool* pool);
+
+// ---------------------------------------------------------------------------------------------
+// Generation.
+
+struct SamplerConfig {
+  double temperature = 0.0;  // 0 = greedy (argmax, lowest id on ties)
+  int top_k = 0;             // 0 = all
+  double top_p = 1.0;        // nucleus mass in (0, 1]
+  uint64_t seed = 0;
+};
+
+class Sampler {
+ public:
+  explicit Sampler(const SamplerConfig& config);
+  int32_t Sample(std::span<const float> logits);
+
+ private:
+  SamplerConfig config_;
+  uint64_t state_;
+};
+
+// Prefills `prompt` into a KV cache, then decodes max_new_tokens one at a time. Calls on_token
+// for each new token (may be empty). Returns the new tokens.
+std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,
+                              const SamplerConfig& sampler, ThreadPool* pool,
+                              const std::function<void(int32_t)>& on_token = {});
+
+// ---------------------------------------------------------------------------------------------
+// Checkpoints: a directory with config.json, model.safetensors and, for resuming,
+// optimizer.safetensors + trainer_state.json. Every file is written atomically.
+
+void SaveCheckpoint(const std::string& dir, const Model& model,
+                    const OptimizerState* optimizer = nullptr,
+                    const TrainConfig* train_config = nullptr);
+
+struct LoadOptions {
+  // Replaces the RoPE scaling read from config.json (the head_dim is taken from the model).
+  std::optional<RopeParams> rope_override;
+};
+Model LoadModel(const std::string& dir, const LoadOptions& options = {});
+// Reads optimizer.safetensors + trainer_state.json; throws Error naming the file if absent.
+OptimizerState LoadOptimizerState(const std::string& dir, const Model& model);
+TrainConfig LoadTrainConfig(const std::string& dir);
+
+// Safetensors (https://huggingface.co/docs/safetensors): 8-byte little-endian header length,
+// JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, raw data.
+struct SafeTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  std::vector<float> data;  // F32 on disk (BF16 / F16 files are widened on read)
+};
+void WriteSafetensors(const std::string& path, const std::vector<SafeTensor>& tensors,
+                      const std::vector<std::pair<std::string, std::string>>& metadata = {});
+std::vector<SafeTensor> ReadSafetensors(const std::string& path);
+
+// Reads text files (bytes as they are) and concatenates them; errors name the file.
+std::string ReadTextFiles(const std::vector<std::string>& paths);
+
+}  // namespace ropekit
+
+#endif  // ROPEKIT_MODEL_H_

@@ -1,0 +1,96 @@
+// Sampling (greedy, temperature, top-k, top-p / nucleus: Holtzman et al. 2020) and KV-cache
+// generation: one prefill of the prompt, then one cached step per new token.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "ropekit/model.h"
+
+namespace ropekit {
+namespace {
+
+uint64_t SplitMix(uint64_t& state) {
+  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+Sampler::Sampler(const SamplerConfig& config) : config_(config), state_(config.seed) {
+  if (!(config.temperature >= 0.0) || !std::isfinite(config.temperature)) {
+    throw Error("temperature: must be finite and >= 0 (0 = greedy)");
+  }
+  if (config.top_k < 0) throw Error("top_k: must be >= 0 (0 = all tokens)");
+  if (!(config.top_p > 0.0 && config.top_p <= 1.0)) throw Error("top_p: must be in (0, 1]");
+}
+
+int32_t Sampler::Sample(std::span<const float> logits) {
+  if (logits.empty()) throw Error("Sampler: no logits");
+  const int64_t v = static_cast<int64_t>(logits.size());
+  if (config_.temperature == 0.0) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < v; ++i) {
+      if (logits[i] > logits[best]) best = i;
+    }
+    return static_cast<int32_t>(best);
+  }
+  std::vector<int32_t> order(v);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  int64_t keep = config_.top_k > 0 ? std::min<int64_t>(config_.top_k, v) : v;
+  const double mx = logits[order[0]];
+  std::vector<double> p(keep);
+  double sum = 0.0;
+  for (int64_t i = 0; i < keep; ++i) {
+    p[i] = std::exp((logits[order[i]] - mx) / config_.temperature);
+    sum += p[i];
+  }
+  if (config_.top_p < 1.0) {
+    double cum = 0.0;
+    int64_t cut = keep;
+    for (int64_t i = 0; i < keep; ++i) {
+      cum += p[i] / sum;
+      if (cum >= config_.top_p) {
+        cut = i + 1;
+        break;
+      }
+    }
+    keep = cut;
+    sum = 0.0;
+    for (int64_t i = 0; i < keep; ++i) sum += p[i];
+  }
+  const double u = static_cast<double>(SplitMix(state_) >> 11) * 0x1.0p-53 * sum;
+  double cum = 0.0;
+  for (int64_t i = 0; i < keep; ++i) {
+    cum += p[i];
+    if (u < cum) return order[i];
+  }
+  return order[keep - 1];
+}
+
+std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,
+                              const SamplerConfig& sampler_config, ThreadPool* pool,
+                              const std::function<void(int32_t)>& on_token) {
+  if (prompt.empty()) throw Error("generate: the prompt must hold at least one token");
+  if (max_new_tokens < 0) throw Error("generate: max_new_tokens must be >= 0");
+  Sampler sampler(sampler_config);
+  KVCache cache(model.config(), static_cast<int64_t>(prompt.size()) + max_new_tokens);
+  std::vector<float> logits(model.config().vocab_size);
+  std::vector<int32_t> out;
+  if (max_new_tokens == 0) return out;
+  model.ForwardCached(prompt, cache, logits.data(), /*last_only=*/true, pool);
+  for (int64_t i = 0; i < max_new_tokens; ++i) {
+    const int32_t next = sampler.Sample(logits);
+    out.push_back(next);
+    if (on_token) on_token(next);
+    if (i + 1 < max_new_tokens) {
+      model.ForwardCached(std::span<const int32_t>(&next, 1), cache, logits.data(), true, pool);
+    }
+  }
+  return out;
+}
+
+}  // namespace ropekit

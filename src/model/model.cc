@@ -1,0 +1,551 @@
+// The LLaMA-architecture model: parameter layout, initialisation, forward, hand-written backward
+// and cached (KV) forward.
+//
+// Forward of layer l on the residual stream x [M, d] (Touvron et al. 2023):
+//   xn1 = RMSNorm(x) * w_in;  q = xn1 Wq^T, k = xn1 Wk^T, v = xn1 Wv^T
+//   q, k <- RoPE(q, k) (RoPE kinds); ao = causal softmax(q k^T / sqrt(D) + bias) v
+//   mid = x + ao Wo^T;  xn2 = RMSNorm(mid) * w_post;  h = silu(xn2 Wg^T) * (xn2 Wu^T)
+//   x' = mid + h Wd^T
+// then xf = RMSNorm(x_L) * w_norm and logits = xf W_head^T (W_head = W_embed when tied).
+// The backward applies the chain rule to the same steps in reverse; RoPE's backward is the
+// transposed rotation (Direction::kBackward), the embedding hooks' backward is
+// AddToEmbeddingsBackward, the logit hooks' backward AddLogitBiasBackward.
+//
+// Dimension legend: V = vocab, d = hidden, H / Hkv = heads / kv heads, D = head_dim,
+// F = intermediate, L = layers, B = batch, T = tokens per sequence, M = B * T, Tk = keys.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "src/model/model_impl.h"
+#include "src/ops/ops.h"
+#include "src/util/half.h"
+
+namespace ropekit {
+namespace {
+
+uint64_t MixSeed(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (index + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
+
+}  // namespace
+
+void Model::Impl::BuildLayout() {
+  const ModelConfig& c = config;
+  const int64_t d = c.hidden_size, D = c.head_dim, F = c.intermediate_size, V = c.vocab_size;
+  const int64_t hq = int64_t{c.num_heads} * D, hk = int64_t{c.num_kv_heads} * D;
+  int64_t offset = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape, bool decay) {
+    int64_t size = 1;
+    for (int64_t s : shape) size *= s;
+    tensors.push_back({std::move(name), std::move(shape), offset, size, decay});
+    const int64_t at = offset;
+    offset = AlignUp(offset + size);
+    return at;
+  };
+  embed = add("model.embed_tokens.weight", {V, d}, true);
+  layers.resize(c.num_layers);
+  for (int l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    LayerOffsets& o = layers[l];
+    o.input_norm = add(p + "input_layernorm.weight", {d}, false);
+    o.q = add(p + "self_attn.q_proj.weight", {hq, d}, true);
+    o.k = add(p + "self_attn.k_proj.weight", {hk, d}, true);
+    o.v = add(p + "self_attn.v_proj.weight", {hk, d}, true);
+    o.o = add(p + "self_attn.o_proj.weight", {d, hq}, true);
+    o.post_norm = add(p + "post_attention_layernorm.weight", {d}, false);
+    o.gate = add(p + "mlp.gate_proj.weight", {F, d}, true);
+    o.up = add(p + "mlp.up_proj.weight", {F, d}, true);
+    o.down = add(p + "mlp.down_proj.weight", {d, F}, true);
+  }
+  final_norm = add("model.norm.weight", {d}, false);
+  head = c.tie_word_embeddings ? embed : add("lm_head.weight", {V, d}, true);
+  pe_size = pe->num_parameters();
+  pe_params = offset;
+  const PositionEncodingSpec& spec = c.position_encoding;
+  if (spec.kind == PositionEncodingKind::kLearned) {
+    pe_params = add("model.embed_positions.weight", {spec.max_positions, d}, true);
+  } else if (spec.kind == PositionEncodingKind::kT5) {
+    pe_params = add("model.relative_attention_bias.weight", {spec.num_buckets, c.num_heads}, true);
+  }
+  params.assign(static_cast<size_t>(offset), 0.0f);
+}
+
+void Model::Impl::Init(uint64_t seed) {
+  const double std = config.init_std;
+  const double out_std = std / std::sqrt(2.0 * config.num_layers);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorInfo& t = tensors[i];
+    std::span<float> view(params.data() + t.offset, static_cast<size_t>(t.size));
+    if (t.shape.size() == 1) {
+      std::fill(view.begin(), view.end(), 1.0f);  // RMSNorm gains
+    } else if (t.offset == pe_params && pe_size > 0) {
+      pe->InitParameters(MixSeed(seed, i), view);
+    } else {
+      const bool is_out = t.name.ends_with("o_proj.weight") || t.name.ends_with("down_proj.weight");
+      FillNormal(MixSeed(seed, i), is_out ? out_std : std, view);
+    }
+  }
+}
+
+bool Model::Impl::RopeIsLengthDependent() const {
+  const RopeType t = config.position_encoding.rope.type;
+  return config.position_encoding.kind == PositionEncodingKind::kRope &&
+         (t == RopeType::kDynamic || t == RopeType::kLongRope);
+}
+
+const RopeTable& Model::Impl::Table(int64_t seq_len) {
+  const PositionEncodingSpec& spec = config.position_encoding;
+  const int64_t key = RopeIsLengthDependent() ? seq_len : 0;
+  if (!rope_table || rope_table_key != key) {
+    rope_table = std::make_unique<RopeTable>(ComputeFrequencies(spec.rope, spec.rope_numerics, key),
+                                             seq_len);
+    rope_table_key = key;
+  } else {
+    rope_table->Reserve(seq_len);
+  }
+  return *rope_table;
+}
+
+void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train) {
+  Workspace& w = ws;
+  if (w.batch == batch && w.seq_len == seq_len && w.tk == tk && w.train == train) return;
+  const ModelConfig& c = config;
+  const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
+  const int64_t hq = c.num_heads * D, hk = c.num_kv_heads * D, F = c.intermediate_size;
+  const int64_t V = c.vocab_size;
+  const int64_t probs = train ? batch * c.num_heads * seq_len * tk : 0;
+  const int num_layer_sets = train ? c.num_layers : 1;
+  const int num_resid = train ? c.num_layers + 1 : 2;
+  std::vector<std::pair<float**, int64_t>> plan;
+  w.layers.assign(num_layer_sets, {});
+  w.resid.assign(num_resid, nullptr);
+  for (auto& L : w.layers) {
+    plan.insert(plan.end(), {{&L.xn1, M * d},
+                             {&L.inv1, M},
+                             {&L.q, M * hq},
+                             {&L.k, M * hk},
+                             {&L.v, M * hk},
+                             {&L.probs, probs},
+                             {&L.ao, M * hq},
+                             {&L.mid, M * d},
+                             {&L.xn2, M * d},
+                             {&L.inv2, M},
+                             {&L.g, M * F},
+                             {&L.u, M * F},
+                             {&L.h, M * F}});
+  }
+  for (auto& r : w.resid) plan.push_back({&r, M * d});
+  plan.insert(plan.end(), {{&w.xf, M * d}, {&w.invf, M}, {&w.logits, M * V}});
+  const int64_t bw = train ? 1 : 0;
+  plan.insert(plan.end(), {{&w.dx, bw * M * d},
+                           {&w.dmid, bw * M * d},
+                           {&w.dxn, bw * M * d},
+                           {&w.dq, bw * M * hq},
+                           {&w.dk, bw * M * hk},
+                           {&w.dv, bw * M * hk},
+                           {&w.dao, bw * M * hq},
+                           {&w.dh, bw * M * F},
+                           {&w.dg, bw * M * F},
+                           {&w.du, bw * M * F}});
+  plan.push_back({&w.k_rot, RopeIsLengthDependent() && !train ? tk * hk : 0});
+  int64_t total = 0;
+  for (auto& [ptr, size] : plan) total = AlignUp(total + size);
+  w.buffer.assign(static_cast<size_t>(total), 0.0f);
+  int64_t at = 0;
+  for (auto& [ptr, size] : plan) {
+    *ptr = size > 0 ? w.buffer.data() + at : nullptr;
+    at = AlignUp(at + size);
+  }
+  for (int l = 0; l < num_layer_sets; ++l) w.layers[l].resid_in = w.resid[l];
+  w.batch = batch;
+  w.seq_len = seq_len;
+  w.tk = tk;
+  w.train = train;
+}
+
+void Model::Impl::RoundOperand(float* x, int64_t n) const {
+  if (precision != MatmulPrecision::kBf16) return;
+  for (int64_t i = 0; i < n; ++i) x[i] = Bf16ToFloat(FloatToBf16(x[i]));
+}
+
+void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_len, bool train,
+                             KVCache* cache, ThreadPool* pool) {
+  const ModelConfig& c = config;
+  const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
+  const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
+  const int64_t past = cache ? cache->size_ : 0;
+  const int64_t tk = past + seq_len;
+  if (cache && tk > cache->capacity_) {
+    throw Error("KV cache: " + std::to_string(tk) + " tokens exceed its capacity " +
+                std::to_string(cache->capacity_));
+  }
+  if (tk - 1 > kMaxPosition) throw Error("position exceeds 2^31 - 1");
+  for (int64_t m = 0; m < M; ++m) {
+    if (tokens[m] < 0 || tokens[m] >= V) {
+      throw Error("token id " + std::to_string(tokens[m]) + " at index " + std::to_string(m) +
+                  " is outside [0, vocab_size " + std::to_string(V) + ")");
+    }
+  }
+  Prepare(batch, seq_len, cache ? tk : seq_len, train);
+  Workspace& w = ws;
+  if (precision == MatmulPrecision::kBf16) {
+    lowp_params.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      lowp_params[i] = Bf16ToFloat(FloatToBf16(params[i]));
+    }
+  }
+  positions.resize(M);
+  q_positions.resize(seq_len);
+  k_positions.resize(tk);
+  for (int64_t t = 0; t < seq_len; ++t) q_positions[t] = past + t;
+  for (int64_t j = 0; j < tk; ++j) k_positions[j] = j;
+  for (int64_t m = 0; m < M; ++m) positions[m] = past + m % seq_len;
+
+  // Embedding lookup and the absolute position hook.
+  float* x = w.resid[0];
+  const float* E = params.data() + embed;
+  for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
+  const PositionSpan pos_span(positions);
+  if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
+
+  const bool rope = pe->acts_on_query_key();
+  const RopeTable* table = rope ? &Table(tk) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.pool = pool;
+  const bool rotate_cache = cache && RopeIsLengthDependent();
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    Workspace::Layer& A = w.layers[train ? l : 0];
+    const LayerOffsets& o = layers[l];
+    const float* P = params.data();
+    const float* W = MatmulWeights();
+    float* xin = train ? w.resid[l] : w.resid[l % 2];
+    float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
+    A.resid_in = xin;
+    ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
+    RoundOperand(A.xn1, M * d);
+    ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
+    ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
+    ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
+    const float* keys = A.k;
+    const float* values = A.v;
+    if (cache) {
+      float* ck = cache->k_.data() + (l * cache->capacity_) * hk;
+      float* cv = cache->v_.data() + (l * cache->capacity_) * hk;
+      if (rotate_cache) {
+        // Store pre-rotation keys; rotate the whole cache with the table of length tk.
+        std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
+        std::vector<RopeOperand> opsv = {
+            {ContiguousView(A.q, DType::kF32, M, H, D), ContiguousView(A.q, DType::kF32, M, H, D)},
+        };
+        ApplyRope(*table, pos_span, opsv, rot);
+        RopeOperand kop{ContiguousView(ck, DType::kF32, tk, Hkv, D),
+                        ContiguousView(w.k_rot, DType::kF32, tk, Hkv, D)};
+        ApplyRope(*table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), rot);
+        keys = w.k_rot;
+      } else {
+        if (rope) {
+          std::vector<RopeOperand> opsv = {{ContiguousView(A.q, DType::kF32, M, H, D),
+                                            ContiguousView(A.q, DType::kF32, M, H, D)},
+                                           {ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                                            ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
+          ApplyRope(*table, pos_span, opsv, rot);
+        }
+        std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
+        keys = ck;
+      }
+      std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      values = cv;
+    } else if (rope) {
+      std::vector<RopeOperand> opsv = {
+          {ContiguousView(A.q, DType::kF32, M, H, D), ContiguousView(A.q, DType::kF32, M, H, D)},
+          {ContiguousView(A.k, DType::kF32, M, Hkv, D),
+           ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
+      ApplyRope(*table, pos_span, opsv, rot);
+    }
+    ops::AttentionArgs args;
+    args.batch = batch;
+    args.tq = seq_len;
+    args.tk = cache ? tk : seq_len;
+    args.heads = H;
+    args.kv_heads = Hkv;
+    args.head_dim = D;
+    args.q = A.q;
+    args.q_row_stride = hq;
+    args.q_batch_stride = seq_len * hq;
+    args.k = keys;
+    args.v = values;
+    args.kv_row_stride = hk;
+    args.kv_batch_stride = seq_len * hk;
+    args.out = A.ao;
+    args.out_row_stride = hq;
+    args.out_batch_stride = seq_len * hq;
+    args.q_positions = q_positions;
+    args.k_positions = cache ? std::span<const int64_t>(k_positions)
+                             : std::span<const int64_t>(k_positions.data(), seq_len);
+    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+    args.logit_bias = pe.get();
+    args.bias_params = PeParams();
+    args.probs = train ? A.probs : nullptr;
+    ops::AttentionForward(args, pool);
+    RoundOperand(A.ao, M * hq);
+    std::memcpy(A.mid, xin, sizeof(float) * M * d);
+    ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+    ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
+    RoundOperand(A.xn2, M * d);
+    ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
+    ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
+    ops::SwiGlu(A.g, A.u, A.h, M * F, pool);
+    RoundOperand(A.h, M * F);
+    std::memcpy(xout, A.mid, sizeof(float) * M * d);
+    ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+  }
+  float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
+  ops::RmsNorm(xl, params.data() + final_norm, w.xf, w.invf, M, d, c.rms_norm_eps, pool);
+  RoundOperand(w.xf, M * d);
+  if (cache) cache->size_ = tk;
+}
+
+void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
+  ops::MatMul(ws.xf, MatmulWeights() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
+              pool);
+}
+
+void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
+                              ThreadPool* pool) {
+  const ModelConfig& c = config;
+  Workspace& w = ws;
+  const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
+  const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
+  const float* P = params.data();
+  const float* W = MatmulWeights();
+  // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
+  RoundOperand(w.logits, M * V);
+  ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
+  ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
+  ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
+                       M, d, pool);
+  const bool rope = pe->acts_on_query_key();
+  const RopeTable* table = rope ? &Table(seq_len) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.direction = Direction::kBackward;
+  rot.pool = pool;
+  const PositionSpan pos_span(positions);
+  std::span<float> grad_pe(G + pe_params, static_cast<size_t>(pe_size));
+  for (int l = c.num_layers - 1; l >= 0; --l) {
+    const Workspace::Layer& A = w.layers[l];
+    const LayerOffsets& o = layers[l];
+    // x' = mid + h Wd^T: dmid = dx (+ the norm path below).
+    std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
+    RoundOperand(w.dx, M * d);
+    ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
+    ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
+    ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
+    RoundOperand(w.dg, M * F);
+    RoundOperand(w.du, M * F);
+    ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
+    ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
+    ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
+    ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+    ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d, pool,
+                         /*accumulate=*/true);
+    // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
+    std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
+    RoundOperand(w.dmid, M * d);
+    ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
+    ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
+    ops::AttentionArgs args;
+    args.batch = batch;
+    args.tq = args.tk = seq_len;
+    args.heads = H;
+    args.kv_heads = Hkv;
+    args.head_dim = D;
+    args.q = A.q;
+    args.q_row_stride = hq;
+    args.q_batch_stride = seq_len * hq;
+    args.k = A.k;
+    args.v = A.v;
+    args.kv_row_stride = hk;
+    args.kv_batch_stride = seq_len * hk;
+    args.out = A.ao;
+    args.out_row_stride = hq;
+    args.out_batch_stride = seq_len * hq;
+    args.q_positions = q_positions;
+    args.k_positions = std::span<const int64_t>(k_positions.data(), seq_len);
+    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+    args.logit_bias = pe.get();
+    args.bias_params = PeParams();
+    args.probs = A.probs;
+    ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv,
+                           pe->acts_on_logits() ? grad_pe : std::span<float>(), pool);
+    if (rope) {
+      std::vector<RopeOperand> opsv = {
+          {ContiguousView(w.dq, DType::kF32, M, H, D), ContiguousView(w.dq, DType::kF32, M, H, D)},
+          {ContiguousView(w.dk, DType::kF32, M, Hkv, D),
+           ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
+      ApplyRope(*table, pos_span, opsv, rot);
+    }
+    RoundOperand(w.dq, M * hq);
+    RoundOperand(w.dk, M * hk);
+    RoundOperand(w.dv, M * hk);
+    ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
+    ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
+    ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
+    ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
+    ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
+    ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
+    ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M, d,
+                         pool, /*accumulate=*/true);
+  }
+  // Embedding hooks, then the scatter into the token embedding rows (ascending order).
+  if (pe->acts_on_embeddings()) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
+  float* dE = G + embed;
+  for (int64_t m = 0; m < M; ++m) {
+    float* row = dE + int64_t{tokens[m]} * d;
+    const float* src = w.dx + m * d;
+    for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+Model::Model(const ModelConfig& config, uint64_t seed) : impl_(std::make_unique<Impl>()) {
+  impl_->config = config.Resolved();
+  impl_->pe = std::make_unique<PositionEncoding>(impl_->config.position_encoding);
+  impl_->BuildLayout();
+  impl_->Init(seed);
+}
+Model::~Model() = default;
+Model::Model(Model&&) noexcept = default;
+Model& Model::operator=(Model&&) noexcept = default;
+
+const ModelConfig& Model::config() const { return impl_->config; }
+const std::vector<TensorInfo>& Model::tensors() const { return impl_->tensors; }
+const TensorInfo& Model::tensor_info(std::string_view name) const {
+  for (const TensorInfo& t : impl_->tensors) {
+    if (t.name == name) return t;
+  }
+  throw Error("model has no tensor named \"" + std::string(name) + "\"");
+}
+std::span<float> Model::parameters() { return impl_->params; }
+std::span<const float> Model::parameters() const { return impl_->params; }
+std::span<float> Model::tensor(std::string_view name) {
+  const TensorInfo& t = tensor_info(name);
+  return {impl_->params.data() + t.offset, static_cast<size_t>(t.size)};
+}
+int64_t Model::num_parameters() const {
+  int64_t n = 0;
+  for (const TensorInfo& t : impl_->tensors) n += t.size;
+  return n;
+}
+
+void Model::SetRopeParams(const RopeParams& params) {
+  ModelConfig c = impl_->config;
+  if (c.position_encoding.kind != PositionEncodingKind::kRope) {
+    throw Error("rope scaling override: the model's position encoding is " +
+                std::string(PositionEncodingKindName(c.position_encoding.kind)) + ", not rope");
+  }
+  RopeParams p = params;
+  p.head_dim = c.head_dim;
+  if (p.rotary_dim == 0) p.rotary_dim = c.position_encoding.rope.rotary_dim;
+  c.position_encoding.rope = p;
+  c = c.Resolved();
+  impl_->config = c;
+  impl_->pe = std::make_unique<PositionEncoding>(c.position_encoding);
+  impl_->rope_table.reset();
+  impl_->rope_table_key = -1;
+}
+
+void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
+MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
+
+double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
+                              std::span<float> grads, float grad_scale, ThreadPool* pool) {
+  Impl& I = *impl_;
+  if (batch < 1 || seq_len < 1) throw Error("ForwardBackward: batch and seq_len must be >= 1");
+  if (static_cast<int64_t>(tokens.size()) != batch * (seq_len + 1)) {
+    throw Error("ForwardBackward: tokens must hold batch * (seq_len + 1) = " +
+                std::to_string(batch * (seq_len + 1)) + " ids, got " +
+                std::to_string(tokens.size()));
+  }
+  const bool backward = !grads.empty();
+  if (backward && grads.size() != I.params.size()) {
+    throw Error("ForwardBackward: grads must have " + std::to_string(I.params.size()) + " floats");
+  }
+  const int64_t M = batch * seq_len;
+  I.inputs.resize(M);
+  I.targets.resize(M);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t t = 0; t < seq_len; ++t) {
+      I.inputs[b * seq_len + t] = tokens[b * (seq_len + 1) + t];
+      I.targets[b * seq_len + t] = tokens[b * (seq_len + 1) + t + 1];
+    }
+  }
+  I.RunForward(I.inputs.data(), batch, seq_len, backward, nullptr, pool);
+  I.Logits(M, pool);
+  I.losses.resize(M);
+  ops::CrossEntropy(I.ws.logits, I.targets.data(), I.losses.data(),
+                    backward ? I.ws.logits : nullptr, grad_scale, M, I.config.vocab_size, pool);
+  double sum = 0.0;
+  for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
+  if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool);
+  return sum / static_cast<double>(M);
+}
+
+void Model::Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len, float* logits,
+                    const int32_t* targets, float* losses, ThreadPool* pool) {
+  Impl& I = *impl_;
+  if (batch < 1 || seq_len < 1) throw Error("Forward: batch and seq_len must be >= 1");
+  if (static_cast<int64_t>(inputs.size()) != batch * seq_len) {
+    throw Error("Forward: inputs must hold batch * seq_len ids");
+  }
+  const int64_t M = batch * seq_len;
+  I.RunForward(inputs.data(), batch, seq_len, false, nullptr, pool);
+  I.Logits(M, pool);
+  const int64_t V = I.config.vocab_size;
+  if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * M * V);
+  if (targets && losses) ops::CrossEntropy(I.ws.logits, targets, losses, nullptr, 1.0f, M, V, pool);
+}
+
+void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float* logits,
+                          bool last_only, ThreadPool* pool) {
+  Impl& I = *impl_;
+  if (tokens.empty()) throw Error("ForwardCached: no tokens given");
+  if (cache.row_ != int64_t{I.config.num_kv_heads} * I.config.head_dim ||
+      static_cast<int64_t>(cache.k_.size()) != I.config.num_layers * cache.capacity_ * cache.row_) {
+    throw Error("ForwardCached: the KV cache was made for a different model config");
+  }
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  I.RunForward(tokens.data(), 1, n, false, &cache, pool);
+  const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
+  if (last_only) {
+    ops::MatMul(I.ws.xf + (n - 1) * d, I.MatmulWeights() + I.head, I.ws.logits, 1, d, V, pool);
+    if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * V);
+  } else {
+    I.Logits(n, pool);
+    if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * n * V);
+  }
+}
+
+KVCache::KVCache(const ModelConfig& config, int64_t capacity) {
+  const ModelConfig c = config.Resolved();
+  if (capacity < 1 || capacity > kMaxPosition) {
+    throw Error("KV cache capacity " + std::to_string(capacity) + " must be in [1, 2^31 - 1]");
+  }
+  capacity_ = capacity;
+  row_ = int64_t{c.num_kv_heads} * c.head_dim;
+  k_.assign(static_cast<size_t>(c.num_layers * capacity * row_), 0.0f);
+  v_.assign(k_.size(), 0.0f);
+}
+
+}  // namespace ropekit

@@ -1,0 +1,438 @@
+// Float32 transformer ops; see ops.h for the contract and src/reference/ops.h for the oracle.
+//
+// Dimension legend: M = rows, K = input features, N = output features, d = model width,
+// B = batch, Tq / Tk = query / key tokens, H / Hkv = query / key-value heads, D = head_dim.
+#include "src/ops/ops.h"
+
+#include <cblas.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ropekit/error.h"
+
+namespace ropekit::ops {
+namespace {
+
+// Fixed tile sizes: the tiling (and so every BLAS call shape) is independent of the thread
+// count, which makes the results bitwise reproducible across pools.
+constexpr int64_t kTileRows = 64;
+constexpr int64_t kTileCols = 256;
+constexpr int64_t kElementBlock = 4096;  // elementwise ops
+// Below this many multiply-adds an op runs on the calling thread: waking workers costs more than
+// the work (decode steps). Each output is computed by the same tile either way, so results do
+// not change.
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
+
+ThreadPool* PoolFor(ThreadPool* pool, int64_t work) {
+  return work < kMinParallelWork ? nullptr : pool;
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void ForTiles(ThreadPool* pool, int64_t rows, int64_t cols, int64_t inner, int64_t tile_rows,
+              int64_t tile_cols,
+              const std::function<void(int64_t r0, int64_t r1, int64_t c0, int64_t c1)>& body) {
+  pool = PoolFor(pool, rows * cols * inner);
+  const int64_t row_tiles = CeilDiv(rows, tile_rows);
+  const int64_t col_tiles = CeilDiv(cols, tile_cols);
+  ParallelFor(pool, static_cast<size_t>(row_tiles * col_tiles),
+              [&](size_t begin, size_t end, size_t) {
+                for (size_t t = begin; t < end; ++t) {
+                  const int64_t rt = static_cast<int64_t>(t) / col_tiles;
+                  const int64_t ct = static_cast<int64_t>(t) % col_tiles;
+                  const int64_t r0 = rt * tile_rows, c0 = ct * tile_cols;
+                  body(r0, std::min(rows, r0 + tile_rows), c0, std::min(cols, c0 + tile_cols));
+                }
+              });
+}
+
+void ForRows(ThreadPool* pool, int64_t rows, int64_t cols,
+             const std::function<void(int64_t row)>& body) {
+  ParallelFor(PoolFor(pool, rows * cols), static_cast<size_t>(rows),
+              [&](size_t begin, size_t end, size_t) {
+                for (size_t r = begin; r < end; ++r) body(static_cast<int64_t>(r));
+              });
+}
+
+void ForElements(ThreadPool* pool, int64_t n, const std::function<void(int64_t, int64_t)>& body) {
+  const int64_t blocks = CeilDiv(n, kElementBlock);
+  ParallelFor(PoolFor(pool, n), static_cast<size_t>(blocks), [&](size_t begin, size_t end, size_t) {
+    for (size_t b = begin; b < end; ++b) {
+      const int64_t i0 = static_cast<int64_t>(b) * kElementBlock;
+      body(i0, std::min(n, i0 + kElementBlock));
+    }
+  });
+}
+
+void CheckDims(int64_t m, int64_t k, int64_t n, const char* op) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  if (m < 0 || k < 0 || n < 0 || m > kMax || k > kMax || n > kMax) {
+    throw Error(std::string(op) + ": dimensions M=" + std::to_string(m) + " K=" +
+                std::to_string(k) + " N=" + std::to_string(n) + " must be in [0, 2^31 - 1]");
+  }
+}
+
+}  // namespace
+
+void SetBlasSingleThreaded() {
+  static std::once_flag once;
+  std::call_once(once, [] { openblas_set_num_threads(1); });
+}
+
+void MatMul(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
+            ThreadPool* pool, bool accumulate) {
+  CheckDims(m, k, n, "MatMul");
+  SetBlasSingleThreaded();
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) std::fill(y, y + m * n, 0.0f);
+    return;
+  }
+  ForTiles(pool, m, n, k, kTileRows, kTileCols,
+           [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(r1 - r0), int(c1 - c0),
+                         int(k), 1.0f, x + r0 * k, int(k), w + c0 * k, int(k),
+                         accumulate ? 1.0f : 0.0f, y + r0 * n + c0, int(n));
+           });
+}
+
+void MatMulBackwardInput(const float* dy, const float* w, float* dx, int64_t m, int64_t k,
+                         int64_t n, ThreadPool* pool, bool accumulate) {
+  CheckDims(m, k, n, "MatMulBackwardInput");
+  SetBlasSingleThreaded();
+  if (m == 0 || k == 0) return;
+  if (n == 0) {
+    if (!accumulate) std::fill(dx, dx + m * k, 0.0f);
+    return;
+  }
+  ForTiles(pool, m, k, n, kTileRows, kTileCols,
+           [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0),
+                         int(n), 1.0f, dy + r0 * n, int(n), w + c0, int(k),
+                         accumulate ? 1.0f : 0.0f, dx + r0 * k + c0, int(k));
+           });
+}
+
+void MatMulBackwardWeight(const float* dy, const float* x, float* dw, int64_t m, int64_t k,
+                          int64_t n, ThreadPool* pool) {
+  CheckDims(m, k, n, "MatMulBackwardWeight");
+  SetBlasSingleThreaded();
+  if (m == 0 || n == 0 || k == 0) return;
+  ForTiles(
+      pool, n, k, m, kTileRows, kTileCols, [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0), int(m),
+                    1.0f, dy + r0, int(n), x + c0, int(k), 1.0f, dw + r0 * k + c0, int(k));
+      });
+}
+
+void RmsNorm(const float* x, const float* w, float* y, float* inv_rms, int64_t m, int64_t d,
+             double eps, ThreadPool* pool) {
+  ForRows(pool, m, d, [&](int64_t r) {
+    const float* xr = x + r * d;
+    double sum = 0.0;
+    for (int64_t c = 0; c < d; ++c) sum += double{xr[c]} * xr[c];
+    const double inv = 1.0 / std::sqrt(sum / static_cast<double>(d) + eps);
+    const float inv_f = static_cast<float>(inv);
+    if (inv_rms) inv_rms[r] = inv_f;
+    float* yr = y + r * d;
+    for (int64_t c = 0; c < d; ++c) yr[c] = (xr[c] * inv_f) * w[c];
+  });
+}
+
+void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const float* dy,
+                     float* dx, float* dw, int64_t m, int64_t d, ThreadPool* pool,
+                     bool accumulate) {
+  ForRows(pool, m, d, [&](int64_t r) {
+    const float* xr = x + r * d;
+    const float* dyr = dy + r * d;
+    const double inv = inv_rms[r];
+    double dot = 0.0;  // sum_c w_c dy_c x_c
+    for (int64_t c = 0; c < d; ++c) dot += double{w[c]} * dyr[c] * xr[c];
+    const double coef = inv * inv * inv * dot / static_cast<double>(d);
+    float* dxr = dx + r * d;
+    for (int64_t c = 0; c < d; ++c) {
+      const float g = static_cast<float>(inv * (double{w[c]} * dyr[c]) - coef * xr[c]);
+      dxr[c] = accumulate ? dxr[c] + g : g;
+    }
+  });
+  if (dw == nullptr) return;
+  // dw_c += sum_r dy_rc * x_rc * inv_r, rows ascending, in double: independent of threads.
+  std::vector<double> acc(static_cast<size_t>(d), 0.0);
+  for (int64_t r = 0; r < m; ++r) {
+    const float* xr = x + r * d;
+    const float* dyr = dy + r * d;
+    const double inv = inv_rms[r];
+    for (int64_t c = 0; c < d; ++c) acc[c] += double{dyr[c]} * xr[c] * inv;
+  }
+  for (int64_t c = 0; c < d; ++c) dw[c] += static_cast<float>(acc[c]);
+}
+
+void SwiGlu(const float* g, const float* u, float* h, int64_t n, ThreadPool* pool) {
+  ForElements(pool, n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const double s = 1.0 / (1.0 + std::exp(-double{g[i]}));
+      h[i] = static_cast<float>(g[i] * s * u[i]);
+    }
+  });
+}
+
+void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, float* du,
+                    int64_t n, ThreadPool* pool) {
+  ForElements(pool, n, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const double gi = g[i];
+      const double s = 1.0 / (1.0 + std::exp(-gi));
+      const double silu = gi * s;
+      const double dsilu = s * (1.0 + gi * (1.0 - s));
+      const double dhi = dh[i];
+      const double ui = u[i];
+      dg[i] = static_cast<float>(dhi * ui * dsilu);
+      du[i] = static_cast<float>(dhi * silu);
+    }
+  });
+}
+
+void Softmax(float* x, int64_t m, int64_t n, ThreadPool* pool) {
+  ForRows(pool, m, n, [&](int64_t r) {
+    float* xr = x + r * n;
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < n; ++c) mx = std::max(mx, xr[c]);
+    double sum = 0.0;
+    for (int64_t c = 0; c < n; ++c) sum += std::exp(double{xr[c]} - mx);
+    const double inv = 1.0 / sum;
+    for (int64_t c = 0; c < n; ++c) xr[c] = static_cast<float>(std::exp(double{xr[c]} - mx) * inv);
+  });
+}
+
+void SoftmaxBackward(const float* p, const float* dp, float* dx, int64_t m, int64_t n,
+                     ThreadPool* pool) {
+  ForRows(pool, m, n, [&](int64_t r) {
+    const float* pr = p + r * n;
+    const float* dpr = dp + r * n;
+    double dot = 0.0;
+    for (int64_t c = 0; c < n; ++c) dot += double{pr[c]} * dpr[c];
+    float* dxr = dx + r * n;
+    for (int64_t c = 0; c < n; ++c) dxr[c] = static_cast<float>(pr[c] * (dpr[c] - dot));
+  });
+}
+
+void CrossEntropy(const float* logits, const int32_t* targets, float* losses, float* dlogits,
+                  float grad_scale, int64_t m, int64_t v, ThreadPool* pool) {
+  for (int64_t r = 0; r < m; ++r) {
+    if (targets[r] >= v) {
+      throw Error("CrossEntropy: target " + std::to_string(targets[r]) + " at row " +
+                  std::to_string(r) + " must be < vocab_size " + std::to_string(v));
+    }
+  }
+  ForRows(pool, m, v, [&](int64_t r) {
+    const float* xr = logits + r * v;
+    const int32_t t = targets[r];
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < v; ++c) mx = std::max(mx, xr[c]);
+    double sum = 0.0;
+    for (int64_t c = 0; c < v; ++c) sum += std::exp(double{xr[c]} - mx);
+    const double lse = mx + std::log(sum);
+    if (losses) losses[r] = t < 0 ? 0.0f : static_cast<float>(lse - xr[t]);
+    if (dlogits) {
+      float* dr = dlogits + r * v;
+      for (int64_t c = 0; c < v; ++c) {
+        const double p = t < 0 ? 0.0 : std::exp(double{xr[c]} - lse);
+        dr[c] = static_cast<float>(grad_scale * (p - (c == t ? 1.0 : 0.0)));
+      }
+    }
+  });
+}
+
+namespace {
+
+void CheckAttention(const AttentionArgs& a) {
+  if (a.heads < 1 || a.kv_heads < 1 || a.heads % a.kv_heads != 0) {
+    throw Error("attention: num_kv_heads " + std::to_string(a.kv_heads) +
+                " must divide num_heads " + std::to_string(a.heads) + " (both >= 1)");
+  }
+  if (static_cast<int64_t>(a.q_positions.size()) != a.tq ||
+      static_cast<int64_t>(a.k_positions.size()) != a.tk) {
+    throw Error("attention: q_positions / k_positions sizes must equal Tq / Tk");
+  }
+  if (a.head_dim < 1 || a.tq < 0 || a.tk < 0 || a.batch < 0) {
+    throw Error("attention: head_dim must be >= 1 and token counts >= 0");
+  }
+}
+
+bool HasBias(const AttentionArgs& a) {
+  return a.logit_bias != nullptr && a.logit_bias->acts_on_logits();
+}
+
+// True when key j sits at position k_positions[0] + j (every model pass): the bias hooks then use
+// their contiguous-range form, which is bitwise identical and skips per-key position reads.
+bool ContiguousKeys(const AttentionArgs& a) {
+  for (int64_t j = 1; j < a.tk; ++j) {
+    if (a.k_positions[j] != a.k_positions[0] + j) return false;
+  }
+  return a.tk > 0;
+}
+
+// Number of keys visible to a query at `qp` when the keys are contiguous from k0.
+int64_t VisibleKeys(int64_t qp, int64_t k0, int64_t tk) {
+  return std::clamp<int64_t>(qp - k0 + 1, 0, tk);
+}
+
+}  // namespace
+
+void AttentionForward(const AttentionArgs& a, ThreadPool* pool) {
+  CheckAttention(a);
+  SetBlasSingleThreaded();
+  const int64_t group = a.heads / a.kv_heads;
+  const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
+  if (Tq == 0) return;
+  const PositionSpan kpos(a.k_positions);
+  const bool contiguous = ContiguousKeys(a);
+  pool = PoolFor(pool, a.batch * a.heads * Tq * Tk * D);
+  ParallelFor(pool, static_cast<size_t>(a.batch * a.heads), [&](size_t begin, size_t end, size_t) {
+    std::vector<float> scratch;
+    for (size_t task = begin; task < end; ++task) {
+      const int64_t b = static_cast<int64_t>(task) / a.heads;
+      const int64_t h = static_cast<int64_t>(task) % a.heads;
+      const int64_t g = h / group;
+      const float* q = a.q + b * a.q_batch_stride + h * D;
+      const float* k = a.k + b * a.kv_batch_stride + g * D;
+      const float* v = a.v + b * a.kv_batch_stride + g * D;
+      float* o = a.out + b * a.out_batch_stride + h * D;
+      float* s;
+      if (a.probs) {
+        s = a.probs + (b * a.heads + h) * Tq * Tk;
+      } else {
+        scratch.resize(static_cast<size_t>(Tq * Tk));
+        s = scratch.data();
+      }
+      if (Tk == 0) {
+        for (int64_t i = 0; i < Tq; ++i)
+          std::fill(o + i * a.out_row_stride, o + i * a.out_row_stride + D, 0.0f);
+        continue;
+      }
+      // S = scale * Q K^T  [Tq, Tk]
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Tq), int(Tk), int(D), a.scale, q,
+                  int(a.q_row_stride), k, int(a.kv_row_stride), 0.0f, s, int(Tk));
+      for (int64_t i = 0; i < Tq; ++i) {
+        float* row = s + i * Tk;
+        const int64_t qp = a.q_positions[i];
+        if (HasBias(a)) {
+          if (contiguous) {
+            const int64_t k0 = a.k_positions[0];
+            a.logit_bias->AddLogitBias(qp, k0, VisibleKeys(qp, k0, Tk), int(h), a.bias_params, row);
+          } else {
+            a.logit_bias->AddLogitBias(qp, kpos, int(h), a.bias_params, row);
+          }
+        }
+        float mx = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < Tk; ++j) {
+          if (a.k_positions[j] <= qp) mx = std::max(mx, row[j]);
+        }
+        double sum = 0.0;
+        for (int64_t j = 0; j < Tk; ++j) {
+          if (a.k_positions[j] <= qp) sum += std::exp(double{row[j]} - mx);
+        }
+        const double inv = sum > 0.0 ? 1.0 / sum : 0.0;
+        for (int64_t j = 0; j < Tk; ++j) {
+          row[j] = a.k_positions[j] <= qp ? static_cast<float>(std::exp(double{row[j]} - mx) * inv)
+                                          : 0.0f;
+        }
+      }
+      // O = P V  [Tq, D]
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(Tq), int(D), int(Tk), 1.0f, s,
+                  int(Tk), v, int(a.kv_row_stride), 0.0f, o, int(a.out_row_stride));
+    }
+  });
+}
+
+void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, float* dk, float* dv,
+                       std::span<float> grad_bias_params, ThreadPool* pool) {
+  CheckAttention(a);
+  SetBlasSingleThreaded();
+  if (a.probs == nullptr) throw Error("AttentionBackward: the forward probabilities are required");
+  const int64_t group = a.heads / a.kv_heads;
+  const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
+  const PositionSpan kpos(a.k_positions);
+  const bool contiguous = ContiguousKeys(a);
+  const bool bias_grad = HasBias(a) && !grad_bias_params.empty();
+  const size_t num_bias = grad_bias_params.size();
+  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch) * num_bias : 0, 0.0f);
+  ParallelFor(
+      pool, static_cast<size_t>(a.batch * a.kv_heads), [&](size_t begin, size_t end, size_t) {
+        std::vector<float> ds(static_cast<size_t>(Tq * Tk));
+        for (size_t task = begin; task < end; ++task) {
+          const int64_t b = static_cast<int64_t>(task) / a.kv_heads;
+          const int64_t g = static_cast<int64_t>(task) % a.kv_heads;
+          const float* k = a.k + b * a.kv_batch_stride + g * D;
+          const float* v = a.v + b * a.kv_batch_stride + g * D;
+          float* dkg = dk + b * a.kv_batch_stride + g * D;
+          float* dvg = dv + b * a.kv_batch_stride + g * D;
+          if (Tq == 0 || Tk == 0) {
+            for (int64_t j = 0; j < Tk; ++j) {
+              std::fill(dkg + j * a.kv_row_stride, dkg + j * a.kv_row_stride + D, 0.0f);
+              std::fill(dvg + j * a.kv_row_stride, dvg + j * a.kv_row_stride + D, 0.0f);
+            }
+            for (int64_t hh = 0; hh < group && Tk == 0; ++hh) {
+              float* dqh = dq + b * a.q_batch_stride + (g * group + hh) * D;
+              for (int64_t i = 0; i < Tq; ++i)
+                std::fill(dqh + i * a.q_row_stride, dqh + i * a.q_row_stride + D, 0.0f);
+            }
+            continue;
+          }
+          for (int64_t hh = 0; hh < group; ++hh) {
+            const int64_t h = g * group + hh;
+            const float* q = a.q + b * a.q_batch_stride + h * D;
+            const float* p = a.probs + (b * a.heads + h) * Tq * Tk;
+            const float* dO = dout + b * a.out_batch_stride + h * D;
+            float* dqh = dq + b * a.q_batch_stride + h * D;
+            const float beta = hh == 0 ? 0.0f : 1.0f;
+            // dV_g (+)= P^T dO_h
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(Tk), int(D), int(Tq), 1.0f, p,
+                        int(Tk), dO, int(a.out_row_stride), beta, dvg, int(a.kv_row_stride));
+            // dP = dO_h V_g^T
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(Tq), int(Tk), int(D), 1.0f, dO,
+                        int(a.out_row_stride), v, int(a.kv_row_stride), 0.0f, ds.data(), int(Tk));
+            // dS = P (dP - sum(P dP)): gradient of the (biased) logits.
+            for (int64_t i = 0; i < Tq; ++i) {
+              const float* pr = p + i * Tk;
+              float* dr = ds.data() + i * Tk;
+              double dot = 0.0;
+              for (int64_t j = 0; j < Tk; ++j) dot += double{pr[j]} * dr[j];
+              for (int64_t j = 0; j < Tk; ++j) dr[j] = static_cast<float>(pr[j] * (dr[j] - dot));
+              if (bias_grad) {
+                const std::span<float> grad(partial.data() + b * num_bias, num_bias);
+                const int64_t qp = a.q_positions[i];
+                if (contiguous) {
+                  // Masked keys have zero gradient: only the visible range contributes.
+                  const int64_t k0 = a.k_positions[0];
+                  a.logit_bias->AddLogitBiasBackward(qp, k0, VisibleKeys(qp, k0, Tk), int(h), dr,
+                                                     grad);
+                } else {
+                  a.logit_bias->AddLogitBiasBackward(qp, kpos, int(h), dr, grad);
+                }
+              }
+            }
+            // dQ_h = scale * dS K_g
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(Tq), int(D), int(Tk),
+                        a.scale, ds.data(), int(Tk), k, int(a.kv_row_stride), 0.0f, dqh,
+                        int(a.q_row_stride));
+            // dK_g (+)= scale * dS^T Q_h
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(Tk), int(D), int(Tq), a.scale,
+                        ds.data(), int(Tk), q, int(a.q_row_stride), beta, dkg,
+                        int(a.kv_row_stride));
+          }
+        }
+      });
+  if (bias_grad) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[b * num_bias + i];
+    }
+  }
+}
+
+}  // namespace ropekit::ops

@@ -1,0 +1,340 @@
+// Tests of the float32 transformer ops (src/ops) against the scalar double references
+// (src/reference/ops.h), of the references against central finite differences, and of thread
+// count independence (bitwise).
+//
+// Tolerances: a float32 sum of n products has error <= n * u * sum|terms| (u = 2^-24, Higham
+// "Accuracy and Stability of Numerical Algorithms", eq. 3.5), plus one rounding of each input
+// or output; tests bound each element by kSlack * n * u * (sum of |terms|) with kSlack = 2 for
+// the final rounding and exp/log evaluated in double. Central differences in double have
+// truncation error O(h^2) and rounding O(u64 / h): with h = 1e-5 both are far below 1e-8.
+#include "src/ops/ops.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "ropekit/thread_pool.h"
+#include "src/reference/ops.h"
+
+namespace ropekit {
+namespace {
+
+constexpr double kU = 1.0 / (1 << 24);  // float32 unit roundoff
+constexpr double kSlack = 2.0;
+
+std::vector<float> Random(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(gen);
+  return v;
+}
+
+std::vector<double> ToDouble(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+TEST(OpsMatMul, ForwardAndBackwardMatchReferenceAndThreads) {
+  const int64_t m = 67, k = 45, n = 301;  // not multiples of the tile sizes
+  auto x = Random(m * k, 1), w = Random(n * k, 2), dy = Random(m * n, 3);
+  std::vector<float> y(m * n), dx(m * k), dw(n * k, 0.0f);
+  ops::MatMul(x.data(), w.data(), y.data(), m, k, n, nullptr);
+  ops::MatMulBackwardInput(dy.data(), w.data(), dx.data(), m, k, n, nullptr);
+  ops::MatMulBackwardWeight(dy.data(), x.data(), dw.data(), m, k, n, nullptr);
+  auto xd = ToDouble(x), wd = ToDouble(w), dyd = ToDouble(dy);
+  std::vector<double> yr(m * n), dxr(m * k), dwr(n * k);
+  reference::MatMul(xd.data(), wd.data(), yr.data(), m, k, n);
+  reference::MatMulBackward(xd.data(), wd.data(), dyd.data(), dxr.data(), dwr.data(), m, k, n);
+  // Inputs are in [-1, 1]: sum of |terms| <= length.
+  for (int64_t i = 0; i < m * n; ++i) ASSERT_NEAR(y[i], yr[i], kSlack * k * k * kU) << i;
+  for (int64_t i = 0; i < m * k; ++i) ASSERT_NEAR(dx[i], dxr[i], kSlack * n * n * kU) << i;
+  for (int64_t i = 0; i < n * k; ++i) ASSERT_NEAR(dw[i], dwr[i], kSlack * m * m * kU) << i;
+
+  ThreadPool pool(3);
+  std::vector<float> y3(m * n), dx3(m * k), dw3(n * k, 0.0f);
+  ops::MatMul(x.data(), w.data(), y3.data(), m, k, n, &pool);
+  ops::MatMulBackwardInput(dy.data(), w.data(), dx3.data(), m, k, n, &pool);
+  ops::MatMulBackwardWeight(dy.data(), x.data(), dw3.data(), m, k, n, &pool);
+  EXPECT_EQ(y, y3);
+  EXPECT_EQ(dx, dx3);
+  EXPECT_EQ(dw, dw3);
+
+  // accumulate adds to the existing contents.
+  std::vector<float> acc(m * n, 1.0f);
+  ops::MatMul(x.data(), w.data(), acc.data(), m, k, n, nullptr, true);
+  for (int64_t i = 0; i < m * n; ++i) ASSERT_NEAR(acc[i], yr[i] + 1.0, kSlack * (k + 1) * k * kU);
+}
+
+TEST(OpsRmsNorm, MatchesReferenceAndFiniteDifferences) {
+  const int64_t m = 5, d = 37;
+  const double eps = 1e-5;
+  auto x = Random(m * d, 4), w = Random(d, 5), dy = Random(m * d, 6);
+  std::vector<float> y(m * d), inv(m), dx(m * d), dw(d, 0.0f);
+  ops::RmsNorm(x.data(), w.data(), y.data(), inv.data(), m, d, eps, nullptr);
+  ops::RmsNormBackward(x.data(), w.data(), inv.data(), dy.data(), dx.data(), dw.data(), m, d,
+                       nullptr);
+  auto xd = ToDouble(x), wd = ToDouble(w), dyd = ToDouble(dy);
+  std::vector<double> yr(m * d), dxr(m * d), dwr(d);
+  reference::RmsNorm(xd.data(), wd.data(), yr.data(), m, d, eps);
+  reference::RmsNormBackward(xd.data(), wd.data(), dyd.data(), dxr.data(), dwr.data(), m, d, eps);
+  // x / rms is O(1) for uniform inputs (rms ~ 0.58): a few roundings of values <= 1 / rms.
+  for (int64_t i = 0; i < m * d; ++i) ASSERT_NEAR(y[i], yr[i], 8 * kU * 4.0) << i;
+  for (int64_t i = 0; i < m * d; ++i) ASSERT_NEAR(dx[i], dxr[i], kSlack * d * kU * 16.0) << i;
+  for (int64_t i = 0; i < d; ++i) ASSERT_NEAR(dw[i], dwr[i], kSlack * m * kU * 4.0) << i;
+  // Reference backward against central differences of L = sum(dy * y).
+  auto loss = [&](const std::vector<double>& xx, const std::vector<double>& ww) {
+    std::vector<double> yy(m * d);
+    reference::RmsNorm(xx.data(), ww.data(), yy.data(), m, d, eps);
+    double s = 0;
+    for (int64_t i = 0; i < m * d; ++i) s += yy[i] * dyd[i];
+    return s;
+  };
+  const double h = 1e-5;
+  for (int64_t i = 0; i < m * d; i += 7) {
+    auto xp = xd, xm = xd;
+    xp[i] += h;
+    xm[i] -= h;
+    EXPECT_NEAR((loss(xp, wd) - loss(xm, wd)) / (2 * h), dxr[i], 1e-7) << i;
+  }
+  for (int64_t i = 0; i < d; i += 5) {
+    auto wp = wd, wm = wd;
+    wp[i] += h;
+    wm[i] -= h;
+    EXPECT_NEAR((loss(xd, wp) - loss(xd, wm)) / (2 * h), dwr[i], 1e-7) << i;
+  }
+}
+
+TEST(OpsSwiGlu, MatchesReferenceAndFiniteDifferences) {
+  const int64_t n = 9001;
+  auto g = Random(n, 7, 6.0f), u = Random(n, 8, 2.0f), dh = Random(n, 9);
+  std::vector<float> h(n), dg(n), du(n);
+  ops::SwiGlu(g.data(), u.data(), h.data(), n, nullptr);
+  ops::SwiGluBackward(g.data(), u.data(), dh.data(), dg.data(), du.data(), n, nullptr);
+  auto gd = ToDouble(g), ud = ToDouble(u), dhd = ToDouble(dh);
+  std::vector<double> hr(n), dgr(n), dur(n);
+  reference::SwiGlu(gd.data(), ud.data(), hr.data(), n);
+  reference::SwiGluBackward(gd.data(), ud.data(), dhd.data(), dgr.data(), dur.data(), n);
+  for (int64_t i = 0; i < n; ++i) {
+    // One float rounding of the result (computed in double): |err| <= u * |value|.
+    ASSERT_NEAR(h[i], hr[i], kSlack * kU * std::abs(hr[i]) + 1e-30) << i;
+    ASSERT_NEAR(dg[i], dgr[i], kSlack * kU * std::abs(dgr[i]) + 1e-30) << i;
+    ASSERT_NEAR(du[i], dur[i], kSlack * kU * std::abs(dur[i]) + 1e-30) << i;
+  }
+  const double step = 1e-5;
+  for (int64_t i = 0; i < n; i += 997) {
+    double hp, hm;
+    double gp = gd[i] + step, gm = gd[i] - step;
+    reference::SwiGlu(&gp, &ud[i], &hp, 1);
+    reference::SwiGlu(&gm, &ud[i], &hm, 1);
+    EXPECT_NEAR((hp - hm) / (2 * step) * dhd[i], dgr[i], 1e-8) << i;
+  }
+  ThreadPool pool(2);
+  std::vector<float> h2(n);
+  ops::SwiGlu(g.data(), u.data(), h2.data(), n, &pool);
+  EXPECT_EQ(h, h2);
+}
+
+TEST(OpsSoftmax, RowsSumToOneAndBackwardMatchesFormula) {
+  const int64_t m = 3, n = 50;
+  auto x = Random(m * n, 10, 20.0f);
+  auto p = x;
+  ops::Softmax(p.data(), m, n, nullptr);
+  auto dp = Random(m * n, 11);
+  std::vector<float> dx(m * n);
+  ops::SoftmaxBackward(p.data(), dp.data(), dx.data(), m, n, nullptr);
+  for (int64_t r = 0; r < m; ++r) {
+    double sum = 0, mx = -1e30;
+    for (int64_t c = 0; c < n; ++c) mx = std::max(mx, double{x[r * n + c]});
+    double z = 0;
+    for (int64_t c = 0; c < n; ++c) z += std::exp(x[r * n + c] - mx);
+    for (int64_t c = 0; c < n; ++c) {
+      const double pr = std::exp(x[r * n + c] - mx) / z;
+      EXPECT_NEAR(p[r * n + c], pr, kSlack * kU * pr + 1e-45);
+      sum += p[r * n + c];
+    }
+    EXPECT_NEAR(sum, 1.0, n * kU);
+    // Softmax outputs sum to one, so the gradient rows sum to zero.
+    double gsum = 0;
+    for (int64_t c = 0; c < n; ++c) gsum += dx[r * n + c];
+    EXPECT_NEAR(gsum, 0.0, 4 * n * kU);
+  }
+}
+
+TEST(OpsCrossEntropy, MatchesReferenceAndIgnoresNegativeTargets) {
+  const int64_t m = 6, v = 256;
+  auto logits = Random(m * v, 12, 8.0f);
+  std::vector<int32_t> targets = {0, 255, 17, 128, -1, 3};
+  std::vector<float> losses(m), dl(m * v);
+  ops::CrossEntropy(logits.data(), targets.data(), losses.data(), dl.data(), 0.5f, m, v, nullptr);
+  auto ld = ToDouble(logits);
+  std::vector<int32_t> t2 = targets;
+  t2[4] = 0;
+  std::vector<double> lr(m), dlr(m * v);
+  reference::CrossEntropy(ld.data(), t2.data(), lr.data(), dlr.data(), 0.5, m, v);
+  for (int64_t r = 0; r < m; ++r) {
+    if (targets[r] < 0) {
+      EXPECT_EQ(losses[r], 0.0f);
+      for (int64_t c = 0; c < v; ++c) EXPECT_EQ(dl[r * v + c], 0.0f);
+      continue;
+    }
+    EXPECT_NEAR(losses[r], lr[r], kSlack * kU * std::abs(lr[r]) + 1e-7);
+    for (int64_t c = 0; c < v; ++c)
+      ASSERT_NEAR(dl[r * v + c], dlr[r * v + c], kSlack * kU * std::abs(dlr[r * v + c]) + 1e-12);
+  }
+  std::vector<int32_t> bad = {256};
+  EXPECT_THROW(
+      ops::CrossEntropy(logits.data(), bad.data(), losses.data(), nullptr, 1.0f, 1, v, nullptr),
+      Error);
+}
+
+struct AttentionCase {
+  const char* name;
+  PositionEncodingKind kind;
+  int64_t heads, kv_heads, tq, tk;
+  int64_t key_stride = 1;  // key j at position key_stride * j + (key_stride - 1)
+};
+
+class OpsAttention : public ::testing::TestWithParam<AttentionCase> {};
+
+TEST_P(OpsAttention, ForwardBackwardMatchReferenceAndFiniteDifferences) {
+  const AttentionCase tc = GetParam();
+  const int64_t B = 2, D = 12, H = tc.heads, Hkv = tc.kv_heads, Tq = tc.tq, Tk = tc.tk;
+  PositionEncodingSpec spec;
+  spec.kind = tc.kind;
+  spec.num_heads = static_cast<int>(H);
+  spec.num_buckets = 8;
+  spec.max_distance = 16;
+  PositionEncoding pe(spec);
+  std::vector<float> bias_params(pe.num_parameters());
+  pe.InitParameters(3, bias_params);
+  for (float& b : bias_params) b *= 50.0f;  // make the bias matter
+  auto q = Random(B * Tq * H * D, 20), k = Random(B * Tk * Hkv * D, 21),
+       v = Random(B * Tk * Hkv * D, 22), dout = Random(B * Tq * H * D, 23);
+  // Queries are the last Tq of the Tk positions (a decode step when Tq < Tk).
+  std::vector<int64_t> qpos(Tq), kpos(Tk);
+  // Non-contiguous keys (stride > 1) take the hooks' per-key path, contiguous ones the range path.
+  for (int64_t j = 0; j < Tk; ++j) kpos[j] = tc.key_stride * j + (tc.key_stride - 1);
+  for (int64_t i = 0; i < Tq; ++i) qpos[i] = kpos[Tk - Tq + i];
+  ops::AttentionArgs a;
+  a.batch = B;
+  a.tq = Tq;
+  a.tk = Tk;
+  a.heads = H;
+  a.kv_heads = Hkv;
+  a.head_dim = D;
+  a.q = q.data();
+  a.q_row_stride = H * D;
+  a.q_batch_stride = Tq * H * D;
+  a.k = k.data();
+  a.v = v.data();
+  a.kv_row_stride = Hkv * D;
+  a.kv_batch_stride = Tk * Hkv * D;
+  std::vector<float> out(B * Tq * H * D), probs(B * H * Tq * Tk);
+  a.out = out.data();
+  a.out_row_stride = H * D;
+  a.out_batch_stride = Tq * H * D;
+  a.q_positions = qpos;
+  a.k_positions = kpos;
+  a.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  a.logit_bias = &pe;
+  a.bias_params = bias_params;
+  a.probs = probs.data();
+  ops::AttentionForward(a, nullptr);
+  std::vector<float> dq(q.size()), dk(k.size()), dv(v.size()), dbias(bias_params.size(), 0.0f);
+  ops::AttentionBackward(a, dout.data(), dq.data(), dk.data(), dv.data(), dbias, nullptr);
+
+  const double scale = a.scale;
+  std::vector<double> dbias_ref(bias_params.size(), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    auto qd = std::vector<double>(q.begin() + b * Tq * H * D, q.begin() + (b + 1) * Tq * H * D);
+    auto kd = std::vector<double>(k.begin() + b * Tk * Hkv * D, k.begin() + (b + 1) * Tk * Hkv * D);
+    auto vd = std::vector<double>(v.begin() + b * Tk * Hkv * D, v.begin() + (b + 1) * Tk * Hkv * D);
+    auto dod =
+        std::vector<double>(dout.begin() + b * Tq * H * D, dout.begin() + (b + 1) * Tq * H * D);
+    std::vector<double> o_ref(qd.size()), dq_ref(qd.size()), dk_ref(kd.size()), dv_ref(vd.size());
+    reference::Attention(qd.data(), kd.data(), vd.data(), o_ref.data(), Tq, Tk, H, Hkv, D, qpos,
+                         kpos, scale, &pe, bias_params);
+    reference::AttentionBackward(qd.data(), kd.data(), vd.data(), dod.data(), dq_ref.data(),
+                                 dk_ref.data(), dv_ref.data(), Tq, Tk, H, Hkv, D, qpos, kpos, scale,
+                                 &pe, bias_params, dbias_ref);
+    // Logits: D-term dot products of values in [-1, 1]; outputs: Tk-term convex combinations.
+    // The softmax turns a logit error e into a relative probability error ~e.
+    const double tol = kSlack * (D + Tk + 8) * kU * 8.0;
+    for (size_t i = 0; i < qd.size(); ++i) {
+      ASSERT_NEAR(out[b * Tq * H * D + i], o_ref[i], tol) << "out " << i;
+      ASSERT_NEAR(dq[b * Tq * H * D + i], dq_ref[i], tol * D) << "dq " << i;
+    }
+    for (size_t i = 0; i < kd.size(); ++i) {
+      ASSERT_NEAR(dk[b * Tk * Hkv * D + i], dk_ref[i], tol * D) << "dk " << i;
+      ASSERT_NEAR(dv[b * Tk * Hkv * D + i], dv_ref[i], tol * Tq) << "dv " << i;
+    }
+    if (b == 0) {
+      // Reference gradient against central differences of L = sum(dout * out).
+      auto loss = [&](const std::vector<double>& qq, const std::vector<double>& kk,
+                      const std::vector<double>& vv) {
+        std::vector<double> o(qq.size());
+        reference::Attention(qq.data(), kk.data(), vv.data(), o.data(), Tq, Tk, H, Hkv, D, qpos,
+                             kpos, scale, &pe, bias_params);
+        double s = 0;
+        for (size_t i = 0; i < o.size(); ++i) s += o[i] * dod[i];
+        return s;
+      };
+      const double h = 1e-5;
+      for (size_t i = 0; i < qd.size(); i += 13) {
+        auto p = qd, m = qd;
+        p[i] += h;
+        m[i] -= h;
+        EXPECT_NEAR((loss(p, kd, vd) - loss(m, kd, vd)) / (2 * h), dq_ref[i], 1e-7);
+      }
+      for (size_t i = 0; i < kd.size(); i += 11) {
+        auto p = kd, m = kd;
+        p[i] += h;
+        m[i] -= h;
+        EXPECT_NEAR((loss(qd, p, vd) - loss(qd, m, vd)) / (2 * h), dk_ref[i], 1e-7);
+        auto vp = vd, vm = vd;
+        vp[i] += h;
+        vm[i] -= h;
+        EXPECT_NEAR((loss(qd, kd, vp) - loss(qd, kd, vm)) / (2 * h), dv_ref[i], 1e-7);
+      }
+    }
+  }
+  for (size_t i = 0; i < dbias.size(); ++i) {
+    EXPECT_NEAR(dbias[i], dbias_ref[i], kSlack * B * Tq * Tk * kU) << "dbias " << i;
+  }
+
+  // Bitwise identical with a pool.
+  ThreadPool pool(3);
+  std::vector<float> out3(out.size()), probs3(probs.size());
+  a.out = out3.data();
+  a.probs = probs3.data();
+  ops::AttentionForward(a, &pool);
+  EXPECT_EQ(out, out3);
+  std::vector<float> dq3(q.size()), dk3(k.size()), dv3(v.size()), dbias3(dbias.size(), 0.0f);
+  ops::AttentionBackward(a, dout.data(), dq3.data(), dk3.data(), dv3.data(), dbias3, &pool);
+  EXPECT_EQ(dq, dq3);
+  EXPECT_EQ(dk, dk3);
+  EXPECT_EQ(dv, dv3);
+  EXPECT_EQ(dbias, dbias3);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, OpsAttention,
+    ::testing::Values(AttentionCase{"mha_none", PositionEncodingKind::kNone, 3, 3, 9, 9},
+                      AttentionCase{"gqa_alibi", PositionEncodingKind::kAlibi, 4, 2, 11, 11},
+                      AttentionCase{"mqa_t5", PositionEncodingKind::kT5, 4, 1, 7, 7},
+                      AttentionCase{"gqa_t5_decode", PositionEncodingKind::kT5, 6, 2, 3, 19},
+                      AttentionCase{"decode_one", PositionEncodingKind::kAlibi, 2, 1, 1, 23},
+                      AttentionCase{"strided_t5", PositionEncodingKind::kT5, 4, 2, 5, 9, 3},
+                      AttentionCase{"strided_alibi", PositionEncodingKind::kAlibi, 2, 2, 9, 9, 2}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(OpsAttention, RejectsBadHeadCounts) {
+  ops::AttentionArgs a;
+  a.heads = 4;
+  a.kv_heads = 3;
+  a.head_dim = 2;
+  EXPECT_THROW(ops::AttentionForward(a, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace ropekit

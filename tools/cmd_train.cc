@@ -1,0 +1,339 @@
+// `ropekit train`: trains the LLaMA-style model on byte-tokenised text files, from scratch, from
+// a checkpoint (fine-tuning, optionally with a new RoPE scaling) or resuming an interrupted run.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "ropekit/model.h"
+#include "tools/command.h"
+#include "tools/model_cli.h"
+
+namespace ropekit::cli {
+namespace {
+
+struct TrainArgs {
+  std::vector<std::string> corpus, val_corpus;
+  double val_fraction = 0.1;
+  std::string out, init;
+  bool resume = false;
+  uint64_t seed = 1;
+  int threads = 1;
+  bool quiet = false;
+  int64_t stop_after = 0;
+  std::string log_file;
+  // Model.
+  int hidden_size = 128, layers = 4, heads = 4, kv_heads = 2, head_dim = 0;
+  int intermediate_size = 352;
+  bool untied = false;
+  int64_t max_position_embeddings = 0;  // 0 = seq_len
+  std::string pe = "rope";
+  std::string rope_layout = "neox";
+  int rotary_dim = 0;
+  std::string embedding_scale;  // default: sqrt_dim for sinusoidal / learned, else none
+  int64_t learned_positions = 0;
+  std::string out_of_range = "error";
+  int t5_buckets = 32, t5_max_distance = 0;  // 0 = seq_len
+  double init_std = 0.02;
+  double rms_norm_eps = 1e-5;
+  RopeOverrideArgs rope;
+  // Training.
+  TrainConfig tc;
+  std::string schedule = "cosine";
+};
+
+ModelConfig BuildConfig(const TrainArgs& a) {
+  ModelConfig c;
+  c.hidden_size = a.hidden_size;
+  c.num_layers = a.layers;
+  c.num_heads = a.heads;
+  c.num_kv_heads = a.kv_heads;
+  c.head_dim = a.head_dim;
+  c.intermediate_size = a.intermediate_size;
+  c.tie_word_embeddings = !a.untied;
+  c.rms_norm_eps = a.rms_norm_eps;
+  c.init_std = a.init_std;
+  c.max_position_embeddings =
+      a.max_position_embeddings > 0 ? a.max_position_embeddings : a.tc.seq_len;
+  PositionEncodingSpec& pe = c.position_encoding;
+  pe.kind = ParsePositionEncodingKind(a.pe);
+  pe.rope.rotary_dim = a.rotary_dim;
+  pe.rope_layout = ParseLayout(a.rope_layout);
+  const bool absolute =
+      pe.kind == PositionEncodingKind::kSinusoidal || pe.kind == PositionEncodingKind::kLearned;
+  pe.embedding_scale = ParseEmbeddingScale(
+      a.embedding_scale.empty() ? (absolute ? "sqrt_dim" : "none") : a.embedding_scale);
+  pe.max_positions = a.learned_positions;
+  pe.out_of_range = ParseOutOfRange(a.out_of_range);
+  pe.num_buckets = a.t5_buckets;
+  pe.max_distance = a.t5_max_distance > 0 ? a.t5_max_distance : static_cast<int>(a.tc.seq_len);
+  pe.init_std = a.init_std;
+  c = c.Resolved();
+  if (auto r = RopeOverride(c, a.rope)) c.position_encoding.rope = *r;
+  return c.Resolved();
+}
+
+int RunTrain(TrainArgs& a, CLI::App* sub) {
+  if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
+  if (!(a.val_fraction >= 0.0 && a.val_fraction < 1.0)) {
+    throw Error("--val-fraction " + std::to_string(a.val_fraction) + " must be in [0, 1)");
+  }
+  a.tc.schedule = a.schedule == "cosine"     ? LrSchedule::kCosine
+                  : a.schedule == "constant" ? LrSchedule::kConstant
+                                             : throw Error("--schedule must be cosine or constant");
+  a.tc.checkpoint_dir = a.out;
+  a.tc.progress = !a.quiet;
+  auto pool = MakePool(a.threads);
+
+  std::unique_ptr<Model> model;
+  OptimizerState state;
+  if (a.resume) {
+    if (!a.init.empty()) throw Error("--resume and --init cannot be combined");
+    model = std::make_unique<Model>(LoadModel(a.out));
+    state = LoadOptimizerState(a.out, *model);
+    // The saved schedule is kept; options given on this command line replace saved values.
+    TrainConfig saved = LoadTrainConfig(a.out);
+    const TrainConfig defaults;
+    auto keep = [&](const char* flag, auto& field, const auto& saved_value) {
+      if (sub->count(flag) == 0) field = saved_value;
+    };
+    keep("--steps", a.tc.steps, saved.steps);
+    keep("--batch-size", a.tc.batch_size, saved.batch_size);
+    keep("--seq-len", a.tc.seq_len, saved.seq_len);
+    keep("--grad-accum", a.tc.grad_accum, saved.grad_accum);
+    keep("--lr", a.tc.lr, saved.lr);
+    keep("--min-lr", a.tc.min_lr, saved.min_lr);
+    keep("--warmup", a.tc.warmup_steps, saved.warmup_steps);
+    keep("--schedule", a.tc.schedule, saved.schedule);
+    keep("--beta1", a.tc.beta1, saved.beta1);
+    keep("--beta2", a.tc.beta2, saved.beta2);
+    keep("--adam-eps", a.tc.eps, saved.eps);
+    keep("--weight-decay", a.tc.weight_decay, saved.weight_decay);
+    keep("--grad-clip", a.tc.grad_clip, saved.grad_clip);
+    keep("--data-seed", a.tc.data_seed, saved.data_seed);
+    keep("--eval-interval", a.tc.eval_interval, saved.eval_interval);
+    keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
+    keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
+    keep("--bf16", a.tc.bf16, saved.bf16);
+    if (state.step >= a.tc.steps) {
+      std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
+                   static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
+      return 0;
+    }
+  } else if (!a.init.empty()) {
+    LoadOptions lo;
+    const std::string cfg_path = (std::filesystem::path(a.init) / "config.json").string();
+    lo.rope_override =
+        RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
+    model = std::make_unique<Model>(LoadModel(a.init, lo));
+  } else {
+    model = std::make_unique<Model>(BuildConfig(a), a.seed);
+  }
+  if (a.corpus.empty()) throw Error("--corpus: at least one text file is required");
+  ByteTokenizer tok;
+  std::vector<int32_t> all = tok.Encode(ReadTextFiles(a.corpus));
+  std::vector<int32_t> val;
+  if (!a.val_corpus.empty()) {
+    val = tok.Encode(ReadTextFiles(a.val_corpus));
+  } else if (a.val_fraction > 0) {
+    const size_t cut =
+        all.size() - static_cast<size_t>(static_cast<double>(all.size()) * a.val_fraction);
+    val.assign(all.begin() + static_cast<int64_t>(cut), all.end());
+    all.resize(cut);
+  }
+  if (static_cast<int64_t>(all.size()) < a.tc.seq_len + 1) {
+    throw Error("--corpus: " + std::to_string(all.size()) +
+                " training bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1));
+  }
+  if (!val.empty() && static_cast<int64_t>(val.size()) < a.tc.seq_len + 1) {
+    throw Error("validation text: " + std::to_string(val.size()) +
+                " bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1) +
+                " (use a larger --val-fraction or --val-corpus)");
+  }
+  if (!a.quiet) {
+    const ModelConfig& c = model->config();
+    std::fprintf(stderr,
+                 "model: d=%d layers=%d heads=%d kv_heads=%d head_dim=%d ffn=%d pe=%s, %lld "
+                 "parameters; %zu training / %zu validation bytes; %lld tokens per step\n",
+                 c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
+                 c.intermediate_size,
+                 std::string(PositionEncodingKindName(c.position_encoding.kind)).c_str(),
+                 static_cast<long long>(model->num_parameters()), all.size(), val.size(),
+                 static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
+  }
+  struct Stop {};
+  std::vector<TrainLogEntry> log;
+  std::ofstream log_out;
+  if (!a.log_file.empty()) {
+    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);
+    if (!log_out) throw Error("--log " + a.log_file + ": cannot open the file for writing");
+  }
+  try {
+    log = Train(*model, state, a.tc, all, val, pool.get(), [&](const TrainLogEntry& e) {
+      log.push_back(e);
+      if (log_out.is_open()) {
+        char line[256];
+        std::snprintf(line, sizeof(line),
+                      "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
+                      static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
+        log_out << line;
+        if (e.val_loss >= 0) {
+          std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
+          log_out << line;
+        }
+        log_out << "}\n" << std::flush;
+      }
+      if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
+    });
+  } catch (const Stop&) {
+    std::fprintf(stderr, "stopped after step %lld (--stop-after)\n",
+                 static_cast<long long>(state.step));
+  }
+  if (!log.empty()) {
+    std::printf("final step %lld  train loss %.4f", static_cast<long long>(log.back().step),
+                log.back().loss);
+    if (log.back().val_loss >= 0) std::printf("  val loss %.4f", log.back().val_loss);
+    std::printf("\ncheckpoint: %s\n", a.out.c_str());
+  }
+  return 0;
+}
+
+const CommandRegistration kTrain{
+    "train", "Train the LLaMA-style byte-level model (any position encoding) on text files",
+    [](CLI::App* sub) -> std::function<int()> {
+      auto a = std::make_shared<TrainArgs>();
+      sub->add_option("--corpus", a->corpus, "Training text files (UTF-8 or any bytes)")
+          ->check(CLI::ExistingFile);
+      sub->add_option("--val-corpus", a->val_corpus,
+                      "Validation text files (default: the last --val-fraction of --corpus)")
+          ->check(CLI::ExistingFile);
+      sub->add_option("--val-fraction", a->val_fraction,
+                      "Fraction of the corpus held out for validation when no --val-corpus")
+          ->capture_default_str();
+      sub->add_option("--out", a->out,
+                      "Checkpoint directory (config.json, model.safetensors, optimizer state)")
+          ->required();
+      sub->add_option("--init", a->init,
+                      "Start from this checkpoint's weights (fine-tuning; fresh optimizer); the "
+                      "architecture options are then ignored, --rope-scaling still applies");
+      sub->add_flag("--resume", a->resume,
+                    "Continue the run saved in --out (weights, AdamW moments, step, schedule) bit "
+                    "for bit; options given explicitly replace the saved ones");
+      sub->add_option("--seed", a->seed, "Weight initialisation seed")->capture_default_str();
+      sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
+          ->capture_default_str();
+      sub->add_flag("--quiet", a->quiet, "No progress lines");
+      sub->add_option("--log", a->log_file,
+                      "Write one JSON line per step (step, loss, lr, grad_norm, val_loss when "
+                      "validated); appended to with --resume");
+      sub->add_option("--stop-after", a->stop_after,
+                      "Stop after this step as if interrupted (the schedule still follows "
+                      "--steps); the checkpoint saved at a --checkpoint-interval step can then "
+                      "be continued with --resume");
+      auto* m = "Model (new runs)";
+      sub->add_option("--hidden-size", a->hidden_size, "d")->group(m)->capture_default_str();
+      sub->add_option("--layers", a->layers, "Transformer layers")->group(m)->capture_default_str();
+      sub->add_option("--heads", a->heads, "Query heads")->group(m)->capture_default_str();
+      sub->add_option("--kv-heads", a->kv_heads, "Key/value heads (divides --heads; 1 = MQA)")
+          ->group(m)
+          ->capture_default_str();
+      sub->add_option("--head-dim", a->head_dim, "Head dimension (0 = hidden / heads)")
+          ->group(m)
+          ->capture_default_str();
+      sub->add_option("--intermediate-size", a->intermediate_size, "SwiGLU hidden width")
+          ->group(m)
+          ->capture_default_str();
+      sub->add_flag("--untied", a->untied, "Separate output head (default: tied to embeddings)")
+          ->group(m);
+      sub->add_option("--max-position-embeddings", a->max_position_embeddings,
+                      "Recorded training context (0 = --seq-len); dynamic RoPE's threshold")
+          ->group(m);
+      sub->add_option("--rms-norm-eps", a->rms_norm_eps, "RMSNorm epsilon")
+          ->group(m)
+          ->capture_default_str();
+      sub->add_option("--init-std", a->init_std, "Weight init std (out projections / sqrt(2L))")
+          ->group(m)
+          ->capture_default_str();
+      auto* p = "Position encoding (new runs)";
+      sub->add_option("--pe", a->pe, "rope, none (nope), sinusoidal, learned, alibi, t5")
+          ->group(p)
+          ->capture_default_str();
+      sub->add_option("--rope-layout", a->rope_layout, "neox (half split) or gptj (interleaved)")
+          ->group(p)
+          ->capture_default_str();
+      sub->add_option("--rotary-dim", a->rotary_dim, "Rotated channels per head (0 = head_dim)")
+          ->group(p);
+      sub->add_option("--embedding-scale", a->embedding_scale,
+                      "none or sqrt_dim (default sqrt_dim for sinusoidal/learned)")
+          ->group(p);
+      sub->add_option("--learned-positions", a->learned_positions,
+                      "Rows of the learned table (0 = 8 * max_position_embeddings)")
+          ->group(p);
+      sub->add_option("--out-of-range", a->out_of_range,
+                      "Learned table past its end: error or clamp")
+          ->group(p)
+          ->capture_default_str();
+      sub->add_option("--t5-buckets", a->t5_buckets, "T5 relative buckets")
+          ->group(p)
+          ->capture_default_str();
+      sub->add_option("--t5-max-distance", a->t5_max_distance, "T5 max distance (0 = --seq-len)")
+          ->group(p);
+      AddRopeOverrideOptions(sub, a->rope);
+      auto* t = "Training";
+      sub->add_option("--steps", a->tc.steps, "Optimizer steps")->group(t)->capture_default_str();
+      sub->add_option("--batch-size", a->tc.batch_size, "Sequences per micro-batch")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--seq-len", a->tc.seq_len, "Tokens per training sequence (context)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--grad-accum", a->tc.grad_accum, "Micro-batches per step")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--lr", a->tc.lr, "Peak learning rate")->group(t)->capture_default_str();
+      sub->add_option("--min-lr", a->tc.min_lr, "Final cosine learning rate")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--warmup", a->tc.warmup_steps, "Linear warmup steps")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--schedule", a->schedule, "cosine or constant")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--beta1", a->tc.beta1, "AdamW beta1")->group(t)->capture_default_str();
+      sub->add_option("--beta2", a->tc.beta2, "AdamW beta2")->group(t)->capture_default_str();
+      sub->add_option("--adam-eps", a->tc.eps, "AdamW epsilon")->group(t)->capture_default_str();
+      sub->add_option("--weight-decay", a->tc.weight_decay, "Decoupled decay (matrices only)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--grad-clip", a->tc.grad_clip, "Global gradient norm clip (0 = off)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--data-seed", a->tc.data_seed, "Seed of the random crops")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--eval-interval", a->tc.eval_interval, "Validate every N steps (0 = never)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--eval-batches", a->tc.eval_batches,
+                      "Validation windows = eval-batches * batch-size (fixed offsets)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_option("--checkpoint-interval", a->tc.checkpoint_interval,
+                      "Save every N steps (0 = at the end only)")
+          ->group(t)
+          ->capture_default_str();
+      sub->add_flag("--bf16", a->tc.bf16,
+                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and master "
+                    "weights")
+          ->group(t);
+      sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
+          ->group(t)
+          ->capture_default_str();
+      return [a, sub] { return RunTrain(*a, sub); };
+    }};
+
+}  // namespace
+}  // namespace ropekit::cli

@@ -1,0 +1,77 @@
+// Shared pieces of the model subcommands (train, eval, generate): RoPE scaling overrides given
+// as Hugging Face rope_scaling JSON, thread pools, number formatting.
+#ifndef ROPEKIT_TOOLS_MODEL_CLI_H_
+#define ROPEKIT_TOOLS_MODEL_CLI_H_
+
+#include <CLI/CLI.hpp>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+#include "ropekit/hf_config.h"
+#include "ropekit/model.h"
+#include "ropekit/thread_pool.h"
+
+namespace ropekit::cli {
+
+struct RopeOverrideArgs {
+  std::string scaling;  // JSON object, or "none" for plain RoPE; empty = keep
+  std::optional<double> theta;
+};
+
+inline void AddRopeOverrideOptions(CLI::App* sub, RopeOverrideArgs& args) {
+  sub->add_option("--rope-scaling", args.scaling,
+                  "Replace the checkpoint's RoPE scaling: a Hugging Face rope_scaling JSON object, "
+                  "e.g. '{\"rope_type\":\"yarn\",\"factor\":4,"
+                  "\"original_max_position_embeddings\":128}' (types: linear, dynamic, yarn, "
+                  "longrope, llama3, ntk), or 'none' for plain RoPE");
+  sub->add_option("--rope-theta", args.theta, "Replace the RoPE base (rope_theta)");
+}
+
+// RoPE parameters for `config` with the override applied (parsed exactly like a config.json);
+// nullopt when nothing is overridden.
+inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
+                                              const RopeOverrideArgs& args) {
+  if (args.scaling.empty() && !args.theta) return std::nullopt;
+  if (config.position_encoding.kind != PositionEncodingKind::kRope) {
+    throw Error("--rope-scaling / --rope-theta: the model's position encoding is " +
+                std::string(PositionEncodingKindName(config.position_encoding.kind)) +
+                ", not rope");
+  }
+  nlohmann::ordered_json j = nlohmann::ordered_json::parse(ModelConfigToJson(config));
+  if (args.scaling == "none") {
+    j["rope_scaling"] = nullptr;
+  } else if (!args.scaling.empty()) {
+    nlohmann::ordered_json s;
+    try {
+      s = nlohmann::ordered_json::parse(args.scaling);
+    } catch (const std::exception& e) {
+      throw Error("--rope-scaling: not valid JSON (" + std::string(e.what()) + ")");
+    }
+    if (!s.is_object()) throw Error("--rope-scaling: expected a JSON object or 'none'");
+    j["rope_scaling"] = s;
+  }
+  if (args.theta) j["rope_theta"] = *args.theta;
+  try {
+    RopeParams params = ParseHfConfig(j.dump()).params;
+    // The rotated width is the model's (partial_rotary_factor round-trips through a double).
+    params.rotary_dim = config.position_encoding.rope.rotary_dim;
+    return params;
+  } catch (const Error& e) {
+    throw Error(std::string("--rope-scaling: ") + e.what());
+  }
+}
+
+inline std::unique_ptr<ThreadPool> MakePool(int threads) {
+  if (threads < 0 || threads > 1024) {
+    throw Error("--threads " + std::to_string(threads) +
+                " is outside [0, 1024] (0 = all hardware threads)");
+  }
+  auto pool = std::make_unique<ThreadPool>(static_cast<size_t>(threads));
+  return pool;
+}
+
+}  // namespace ropekit::cli
+
+#endif  // ROPEKIT_TOOLS_MODEL_CLI_H_
