@@ -16,11 +16,11 @@ build_and_test() {
   cmake -S . -B "build/${name}" -DROPEKIT_PYTHON=/usr/bin/python3 "$@" >/dev/null
   cmake --build "build/${name}" -j"${jobs}"
   echo "=== ropekit: ${name} tests"
-  ctest --test-dir "build/${name}" --output-on-failure -j"${jobs}" ${exclude:+-E "${exclude}"}
+  ctest --test-dir "build/${name}" --output-on-failure -j"${jobs}" ${exclude:+-LE "${exclude}"}
 }
 
 build_and_test release "" -DCMAKE_BUILD_TYPE=Release
-build_and_test asan "python_tests" -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE=ON \
+build_and_test asan python -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE=ON \
   -DROPEKIT_BUILD_PYTHON=OFF -DROPEKIT_BUILD_BENCH=OFF
 build_and_test scalar "" -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
   -DROPEKIT_BUILD_BENCH=OFF
