@@ -184,7 +184,9 @@ std::string SvgPlot(const PlotSpec& spec, const std::vector<Series>& series) {
     const double X = px(x);
     s << "<line x1=\"" << X << "\" x2=\"" << X << "\" y1=\"" << top << "\" y2=\"" << top + ph
       << "\" stroke=\"#888\" stroke-dasharray=\"4 3\"/>\n";
-    s << "<text x=\"" << X + 3 << "\" y=\"" << top + 12 << "\" font-size=\"10\" fill=\"#555\">"
+    const bool near_right = X > left + 0.92 * pw;  // keep the label inside the plot area
+    s << "<text x=\"" << (near_right ? X - 3 : X + 3) << "\" y=\"" << top + 12 << "\" "
+      << (near_right ? "text-anchor=\"end\" " : "") << "font-size=\"10\" fill=\"#555\">"
       << Escape(label) << "</text>\n";
   }
   s << "<text x=\"" << left + pw / 2 << "\" y=\"" << H - 12 << "\" text-anchor=\"middle\" "
@@ -313,8 +315,9 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
   std::vector<Table> tables;
   {
     Table t;
-    t.title = "Tail loss (nats/byte; same last " + std::to_string(p.tail) +
-              " targets at every length) and change from 1x, trained at L = " + std::to_string(L);
+    t.title =
+        "Tail loss (nats/byte; same last " + std::to_string(p.tail) +
+        " targets at every length); dNx = change from 1x; trained at L = " + std::to_string(L);
     t.header = {"encoding"};
     for (int64_t c : lengths) t.header.push_back(std::to_string(c));
     for (size_t i = 1; i < lengths.size(); ++i) {
