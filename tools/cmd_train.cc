@@ -21,6 +21,7 @@ struct TrainArgs {
   uint64_t seed = 1;
   int threads = 1;
   bool quiet = false;
+  int64_t stop_after = 0;
   // Model.
   int hidden_size = 128, layers = 4, heads = 4, kv_heads = 2, head_dim = 0;
   int intermediate_size = 352;
@@ -159,7 +160,17 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
                  static_cast<long long>(model->num_parameters()), all.size(), val.size(),
                  static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
   }
-  const auto log = Train(*model, state, a.tc, all, val, pool.get());
+  struct Stop {};
+  std::vector<TrainLogEntry> log;
+  try {
+    log = Train(*model, state, a.tc, all, val, pool.get(), [&](const TrainLogEntry& e) {
+      log.push_back(e);
+      if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
+    });
+  } catch (const Stop&) {
+    std::fprintf(stderr, "stopped after step %lld (--stop-after)\n",
+                 static_cast<long long>(state.step));
+  }
   if (!log.empty()) {
     std::printf("final step %lld  train loss %.4f", static_cast<long long>(log.back().step),
                 log.back().loss);
@@ -194,6 +205,10 @@ const CommandRegistration kTrain{
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();
       sub->add_flag("--quiet", a->quiet, "No progress lines");
+      sub->add_option("--stop-after", a->stop_after,
+                      "Stop after this step as if interrupted (the schedule still follows "
+                      "--steps); the checkpoint saved at a --checkpoint-interval step can then "
+                      "be continued with --resume");
       auto* m = "Model (new runs)";
       sub->add_option("--hidden-size", a->hidden_size, "d")->group(m)->capture_default_str();
       sub->add_option("--layers", a->layers, "Transformer layers")->group(m)->capture_default_str();

@@ -1,6 +1,7 @@
 // ModelConfig: derived fields, validation and the config.json form (Hugging Face
 // LlamaForCausalLM keys plus a "ropekit" object); ByteTokenizer; text file reading.
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -310,6 +311,9 @@ ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& n
 std::string ReadTextFiles(const std::vector<std::string>& paths) {
   std::string all;
   for (const std::string& path : paths) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) throw Error(path + ": file not found");
+    if (!std::filesystem::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
     std::ifstream in(path, std::ios::binary);
     if (!in) throw Error(path + ": cannot open the file for reading");
     std::ostringstream ss;
