@@ -50,11 +50,12 @@ std::vector<std::string> ParseRCharacterVector(std::string_view serialized,
 std::vector<std::pair<std::string, std::vector<std::string>>> ReadRLazyLoadDb(
     const std::string& rdb_path, const std::string& rdx_path);
 
-// The six novels of the janeaustenr package, training novels first and the held-out one
-// (Persuasion) last.
-const std::vector<std::string>& AustenNovels();
+// The six novels of the janeaustenr package as (R object name, file stem), training novels
+// first and the held-out one (Persuasion) last. The file stems are those scripts/get_corpus.sh
+// writes (e.g. "sense_and_sensibility"), so either tool fills the same cache.
+const std::vector<std::pair<std::string, std::string>>& AustenNovels();
 
-// Returns the paths of <data_dir>/austen/<novel>.txt for AustenNovels(), creating them when
+// Returns the paths of <data_dir>/austen/<stem>.txt for AustenNovels(), creating them when
 // missing: `apt-get download r-cran-janeaustenr` into data_dir, `dpkg-deb -x`, then
 // ReadRLazyLoadDb on data/Rdata.rdb (one line per element, joined with '\n'). Files are written
 // atomically. `log` (may be empty) receives progress lines.
@@ -65,6 +66,7 @@ struct StudyCorpus {
   std::vector<int32_t> train;     // byte tokens
   std::vector<int32_t> held_out;  // byte tokens
   std::string description;
+  uint64_t content_hash = 0;  // FNV-1a of both token streams: identifies the text, not the names
 };
 
 // Several files: the last one is held out, the others are concatenated for training. One file:

@@ -337,10 +337,11 @@ std::vector<std::pair<std::string, std::vector<std::string>>> ReadRLazyLoadDb(
   return out;
 }
 
-const std::vector<std::string>& AustenNovels() {
-  static const std::vector<std::string> kNovels = {"sensesensibility", "prideprejudice",
-                                                   "mansfieldpark",    "emma",
-                                                   "northangerabbey",  "persuasion"};
+const std::vector<std::pair<std::string, std::string>>& AustenNovels() {
+  static const std::vector<std::pair<std::string, std::string>> kNovels = {
+      {"sensesensibility", "sense_and_sensibility"}, {"prideprejudice", "pride_and_prejudice"},
+      {"mansfieldpark", "mansfield_park"},           {"emma", "emma"},
+      {"northangerabbey", "northanger_abbey"},       {"persuasion", "persuasion"}};
   return kNovels;
 }
 
@@ -349,8 +350,8 @@ std::vector<std::string> FetchAustenCorpus(const std::string& data_dir,
   const fs::path dir = fs::path(data_dir) / "austen";
   std::vector<std::string> paths;
   bool all = true;
-  for (const std::string& n : AustenNovels()) {
-    paths.push_back((dir / (n + ".txt")).string());
+  for (const auto& [object, stem] : AustenNovels()) {
+    paths.push_back((dir / (stem + ".txt")).string());
     all = all && fs::is_regular_file(paths.back());
   }
   if (all) return paths;
@@ -384,7 +385,7 @@ std::vector<std::string> FetchAustenCorpus(const std::string& data_dir,
   }
   const auto objects = ReadRLazyLoadDb(rdb.string(), rdx.string());
   for (size_t i = 0; i < AustenNovels().size(); ++i) {
-    const std::string& n = AustenNovels()[i];
+    const std::string& n = AustenNovels()[i].first;
     auto it =
         std::find_if(objects.begin(), objects.end(), [&](const auto& o) { return o.first == n; });
     if (it == objects.end()) throw Error(rdb.string() + ": no object named '" + n + "'");

@@ -93,20 +93,20 @@ StudyPreset GetStudyPreset(std::string_view name) {
     p.model.head_dim = 32;
     p.model.intermediate_size = 176;
     p.model.max_position_embeddings = 64;
-    p.train = PretrainConfig(1500, 16, 64, 100);
+    p.train = PretrainConfig(3000, 16, 64, 100);
     p.train.eval_interval = 250;
     p.train.checkpoint_interval = 500;
     p.tail_windows = 48;
     p.tail = 32;
     p.max_windows = 32;
     p.bucket_size = 8;
-    p.finetune = FinetuneConfig(p.train, 4, 150, 10);
+    p.finetune = FinetuneConfig(p.train, 4, 200, 10);
     p.finetune.eval_interval = 50;
     p.finetune.checkpoint_interval = 50;
-    p.finetune_steps = {50, 100, 150};
+    p.finetune_steps = {50, 100, 200};
     p.description =
         "small model (d 64, 2 layers, 2/1 heads, head_dim 32), L = 64, "
-        "1500 steps x 1024 tokens; fine-tune 150 steps at 256";
+        "3000 steps x 1024 tokens; fine-tune 200 steps at 256";
   } else if (name == "micro") {
     p.model = ProtocolModel();
     p.model.hidden_size = 32;

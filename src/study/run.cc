@@ -92,7 +92,9 @@ class Runner {
     Json base;
     base["preset"] = p_.name;
     base["seed"] = o_.seed;
-    base["corpus"] = corpus_.description;
+    base["corpus"] = {{"train_bytes", corpus_.train.size()},
+                      {"held_out_bytes", corpus_.held_out.size()},
+                      {"fnv1a", corpus_.content_hash}};
     base["eval"] = {{"multipliers", p_.eval_multipliers},
                     {"tail_windows", p_.tail_windows},
                     {"tail", p_.tail},
