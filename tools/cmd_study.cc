@@ -15,8 +15,8 @@ int RunStudyCommand(const study::StudyOptions& o) {
   const study::StudyResult r = study::RunStudy(o);
   const study::StudyPreset preset = study::GetStudyPreset(o.preset);
   std::printf("%s", study::SummaryTables(preset, r.records).c_str());
-  std::printf("\n%zu runs computed, %zu reused; %.0f s\n", r.trained_units.size(),
-              r.reused_units.size(), r.seconds);
+  std::printf("\n%zu runs computed, %zu reused; %.0f s (compute time of all runs: %.0f s)\n",
+              r.trained_units.size(), r.reused_units.size(), r.seconds, r.compute_seconds);
   std::printf("results: %s/results.json, %s/results.csv\nreport:  %s/report.html\n", o.out.c_str(),
               o.out.c_str(), o.out.c_str());
   return 0;

@@ -175,7 +175,8 @@ struct StudyResult {
   std::vector<TrainCurve> curves;
   std::vector<std::string> reused_units;   // finished units found on disk
   std::vector<std::string> trained_units;  // units run now
-  double seconds = 0;
+  double seconds = 0;                      // this invocation
+  double compute_seconds = 0;  // sum of the wall times of every unit, reused ones included
 };
 
 // Runs (or resumes) the whole study and writes results.json, results.csv, curves.json and

@@ -516,8 +516,10 @@ std::string ReportHtml(const StudyPreset& p, const StudyResult& result,
         series.push_back(s);
       }
       add_plot(spec, series,
-               "The RoPE model evaluated with each scaling, factor s = evaluation length / L "
-               "(dynamic NTK recomputes it per forward pass).");
+               "The RoPE model evaluated with each scaling, factor s = evaluation length / L. "
+               "Dynamic NTK recomputes s = (window length) / L per forward pass; every window "
+               "here has exactly the evaluation length, so it coincides with NTK-aware at the "
+               "matched s (they differ in incremental decoding).");
     }
     {
       const int64_t target = p.extension_factor * L;
@@ -585,42 +587,69 @@ std::string ReportHtml(const StudyPreset& p, const StudyResult& result,
     }
     add_plot(spec, series, "Held-out loss at the training length during pre-training.");
   }
-  // RoFormer long-term decay from the model's inverse frequencies.
+  // RoFormer long-term decay from the model's inverse frequencies: the raw curve (as in the
+  // paper's Fig. 2), then the scaled frequencies as moving means (the raw curves oscillate).
   {
     body << "<h2>RoPE long-term decay</h2>\n";
     const RopeParams& base = rope_model.position_encoding.rope;
     const int64_t rmax = lengths.back();
+    std::vector<std::pair<double, std::string>> marks;
+    for (int64_t m : p.eval_multipliers) {
+      marks.emplace_back(static_cast<double>(m * L), std::to_string(m) + "L");
+    }
+    std::vector<std::pair<std::string, double>> variants = {{"none", 1.0}};
+    for (const char* sc : {"linear", "ntk", "yarn", "llama3"}) {
+      variants.emplace_back(sc, static_cast<double>(p.extension_factor));
+    }
+    const int64_t window = std::max<int64_t>(4, L / 4);
+    std::vector<Series> raw, smooth;
+    for (const auto& [sc, s] : variants) {
+      const RopeFrequencies f = ComputeFrequencies(ScaledRope(base, sc, s, L), Numerics::kExact);
+      const std::vector<double> curve = RopeDecayCurve(f.inv_freq, rmax);
+      const std::string name = ScalingLabel(sc) + (sc == "none" ? "" : " s=" + Fmt("%.0f", s));
+      if (sc == "none") {
+        Series ser{name, {}, false};
+        for (size_t r = 0; r < curve.size(); ++r) {
+          ser.points.emplace_back(static_cast<double>(r), curve[r]);
+        }
+        raw.push_back(ser);
+      }
+      Series ms{name, {}, false};
+      double sum = 0;
+      for (size_t r = 0; r < curve.size(); ++r) {
+        sum += curve[r];
+        if (r >= static_cast<size_t>(window)) sum -= curve[r - window];
+        if (r + 1 >= static_cast<size_t>(window)) {
+          ms.points.emplace_back(static_cast<double>(r) - 0.5 * static_cast<double>(window - 1),
+                                 sum / static_cast<double>(window));
+        }
+      }
+      smooth.push_back(ms);
+    }
     PlotSpec spec;
     spec.id = "plot-decay";
     spec.title =
         "RoFormer decay bound of the model's RoPE (R = " + std::to_string(base.rotary_dim) + ")";
     spec.xlabel = "relative distance r";
     spec.ylabel = "(1/N) sum_j |S_j(r)|";
-    for (int64_t m : p.eval_multipliers) {
-      spec.vlines.emplace_back(static_cast<double>(m * L), std::to_string(m) + "L");
-    }
-    std::vector<Series> series;
-    std::vector<std::pair<std::string, double>> variants = {{"none", 1.0}};
-    for (const char* sc : {"linear", "ntk", "yarn", "llama3"}) {
-      variants.emplace_back(sc, static_cast<double>(p.extension_factor));
-    }
-    for (const auto& [sc, s] : variants) {
-      const RopeFrequencies f = ComputeFrequencies(ScaledRope(base, sc, s, L), Numerics::kExact);
-      const std::vector<double> curve = RopeDecayCurve(f.inv_freq, rmax);
-      Series ser{ScalingLabel(sc) + (sc == "none" ? "" : " s=" + Fmt("%.0f", s)), {}, sc != "none"};
-      for (size_t r = 0; r < curve.size(); ++r) {
-        ser.points.emplace_back(static_cast<double>(r), curve[r]);
-      }
-      series.push_back(ser);
-    }
-    add_plot(
-        spec, series,
-        "Su et al. sec. 3.4.3: the relative upper bound (1/N) sum_{j=1..N} |sum_{i<j} "
-        "exp(i r theta_i)| computed from the inverse frequencies the model actually uses "
-        "(base " +
-            Fmt("%g", base.base) + ", N = " + std::to_string(base.rotary_dim / 2) +
-            " pairs), and for the scaled frequencies at s = " + std::to_string(p.extension_factor) +
-            " (YaRN's attention factor is not part of the bound).");
+    spec.vlines = marks;
+    add_plot(spec, raw,
+             "Su et al. sec. 3.4.3: the relative upper bound (1/N) sum_{j=1..N} |sum_{i<j} "
+             "exp(i r theta_i)| computed from the inverse frequencies the model actually uses "
+             "(base " +
+                 Fmt("%g", base.base) + ", N = " + std::to_string(base.rotary_dim / 2) +
+                 " pairs). Oscillating, decaying on average: its value at r = 0 is (N + 1) / 2.");
+    PlotSpec sspec = spec;
+    sspec.id = "plot-decay-scaled";
+    sspec.title =
+        "Decay bound of the scaled frequencies (moving mean over " + std::to_string(window) + ")";
+    add_plot(sspec, smooth,
+             "The same bound for the inverse frequencies of each scaling at s = " +
+                 std::to_string(p.extension_factor) + ", averaged over windows of " +
+                 std::to_string(window) +
+                 " distances. Interpolation stretches the curve: the decay reached at distance r "
+                 "by plain RoPE is reached later (YaRN's attention factor is not part of the "
+                 "bound).");
   }
 
   std::ostringstream html;
@@ -638,15 +667,23 @@ std::string ReportHtml(const StudyPreset& p, const StudyResult& result,
        << ". Corpus: " << Escape(corpus_description)
        << ". Byte-level tokens; losses in nats per byte. " << result.trained_units.size()
        << " runs computed now, " << result.reused_units.size() << " reused from earlier runs; "
-       << Fmt("%.0f", result.seconds) << " s.</p>\n";
-  html
-      << "<p>Encodings: learned absolute (a table of 8L rows; rows at positions &ge; L never "
-         "receive a gradient and keep their initial values, shrunk only by the decoupled weight "
-         "decay), sinusoidal (token embeddings scaled by sqrt(d)), NoPE, RoPE (base 10000), ALiBi, "
-         "T5 bias (32 buckets, max distance L). Every model has the same architecture, data "
-         "order and budget. The tail protocol scores the same last "
-      << p.tail << " targets of " << p.tail_windows
-      << " fixed windows at every evaluation length (Kazemnejad et al. 2023, App. F).</p>\n";
+       << "compute time of all runs " << Fmt("%.0f", result.compute_seconds) << " s, this "
+       << "invocation " << Fmt("%.0f", result.seconds) << " s.</p>\n";
+  // Rows of the learned table at positions >= L get no gradient (their Adam moments stay 0), so
+  // AdamW only applies the decoupled decay p <- p (1 - lr_t wd) to them.
+  double shrink = 1.0;
+  for (int64_t step = 0; step < p.train.steps; ++step) {
+    shrink *= 1.0 - LearningRate(p.train, step) * p.train.weight_decay;
+  }
+  html << "<p>Encodings: learned absolute (a table of 8L rows; rows at positions &ge; L never "
+          "receive a gradient: they keep their random initial values, multiplied only by the "
+          "decoupled weight decay, a factor "
+       << Fmt("%.3f", shrink)
+       << " over the run; nothing is clamped), sinusoidal (token embeddings scaled by sqrt(d)), "
+          "NoPE, RoPE (base 10000), ALiBi, T5 bias (32 buckets, max distance L). Every model has "
+          "the same architecture, data order and budget. The tail protocol scores the same last "
+       << p.tail << " targets of " << p.tail_windows
+       << " fixed windows at every evaluation length (Kazemnejad et al. 2023, App. F).</p>\n";
   html << "<h2>Tables</h2>\n";
   for (const Table& t : BuildTables(p, rec)) {
     html << "<h3>" << Escape(t.title) << "</h3>\n" << HtmlTable(t.header, t.rows);

@@ -156,6 +156,7 @@ class Runner {
 
   UnitState Prepare(const std::string& unit, const std::string& fingerprint) {
     ++unit_index_;
+    unit_start_ = Clock::now();
     const fs::path dir = UnitDir(unit);
     if (fs::exists(dir / "DONE")) {
       if (ReadFile(dir / "DONE") != fingerprint) {
@@ -186,6 +187,14 @@ class Runner {
       AddCurve(curve_name,
                LogFromJson(ReadFile(dir / "train_log.json"), (dir / "train_log.json").string()));
     }
+    if (fs::exists(dir / "timing.json")) {
+      try {
+        result_.compute_seconds +=
+            Json::parse(ReadFile(dir / "timing.json")).at("seconds").get<double>();
+      } catch (const nlohmann::json::exception& e) {
+        throw Error((dir / "timing.json").string() + ": " + e.what());
+      }
+    }
     result_.reused_units.push_back(unit);
     Log(Prefix(unit) + ": finished earlier, reusing " + dir.string());
   }
@@ -193,6 +202,9 @@ class Runner {
   void Finish(const std::string& unit, const std::string& fingerprint,
               const std::vector<StudyRecord>& records) {
     const fs::path dir = UnitDir(unit);
+    const double seconds = std::chrono::duration<double>(Clock::now() - unit_start_).count();
+    result_.compute_seconds += seconds;
+    WriteAtomic(dir / "timing.json", Json({{"seconds", seconds}}).dump() + "\n");
     WriteAtomic(dir / "records.json", RecordsToJson(records));
     WriteAtomic(dir / "DONE", fingerprint);  // the completion marker, last
     result_.records.insert(result_.records.end(), records.begin(), records.end());
@@ -420,6 +432,7 @@ class Runner {
   std::vector<int64_t> ends_;
   Json base_fingerprint_;
   int unit_index_ = 0, total_units_ = 0;
+  Clock::time_point unit_start_;  // wall time of this invocation's part of the current unit
   StudyResult result_;
 };
 

@@ -36,7 +36,8 @@ FT_STEPS = [5, 10]
 L = 16
 LENGTHS = [16, 32, 64, 128]
 PLOTS = ["plot-tail-loss", "plot-window-loss", "plot-position-loss", "plot-extension",
-         "plot-finetune", "plot-finetune-train", "plot-pretrain", "plot-decay"]
+         "plot-finetune", "plot-finetune-train", "plot-pretrain", "plot-decay",
+         "plot-decay-scaled"]
 UNITS = ([f"pretrain-{e}" for e in ENCODINGS] + [f"extend-{s}" for s in SCALINGS] +
          [f"finetune-{s}-{k}" for s in FT_SCALINGS for k in FT_STEPS])
 
