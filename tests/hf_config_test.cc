@@ -354,6 +354,9 @@ TEST(HfConfig, Errors) {
   ExpectError(
       R"({"model_type":"llama","rope_theta":1e4,"hidden_size":-4096,"num_attention_heads":32})",
       "hidden_size must be an integer");
+  ExpectError(R"({"model_type":"llama","rope_theta":1e4,"head_dim":64,"num_attention_heads":32,
+                  "num_key_value_heads":5})",
+              "num_key_value_heads must divide num_attention_heads = 32 (got 5)");
   ExpectError(R"({"model_type":"llama","rope_theta":1e4,"hidden_size":4096})",
               "head_dim is missing and hidden_size / num_attention_heads cannot be formed");
   ExpectError(R"({"model_type":"llama","rope_theta":1e4,"head_dim":3.5})",
@@ -400,6 +403,8 @@ TEST(HfConfig, LoadNamesThePath) {
   EXPECT_THAT([&] { LoadHfConfig(path); },
               ::testing::ThrowsMessage<Error>(HasSubstr(path + ": rope_theta must be")));
   std::remove(path.c_str());
+  EXPECT_THAT([&] { LoadHfConfig(::testing::TempDir()); },
+              ::testing::ThrowsMessage<Error>(HasSubstr(": is a directory")));
   EXPECT_THAT([&] { LoadHfConfig(path); },
               ::testing::ThrowsMessage<Error>(HasSubstr(path + ": cannot open")));
 }

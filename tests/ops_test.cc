@@ -191,6 +191,7 @@ struct AttentionCase {
   const char* name;
   PositionEncodingKind kind;
   int64_t heads, kv_heads, tq, tk;
+  int64_t key_stride = 1;  // key j at position key_stride * j + (key_stride - 1)
 };
 
 class OpsAttention : public ::testing::TestWithParam<AttentionCase> {};
@@ -211,8 +212,9 @@ TEST_P(OpsAttention, ForwardBackwardMatchReferenceAndFiniteDifferences) {
        v = Random(B * Tk * Hkv * D, 22), dout = Random(B * Tq * H * D, 23);
   // Queries are the last Tq of the Tk positions (a decode step when Tq < Tk).
   std::vector<int64_t> qpos(Tq), kpos(Tk);
-  for (int64_t j = 0; j < Tk; ++j) kpos[j] = j;
-  for (int64_t i = 0; i < Tq; ++i) qpos[i] = Tk - Tq + i;
+  // Non-contiguous keys (stride > 1) take the hooks' per-key path, contiguous ones the range path.
+  for (int64_t j = 0; j < Tk; ++j) kpos[j] = tc.key_stride * j + (tc.key_stride - 1);
+  for (int64_t i = 0; i < Tq; ++i) qpos[i] = kpos[Tk - Tq + i];
   ops::AttentionArgs a;
   a.batch = B;
   a.tq = Tq;
@@ -321,7 +323,9 @@ INSTANTIATE_TEST_SUITE_P(
                       AttentionCase{"gqa_alibi", PositionEncodingKind::kAlibi, 4, 2, 11, 11},
                       AttentionCase{"mqa_t5", PositionEncodingKind::kT5, 4, 1, 7, 7},
                       AttentionCase{"gqa_t5_decode", PositionEncodingKind::kT5, 6, 2, 3, 19},
-                      AttentionCase{"decode_one", PositionEncodingKind::kAlibi, 2, 1, 1, 23}),
+                      AttentionCase{"decode_one", PositionEncodingKind::kAlibi, 2, 1, 1, 23},
+                      AttentionCase{"strided_t5", PositionEncodingKind::kT5, 4, 2, 5, 9, 3},
+                      AttentionCase{"strided_alibi", PositionEncodingKind::kAlibi, 2, 2, 9, 9, 2}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(OpsAttention, RejectsBadHeadCounts) {

@@ -33,6 +33,13 @@ void ExpectError(Fn&& fn, std::vector<std::string> parts) {
   }
 }
 
+PositionEncoding MakeAlibi(int heads) {
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kAlibi;
+  spec.num_heads = heads;
+  return PositionEncoding(spec);
+}
+
 // ----------------------------------------------------------------------------------------------
 // Names and sites.
 
@@ -138,6 +145,25 @@ TEST(PositionEncodingTest, NoneAndRopeHooksDoNothing) {
   }
 }
 
+TEST(PositionEncodingTest, RopeFrequenciesComeFromTheSpec) {
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kRope;
+  spec.rope.head_dim = 16;
+  spec.rope.rotary_dim = 8;
+  spec.rope.base = 500000.0;
+  const PositionEncoding pe(spec);
+  EXPECT_TRUE(pe.acts_on_query_key());
+  const RopeFrequencies freq = pe.RopeFrequenciesFor(100);
+  ASSERT_EQ(freq.inv_freq.size(), 4u);
+  EXPECT_EQ(freq.rotary_dim, 8);
+  for (int i = 0; i < 4; ++i) {
+    // w_i = base^(-2i/R) (RoFormer), in long double; kExact keeps double precision.
+    const long double w = std::pow(500000.0L, -2.0L * i / 8);
+    EXPECT_NEAR(freq.inv_freq[i], static_cast<double>(w), 4e-16 * static_cast<double>(w)) << i;
+  }
+  ExpectError([] { MakeAlibi(2).RopeFrequenciesFor(); }, {"alibi", "not rope"});
+}
+
 // ----------------------------------------------------------------------------------------------
 // ALiBi.
 
@@ -201,13 +227,6 @@ TEST(AlibiTest, SlopeRuleForAnyHeadCount) {
   ExpectError([] { AlibiSlopes(0); }, {"num_heads", "0"});
 }
 
-PositionEncoding MakeAlibi(int heads) {
-  PositionEncodingSpec spec;
-  spec.kind = PositionEncodingKind::kAlibi;
-  spec.num_heads = heads;
-  return PositionEncoding(spec);
-}
-
 // bias(i, j) = -m (i - j), rounded once to float: within half an ulp of the long double value.
 TEST(AlibiTest, BiasMatchesFormulaAtLargePositions) {
   const PositionEncoding pe = MakeAlibi(12);
@@ -268,6 +287,60 @@ TEST(RelativeBiasTest, DependsOnlyOnDistance) {
       }
     }
   }
+}
+
+// The contiguous-key overloads equal the PositionSpan ones bit for bit, forward and backward,
+// including rows that cross the ends of T5's bucket table (|r| = max_distance = 128) and
+// positions near 2^31 - 1.
+TEST(RelativeBiasTest, KeyRangeOverloadsEqualSpanOverloads) {
+  PositionEncodingSpec t5;
+  t5.kind = PositionEncodingKind::kT5;
+  t5.num_heads = 3;
+  // max_distance 200000 exceeds the 65536 tabulated distances: buckets beyond are computed.
+  for (auto [bidirectional, max_distance] :
+       {std::pair{false, 128}, std::pair{true, 128}, std::pair{false, 200000}}) {
+    t5.bidirectional = bidirectional;
+    t5.max_distance = max_distance;
+    const PositionEncoding t5_pe(t5);
+    std::vector<float> table(t5_pe.num_parameters());
+    t5_pe.InitParameters(11, table);
+    const PositionEncoding alibi_pe = MakeAlibi(5);
+    struct Case {
+      int64_t query, first, count;
+    };
+    const Case cases[] = {{0, 0, 1},        {5, 0, 6},
+                          {300, 0, 301},    {300, 100, 500},
+                          {131101, 0, 400}, {131101, 130900, 202},
+                          {10, 20, 0},      {kMaxPosition, kMaxPosition - 299, 300},
+                          {65600, 0, 200},  {65600, 65400, 400}};
+    for (const Case& c : cases) {
+      std::vector<int64_t> keys(c.count);
+      for (int64_t j = 0; j < c.count; ++j) keys[j] = c.first + j;
+      for (int head = 0; head < 3; ++head) {
+        for (const PositionEncoding* pe : {&t5_pe, &alibi_pe}) {
+          const std::span<const float> params =
+              pe == &t5_pe ? std::span<const float>(table) : std::span<const float>();
+          std::vector<float> a(c.count), b;
+          for (int64_t j = 0; j < c.count; ++j) a[j] = static_cast<float>(std::cos(0.3 * j));
+          b = a;
+          pe->AddLogitBias(c.query, keys, head, params, a.data());
+          pe->AddLogitBias(c.query, c.first, c.count, head, params, b.data());
+          ASSERT_EQ(a, b) << PositionEncodingKindName(pe->kind()) << " query " << c.query
+                          << " first " << c.first;
+        }
+        std::vector<float> grad(c.count), ga(table.size(), 0.5f), gb = ga;
+        for (int64_t j = 0; j < c.count; ++j) grad[j] = static_cast<float>(std::sin(0.7 * j));
+        t5_pe.AddLogitBiasBackward(c.query, keys, head, grad.data(), ga);
+        t5_pe.AddLogitBiasBackward(c.query, c.first, c.count, head, grad.data(), gb);
+        ASSERT_EQ(ga, gb) << "t5 backward query " << c.query << " first " << c.first;
+      }
+    }
+  }
+  const PositionEncoding alibi_pe = MakeAlibi(2);
+  std::vector<float> row(4);
+  ExpectError([&] { alibi_pe.AddLogitBias(3, 0, -1, 0, {}, row.data()); }, {"num_keys"});
+  ExpectError([&] { alibi_pe.AddLogitBias(3, -2, 4, 0, {}, row.data()); }, {"first_key", "-2"});
+  ExpectError([&] { alibi_pe.AddLogitBias(3, kMaxPosition, 2, 0, {}, row.data()); }, {"key"});
 }
 
 // ----------------------------------------------------------------------------------------------

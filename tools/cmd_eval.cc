@@ -24,6 +24,7 @@ struct EvalArgs {
   int threads = 1;
   bool json = false;
   RopeOverrideArgs rope;
+  bool bf16 = false;
   std::string dump_tokens, dump_logits, dump_grads;
 };
 
@@ -98,6 +99,7 @@ int RunEval(const EvalArgs& a) {
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
   Model model = LoadModel(a.model, lo);
+  if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
   if (!a.dump_tokens.empty()) return RunDump(a, model, pool.get());
   if (!a.dump_logits.empty() || !a.dump_grads.empty()) {
     throw Error("--dump-logits / --dump-grads need --dump-tokens");
@@ -176,6 +178,7 @@ const CommandRegistration kEval{
           ->capture_default_str();
       sub->add_flag("--json", a->json, "Print the results as JSON");
       AddRopeOverrideOptions(sub, a->rope);
+      sub->add_flag("--bf16", a->bf16, "bfloat16 matmul operands (float32 accumulation)");
       auto* d = "Debug dumps (for comparisons with other implementations)";
       sub->add_option("--dump-tokens", a->dump_tokens,
                       "int32/int64 .npy [B, T + 1]: inputs are the first T columns, targets the "

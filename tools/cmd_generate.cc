@@ -18,6 +18,7 @@ struct GenerateArgs {
   int threads = 1;
   bool stats = false;
   RopeOverrideArgs rope;
+  bool bf16 = false;
 };
 
 int RunGenerate(const GenerateArgs& a) {
@@ -26,6 +27,7 @@ int RunGenerate(const GenerateArgs& a) {
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
   Model model = LoadModel(a.model, lo);
+  if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
   if (!a.prompt.empty() && !a.prompt_file.empty()) {
     throw Error("--prompt and --prompt-file cannot be combined");
   }
@@ -74,6 +76,7 @@ const CommandRegistration kGenerate{
           ->capture_default_str();
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
       AddRopeOverrideOptions(sub, a->rope);
+      sub->add_flag("--bf16", a->bf16, "bfloat16 matmul operands (float32 accumulation)");
       return [a] { return RunGenerate(*a); };
     }};
 

@@ -8,12 +8,15 @@
 //   ropekit pe --kind t5 --seq-len T [--num-buckets B] [--max-distance M] [--bidirectional]
 //                                                                      -> int64 buckets [T, T]
 //   ropekit pe --kind rope --seq-len T --dim D [--base N]              -> float32 [T, D]
+//   ropekit pe --kind rope --seq-len T --config CONFIG.json            -> float32 [T, R]
 //   ropekit pe --kind none
 //
 // Bias and bucket entry [h, i, j] / [i, j] is for query position i and key position j (bucket of
 // j - i); every (i, j) is given, the causal mask is not applied. The rope table row p is
-// [cos_0 .. cos_{N-1} | sin_0 .. sin_{N-1}] (RopeTable's row layout, N = D / 2), default rope
-// type, exact numerics. Without --output the values are printed (human-readable, or JSON with
+// [cos_0 .. cos_{N-1} | sin_0 .. sin_{N-1}] (RopeTable's row layout, N = R / 2, attention factor
+// applied), exact numerics; with --dim/--base the default rope type and R = D, with --config the
+// config's rope type, rotary dimension and scaling (length-dependent types use --seq-len). Without
+// --output the values are printed (human-readable, or JSON with
 // --json); with --output they are written as .npy. Every invalid option is a one-line error
 // naming it (exit code 1).
 #include <algorithm>
@@ -29,6 +32,7 @@
 #include <string>
 #include <vector>
 
+#include "ropekit/hf_config.h"
 #include "ropekit/position_encoding.h"
 #include "ropekit/rope.h"
 #include "src/util/npy.h"
@@ -46,6 +50,7 @@ struct PeOptions {
   std::string kind;
   std::string seq_len, dim, heads, base, num_buckets, max_distance, seed, init_std;
   bool bidirectional = false;
+  std::string config;
   std::string output;
   bool json = false;
 };
@@ -188,7 +193,7 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       {PositionEncodingKind::kAlibi, {"--heads", "--seq-len"}},
       {PositionEncodingKind::kT5,
        {"--seq-len", "--num-buckets", "--max-distance", "--bidirectional"}},
-      {PositionEncodingKind::kRope, {"--seq-len", "--dim", "--base"}},
+      {PositionEncodingKind::kRope, {"--seq-len", "--dim", "--base", "--config"}},
   };
   for (const auto& [option, present] : given) {
     if (present && !kAccepted.at(kind).count(option)) {
@@ -331,15 +336,28 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
     }
     case PositionEncodingKind::kRope: {
       require("--seq-len");
-      require("--dim");
       const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
       RopeParams params;
-      params.head_dim = static_cast<int>(ParseInt("--dim", o.dim, 2, 1 << 20));
-      if (params.head_dim % 2 != 0) throw Error("--dim: " + o.dim + " must be even for rope");
-      params.rotary_dim = params.head_dim;
-      if (given.at("--base")) params.base = ParseNumber("--base", o.base);
-      if (!(params.base > 1.0)) throw Error("--base: " + o.base + " must be > 1");
-      params.max_position_embeddings = seq_len;
+      if (given.at("--config")) {
+        for (const char* option : {"--dim", "--base"}) {
+          if (given.at(option)) {
+            throw Error(std::string(option) +
+                        ": does not apply with --config (the config sets it)");
+          }
+        }
+        params = LoadHfConfig(o.config).params;
+        info["config"] = o.config;
+        info["rope_type"] = std::string(RopeTypeName(params.type));
+      } else {
+        require("--dim");
+        params.head_dim = static_cast<int>(ParseInt("--dim", o.dim, 2, 1 << 20));
+        if (params.head_dim % 2 != 0) throw Error("--dim: " + o.dim + " must be even for rope");
+        params.rotary_dim = params.head_dim;
+        if (given.at("--base")) params.base = ParseNumber("--base", o.base);
+        if (!(params.base > 1.0)) throw Error("--base: " + o.base + " must be > 1");
+        params.max_position_embeddings = seq_len;
+      }
+      // seq_len selects the length-dependent frequencies (dynamic NTK, LongRoPE long factors).
       const RopeTable rope(ComputeFrequencies(params, Numerics::kExact, seq_len));
       const int n = rope.num_pairs();
       table.shape = {seq_len, 2 * n};
@@ -351,10 +369,12 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
         table.values.insert(table.values.end(), cos.begin(), cos.end());
         table.values.insert(table.values.end(), sin.begin(), sin.end());
       }
+      info["attention_factor"] = rope.frequencies().attention_factor;
       info["seq_len"] = seq_len;
       info["dim"] = params.head_dim;
+      info["rotary_dim"] = params.rotary_dim;
       info["base"] = params.base;
-      info["layout"] = "[cos_0..cos_{N-1} | sin_0..sin_{N-1}]";
+      info["row_layout"] = "[cos_0..cos_{N-1} | sin_0..sin_{N-1}]";
       table_name = "table";
       break;
     }
@@ -417,6 +437,8 @@ const CommandRegistration kRegistration(
       (*options)["--seed"] = sub->add_option("--seed", o->seed, "learned init seed (default 0)");
       (*options)["--init-std"] =
           sub->add_option("--init-std", o->init_std, "learned init std (default 0.02)");
+      (*options)["--config"] = sub->add_option(
+          "--config", o->config, "rope: Hugging Face config.json (instead of --dim/--base)");
       sub->add_option("--output", o->output, "write the table as .npy instead of printing");
       sub->add_flag("--json", o->json, "print JSON");
       return [o, options]() {

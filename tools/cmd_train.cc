@@ -2,6 +2,7 @@
 // a checkpoint (fine-tuning, optionally with a new RoPE scaling) or resuming an interrupted run.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@ struct TrainArgs {
   int threads = 1;
   bool quiet = false;
   int64_t stop_after = 0;
+  std::string log_file;
   // Model.
   int hidden_size = 128, layers = 4, heads = 4, kv_heads = 2, head_dim = 0;
   int intermediate_size = 352;
@@ -114,6 +116,7 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
     keep("--eval-interval", a.tc.eval_interval, saved.eval_interval);
     keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
     keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
+    keep("--bf16", a.tc.bf16, saved.bf16);
     if (state.step >= a.tc.steps) {
       std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
                    static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
@@ -162,9 +165,26 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
   }
   struct Stop {};
   std::vector<TrainLogEntry> log;
+  std::ofstream log_out;
+  if (!a.log_file.empty()) {
+    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);
+    if (!log_out) throw Error("--log " + a.log_file + ": cannot open the file for writing");
+  }
   try {
     log = Train(*model, state, a.tc, all, val, pool.get(), [&](const TrainLogEntry& e) {
       log.push_back(e);
+      if (log_out.is_open()) {
+        char line[256];
+        std::snprintf(line, sizeof(line),
+                      "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
+                      static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
+        log_out << line;
+        if (e.val_loss >= 0) {
+          std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
+          log_out << line;
+        }
+        log_out << "}\n" << std::flush;
+      }
       if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
     });
   } catch (const Stop&) {
@@ -205,6 +225,9 @@ const CommandRegistration kTrain{
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();
       sub->add_flag("--quiet", a->quiet, "No progress lines");
+      sub->add_option("--log", a->log_file,
+                      "Write one JSON line per step (step, loss, lr, grad_norm, val_loss when "
+                      "validated); appended to with --resume");
       sub->add_option("--stop-after", a->stop_after,
                       "Stop after this step as if interrupted (the schedule still follows "
                       "--steps); the checkpoint saved at a --checkpoint-interval step can then "
@@ -302,6 +325,10 @@ const CommandRegistration kTrain{
                       "Save every N steps (0 = at the end only)")
           ->group(t)
           ->capture_default_str();
+      sub->add_flag("--bf16", a->tc.bf16,
+                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and master "
+                    "weights")
+          ->group(t);
       sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
           ->group(t)
           ->capture_default_str();

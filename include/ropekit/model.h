@@ -100,6 +100,13 @@ struct TensorInfo {
 
 class KVCache;
 
+// Precision of the matrix-product operands. kBf16 is mixed precision as in bf16 autocast: the
+// inputs of every projection / head matmul (weights, activations and, in the backward, output
+// gradients) are rounded to bfloat16 (round to nearest even); products are exact in float32 and
+// accumulate in float32; master weights, optimizer state, norms, softmax and attention scores
+// stay float32. Numerics only: the products still run through float32 sgemm.
+enum class MatmulPrecision { kF32, kBf16 };
+
 class Model {
  public:
   // Builds the model and initialises the weights deterministically from `seed`.
@@ -119,6 +126,9 @@ class Model {
   // Replaces the RoPE parameters (e.g. PI / YaRN scaling at load time or for fine-tuning).
   // Requires a RoPE model; head_dim must match. Throws Error otherwise.
   void SetRopeParams(const RopeParams& params);
+
+  void set_matmul_precision(MatmulPrecision precision);
+  MatmulPrecision matmul_precision() const;
 
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
@@ -185,6 +195,7 @@ struct TrainConfig {
   int64_t eval_batches = 8;         // validation windows = eval_batches * batch_size, fixed
   int64_t checkpoint_interval = 0;  // 0 = only at the end (when checkpoint_dir is set)
   std::string checkpoint_dir;       // "" = no checkpoints
+  bool bf16 = false;                // MatmulPrecision::kBf16 during training and validation
   bool progress = false;            // one progress line per log_interval steps on stderr
   int64_t log_interval = 10;
 

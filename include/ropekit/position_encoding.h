@@ -170,6 +170,9 @@ class PositionEncoding {
   const std::vector<double>& alibi_slopes() const { return slopes_; }
   // Bucket of T5 for key_position - query_position under this spec (t5 only).
   int Bucket(int64_t relative_position) const;
+  // rope only: ComputeFrequencies(spec.rope, spec.rope_numerics, seq_len), for the RopeTable the
+  // model passes to ApplyRope (with spec.rope_layout) on q and k.
+  RopeFrequencies RopeFrequenciesFor(int64_t seq_len = 0) const;
 
   // Embedding hook. embeddings: [T, d] rows, row t at embeddings + t * row_stride
   // (row_stride >= d). Row t becomes scale * x_t + P[positions[t]] (computed in double, rounded
@@ -194,7 +197,19 @@ class PositionEncoding {
   void AddLogitBiasBackward(int64_t query_position, PositionSpan key_positions, int head,
                             const float* grad_logits, std::span<float> grad_params) const;
 
+  // The same two hooks for the contiguous keys first_key, first_key + 1, ...,
+  // first_key + num_keys - 1 (a full causal pass: first_key = 0, num_keys = i + 1; KV-cache
+  // decoding: the cached range). Bitwise identical to the PositionSpan versions, and several
+  // times faster: no position is read or checked per key, and T5 buckets come from a table or
+  // are the constant end buckets beyond max_distance. The model's attention should use these.
+  void AddLogitBias(int64_t query_position, int64_t first_key, int64_t num_keys, int head,
+                    std::span<const float> params, float* logits) const;
+  void AddLogitBiasBackward(int64_t query_position, int64_t first_key, int64_t num_keys, int head,
+                            const float* grad_logits, std::span<float> grad_params) const;
+
  private:
+  void CheckLogitArgs(int64_t query_position, int head) const;
+  void CheckKeyRange(int64_t first_key, int64_t num_keys) const;
   void CheckParams(size_t size, const char* what) const;
   int64_t LearnedRow(int64_t position) const;
 

@@ -127,7 +127,9 @@ inline constexpr int64_t kMaxPosition = 2147483647;  // 2^31 - 1
 // A cos/sin table shared read-only by every head, layer and thread. Rows for positions below
 // capacity() are precomputed; Reserve() grows it safely (readers keep the rows they hold). Rows
 // for positions beyond the table are computed on the fly with identical values, so any position
-// in [0, kMaxPosition] is valid.
+// in [0, kMaxPosition] is valid. ApplyRope grows the table when a call needs few new rows
+// compared with its work (at most max(16384, 4 T)), e.g. prefill or step-by-step decoding, and
+// computes isolated far positions on the fly; call Reserve() to precompute a range up front.
 class RopeTable {
  public:
   // Row layout: [cos_0 .. cos_{N-1} | sin_0 .. sin_{N-1}], attention factor applied, padded to

@@ -19,6 +19,7 @@
 
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
+#include "src/util/half.h"
 
 namespace ropekit {
 namespace {
@@ -168,6 +169,11 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
   w.train = train;
 }
 
+void Model::Impl::RoundOperand(float* x, int64_t n) const {
+  if (precision != MatmulPrecision::kBf16) return;
+  for (int64_t i = 0; i < n; ++i) x[i] = Bf16ToFloat(FloatToBf16(x[i]));
+}
+
 void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_len, bool train,
                              KVCache* cache, ThreadPool* pool) {
   const ModelConfig& c = config;
@@ -189,6 +195,12 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   }
   Prepare(batch, seq_len, cache ? tk : seq_len, train);
   Workspace& w = ws;
+  if (precision == MatmulPrecision::kBf16) {
+    lowp_params.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      lowp_params[i] = Bf16ToFloat(FloatToBf16(params[i]));
+    }
+  }
   positions.resize(M);
   q_positions.resize(seq_len);
   k_positions.resize(tk);
@@ -214,13 +226,15 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     Workspace::Layer& A = w.layers[train ? l : 0];
     const LayerOffsets& o = layers[l];
     const float* P = params.data();
+    const float* W = MatmulWeights();
     float* xin = train ? w.resid[l] : w.resid[l % 2];
     float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
     A.resid_in = xin;
     ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
-    ops::MatMul(A.xn1, P + o.q, A.q, M, d, hq, pool);
-    ops::MatMul(A.xn1, P + o.k, A.k, M, d, hk, pool);
-    ops::MatMul(A.xn1, P + o.v, A.v, M, d, hk, pool);
+    RoundOperand(A.xn1, M * d);
+    ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
+    ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
+    ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
     const float* keys = A.k;
     const float* values = A.v;
     if (cache) {
@@ -282,22 +296,26 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     args.bias_params = PeParams();
     args.probs = train ? A.probs : nullptr;
     ops::AttentionForward(args, pool);
+    RoundOperand(A.ao, M * hq);
     std::memcpy(A.mid, xin, sizeof(float) * M * d);
-    ops::MatMul(A.ao, P + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+    ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
     ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
-    ops::MatMul(A.xn2, P + o.gate, A.g, M, d, F, pool);
-    ops::MatMul(A.xn2, P + o.up, A.u, M, d, F, pool);
+    RoundOperand(A.xn2, M * d);
+    ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
+    ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
     ops::SwiGlu(A.g, A.u, A.h, M * F, pool);
+    RoundOperand(A.h, M * F);
     std::memcpy(xout, A.mid, sizeof(float) * M * d);
-    ops::MatMul(A.h, P + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+    ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
   }
   float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
   ops::RmsNorm(xl, params.data() + final_norm, w.xf, w.invf, M, d, c.rms_norm_eps, pool);
+  RoundOperand(w.xf, M * d);
   if (cache) cache->size_ = tk;
 }
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
-  ops::MatMul(ws.xf, params.data() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
+  ops::MatMul(ws.xf, MatmulWeights() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
               pool);
 }
 
@@ -309,9 +327,11 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
   const float* P = params.data();
+  const float* W = MatmulWeights();
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
+  RoundOperand(w.logits, M * V);
   ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
-  ops::MatMulBackwardInput(w.logits, P + head, w.dxn, M, d, V, pool);
+  ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
   ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
                        M, d, pool);
   const bool rope = pe->acts_on_query_key();
@@ -327,19 +347,23 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     const LayerOffsets& o = layers[l];
     // x' = mid + h Wd^T: dmid = dx (+ the norm path below).
     std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
+    RoundOperand(w.dx, M * d);
     ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
-    ops::MatMulBackwardInput(w.dx, P + o.down, w.dh, M, F, d, pool);
+    ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
     ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
+    RoundOperand(w.dg, M * F);
+    RoundOperand(w.du, M * F);
     ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
     ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
-    ops::MatMulBackwardInput(w.dg, P + o.gate, w.dxn, M, d, F, pool);
-    ops::MatMulBackwardInput(w.du, P + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+    ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
+    ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
     ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d, pool,
                          /*accumulate=*/true);
     // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
     std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
+    RoundOperand(w.dmid, M * d);
     ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
-    ops::MatMulBackwardInput(w.dmid, P + o.o, w.dao, M, hq, d, pool);
+    ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
     ops::AttentionArgs args;
     args.batch = batch;
     args.tq = args.tk = seq_len;
@@ -371,12 +395,15 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
            ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
+    RoundOperand(w.dq, M * hq);
+    RoundOperand(w.dk, M * hk);
+    RoundOperand(w.dv, M * hk);
     ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
     ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
     ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
-    ops::MatMulBackwardInput(w.dq, P + o.q, w.dxn, M, d, hq, pool);
-    ops::MatMulBackwardInput(w.dk, P + o.k, w.dxn, M, d, hk, pool, true);
-    ops::MatMulBackwardInput(w.dv, P + o.v, w.dxn, M, d, hk, pool, true);
+    ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
+    ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
+    ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
     ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M, d,
                          pool, /*accumulate=*/true);
   }
@@ -439,6 +466,9 @@ void Model::SetRopeParams(const RopeParams& params) {
   impl_->rope_table_key = -1;
 }
 
+void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
+MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
+
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                               std::span<float> grads, float grad_scale, ThreadPool* pool) {
   Impl& I = *impl_;
@@ -499,7 +529,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
-    ops::MatMul(I.ws.xf + (n - 1) * d, I.params.data() + I.head, I.ws.logits, 1, d, V, pool);
+    ops::MatMul(I.ws.xf + (n - 1) * d, I.MatmulWeights() + I.head, I.ws.logits, 1, d, V, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * V);
   } else {
     I.Logits(n, pool);

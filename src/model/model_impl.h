@@ -52,6 +52,8 @@ struct Model::Impl {
   std::vector<int64_t> q_positions;  // [T]
   std::vector<float> losses;         // [M]
   std::vector<int32_t> inputs, targets;
+  MatmulPrecision precision = MatmulPrecision::kF32;
+  std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 only)
   std::unique_ptr<RopeTable> rope_table;
   int64_t rope_table_key = -1;
 
@@ -67,6 +69,12 @@ struct Model::Impl {
   void Logits(int64_t rows, ThreadPool* pool);
   void RunBackward(const int32_t* inputs, int64_t batch, int64_t seq_len, float* grads,
                    ThreadPool* pool);
+  // Weights for matmuls: params, or their bf16-rounded copy (refreshed by RunForward).
+  const float* MatmulWeights() const {
+    return precision == MatmulPrecision::kBf16 ? lowp_params.data() : params.data();
+  }
+  // Rounds a matmul operand in place when precision is kBf16.
+  void RoundOperand(float* x, int64_t n) const;
   std::span<const float> PeParams() const {
     return {params.data() + pe_params, static_cast<size_t>(pe_size)};
   }

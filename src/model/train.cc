@@ -77,6 +77,7 @@ std::string TrainConfigToJson(const TrainConfig& c) {
   j["eval_interval"] = c.eval_interval;
   j["eval_batches"] = c.eval_batches;
   j["checkpoint_interval"] = c.checkpoint_interval;
+  j["bf16"] = c.bf16;
   return j.dump(2) + "\n";
 }
 
@@ -117,6 +118,7 @@ TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) 
     i64("eval_interval", c.eval_interval);
     i64("eval_batches", c.eval_batches);
     i64("checkpoint_interval", c.checkpoint_interval);
+    if (j.contains("bf16")) c.bf16 = j.at("bf16").get<bool>();
     c.Validate();
   } catch (const nlohmann::json::exception& e) {
     throw Error(name + ": " + e.what());
@@ -176,6 +178,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     throw Error("training text has " + std::to_string(n) +
                 " tokens, fewer than seq_len + 1 = " + std::to_string(T + 1));
   }
+  model.set_matmul_precision(config.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kF32);
   std::span<float> params = model.parameters();
   const size_t P = params.size();
   if (state.m.empty() && state.v.empty() && state.step == 0) {

@@ -268,6 +268,20 @@ bool HasBias(const AttentionArgs& a) {
   return a.logit_bias != nullptr && a.logit_bias->acts_on_logits();
 }
 
+// True when key j sits at position k_positions[0] + j (every model pass): the bias hooks then use
+// their contiguous-range form, which is bitwise identical and skips per-key position reads.
+bool ContiguousKeys(const AttentionArgs& a) {
+  for (int64_t j = 1; j < a.tk; ++j) {
+    if (a.k_positions[j] != a.k_positions[0] + j) return false;
+  }
+  return a.tk > 0;
+}
+
+// Number of keys visible to a query at `qp` when the keys are contiguous from k0.
+int64_t VisibleKeys(int64_t qp, int64_t k0, int64_t tk) {
+  return std::clamp<int64_t>(qp - k0 + 1, 0, tk);
+}
+
 }  // namespace
 
 void AttentionForward(const AttentionArgs& a, ThreadPool* pool) {
@@ -277,6 +291,7 @@ void AttentionForward(const AttentionArgs& a, ThreadPool* pool) {
   const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
   if (Tq == 0) return;
   const PositionSpan kpos(a.k_positions);
+  const bool contiguous = ContiguousKeys(a);
   pool = PoolFor(pool, a.batch * a.heads * Tq * Tk * D);
   ParallelFor(pool, static_cast<size_t>(a.batch * a.heads), [&](size_t begin, size_t end, size_t) {
     std::vector<float> scratch;
@@ -306,7 +321,14 @@ void AttentionForward(const AttentionArgs& a, ThreadPool* pool) {
       for (int64_t i = 0; i < Tq; ++i) {
         float* row = s + i * Tk;
         const int64_t qp = a.q_positions[i];
-        if (HasBias(a)) a.logit_bias->AddLogitBias(qp, kpos, int(h), a.bias_params, row);
+        if (HasBias(a)) {
+          if (contiguous) {
+            const int64_t k0 = a.k_positions[0];
+            a.logit_bias->AddLogitBias(qp, k0, VisibleKeys(qp, k0, Tk), int(h), a.bias_params, row);
+          } else {
+            a.logit_bias->AddLogitBias(qp, kpos, int(h), a.bias_params, row);
+          }
+        }
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t j = 0; j < Tk; ++j) {
           if (a.k_positions[j] <= qp) mx = std::max(mx, row[j]);
@@ -336,6 +358,7 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
   const int64_t group = a.heads / a.kv_heads;
   const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
   const PositionSpan kpos(a.k_positions);
+  const bool contiguous = ContiguousKeys(a);
   const bool bias_grad = HasBias(a) && !grad_bias_params.empty();
   const size_t num_bias = grad_bias_params.size();
   std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch) * num_bias : 0, 0.0f);
@@ -382,9 +405,16 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
               for (int64_t j = 0; j < Tk; ++j) dot += double{pr[j]} * dr[j];
               for (int64_t j = 0; j < Tk; ++j) dr[j] = static_cast<float>(pr[j] * (dr[j] - dot));
               if (bias_grad) {
-                a.logit_bias->AddLogitBiasBackward(
-                    a.q_positions[i], kpos, int(h), dr,
-                    std::span<float>(partial.data() + b * num_bias, num_bias));
+                const std::span<float> grad(partial.data() + b * num_bias, num_bias);
+                const int64_t qp = a.q_positions[i];
+                if (contiguous) {
+                  // Masked keys have zero gradient: only the visible range contributes.
+                  const int64_t k0 = a.k_positions[0];
+                  a.logit_bias->AddLogitBiasBackward(qp, k0, VisibleKeys(qp, k0, Tk), int(h), dr,
+                                                     grad);
+                } else {
+                  a.logit_bias->AddLogitBiasBackward(qp, kpos, int(h), dr, grad);
+                }
               }
             }
             // dQ_h = scale * dS K_g

@@ -5,7 +5,9 @@
 // SIMD: the hooks are O(T * d) (embeddings) or O(K) per query row (logits), next to the
 // O(T * d * d) projections and O(T * K * D) attention products of the model that calls them.
 // They are written as plain loops over contiguous floats that the compiler auto-vectorises;
-// a Highway kernel would not change the model's run time measurably.
+// a Highway kernel would not change the model's run time measurably. Each output is formed in
+// double and rounded once to float32, so these loops are their own scalar reference (the tests
+// check them against long double closed forms and finite differences).
 #include "ropekit/position_encoding.h"
 
 #include <algorithm>
@@ -29,6 +31,32 @@ void CheckPosition(int64_t position, const char* what) {
   if (position < 0 || position > kMaxPosition) {
     throw Error(std::string(what) + ": position " + Str(position) +
                 " is out of range (accepted: 0 to " + Str(kMaxPosition) + ")");
+  }
+}
+
+// Calls fn(j, bucket) for keys j = 0 .. num_keys - 1 in ascending order, where key j has the
+// relative position r0 + j. `table` holds the buckets of r in [-bound, bound]; when bound reaches
+// max_distance the buckets beyond it are the saturated end buckets, one constant per side.
+template <typename Fn>
+void ForEachKeyBucket(const PositionEncoding& pe, const std::vector<int32_t>& table, int64_t r0,
+                      int64_t num_keys, Fn&& fn) {
+  const int64_t bound = static_cast<int64_t>(table.size() / 2);
+  const bool saturated = bound >= pe.spec().max_distance;
+  const int64_t lo = std::clamp<int64_t>(-bound - r0, 0, num_keys);
+  const int64_t hi = std::clamp<int64_t>(bound - r0 + 1, lo, num_keys);
+  if (saturated) {
+    const int far_before = pe.Bucket(-bound - 1);
+    for (int64_t j = 0; j < lo; ++j) fn(j, far_before);
+  } else {
+    for (int64_t j = 0; j < lo; ++j) fn(j, pe.Bucket(r0 + j));
+  }
+  const int64_t offset = r0 + bound;  // table[offset + j] is key j's bucket for j in [lo, hi)
+  for (int64_t j = lo; j < hi; ++j) fn(j, table[offset + j]);
+  if (saturated) {
+    const int far_after = pe.Bucket(bound + 1);
+    for (int64_t j = hi; j < num_keys; ++j) fn(j, far_after);
+  } else {
+    for (int64_t j = hi; j < num_keys; ++j) fn(j, pe.Bucket(r0 + j));
   }
 }
 
@@ -166,6 +194,14 @@ int PositionEncoding::Bucket(int64_t relative_position) const {
                           spec_.max_distance);
 }
 
+RopeFrequencies PositionEncoding::RopeFrequenciesFor(int64_t seq_len) const {
+  if (spec_.kind != PositionEncodingKind::kRope) {
+    throw Error("RopeFrequenciesFor: kind " + std::string(PositionEncodingKindName(spec_.kind)) +
+                " is not rope");
+  }
+  return ComputeFrequencies(spec_.rope, spec_.rope_numerics, seq_len);
+}
+
 int64_t PositionEncoding::LearnedRow(int64_t position) const {
   CheckPosition(position, "learned position embedding");
   if (position < spec_.max_positions) return position;
@@ -254,17 +290,14 @@ void PositionEncoding::AddToEmbeddingsBackward(PositionSpan positions, float* gr
 void PositionEncoding::AddLogitBias(int64_t query_position, PositionSpan key_positions, int head,
                                     std::span<const float> params, float* logits) const {
   if (!acts_on_logits()) return;
-  if (head < 0 || head >= spec_.num_heads) {
-    throw Error("head: " + Str(head) + " is out of range (accepted: 0 to " +
-                Str(spec_.num_heads - 1) + ")");
-  }
-  CheckPosition(query_position, "query");
+  CheckLogitArgs(query_position, head);
   const int64_t num_keys = key_positions.size();
   if (num_keys > 0 && logits == nullptr) throw Error("logits: null pointer");
   for (int64_t j = 0; j < num_keys; ++j) CheckPosition(key_positions[j], "key");
   if (spec_.kind == PositionEncodingKind::kAlibi) {
     // Press et al. 2022, eq. in sec. 3: softmax(q_i K^T + m * [-(i-1), ..., -1, 0]); the bias of
-    // key j is -m * (i - j), exact in double for |i - j| < 2^31, rounded once with the logit.
+    // key j is -m * (i - j): the distance is exact, product and sum are formed in double, and the
+    // result is rounded once to float32.
     const double slope = slopes_[head];
     for (int64_t j = 0; j < num_keys; ++j) {
       const double distance = static_cast<double>(query_position - key_positions[j]);
@@ -285,11 +318,7 @@ void PositionEncoding::AddLogitBiasBackward(int64_t query_position, PositionSpan
                                             int head, const float* grad_logits,
                                             std::span<float> grad_params) const {
   if (spec_.kind != PositionEncodingKind::kT5) return;
-  if (head < 0 || head >= spec_.num_heads) {
-    throw Error("head: " + Str(head) + " is out of range (accepted: 0 to " +
-                Str(spec_.num_heads - 1) + ")");
-  }
-  CheckPosition(query_position, "query");
+  CheckLogitArgs(query_position, head);
   CheckParams(grad_params.size(), "grad_params (t5 bias table)");
   const int64_t num_keys = key_positions.size();
   if (num_keys > 0 && grad_logits == nullptr) throw Error("grad_logits: null pointer");
@@ -302,6 +331,68 @@ void PositionEncoding::AddLogitBiasBackward(int64_t query_position, PositionSpan
     sums[b] += static_cast<double>(grad_logits[j]);
     touched[b] = 1;
   }
+  const int num_heads = spec_.num_heads;
+  for (int b = 0; b < spec_.num_buckets; ++b) {
+    if (!touched[b]) continue;
+    float& g = grad_params[static_cast<size_t>(b) * num_heads + head];
+    g = static_cast<float>(static_cast<double>(g) + sums[b]);
+  }
+}
+
+void PositionEncoding::CheckLogitArgs(int64_t query_position, int head) const {
+  if (head < 0 || head >= spec_.num_heads) {
+    throw Error("head: " + Str(head) + " is out of range (accepted: 0 to " +
+                Str(spec_.num_heads - 1) + ")");
+  }
+  CheckPosition(query_position, "query");
+}
+
+void PositionEncoding::CheckKeyRange(int64_t first_key, int64_t num_keys) const {
+  if (num_keys < 0) throw Error("num_keys: " + Str(num_keys) + " must be >= 0");
+  CheckPosition(first_key, "first_key");
+  if (num_keys > 0) CheckPosition(first_key + num_keys - 1, "key (first_key + num_keys - 1)");
+}
+
+void PositionEncoding::AddLogitBias(int64_t query_position, int64_t first_key, int64_t num_keys,
+                                    int head, std::span<const float> params, float* logits) const {
+  if (!acts_on_logits()) return;
+  CheckLogitArgs(query_position, head);
+  CheckKeyRange(first_key, num_keys);
+  if (num_keys > 0 && logits == nullptr) throw Error("logits: null pointer");
+  if (spec_.kind == PositionEncodingKind::kAlibi) {
+    // distance i - (first + j) = d0 - j, an exact integer in double: the same bits as the
+    // PositionSpan version.
+    const double slope = slopes_[head];
+    const double d0 = static_cast<double>(query_position - first_key);
+    for (int64_t j = 0; j < num_keys; ++j) {
+      logits[j] = static_cast<float>(static_cast<double>(logits[j]) -
+                                     slope * (d0 - static_cast<double>(j)));
+    }
+    return;
+  }
+  CheckParams(params.size(), "params (t5 bias table)");
+  const int num_heads = spec_.num_heads;
+  const float* column = params.data() + head;
+  // relative position of key j: r0 + j; tabulated buckets for |r| <= bound.
+  ForEachKeyBucket(*this, buckets_, first_key - query_position, num_keys,
+                   [&](int64_t j, int b) { logits[j] += column[b * num_heads]; });
+}
+
+void PositionEncoding::AddLogitBiasBackward(int64_t query_position, int64_t first_key,
+                                            int64_t num_keys, int head, const float* grad_logits,
+                                            std::span<float> grad_params) const {
+  if (spec_.kind != PositionEncodingKind::kT5) return;
+  CheckLogitArgs(query_position, head);
+  CheckKeyRange(first_key, num_keys);
+  CheckParams(grad_params.size(), "grad_params (t5 bias table)");
+  if (num_keys > 0 && grad_logits == nullptr) throw Error("grad_logits: null pointer");
+  // As the PositionSpan version: per-bucket double sums over keys in ascending order.
+  std::vector<double> sums(spec_.num_buckets, 0.0);
+  std::vector<char> touched(spec_.num_buckets, 0);
+  ForEachKeyBucket(*this, buckets_, first_key - query_position, num_keys, [&](int64_t j, int b) {
+    sums[b] += static_cast<double>(grad_logits[j]);
+    touched[b] = 1;
+  });
   const int num_heads = spec_.num_heads;
   for (int b = 0; b < spec_.num_buckets; ++b) {
     if (!touched[b]) continue;

@@ -13,6 +13,9 @@
 namespace ropekit {
 namespace {
 
+// Rows a single call may add to a table beyond 4 per token.
+constexpr int64_t kGrowRowsPerCall = 16384;
+
 bool UseReference(Backend backend) {
   if (backend == Backend::kReference) return true;
   if (backend == Backend::kSimd) return false;
@@ -152,7 +155,13 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
     }
   }
   if (num_tokens == 0) return;
-  table.Reserve(needed_rows);
+  // Grow only when the new rows are few compared with the work (prefill, or decoding step by
+  // step past the end); a few far-away positions are cheaper to compute on the fly.
+  const int64_t capacity = table.capacity();
+  if (needed_rows > capacity &&
+      needed_rows - capacity <= std::max<int64_t>(kGrowRowsPerCall, 4 * num_tokens)) {
+    table.Reserve(needed_rows);
+  }
   const RopeTable::Rows rows = table.Snapshot();
   const int n = table.num_pairs();
   const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <map>
@@ -318,10 +319,17 @@ class Parser {
     out.num_attention_heads = heads ? static_cast<int>(*heads) : 0;
     if (auto kv = OptInt(root, "num_key_value_heads", "num_key_value_heads", 1, kMaxDim)) {
       out.num_key_value_heads = static_cast<int>(*kv);
-    } else if (auto groups =
-                   OptInt(root, "multi_query_group_num", "multi_query_group_num", 1, kMaxDim);
-               chatglm && groups) {
-      out.num_key_value_heads = static_cast<int>(*groups);
+    } else if (chatglm) {
+      if (auto groups =
+              OptInt(root, "multi_query_group_num", "multi_query_group_num", 1, kMaxDim)) {
+        out.num_key_value_heads = static_cast<int>(*groups);
+      }
+    }
+    if (out.num_key_value_heads > 0 && out.num_attention_heads > 0 &&
+        out.num_attention_heads % out.num_key_value_heads != 0) {
+      Fail("num_key_value_heads must divide num_attention_heads = " +
+           std::to_string(out.num_attention_heads) + " (got " +
+           std::to_string(out.num_key_value_heads) + ")");
     }
 
     std::optional<int64_t> head_dim;
@@ -522,18 +530,23 @@ HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_ty
 }
 
 HfRopeConfig LoadHfConfig(const std::string& path, std::string_view layer_type) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) {
+    throw Error(path + ": is a directory; give the path of its config.json");
+  }
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot open the file for reading");
-  in.seekg(0, std::ios::end);
-  const std::streamoff size = in.tellg();
-  if (size < 0) throw Error(path + ": cannot determine the file size");
-  if (size > kMaxConfigBytes) {
-    throw Error(path + ": file is " + std::to_string(size) +
-                " bytes; a config.json must be at most " + std::to_string(kMaxConfigBytes));
+  // Read in chunks (works for pipes too) and stop past the size limit.
+  std::string text;
+  char chunk[1 << 16];
+  while (in.read(chunk, sizeof(chunk)) || in.gcount() > 0) {
+    text.append(chunk, static_cast<size_t>(in.gcount()));
+    if (static_cast<int64_t>(text.size()) > kMaxConfigBytes) {
+      throw Error(path + ": file is larger than " + std::to_string(kMaxConfigBytes) +
+                  " bytes; not a config.json");
+    }
   }
-  in.seekg(0, std::ios::beg);
-  std::string text(static_cast<size_t>(size), '\0');
-  if (!in.read(text.data(), size)) throw Error(path + ": read error");
+  if (in.bad()) throw Error(path + ": read error");
   Parser parser(path);
   try {
     return parser.Parse(text, layer_type);

@@ -89,7 +89,8 @@ void RopeTable::Reserve(int64_t num_positions) const {
   std::lock_guard<std::mutex> lock(state_->mutex);
   const int64_t old_capacity = state_->capacity;
   if (num_positions <= old_capacity) return;
-  const int64_t new_capacity = std::min(max_rows, std::max(num_positions, 2 * old_capacity));
+  const int64_t new_capacity =
+      std::min(max_rows, std::max(num_positions, old_capacity + old_capacity / 2));
   std::shared_ptr<float[]> rows(new float[new_capacity * row_stride_]());
   if (old_capacity > 0) {
     std::memcpy(rows.get(), state_->rows.get(), sizeof(float) * old_capacity * row_stride_);

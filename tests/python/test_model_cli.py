@@ -40,11 +40,18 @@ def test_resume_after_interruption_is_bit_exact():
     with tempfile.TemporaryDirectory() as tmp:
         text = corpus(tmp)
         a, b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
-        full = run("train", "--corpus", text, "--out", a, "--steps", "6", *MODEL)
+        log_a, log_b = os.path.join(tmp, "a.jsonl"), os.path.join(tmp, "b.jsonl")
+        full = run("train", "--corpus", text, "--out", a, "--steps", "6", "--log", log_a, *MODEL)
         run("train", "--corpus", text, "--out", b, "--steps", "6", "--checkpoint-interval", "3",
-            "--stop-after", "3", *MODEL)
+            "--stop-after", "3", "--log", log_b, *MODEL)
         assert json.loads(read(os.path.join(b, "trainer_state.json")))["step"] == 3
-        resumed = run("train", "--corpus", text, "--out", b, "--resume", "--quiet")
+        resumed = run("train", "--corpus", text, "--out", b, "--resume", "--quiet", "--log",
+                      log_b)
+        # The loss curve of the interrupted + resumed run equals the uninterrupted one.
+        assert read(log_a) == read(log_b)
+        entries = [json.loads(line) for line in read(log_a).decode().splitlines()]
+        assert [e["step"] for e in entries] == [1, 2, 3, 4, 5, 6]
+        assert "val_loss" in entries[2] and "val_loss" not in entries[1]
         assert resumed.stdout == full.stdout.replace(a, b)
         for name in ("model.safetensors", "optimizer.safetensors"):
             assert read(os.path.join(a, name)) == read(os.path.join(b, name)), name

@@ -1,0 +1,224 @@
+// `ropekit inspect CONFIG.json`: what RoPE a Hugging Face config asks for, pair by pair.
+//
+// Dimension legend: D = head_dim, R = rotary_dim, N = R / 2 pairs.
+// For each pair i: the inverse frequency w_i, its wavelength 2 pi / w_i in tokens, the ratio to
+// the unscaled frequency base^(-2i/R) and what the scaling did (kept / interpolated / blended /
+// rescaled / rebased). --json prints one object with full-precision (round-trip) numbers.
+#include <cmath>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <numbers>
+#include <string>
+#include <vector>
+
+#include "ropekit/hf_config.h"
+#include "ropekit/rope.h"
+#include "tools/command.h"
+
+namespace ropekit::cli {
+namespace {
+
+struct InspectOptions {
+  std::string config;
+  int64_t seq_len = 0;
+  bool json = false;
+  std::string numerics = "exact";
+  std::string layer_type;
+};
+
+// Classifies pair i from its ratio to the unscaled frequency. `tol` is a few ulps of the numerics.
+std::string Classify(const RopeParams& p, double ratio, double tol) {
+  if (std::fabs(ratio - 1) <= tol) return "kept";
+  switch (p.type) {
+    case RopeType::kLinear:
+      return "interpolated";
+    case RopeType::kDynamic:
+    case RopeType::kNtk:
+      return "rebased";
+    case RopeType::kLongRope:
+      return "rescaled";
+    case RopeType::kYarn:
+    case RopeType::kLlama3:
+      if (std::fabs(ratio * p.factor - 1) <= tol * p.factor) return "interpolated";
+      return p.type == RopeType::kYarn ? "blended" : "smoothed";
+    default:
+      return "changed";
+  }
+}
+
+std::string Fmt(const char* format, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), format, v);
+  return buf;
+}
+
+std::string ScalingSummary(const RopeParams& p) {
+  const auto g = [](double v) { return Fmt("%.17g", v); };
+  const std::string omp =
+      std::to_string(p.original_max_position_embeddings > 0 ? p.original_max_position_embeddings
+                                                            : p.max_position_embeddings);
+  switch (p.type) {
+    case RopeType::kDefault:
+      return "no scaling";
+    case RopeType::kLinear:
+      return "position interpolation, factor " + g(p.factor);
+    case RopeType::kDynamic:
+      return "dynamic NTK, factor " + g(p.factor) + " beyond max_position_embeddings " +
+             std::to_string(p.max_position_embeddings);
+    case RopeType::kNtk:
+      return "NTK-aware base scaling, alpha " + g(p.ntk_alpha);
+    case RopeType::kYarn: {
+      std::string s = "YaRN, factor " + g(p.factor) + ", original_max_position_embeddings " + omp +
+                      ", beta_fast " + g(p.beta_fast) + ", beta_slow " + g(p.beta_slow);
+      if (p.mscale != 0) s += ", mscale " + g(p.mscale);
+      if (p.mscale_all_dim != 0) s += ", mscale_all_dim " + g(p.mscale_all_dim);
+      if (!p.truncate) s += ", truncate false";
+      return s;
+    }
+    case RopeType::kLongRope:
+      return "LongRoPE, " +
+             (p.factor != 0 ? "factor " + g(p.factor) : std::string("factor MPE/OMP")) +
+             ", original_max_position_embeddings " + omp;
+    case RopeType::kLlama3:
+      return "Llama 3 bands, factor " + g(p.factor) + ", low_freq_factor " + g(p.low_freq_factor) +
+             ", high_freq_factor " + g(p.high_freq_factor) + ", original_max_position_embeddings " +
+             omp;
+    default:
+      return "";
+  }
+}
+
+int RunInspect(const InspectOptions& o) {
+  const Numerics numerics = ParseNumerics(o.numerics);
+  if (o.seq_len < 0) throw Error("--seq-len must be >= 0 (got " + std::to_string(o.seq_len) + ")");
+  const HfRopeConfig config = LoadHfConfig(o.config, o.layer_type);
+  const RopeParams& p = config.params;
+  const RopeFrequencies f = ComputeFrequencies(p, numerics, o.seq_len);
+  RopeParams unscaled_params = p;
+  unscaled_params.type = RopeType::kDefault;
+  const RopeFrequencies unscaled = ComputeFrequencies(unscaled_params, numerics);
+  const int n = p.rotary_dim / 2;
+  const double tol = numerics == Numerics::kHf ? 4 * 5.96e-8 : 8 * 1.11e-16;
+
+  std::vector<double> wavelength(n), ratio(n);
+  std::vector<std::string> scaling(n);
+  for (int i = 0; i < n; ++i) {
+    wavelength[i] = 2 * std::numbers::pi / f.inv_freq[i];
+    ratio[i] = f.inv_freq[i] / unscaled.inv_freq[i];
+    scaling[i] = Classify(p, ratio[i], tol);
+  }
+
+  // Runs of equally treated pairs, e.g. "0-28 kept, 29-34 smoothed, 35-63 interpolated".
+  std::string bands;
+  for (int i = 0; i < n;) {
+    int j = i;
+    while (j + 1 < n && scaling[j + 1] == scaling[i]) ++j;
+    bands += (bands.empty() ? "" : ", ") + std::to_string(i) +
+             (j > i ? "-" + std::to_string(j) : std::string()) + " " + scaling[i];
+    i = j + 1;
+  }
+  std::string detail;
+  if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+    // w_1 = base'^(-2/R), so the base in effect is w_1^(-R/2).
+    const double effective = n > 1 ? std::pow(f.inv_freq[1], -p.rotary_dim / 2.0) : p.base;
+    detail = Fmt("%.10g", effective);
+  } else if (p.type == RopeType::kLongRope) {
+    const int64_t omp = p.original_max_position_embeddings > 0 ? p.original_max_position_embeddings
+                                                               : p.max_position_embeddings;
+    detail = o.seq_len > omp ? "long_factor (seq_len > original_max_position_embeddings " +
+                                   std::to_string(omp) + ")"
+                             : "short_factor (seq_len <= original_max_position_embeddings " +
+                                   std::to_string(omp) + " or not given)";
+  }
+
+  if (o.json) {
+    nlohmann::json j;
+    j["config"] = o.config;
+    j["model_type"] = config.model_type;
+    j["rope_type"] = std::string(RopeTypeName(p.type));
+    j["numerics"] = std::string(NumericsName(numerics));
+    j["layout"] = std::string(LayoutName(config.layout));
+    j["base"] = p.base;
+    j["head_dim"] = p.head_dim;
+    j["rotary_dim"] = p.rotary_dim;
+    j["num_pairs"] = n;
+    j["max_position_embeddings"] = p.max_position_embeddings;
+    j["original_max_position_embeddings"] = p.original_max_position_embeddings > 0
+                                                ? p.original_max_position_embeddings
+                                                : p.max_position_embeddings;
+    j["seq_len"] = o.seq_len;
+    j["factor"] = p.factor;
+    j["attention_factor"] = f.attention_factor;
+    j["num_attention_heads"] = config.num_attention_heads;
+    j["num_key_value_heads"] = config.num_key_value_heads;
+    j["inv_freq"] = f.inv_freq;
+    j["wavelength"] = wavelength;
+    j["ratio_to_unscaled"] = ratio;
+    j["scaling"] = scaling;
+    j["bands"] = bands;
+    if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+      j["effective_base"] = n > 1 ? std::pow(f.inv_freq[1], -p.rotary_dim / 2.0) : p.base;
+    }
+    if (p.type == RopeType::kLongRope) j["factor_list"] = detail.substr(0, detail.find(' '));
+    // nlohmann prints doubles in the shortest form that reads back to the same double.
+    std::printf("%s\n", j.dump(2).c_str());
+    return 0;
+  }
+
+  std::printf("config:                   %s\n", o.config.c_str());
+  std::printf("model_type:               %s\n",
+              config.model_type.empty() ? "(absent)" : config.model_type.c_str());
+  std::printf("rope_type:                %s (%s)\n", std::string(RopeTypeName(p.type)).c_str(),
+              ScalingSummary(p).c_str());
+  std::printf("base (rope_theta):        %.17g\n", p.base);
+  std::printf("head_dim:                 %d\n", p.head_dim);
+  std::printf("rotary_dim:               %d (%d pairs", p.rotary_dim, n);
+  if (p.rotary_dim < p.head_dim) {
+    std::printf("; channels %d..%d pass through unchanged", p.rotary_dim, p.head_dim - 1);
+  }
+  std::printf(")\n");
+  if (config.layout == Layout::kHalfSplit) {
+    std::printf("layout:                   neox (pair i = channels i and i + %d)\n", n);
+  } else {
+    std::printf("layout:                   gptj (pair i = channels 2i and 2i + 1)\n");
+  }
+  std::printf("max_position_embeddings:  %lld\n",
+              static_cast<long long>(p.max_position_embeddings));
+  if (o.seq_len > 0) {
+    std::printf("seq_len:                  %lld\n", static_cast<long long>(o.seq_len));
+  }
+  std::printf("numerics:                 %s\n", std::string(NumericsName(numerics)).c_str());
+  std::printf("attention_factor (A):     %.17g (cos and sin are multiplied by A; logits by A^2)\n",
+              f.attention_factor);
+  std::printf("pairs:                    %s\n", bands.c_str());
+  if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
+    std::printf("effective base:           %s\n", detail.c_str());
+  } else if (p.type == RopeType::kLongRope) {
+    std::printf("factor list:              %s\n", detail.c_str());
+  }
+  std::printf("\n%5s  %-24s  %-22s  %-22s  %s\n", "pair", "inv_freq", "wavelength (tokens)",
+              "ratio to unscaled", "scaling");
+  for (int i = 0; i < n; ++i) {
+    std::printf("%5d  %-24.17g  %-22.10g  %-22.10g  %s\n", i, f.inv_freq[i], wavelength[i],
+                ratio[i], scaling[i].c_str());
+  }
+  return 0;
+}
+
+const CommandRegistration kInspect(
+    "inspect", "Explain the RoPE frequencies a Hugging Face config.json asks for",
+    [](CLI::App* sub) -> std::function<int()> {
+      auto o = std::make_shared<InspectOptions>();
+      sub->add_option("config", o->config, "path of config.json")->required();
+      sub->add_option("--seq-len", o->seq_len,
+                      "current sequence length (dynamic NTK, LongRoPE long/short switch); 0 = not "
+                      "given");
+      sub->add_flag("--json", o->json, "print one JSON object");
+      sub->add_option("--numerics", o->numerics, "exact (default) or hf (transformers float32)");
+      sub->add_option("--layer-type", o->layer_type,
+                      "entry of a per-layer-type rope_parameters dict (default full_attention)");
+      return [o] { return RunInspect(*o); };
+    });
+
+}  // namespace
+}  // namespace ropekit::cli
