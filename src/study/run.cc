@@ -90,6 +90,7 @@ class Runner {
     ends_ = TailWindowEnds(static_cast<int64_t>(corpus_.held_out.size()), L_ * max_mult,
                            p_.tail_windows);
     Json base;
+    base["study_format"] = 1;  // bump when the meaning of a unit's results changes
     base["preset"] = p_.name;
     base["seed"] = o_.seed;
     base["corpus"] = {{"train_bytes", corpus_.train.size()},
@@ -161,8 +162,8 @@ class Runner {
     if (fs::exists(dir / "DONE")) {
       if (ReadFile(dir / "DONE") != fingerprint) {
         throw Error(dir.string() +
-                    ": holds a finished run with a different configuration (preset, seed or "
-                    "corpus); use another --out or remove that directory");
+                    ": holds a finished run with a different configuration (preset, seed, "
+                    "corpus or study format); use another --out or remove that directory");
       }
       return UnitState::kDone;
     }
@@ -308,10 +309,65 @@ class Runner {
                           const std::string& extra) const {
     Json j = base_fingerprint_;
     j["unit"] = unit;
-    j["model"] = Json::parse(ModelConfigToJson(mc));
-    if (tc) j["train"] = Json::parse(TrainConfigToJson(*tc));
+    j["model"] = ModelFingerprint(mc);
+    if (tc) j["train"] = TrainFingerprint(*tc);
     if (!extra.empty()) j["extra"] = extra;
     return j.dump(1) + "\n";
+  }
+
+  // The fields the study sets, written here (not through the checkpoint serialisers) so that a
+  // new library option with its default value does not invalidate finished runs.
+  static Json ModelFingerprint(const ModelConfig& c) {
+    const PositionEncodingSpec& pe = c.position_encoding;
+    Json j = {{"vocab_size", c.vocab_size},
+              {"hidden_size", c.hidden_size},
+              {"num_layers", c.num_layers},
+              {"num_heads", c.num_heads},
+              {"num_kv_heads", c.num_kv_heads},
+              {"head_dim", c.head_dim},
+              {"intermediate_size", c.intermediate_size},
+              {"rms_norm_eps", c.rms_norm_eps},
+              {"tie_word_embeddings", c.tie_word_embeddings},
+              {"max_position_embeddings", c.max_position_embeddings},
+              {"init_std", c.init_std},
+              {"pe", PositionEncodingKindName(pe.kind)},
+              {"embedding_scale", EmbeddingScaleName(pe.embedding_scale)},
+              {"max_positions", pe.max_positions},
+              {"num_buckets", pe.num_buckets},
+              {"max_distance", pe.max_distance}};
+    if (pe.kind == PositionEncodingKind::kRope) {
+      const RopeParams& r = pe.rope;
+      j["rope"] = {{"type", RopeTypeName(r.type)},
+                   {"base", r.base},
+                   {"rotary_dim", r.rotary_dim},
+                   {"factor", r.factor},
+                   {"ntk_alpha", r.ntk_alpha},
+                   {"original_max_position_embeddings", r.original_max_position_embeddings},
+                   {"low_freq_factor", r.low_freq_factor},
+                   {"high_freq_factor", r.high_freq_factor},
+                   {"layout", LayoutName(pe.rope_layout)},
+                   {"numerics", NumericsName(pe.rope_numerics)}};
+    }
+    return j;
+  }
+  static Json TrainFingerprint(const TrainConfig& c) {
+    return {{"steps", c.steps},
+            {"batch_size", c.batch_size},
+            {"seq_len", c.seq_len},
+            {"grad_accum", c.grad_accum},
+            {"lr", c.lr},
+            {"min_lr", c.min_lr},
+            {"warmup_steps", c.warmup_steps},
+            {"schedule", c.schedule == LrSchedule::kCosine ? "cosine" : "constant"},
+            {"beta1", c.beta1},
+            {"beta2", c.beta2},
+            {"eps", c.eps},
+            {"weight_decay", c.weight_decay},
+            {"grad_clip", c.grad_clip},
+            {"data_seed", c.data_seed},
+            {"eval_interval", c.eval_interval},
+            {"eval_batches", c.eval_batches},
+            {"checkpoint_interval", c.checkpoint_interval}};
   }
 
   TrainConfig PretrainConfig() const {
