@@ -54,7 +54,10 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   }
   if (args.theta) j["rope_theta"] = *args.theta;
   try {
-    return ParseHfConfig(j.dump()).params;
+    RopeParams params = ParseHfConfig(j.dump()).params;
+    // The rotated width is the model's (partial_rotary_factor round-trips through a double).
+    params.rotary_dim = config.position_encoding.rope.rotary_dim;
+    return params;
   } catch (const Error& e) {
     throw Error(std::string("--rope-scaling: ") + e.what());
   }
