@@ -140,10 +140,7 @@ int RunApply(const ApplyArgs& args) {
   options.layout = layout_override.value_or(config.layout);
   options.direction = args.backward ? Direction::kBackward : Direction::kForward;
 
-  RopeTable table(ComputeFrequencies(params, numerics, seq_len));
-  // Precomputing rows [0, max_position] pays off only when there are at least as many tokens as
-  // rows; sparse large positions are computed on the fly (identical values).
-  if (max_position >= 0 && max_position < num_tokens) table.Reserve(max_position + 1);
+  const RopeTable table(ComputeFrequencies(params, numerics, seq_len));
 
   NpyArray y;
   y.dtype = x.dtype;

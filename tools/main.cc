@@ -28,7 +28,11 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    // --help and --version print and succeed; usage errors get the same one-line format as
+    // every other error.
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    std::fprintf(stderr, "ropekit: error: %s (see --help)\n", e.what());
+    return e.get_exit_code();
   }
   try {
     for (auto& [sub, run] : runners) {

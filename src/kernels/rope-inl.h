@@ -35,6 +35,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 struct F32Io {
   using T = float;
+  static constexpr bool kPacksTwo = false;
   template <class D>
   static HWY_INLINE hn::Vec<D> Load(D d, const T* p) {
     return hn::LoadU(d, p);
@@ -53,11 +54,24 @@ struct F32Io {
   }
 };
 
-// 16-bit storage: values travel as the low 16 bits of uint32 lanes. Conv supplies
-// ToFloat(d, bits32) and FromFloat(d, v) -> bits32 (rounded to nearest even).
+// 16-bit storage: values travel in uint32 lanes. Conv supplies ToFloat(d, bits32) (16-bit value
+// in the low half) and RoundBits(d, v) -> uint32 lanes holding the rounded 16-bit result in their
+// high half (kHighHalf, bf16) or low half (fp16), so that two vectors pack into one with a
+// single ConcatOdd/ConcatEven instead of a shift and a saturating demotion each.
 template <class Conv>
 struct Half16Io {
   using T = uint16_t;
+  static constexpr bool kPacksTwo = HWY_TARGET != HWY_SCALAR;
+
+  template <class D>
+  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> LowHalf(D d, hn::Vec<D> v) {
+    const auto bits = Conv::RoundBits(d, v);
+    if constexpr (Conv::kHighHalf) {
+      return hn::ShiftRight<16>(bits);
+    } else {
+      return bits;
+    }
+  }
   template <class D>
   static HWY_INLINE hn::Vec<D> Load(D d, const T* p) {
     const hn::Rebind<uint16_t, D> d16;
@@ -68,8 +82,22 @@ struct Half16Io {
   static HWY_INLINE void Store(D d, hn::Vec<D> v, T* p) {
     const hn::Rebind<uint16_t, D> d16;
     const hn::Rebind<int32_t, D> di32;
-    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di32, Conv::FromFloat(d, v))), d16, p);
+    hn::StoreU(hn::DemoteTo(d16, hn::BitCast(di32, LowHalf(d, v))), d16, p);
   }
+#if HWY_TARGET != HWY_SCALAR
+  // Stores v0 to p[0, L) and v1 to p[L, 2L) with one permute.
+  template <class D>
+  static HWY_INLINE void StoreTwo(D d, hn::Vec<D> v0, hn::Vec<D> v1, T* p) {
+    const hn::Repartition<uint16_t, D> d16;  // 2L lanes
+    const auto lo = hn::BitCast(d16, Conv::RoundBits(d, v0));
+    const auto hi = hn::BitCast(d16, Conv::RoundBits(d, v1));
+    if constexpr (Conv::kHighHalf) {
+      hn::StoreU(hn::ConcatOdd(d16, hi, lo), d16, p);  // little-endian: high half = odd lane
+    } else {
+      hn::StoreU(hn::ConcatEven(d16, hi, lo), d16, p);
+    }
+  }
+#endif
   // An interleaved pair (a, b) is one little-endian uint32: a in the low half, b in the high.
   template <class D>
   static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
@@ -81,29 +109,38 @@ struct Half16Io {
   template <class D>
   static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
     const hn::Rebind<uint32_t, D> d32;
-    const auto w = hn::Or(Conv::FromFloat(d, a), hn::ShiftLeft<16>(Conv::FromFloat(d, b)));
+    const auto ra = Conv::RoundBits(d, a), rb = Conv::RoundBits(d, b);
+    hn::Vec<decltype(d32)> w;
+    if constexpr (Conv::kHighHalf) {
+      w = hn::Or(hn::ShiftRight<16>(ra), hn::And(rb, hn::Set(d32, 0xFFFF0000u)));
+    } else {
+      w = hn::Or(ra, hn::ShiftLeft<16>(rb));
+    }
     hn::StoreU(w, d32, reinterpret_cast<uint32_t*>(p));
   }
 };
 
 struct Bf16Conv {
+  static constexpr bool kHighHalf = true;
   template <class D, class VU>
   static HWY_INLINE hn::Vec<D> ToFloat(D d, VU bits) {
     return hn::BitCast(d, hn::ShiftLeft<16>(bits));
   }
-  // Round to nearest even: add 0x7FFF + lsb, keep the top half; NaN stays a quiet NaN.
+  // Round to nearest even: add 0x7FFF + lsb; the result is the high half. A NaN keeps its high
+  // half with the quiet bit set.
   template <class D>
-  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> FromFloat(D d, hn::Vec<D> v) {
+  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> RoundBits(D d, hn::Vec<D> v) {
     const hn::Rebind<uint32_t, D> du;
     const auto bits = hn::BitCast(du, v);
     const auto lsb = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
-    const auto rounded = hn::ShiftRight<16>(hn::Add(bits, hn::Add(hn::Set(du, 0x7FFFu), lsb)));
-    const auto quiet_nan = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x40u));
+    const auto rounded = hn::Add(bits, hn::Add(hn::Set(du, 0x7FFFu), lsb));
+    const auto quiet_nan = hn::Or(bits, hn::Set(du, 0x00400000u));
     return hn::IfThenElse(hn::RebindMask(du, hn::IsNaN(v)), quiet_nan, rounded);
   }
 };
 
 struct F16Conv {
+  static constexpr bool kHighHalf = false;
   // binary16 -> float32: shift exponent+mantissa into place and rescale by 2^112, which also
   // normalises subnormals exactly; infinities and NaNs get the float32 all-ones exponent.
   template <class D, class VU>
@@ -118,11 +155,11 @@ struct F16Conv {
     const auto is_special = hn::RebindMask(d, hn::Gt(hn::BitCast(di, em), hn::Set(di, 0x7BFF)));
     return hn::Or(hn::IfThenElse(is_special, special, finite), hn::BitCast(d, sign));
   }
-  // float32 -> binary16 with round-to-nearest-even, subnormals, overflow to infinity: scale the
-  // magnitude so that the float32 adder performs the rounding at the binary16 precision, then
-  // read exponent and mantissa bits (Maratyszcza's FP16 conversion algorithm).
+  // float32 -> binary16 bits (low half) with round-to-nearest-even, subnormals, overflow to
+  // infinity: scale the magnitude so that the float32 adder performs the rounding at the
+  // binary16 precision, then read exponent and mantissa bits (Maratyszcza's FP16 algorithm).
   template <class D>
-  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> FromFloat(D d, hn::Vec<D> v) {
+  static HWY_INLINE hn::Vec<hn::Rebind<uint32_t, D>> RoundBits(D d, hn::Vec<D> v) {
     const hn::Rebind<uint32_t, D> du;
     const hn::Rebind<int32_t, D> di;
     auto base = hn::Mul(hn::Mul(hn::Abs(v), hn::Set(d, 0x1.0p112f)), hn::Set(d, 0x1.0p-110f));
@@ -177,6 +214,25 @@ HWY_INLINE void RotateStep(D d, const typename Io::T* x, typename Io::T* y, cons
   }
 }
 
+#if HWY_TARGET != HWY_SCALAR
+// Half-split pairs [i, i + 2 Lanes(d)) of one head, for 16-bit storage: both halves of each
+// output row are packed with one permute.
+template <class Io, bool kBackward, class D>
+HWY_INLINE void RotateStepTwo(D d, const typename Io::T* x, typename Io::T* y, const float* cos,
+                              const float* sin, size_t n, size_t i) {
+  const size_t lanes = hn::Lanes(d);
+  const auto c0 = hn::LoadU(d, cos + i), c1 = hn::LoadU(d, cos + i + lanes);
+  const auto s0 = hn::LoadU(d, sin + i), s1 = hn::LoadU(d, sin + i + lanes);
+  const auto a0 = Io::Load(d, x + i), a1 = Io::Load(d, x + i + lanes);
+  const auto b0 = Io::Load(d, x + n + i), b1 = Io::Load(d, x + n + i + lanes);
+  hn::Vec<D> ya0, yb0, ya1, yb1;
+  Rotate<kBackward>(a0, b0, c0, s0, ya0, yb0);
+  Rotate<kBackward>(a1, b1, c1, s1, ya1, yb1);
+  Io::StoreTwo(d, ya0, ya1, y + i);
+  Io::StoreTwo(d, yb0, yb1, y + n + i);
+}
+#endif
+
 // One operand, one token: every head. x and y may be the same memory (in-place).
 template <class Io, bool kInterleaved, bool kBackward>
 HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const float* cos,
@@ -193,6 +249,13 @@ HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const flo
     const T* x = in + h * op.in.head_stride;
     T* y = out + h * op.out.head_stride;
     size_t i = 0;
+#if HWY_TARGET != HWY_SCALAR
+    if constexpr (Io::kPacksTwo && !kInterleaved) {
+      for (; i + 2 * lanes <= n; i += 2 * lanes) {
+        RotateStepTwo<Io, kBackward>(d, x, y, cos, sin, n, i);
+      }
+    }
+#endif
     for (; i + lanes <= n; i += lanes)
       RotateStep<Io, kInterleaved, kBackward>(d, x, y, cos, sin, n, i);
     for (; i < n; ++i) RotateStep<Io, kInterleaved, kBackward>(d1, x, y, cos, sin, n, i);
@@ -244,20 +307,29 @@ static HWY_NOINLINE void RotateTokens(const RotateJob& job, int64_t t_begin, int
   }
 }
 
-// Conversion entry points, exported for the tests of the rounding rules.
+// Conversion entry points for the tests of the rounding rules: the same store paths as the
+// kernel (two vectors packed with one permute, one vector, one lane).
+template <class Io>
+HWY_INLINE void ConvertFloatTo16(const float* in, uint16_t* out, size_t count) {
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  const size_t lanes = hn::Lanes(d);
+  size_t k = 0;
+#if HWY_TARGET != HWY_SCALAR
+  for (; k + 2 * lanes <= count / 2; k += 2 * lanes) {
+    Io::StoreTwo(d, hn::LoadU(d, in + k), hn::LoadU(d, in + k + lanes), out + k);
+  }
+#endif
+  for (; k + lanes <= count; k += lanes) Io::Store(d, hn::LoadU(d, in + k), out + k);
+  for (; k < count; ++k) Io::Store(d1, hn::LoadU(d1, in + k), out + k);
+}
 HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToBf16(const float* in, uint16_t* out,
                                                              size_t count) {
-  const hn::CappedTag<float, 1> d1;
-  for (size_t k = 0; k < count; ++k) Bf16Io::Store(d1, hn::LoadU(d1, in + k), out + k);
+  ConvertFloatTo16<Bf16Io>(in, out, count);
 }
 HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToF16(const float* in, uint16_t* out,
                                                             size_t count) {
-  const hn::ScalableTag<float> d;
-  const hn::CappedTag<float, 1> d1;
-  size_t k = 0;
-  for (; k + hn::Lanes(d) <= count; k += hn::Lanes(d))
-    F16Io::Store(d, hn::LoadU(d, in + k), out + k);
-  for (; k < count; ++k) F16Io::Store(d1, hn::LoadU(d1, in + k), out + k);
+  ConvertFloatTo16<F16Io>(in, out, count);
 }
 HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertF16ToFloat(const uint16_t* in, float* out,
                                                             size_t count) {

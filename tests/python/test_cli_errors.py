@@ -122,6 +122,8 @@ def test_missing_files(ws):
 
 def test_directory_as_input(ws):
     expect_failure(ws, ws.args(input=ws.in_dir), ws.in_dir, "directory")
+    expect_failure(ws, ws.args(positions=ws.in_dir), ws.in_dir, "directory")
+    expect_failure(ws, ws.args(config=ws.in_dir), ws.in_dir)
 
 
 def test_truncated_npy(ws):
@@ -265,8 +267,9 @@ def test_help():
         assert option in proc.stdout, option
 
 
-def test_missing_required_option(ws):
-    proc = run(ws.args(output=None))
-    assert proc.returncode != 0
-    assert "--output" in proc.stderr
-    assert sorted(os.listdir(ws.out_dir)) == ["y_old.npy"]
+def test_usage_errors(ws):
+    expect_failure(ws, ws.args(output=None), "--output", "required")
+    expect_failure(ws, ws.args() + ["--seq-len", "many"], "--seq-len")
+    expect_failure(ws, ws.args() + ["--no-such-option"], "--no-such-option")
+    expect_failure(ws, [CLI], "subcommand")
+    expect_failure(ws, [CLI, "rotate"], "subcommand")
