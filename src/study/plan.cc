@@ -1,0 +1,330 @@
+// The study's presets, RoPE scalings, tail-protocol windows, the RoFormer decay bound and the
+// result records.
+#include <algorithm>
+#include <cmath>
+#include <complex>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+
+#include "ropekit/study.h"
+
+namespace ropekit::study {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+// The tiny LLaMA of the protocol (sec. 3.1): d 128, 4 layers, 4 query / 2 KV heads, head_dim 32,
+// SwiGLU 352, tied embeddings, init std 0.02.
+ModelConfig ProtocolModel() {
+  ModelConfig m;
+  m.hidden_size = 128;
+  m.num_layers = 4;
+  m.num_heads = 4;
+  m.num_kv_heads = 2;
+  m.head_dim = 32;
+  m.intermediate_size = 352;
+  m.max_position_embeddings = 128;
+  return m;
+}
+
+TrainConfig PretrainConfig(int64_t steps, int64_t batch, int64_t seq_len, int64_t warmup) {
+  TrainConfig t;
+  t.steps = steps;
+  t.batch_size = batch;
+  t.seq_len = seq_len;
+  t.lr = 2e-3;
+  t.min_lr = 2e-4;
+  t.warmup_steps = warmup;
+  t.schedule = LrSchedule::kCosine;
+  t.weight_decay = 0.1;
+  t.grad_clip = 1.0;
+  t.eval_batches = 4;
+  return t;
+}
+
+// Sec. 3.3: same tokens per step as pre-training, constant lr 0.1 x peak, short warmup, no decay.
+TrainConfig FinetuneConfig(const TrainConfig& pre, int64_t factor, int64_t steps, int64_t warmup) {
+  TrainConfig t = pre;
+  t.seq_len = pre.seq_len * factor;
+  t.batch_size = std::max<int64_t>(1, pre.batch_size / factor);
+  t.steps = steps;
+  t.lr = 0.1 * pre.lr;
+  t.min_lr = t.lr;
+  t.warmup_steps = warmup;
+  t.schedule = LrSchedule::kConstant;
+  t.weight_decay = 0.0;
+  return t;
+}
+
+}  // namespace
+
+StudyPreset GetStudyPreset(std::string_view name) {
+  StudyPreset p;
+  p.name = std::string(name);
+  p.encodings = {"learned", "sinusoidal", "none", "rope", "alibi", "t5"};
+  p.eval_multipliers = {1, 2, 4, 8};
+  p.scalings = {"linear", "ntk", "dynamic", "yarn", "llama3"};
+  p.finetune_scalings = {"none", "linear", "yarn", "llama3"};
+  p.extension_factor = 4;
+  if (name == "full") {
+    // EXTRAPOLATION sec. 3: 1000 steps of 16 x 128 tokens; 200 fine-tuning steps at 512.
+    p.model = ProtocolModel();
+    p.train = PretrainConfig(1000, 16, 128, 100);
+    p.train.eval_interval = 100;
+    p.train.checkpoint_interval = 100;
+    p.tail_windows = 64;
+    p.tail = 64;
+    p.max_windows = 64;
+    p.bucket_size = 16;
+    p.finetune = FinetuneConfig(p.train, 4, 200, 10);
+    p.finetune.eval_interval = 50;
+    p.finetune.checkpoint_interval = 50;
+    p.finetune_steps = {50, 100, 200};
+    p.description =
+        "protocol model (d 128, 4 layers, 4/2 heads, head_dim 32), L = 128, "
+        "1000 steps x 2048 tokens; fine-tune 200 steps at 512";
+  } else if (name == "quick") {
+    // Same architecture family at a quarter of the compute: half the width, two layers, L = 64.
+    p.model = ProtocolModel();
+    p.model.hidden_size = 64;
+    p.model.num_layers = 2;
+    p.model.num_heads = 2;
+    p.model.num_kv_heads = 1;
+    p.model.head_dim = 32;
+    p.model.intermediate_size = 176;
+    p.model.max_position_embeddings = 64;
+    p.train = PretrainConfig(3000, 16, 64, 100);
+    p.train.eval_interval = 250;
+    p.train.checkpoint_interval = 500;
+    p.tail_windows = 48;
+    p.tail = 32;
+    p.max_windows = 32;
+    p.bucket_size = 8;
+    p.finetune = FinetuneConfig(p.train, 4, 200, 10);
+    p.finetune.eval_interval = 50;
+    p.finetune.checkpoint_interval = 50;
+    p.finetune_steps = {50, 100, 200};
+    p.description =
+        "small model (d 64, 2 layers, 2/1 heads, head_dim 32), L = 64, "
+        "3000 steps x 1024 tokens; fine-tune 200 steps at 256";
+  } else if (name == "micro") {
+    p.model = ProtocolModel();
+    p.model.hidden_size = 32;
+    p.model.num_layers = 1;
+    p.model.num_heads = 2;
+    p.model.num_kv_heads = 1;
+    p.model.head_dim = 16;
+    p.model.intermediate_size = 64;
+    p.model.max_position_embeddings = 16;
+    p.train = PretrainConfig(100, 8, 16, 10);
+    p.train.lr = 1e-2;
+    p.train.min_lr = 1e-3;
+    p.train.eval_interval = 20;
+    p.train.checkpoint_interval = 20;
+    p.train.eval_batches = 2;
+    p.tail_windows = 8;
+    p.tail = 8;
+    p.max_windows = 8;
+    p.bucket_size = 4;
+    p.finetune = FinetuneConfig(p.train, 4, 10, 2);
+    p.finetune.eval_interval = 5;
+    p.finetune.checkpoint_interval = 5;
+    p.finetune_steps = {5, 10};
+    p.description = "test-suite model (d 32, 1 layer, 2/1 heads, head_dim 16), L = 16, 100 steps";
+  } else {
+    throw Error("--preset '" + std::string(name) + "' is not one of micro, quick, full");
+  }
+  return p;
+}
+
+RopeParams ScaledRope(const RopeParams& base, std::string_view scaling, double s,
+                      int64_t train_length) {
+  if (!(s >= 1.0) || !std::isfinite(s)) {
+    throw Error("rope scaling factor " + std::to_string(s) + " must be finite and >= 1");
+  }
+  RopeParams p;
+  p.base = base.base;
+  p.head_dim = base.head_dim;
+  p.rotary_dim = base.rotary_dim;
+  p.max_position_embeddings = train_length;
+  if (scaling == "none") return p;
+  if (scaling == "dynamic") {
+    // Dynamic NTK (HF form): base' = base ((a l / L) - (a - 1))^(R / (R - 2)) with a = 1, i.e.
+    // s = l / L for the current length l, recomputed per forward pass; plain RoPE for l <= L.
+    p.type = RopeType::kDynamic;
+    p.factor = 1.0;
+    return p;
+  }
+  if (s == 1.0) return p;
+  if (scaling == "linear") {  // PI: positions m / s
+    p.type = RopeType::kLinear;
+    p.factor = s;
+  } else if (scaling == "ntk") {  // NTK-aware: base' = base s^(R / (R - 2))
+    p.type = RopeType::kNtk;
+    p.ntk_alpha = s;
+  } else if (scaling == "yarn") {  // NTK-by-parts (alpha 1, beta 32) + mscale 0.1 ln s + 1
+    p.type = RopeType::kYarn;
+    p.factor = s;
+    p.original_max_position_embeddings = train_length;
+  } else if (scaling == "llama3") {  // low 1, high 4, original length L
+    p.type = RopeType::kLlama3;
+    p.factor = s;
+    p.low_freq_factor = 1.0;
+    p.high_freq_factor = 4.0;
+    p.original_max_position_embeddings = train_length;
+  } else {
+    throw Error("rope scaling '" + std::string(scaling) +
+                "' is not one of none, linear, ntk, dynamic, yarn, llama3");
+  }
+  p.Validate();
+  return p;
+}
+
+std::vector<int64_t> TailWindowEnds(int64_t num_tokens, int64_t max_context, int64_t num_windows) {
+  if (max_context < 1 || num_windows < 1) {
+    throw Error("tail protocol: max_context and num_windows must be >= 1");
+  }
+  const int64_t lo = max_context + 1;
+  if (num_tokens < lo) {
+    throw Error("tail protocol: the held-out text has " + std::to_string(num_tokens) +
+                " tokens, a window of " + std::to_string(max_context) + " needs " +
+                std::to_string(lo));
+  }
+  std::vector<int64_t> ends;
+  const int64_t denom = std::max<int64_t>(num_windows - 1, 1);
+  for (int64_t k = 0; k < num_windows; ++k) ends.push_back(lo + (num_tokens - lo) * k / denom);
+  return ends;
+}
+
+std::vector<TailWindow> PlanTailWindows(std::span<const int64_t> ends, int64_t context,
+                                        int64_t tail, int64_t num_tokens) {
+  if (tail < 1 || tail > context) {
+    throw Error("tail protocol: tail " + std::to_string(tail) + " must be in [1, context " +
+                std::to_string(context) + "]");
+  }
+  std::vector<TailWindow> windows;
+  for (int64_t e : ends) {
+    if (e - context - 1 < 0 || e > num_tokens) {
+      throw Error("tail protocol: window end " + std::to_string(e) + " does not fit context " +
+                  std::to_string(context) + " in " + std::to_string(num_tokens) + " tokens");
+    }
+    windows.push_back({e - context - 1, e - tail, e});
+  }
+  return windows;
+}
+
+double TailLoss(Model& model, std::span<const int32_t> tokens, std::span<const int64_t> ends,
+                int64_t context, int64_t tail, int64_t batch, ThreadPool* pool) {
+  if (batch < 1) throw Error("tail protocol: batch must be >= 1");
+  const std::vector<TailWindow> windows =
+      PlanTailWindows(ends, context, tail, static_cast<int64_t>(tokens.size()));
+  std::vector<int32_t> inputs, targets;
+  std::vector<float> losses;
+  double sum = 0.0;
+  int64_t count = 0;
+  for (size_t w0 = 0; w0 < windows.size(); w0 += static_cast<size_t>(batch)) {
+    const int64_t b = std::min<int64_t>(batch, static_cast<int64_t>(windows.size() - w0));
+    inputs.resize(b * context);
+    targets.resize(b * context);
+    losses.resize(b * context);
+    for (int64_t i = 0; i < b; ++i) {
+      const TailWindow& w = windows[w0 + i];
+      std::copy(tokens.begin() + w.input_begin, tokens.begin() + w.input_begin + context,
+                inputs.begin() + i * context);
+      // Only the scored targets are set; a target < 0 scores 0.
+      std::fill(targets.begin() + i * context, targets.begin() + (i + 1) * context, -1);
+      const int64_t first = w.scored_begin - (w.input_begin + 1);  // index of the first scored
+      std::copy(tokens.begin() + w.scored_begin, tokens.begin() + w.end,
+                targets.begin() + i * context + first);
+    }
+    model.Forward(inputs, b, context, nullptr, targets.data(), losses.data(), pool);
+    for (int64_t i = 0; i < b * context; ++i) {
+      if (targets[i] >= 0) {
+        sum += losses[i];
+        ++count;
+      }
+    }
+  }
+  return sum / static_cast<double>(count);
+}
+
+std::vector<double> RopeDecayCurve(std::span<const double> inv_freq, int64_t max_distance) {
+  const size_t n = inv_freq.size();
+  std::vector<double> curve;
+  for (int64_t r = 0; r <= max_distance; ++r) {
+    std::complex<double> s = 0.0;
+    double total = 0.0;
+    for (size_t j = 0; j < n; ++j) {
+      s += std::polar(1.0, static_cast<double>(r) * inv_freq[j]);  // S_{j+1}
+      total += std::abs(s);
+    }
+    curve.push_back(n ? total / static_cast<double>(n) : 0.0);
+  }
+  return curve;
+}
+
+std::string RecordsToJson(const std::vector<StudyRecord>& records) {
+  Json a = Json::array();
+  for (const StudyRecord& r : records) {
+    Json j;
+    j["encoding"] = r.encoding;
+    j["scaling"] = r.scaling;
+    j["scaling_factor"] = r.scaling_factor;
+    j["finetune_steps"] = r.finetune_steps;
+    j["train_length"] = r.train_length;
+    j["eval_length"] = r.eval_length;
+    j["tail_loss"] = r.tail_loss;
+    j["window_loss"] = r.window_loss;
+    j["seed"] = r.seed;
+    j["bucket_size"] = r.bucket_size;
+    j["position_loss"] = r.position_loss;
+    a.push_back(std::move(j));
+  }
+  return a.dump(1) + "\n";
+}
+
+std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::string& name) {
+  std::vector<StudyRecord> out;
+  try {
+    const Json a = Json::parse(text);
+    if (!a.is_array()) throw Error("expected a JSON list of records");
+    for (const Json& j : a) {
+      StudyRecord r;
+      r.encoding = j.at("encoding").get<std::string>();
+      r.scaling = j.at("scaling").get<std::string>();
+      r.scaling_factor = j.at("scaling_factor").get<double>();
+      r.finetune_steps = j.at("finetune_steps").get<int64_t>();
+      r.train_length = j.at("train_length").get<int64_t>();
+      r.eval_length = j.at("eval_length").get<int64_t>();
+      r.tail_loss = j.at("tail_loss").get<double>();
+      r.window_loss = j.at("window_loss").get<double>();
+      r.seed = j.at("seed").get<uint64_t>();
+      r.bucket_size = j.at("bucket_size").get<int64_t>();
+      r.position_loss = j.at("position_loss").get<std::vector<double>>();
+      out.push_back(std::move(r));
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(name + ": " + e.what());
+  } catch (const Error& e) {
+    throw Error(name + ": " + e.what());
+  }
+  return out;
+}
+
+std::string RecordsToCsv(const std::vector<StudyRecord>& records) {
+  std::string s =
+      "encoding,scaling,scaling_factor,finetune_steps,train_length,eval_length,tail_loss,"
+      "window_loss,seed\n";
+  char buf[512];
+  for (const StudyRecord& r : records) {
+    std::snprintf(buf, sizeof(buf), "%s,%s,%.17g,%lld,%lld,%lld,%.17g,%.17g,%llu\n",
+                  r.encoding.c_str(), r.scaling.c_str(), r.scaling_factor,
+                  static_cast<long long>(r.finetune_steps), static_cast<long long>(r.train_length),
+                  static_cast<long long>(r.eval_length), r.tail_loss, r.window_loss,
+                  static_cast<unsigned long long>(r.seed));
+    s += buf;
+  }
+  return s;
+}
+
+}  // namespace ropekit::study

@@ -1,0 +1,334 @@
+// Tests of the extrapolation study's building blocks: the R data reader (against byte streams
+// built here by hand from the format description), the tail-protocol windows (same scored tokens
+// at every length; agreement with the model library's own tail evaluation), the RoFormer decay
+// bound (published values) and the RoPE scalings. Kept small: this binary also runs under ASan.
+#include "ropekit/study.h"
+
+#include <zlib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <numbers>
+#include <set>
+
+#include "gtest/gtest.h"
+
+namespace ropekit::study {
+namespace {
+
+// ---- Hand-built R XDR serializations ---------------------------------------------------------
+
+void PutInt(std::string& s, int32_t v) {
+  const uint32_t u = static_cast<uint32_t>(v);
+  for (int shift : {24, 16, 8, 0}) s += static_cast<char>((u >> shift) & 0xff);
+}
+std::string Header() {
+  std::string s = "X\n";
+  PutInt(s, 3);       // version
+  PutInt(s, 262656);  // writer 4.2.0
+  PutInt(s, 197888);  // min reader 3.5.0
+  PutInt(s, 5);
+  s += "UTF-8";
+  return s;
+}
+void PutChar(std::string& s, const std::string* str) {  // nullptr = NA
+  PutInt(s, 9 | (1 << 15) /* UTF-8 level bit */);
+  if (!str) {
+    PutInt(s, -1);
+    return;
+  }
+  PutInt(s, static_cast<int32_t>(str->size()));
+  s += *str;
+}
+void PutStrVector(std::string& s, const std::vector<std::string>& v, int attr_flag = 0) {
+  PutInt(s, 16 | attr_flag);
+  PutInt(s, static_cast<int32_t>(v.size()));
+  for (const std::string& x : v) PutChar(s, &x);
+}
+// A pairlist attribute cell "names" (symbol), with the symbol either new or a reference.
+void PutNamesAttribute(std::string& s, const std::vector<std::string>& names, int& symbols,
+                       int& names_ref) {
+  PutInt(s, 2 | (1 << 10));  // LISTSXP with tag
+  if (names_ref == 0) {
+    PutInt(s, 1);  // SYMSXP
+    const std::string n = "names";
+    PutChar(s, &n);
+    names_ref = ++symbols;
+  } else {
+    PutInt(s, 255 | (names_ref << 8));  // REFSXP
+  }
+  PutStrVector(s, names);
+  PutInt(s, 254);  // end of pairlist
+}
+
+std::string Compress(const std::string& data, bool gzip) {
+  z_stream zs{};
+  EXPECT_EQ(deflateInit2(&zs, 6, Z_DEFLATED, gzip ? 31 : 15, 8, Z_DEFAULT_STRATEGY), Z_OK);
+  std::string out(deflateBound(&zs, data.size()) + 32, '\0');
+  zs.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(data.data()));
+  zs.avail_in = static_cast<uInt>(data.size());
+  zs.next_out = reinterpret_cast<Bytef*>(out.data());
+  zs.avail_out = static_cast<uInt>(out.size());
+  EXPECT_EQ(deflate(&zs, Z_FINISH), Z_STREAM_END);
+  out.resize(zs.total_out);
+  deflateEnd(&zs);
+  return out;
+}
+
+TEST(StudyCorpus, ParsesCharacterVectorWithNaAndUtf8) {
+  std::string s = Header();
+  PutInt(s, 16);
+  PutInt(s, 3);
+  const std::string a = "It is a truth universally acknowledged", b = "caf\xc3\xa9";
+  PutChar(s, &a);
+  PutChar(s, nullptr);
+  PutChar(s, &b);
+  EXPECT_EQ(ParseRCharacterVector(s, "x"), (std::vector<std::string>{a, "", b}));
+  // Truncated, wrong magic and wrong type are errors naming the data.
+  EXPECT_THROW(ParseRCharacterVector(s.substr(0, s.size() - 2), "x"), Error);
+  EXPECT_THROW(ParseRCharacterVector("A\n" + s.substr(2), "x"), Error);
+  std::string ints = Header();
+  PutInt(ints, 13);
+  PutInt(ints, 1);
+  PutInt(ints, 7);
+  try {
+    ParseRCharacterVector(ints, "blob");
+    FAIL() << "an integer vector was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("blob"), std::string::npos);
+  }
+}
+
+TEST(StudyCorpus, ReadsLazyLoadDatabase) {
+  // Two objects in the .rdb: [u32 BE uncompressed length][zlib stream] each.
+  const std::vector<std::string> first = {"Chapter 1", "", "Sir Walter Elliot"};
+  const std::vector<std::string> second = {"EMMA"};
+  std::string rdb, offsets;
+  std::vector<std::pair<int, int>> loc;
+  for (const auto* v : {&first, &second}) {
+    std::string ser = Header();
+    PutStrVector(ser, *v);
+    std::string entry;
+    PutInt(entry, static_cast<int32_t>(ser.size()));
+    entry += Compress(ser, false);
+    loc.emplace_back(static_cast<int>(rdb.size()), static_cast<int>(entry.size()));
+    rdb += entry;
+  }
+  // Index: list(variables = list(persuasion = c(off, len), emma = c(off, len)),
+  //             references = list(), compressed = TRUE), gzip-compressed.
+  int symbols = 0, names_ref = 0;
+  std::string rdx = Header();
+  PutInt(rdx, 19 | (1 << 9));  // VECSXP with attributes
+  PutInt(rdx, 3);
+  PutInt(rdx, 19 | (1 << 9));  // variables
+  PutInt(rdx, 2);
+  for (auto [off, len] : loc) {
+    PutInt(rdx, 13);
+    PutInt(rdx, 2);
+    PutInt(rdx, off);
+    PutInt(rdx, len);
+  }
+  PutNamesAttribute(rdx, {"persuasion", "emma"}, symbols, names_ref);
+  PutInt(rdx, 19);  // references: empty list
+  PutInt(rdx, 0);
+  PutInt(rdx, 10);  // compressed: TRUE
+  PutInt(rdx, 1);
+  PutInt(rdx, 1);
+  PutNamesAttribute(rdx, {"variables", "references", "compressed"}, symbols, names_ref);
+
+  const auto dir =
+      std::filesystem::temp_directory_path() /
+      ("ropekit_study_rdb_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()));
+  std::filesystem::create_directories(dir);
+  auto write = [&](const std::string& name, const std::string& data) {
+    std::ofstream(dir / name, std::ios::binary) << data;
+    return (dir / name).string();
+  };
+  const std::string rdb_path = write("Rdata.rdb", rdb);
+  const std::string rdx_path = write("Rdata.rdx", Compress(rdx, true));
+  const auto objects = ReadRLazyLoadDb(rdb_path, rdx_path);
+  ASSERT_EQ(objects.size(), 2u);
+  EXPECT_EQ(objects[0].first, "persuasion");
+  EXPECT_EQ(objects[0].second, first);
+  EXPECT_EQ(objects[1].first, "emma");
+  EXPECT_EQ(objects[1].second, second);
+  // A corrupted entry is reported with the object's name.
+  std::string bad = rdb;
+  bad[static_cast<size_t>(loc[1].first) + 8] ^= 0x55;
+  write("Rdata.rdb", bad);
+  try {
+    ReadRLazyLoadDb(rdb_path, rdx_path);
+    ADD_FAILURE() << "a corrupt entry was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("emma"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// ---- Tail protocol ----------------------------------------------------------------------------
+
+TEST(StudyTail, SameScoredTokensAtEveryLength) {
+  const int64_t n = 5003, tail = 24;
+  const std::vector<int64_t> contexts = {32, 64, 128, 256};
+  const std::vector<int64_t> ends = TailWindowEnds(n, 256, 37);
+  ASSERT_EQ(ends.size(), 37u);
+  EXPECT_EQ(ends.front(), 257);  // the longest window starts at token 0
+  EXPECT_EQ(ends.back(), n);     // the last target is the last token
+  EXPECT_TRUE(std::is_sorted(ends.begin(), ends.end()));
+  std::set<int64_t> reference;
+  for (int64_t c : contexts) {
+    const auto windows = PlanTailWindows(ends, c, tail, n);
+    std::multiset<int64_t> scored;
+    for (size_t k = 0; k < windows.size(); ++k) {
+      const TailWindow& w = windows[k];
+      EXPECT_GE(w.input_begin, 0);
+      EXPECT_LE(w.end, n);
+      EXPECT_EQ(w.end - w.input_begin, c + 1);  // C inputs, targets shifted by one
+      EXPECT_EQ(w.end - w.scored_begin, tail);
+      for (int64_t t = w.scored_begin; t < w.end; ++t) scored.insert(t);
+    }
+    std::set<int64_t> unique(scored.begin(), scored.end());
+    if (reference.empty()) {
+      reference = unique;
+    } else {
+      EXPECT_EQ(unique, reference) << "context " << c;
+    }
+    EXPECT_EQ(scored.size(), ends.size() * tail);
+  }
+  EXPECT_THROW(PlanTailWindows(ends, 512, tail, n), Error);  // longer than planned: no room
+  EXPECT_THROW(PlanTailWindows(ends, 16, 17, n), Error);     // tail > context
+  EXPECT_THROW(TailWindowEnds(100, 100, 4), Error);
+}
+
+ModelConfig TinyModel(const char* pe) {
+  ModelConfig c;
+  c.hidden_size = 16;
+  c.num_layers = 1;
+  c.num_heads = 2;
+  c.num_kv_heads = 1;
+  c.intermediate_size = 24;
+  c.max_position_embeddings = 16;
+  c.position_encoding.kind = ParsePositionEncodingKind(pe);
+  return c.Resolved();
+}
+
+TEST(StudyTail, AgreesWithTheModelLibraryTailProtocol) {
+  // Evaluate() (src/model/eval.cc) implements the same protocol independently; the scored
+  // tokens and the forward passes (same windows, same batch) are identical, so the two means
+  // differ only by the order of a double summation of at most 6 * 5 float losses.
+  for (const char* pe : {"rope", "alibi"}) {
+    Model model(TinyModel(pe), 7);
+    std::vector<int32_t> tokens(701);
+    uint64_t x = 12345;
+    for (int32_t& t : tokens) {
+      x = x * 6364136223846793005ull + 1442695040888963407ull;
+      t = static_cast<int32_t>((x >> 33) % 256);
+    }
+    EvalOptions eo;
+    eo.contexts = {8, 16, 40};
+    eo.max_windows = 1;
+    eo.num_tail_windows = 6;
+    eo.tail = 5;
+    eo.batch = 4;
+    const auto ref = Evaluate(model, tokens, eo, nullptr);
+    const auto ends = TailWindowEnds(static_cast<int64_t>(tokens.size()), 40, 6);
+    for (size_t i = 0; i < eo.contexts.size(); ++i) {
+      const double mine = TailLoss(model, tokens, ends, eo.contexts[i], 5, 4, nullptr);
+      EXPECT_NEAR(mine, ref[i].tail_loss, 1e-12 * ref[i].tail_loss) << pe << " " << eo.contexts[i];
+    }
+  }
+}
+
+// ---- RoFormer decay bound and scalings -------------------------------------------------------
+
+TEST(StudyDecay, MatchesRoformerFigure2Values) {
+  // theta_i = 10000^(-2i/d); reference values (three decimals, computed independently in the
+  // EXTRAPOLATION notes; d = 128 is the RoFormer figure, d = 32 the study's head_dim):
+  // tolerance half a unit in the last printed place.
+  const std::vector<int> rs = {0, 1, 2, 5, 10, 20, 50, 100, 150, 200, 250};
+  const std::vector<std::pair<int, std::vector<double>>> reference = {
+      {128, {32.5, 31.538, 28.956, 20.845, 17.954, 15.242, 12.629, 10.227, 7.588, 7.245, 6.548}},
+      {32, {8.5, 8.146, 7.226, 5.303, 4.151, 4.532, 2.737, 4.379, 3.083, 3.729, 2.424}}};
+  for (const auto& [d, values] : reference) {
+    std::vector<double> w(d / 2);
+    for (int i = 0; i < d / 2; ++i) w[i] = std::pow(10000.0, -2.0 * i / d);
+    const std::vector<double> c = RopeDecayCurve(w, 250);
+    ASSERT_EQ(c.size(), 251u);
+    EXPECT_DOUBLE_EQ(c[0], (d / 2 + 1) / 2.0);  // |S_j(0)| = j
+    for (size_t k = 0; k < rs.size(); ++k) {
+      EXPECT_NEAR(c[rs[k]], values[k], 0.0005 + 1e-12) << "d = " << d << ", r = " << rs[k];
+    }
+  }
+  // Window means of the reference are over a grid of step 0.5: halving every frequency turns
+  // integer distances 2r into r / 2 steps. The curve is not monotone; the window means are.
+  std::vector<double> half(64);
+  for (int i = 0; i < 64; ++i) half[i] = 0.5 * std::pow(10000.0, -2.0 * i / 128.0);
+  const std::vector<double> c = RopeDecayCurve(half, 500);
+  auto mean = [&](int a, int b) {  // r in [a, b) on the 0.5 grid
+    double s = 0;
+    for (int k = 2 * a; k < 2 * b; ++k) s += c[k];
+    return s / (2 * (b - a));
+  };
+  EXPECT_NEAR(mean(5, 25), 16.791, 0.0005);
+  EXPECT_NEAR(mean(100, 125), 9.628, 0.0005);
+  EXPECT_NEAR(mean(225, 250), 8.044, 0.0005);
+}
+
+TEST(StudyScaling, FactorsFollowThePublishedFormulas) {
+  RopeParams base;
+  base.head_dim = 32;
+  base.rotary_dim = 32;
+  const int64_t L = 128;
+  // Plain and s = 1 are the unscaled frequencies.
+  for (const char* s : {"none", "linear", "ntk", "yarn", "llama3"}) {
+    const double f = std::string_view(s) == "none" ? 4.0 : 1.0;
+    EXPECT_EQ(ScaledRope(base, s, f, L).type, RopeType::kDefault) << s;
+  }
+  auto w = [&](const char* s, double f) {
+    return ComputeFrequencies(ScaledRope(base, s, f, L), Numerics::kExact).inv_freq;
+  };
+  const auto w0 = w("none", 1);
+  // PI: every frequency divided by s (positions m / s).
+  for (size_t i = 0; i < w0.size(); ++i) EXPECT_NEAR(w("linear", 4)[i], w0[i] / 4, 1e-15);
+  // NTK-aware: base' = base s^(R/(R-2)) = 20946, 43873, 91896 for s = 2, 4, 8 (R = 32).
+  const std::vector<std::pair<double, double>> ntk = {{2, 20946}, {4, 43873}, {8, 91896}};
+  for (auto [s, b] : ntk) {
+    const double implied = std::pow(w("ntk", s)[1], -16.0);  // w_1 = base'^(-2/32)
+    EXPECT_NEAR(implied, b, 0.5 + 1e-9 * b) << s;
+  }
+  // Llama 3.1, factor 4, low 1, high 4, original 128: wavelengths below 32 kept, above 128
+  // divided by 4.
+  const auto l3 = w("llama3", 4);
+  for (size_t i = 0; i < w0.size(); ++i) {
+    const double wavelength = 2 * std::numbers::pi / w0[i];
+    if (wavelength < 32) {
+      EXPECT_NEAR(l3[i], w0[i], 1e-7 * w0[i]);
+    }
+    if (wavelength > 128) {
+      EXPECT_NEAR(l3[i], w0[i] / 4, 1e-7 * w0[i]);
+    }
+  }
+  EXPECT_EQ(ScaledRope(base, "dynamic", 1, L).type, RopeType::kDynamic);
+  EXPECT_THROW(ScaledRope(base, "bogus", 2, L), Error);
+  EXPECT_THROW(ScaledRope(base, "linear", 0.5, L), Error);
+}
+
+TEST(StudyPreset, KnownNamesOnly) {
+  for (const char* n : {"micro", "quick", "full"}) {
+    const StudyPreset p = GetStudyPreset(n);
+    EXPECT_EQ(p.encodings.size(), 6u);
+    EXPECT_EQ(p.finetune.seq_len, p.extension_factor * p.train.seq_len);
+    EXPECT_EQ(p.finetune.batch_size * p.finetune.seq_len, p.train.batch_size * p.train.seq_len);
+    EXPECT_EQ(p.finetune_steps.back(), p.finetune.steps);
+  }
+  const StudyPreset full = GetStudyPreset("full");
+  EXPECT_EQ(full.train.steps, 1000);
+  EXPECT_EQ(full.train.seq_len, 128);
+  EXPECT_EQ(full.model.hidden_size, 128);
+  EXPECT_THROW(GetStudyPreset("huge"), Error);
+}
+
+}  // namespace
+}  // namespace ropekit::study

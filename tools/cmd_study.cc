@@ -1,0 +1,71 @@
+// `ropekit study`: the length-extrapolation study (train short, test long, extend the context)
+// with tables on the terminal and results.json / results.csv / report.html in --out.
+// `ropekit corpus`: fetches and extracts the Austen novels only.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "ropekit/study.h"
+#include "tools/command.h"
+
+namespace ropekit::cli {
+namespace {
+
+int RunStudyCommand(const study::StudyOptions& o) {
+  const study::StudyResult r = study::RunStudy(o);
+  const study::StudyPreset preset = study::GetStudyPreset(o.preset);
+  std::printf("%s", study::SummaryTables(preset, r.records).c_str());
+  std::printf("\n%zu runs computed, %zu reused; %.0f s (compute time of all runs: %.0f s)\n",
+              r.trained_units.size(), r.reused_units.size(), r.seconds, r.compute_seconds);
+  std::printf("results: %s/results.json, %s/results.csv\nreport:  %s/report.html\n", o.out.c_str(),
+              o.out.c_str(), o.out.c_str());
+  return 0;
+}
+
+const CommandRegistration kStudy{
+    "study",
+    "Length-extrapolation study: train each position encoding at L, evaluate at 1x-8x L, extend "
+    "RoPE (PI, NTK, dynamic NTK, YaRN, Llama 3.1) with and without fine-tuning; writes tables, "
+    "results.json/.csv and report.html",
+    [](CLI::App* sub) -> std::function<int()> {
+      auto o = std::make_shared<study::StudyOptions>();
+      sub->add_option("--preset", o->preset,
+                      "micro (seconds, for tests), quick (~10 min on 2 cores), full (the "
+                      "protocol, ~100 min; resumable)")
+          ->capture_default_str();
+      sub->add_option("--corpus", o->corpus,
+                      "Text files to use instead of the Austen novels: the last file is held out "
+                      "(one file: its last 10%)")
+          ->check(CLI::ExistingFile);
+      sub->add_option("--data-dir", o->data_dir,
+                      "Cache of the downloaded Austen corpus (apt-get download + extraction)")
+          ->capture_default_str();
+      sub->add_option("--out", o->out, "Output directory (runs are reused on rerun)")
+          ->capture_default_str();
+      sub->add_option("--threads", o->threads, "Worker threads (0 = all cores)")
+          ->capture_default_str();
+      sub->add_option("--seed", o->seed, "Initialisation and data-order seed")
+          ->capture_default_str();
+      sub->add_flag(
+          "--quiet", [o](int64_t) { o->verbose = false; }, "No progress lines");
+      return [o] { return RunStudyCommand(*o); };
+    }};
+
+const CommandRegistration kCorpus{
+    "corpus",
+    "Fetch the study corpus: the six Austen novels of Debian's r-cran-janeaustenr, extracted to "
+    "<data-dir>/austen/*.txt (no R needed); prints their paths",
+    [](CLI::App* sub) -> std::function<int()> {
+      auto dir = std::make_shared<std::string>("data");
+      sub->add_option("--data-dir", *dir, "Cache directory")->capture_default_str();
+      return [dir] {
+        for (const std::string& p : study::FetchAustenCorpus(
+                 *dir, [](const std::string& s) { std::fprintf(stderr, "%s\n", s.c_str()); })) {
+          std::printf("%s\n", p.c_str());
+        }
+        return 0;
+      };
+    }};
+
+}  // namespace
+}  // namespace ropekit::cli
