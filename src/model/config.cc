@@ -2,13 +2,12 @@
 // LlamaForCausalLM keys plus a "ropekit" object); ByteTokenizer; text file reading.
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
 
 #include "ropekit/hf_config.h"
 #include "ropekit/model.h"
+#include "src/util/file.h"
 
 namespace ropekit {
 namespace {
@@ -313,13 +312,7 @@ std::string ReadTextFiles(const std::vector<std::string>& paths) {
   for (const std::string& path : paths) {
     std::error_code ec;
     if (!std::filesystem::exists(path, ec)) throw Error(path + ": file not found");
-    if (!std::filesystem::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw Error(path + ": cannot open the file for reading");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) throw Error(path + ": read error");
-    all += ss.str();
+    all += ReadFileToString(path);
   }
   return all;
 }

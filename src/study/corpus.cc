@@ -18,39 +18,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 
 #include "ropekit/study.h"
+#include "src/util/file.h"
 
 namespace ropekit::study {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::string ReadBinaryFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open for reading");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  if (in.bad()) throw Error(path + ": read error");
-  return ss.str();
-}
-
-// Atomic write: a temporary file in the same directory, renamed over the target.
-void WriteFileAtomic(const fs::path& path, std::string_view data) {
-  const fs::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error(tmp.string() + ": cannot open for writing");
-    out.write(data.data(), static_cast<std::streamsize>(data.size()));
-    out.flush();
-    if (!out) throw Error(tmp.string() + ": write error");
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) throw Error(path.string() + ": cannot rename into place (" + ec.message() + ")");
-}
 
 // A parsed R object: only what character vectors and the lazy-load index need.
 struct RValue {
@@ -284,7 +259,7 @@ std::vector<std::string> ParseRCharacterVector(std::string_view serialized,
 
 std::vector<std::pair<std::string, std::vector<std::string>>> ReadRLazyLoadDb(
     const std::string& rdb_path, const std::string& rdx_path) {
-  const std::string rdx = Inflate(ReadBinaryFile(rdx_path), rdx_path);
+  const std::string rdx = Inflate(ReadFileToString(rdx_path), rdx_path);
   XdrReader index_reader(rdx, rdx_path);
   const RValue index = index_reader.ReadTop();
   const RValue* names = index.Attribute("names");
@@ -306,7 +281,7 @@ std::vector<std::pair<std::string, std::vector<std::string>>> ReadRLazyLoadDb(
   if (!variables || !var_names || var_names->strings.size() != variables->items.size()) {
     throw Error(rdx_path + ": the index has no named 'variables' list");
   }
-  const std::string rdb = ReadBinaryFile(rdb_path);
+  const std::string rdb = ReadFileToString(rdb_path);
   std::vector<std::pair<std::string, std::vector<std::string>>> out;
   for (size_t i = 0; i < variables->items.size(); ++i) {
     const std::string& name = var_names->strings[i];

@@ -11,6 +11,8 @@
 #include <string>
 #include <vector>
 
+#include "src/util/file.h"
+
 namespace ropekit {
 
 enum class NpyDType { kF32, kF64, kF16, kI32, kI64 };
@@ -32,8 +34,6 @@ NpyArray ReadNpy(const std::string& path);
 std::vector<uint8_t> SerializeNpy(const NpyArray& array);
 // Writes atomically (temporary file + rename); on failure the destination is untouched.
 void WriteNpy(const std::string& path, const NpyArray& array);
-// Writes bytes atomically to `path`; shared by every file writer in ropekit.
-void WriteFileAtomic(const std::string& path, const void* data, size_t size);
 
 }  // namespace ropekit
 
