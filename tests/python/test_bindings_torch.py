@@ -5,29 +5,15 @@ Hugging Face formulas.
 """
 
 import concurrent.futures
-import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-
-def _import_ropekit():
-    path = os.environ.get("ROPEKIT_PYTHONPATH")
-    if not path:
-        raise RuntimeError(
-            "ROPEKIT_PYTHONPATH is not set: point it at <build dir>/python (ctest sets it)")
-    sys.path.insert(0, path)
-    try:
-        import ropekit  # noqa: PLC0415
-        import ropekit.torch  # noqa: PLC0415,F401
-    except ImportError as e:
-        raise RuntimeError(f"cannot import ropekit from ROPEKIT_PYTHONPATH={path}: {e}") from e
-    return ropekit
+from ropekit_import import import_ropekit
 
 
-ropekit = _import_ropekit()
+ropekit = import_ropekit("torch")
 U = 2.0 ** -24
 
 
