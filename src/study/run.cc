@@ -17,6 +17,7 @@
 
 #include "ropekit/study.h"
 #include "src/util/file.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {
@@ -45,6 +46,7 @@ std::string LogToJson(const std::vector<TrainLogEntry>& log) {
 
 std::vector<TrainLogEntry> LogFromJson(const std::string& text, const std::string& name) {
   std::vector<TrainLogEntry> log;
+  CheckJsonLimits(text, name);
   try {
     for (const Json& j : Json::parse(text)) {
       log.push_back({j.at("step").get<int64_t>(), j.at("loss").get<double>(),
@@ -173,8 +175,9 @@ class Runner {
     }
     if (fs::exists(dir / "timing.json")) {
       try {
-        result_.compute_seconds +=
-            Json::parse(ReadFile(dir / "timing.json")).at("seconds").get<double>();
+        const std::string timing = ReadFile(dir / "timing.json");
+        CheckJsonLimits(timing, (dir / "timing.json").string());
+        result_.compute_seconds += Json::parse(timing).at("seconds").get<double>();
       } catch (const nlohmann::json::exception& e) {
         throw Error((dir / "timing.json").string() + ": " + e.what());
       }
