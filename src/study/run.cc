@@ -144,6 +144,9 @@ class Runner {
     ++unit_index_;
     unit_start_ = Clock::now();
     const fs::path dir = UnitDir(unit);
+    // What a killed run left (the study holds the output directory's lock).
+    RemoveStaleTempFiles(dir.string());
+    if (fs::is_directory(dir / "ckpt")) CleanCheckpointDirectory((dir / "ckpt").string());
     if (fs::exists(dir / "DONE")) {
       if (ReadFile(dir / "DONE") != fingerprint) {
         throw Error(dir.string() +
@@ -396,8 +399,7 @@ class Runner {
   void Extend(const std::string& scaling) {
     const std::string unit = "extend-" + scaling;
     const ModelConfig mc = ModelFor("rope");
-    const std::string fp = Fingerprint(
-        unit, mc, nullptr, "no fine-tuning; parent " + UnitDir("pretrain-rope").string());
+    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
     if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
     Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
     StudyRecord proto;
@@ -498,9 +500,11 @@ StudyResult RunStudy(const StudyOptions& options) {
                 " training bytes are too few for preset " + preset.name + " (need " +
                 std::to_string(preset.finetune.seq_len * 4 + 1) + ")");
   }
-  std::error_code ec;
-  fs::create_directories(options.out, ec);
-  if (ec) throw Error("--out " + options.out + ": cannot create (" + ec.message() + ")");
+  // The output directory: writable, this study's alone while it runs (runs/* hold checkpoints
+  // that only one writer may commit), cleared of temporary files a killed run left.
+  CheckDirectoryWritable(options.out, "--out");
+  DirectoryLock lock(options.out, "--out");
+  RemoveStaleTempFiles(options.out);
   log("study: preset " + preset.name + ": " + preset.description);
   log("study: corpus: " + corpus.description);
   Runner runner(options, preset, corpus);
