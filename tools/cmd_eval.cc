@@ -1,10 +1,12 @@
 // `ropekit eval`: loss / perplexity of a checkpoint on held-out text at any context length, the
 // tail-loss protocol, a per-position loss curve, and (for tests against other implementations)
 // dumps of the logits and of every parameter gradient for a given token batch.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -20,7 +22,9 @@ struct EvalArgs {
   std::string model;
   std::vector<std::string> text;
   std::vector<int64_t> contexts;
-  int64_t max_windows = 64, tail_windows = 64, tail = 64, bucket = 16, batch = 4;
+  int64_t max_windows = 64, bucket = 16, batch = 4;
+  // Unset: 64, at most what the text and the smallest context allow.
+  std::optional<int64_t> tail_windows, tail;
   int threads = 1;
   bool json = false;
   RopeOverrideArgs rope;
@@ -111,8 +115,13 @@ int RunEval(const EvalArgs& a) {
   o.contexts = a.contexts.empty() ? std::vector<int64_t>{model.config().max_position_embeddings}
                                   : a.contexts;
   o.max_windows = a.max_windows;
-  o.num_tail_windows = a.tail_windows;
-  o.tail = a.tail;
+  // Defaults that fit any model and text: a model trained at a context under 64 gets a shorter
+  // tail, a short text fewer tail windows. Values given explicitly are checked by Evaluate.
+  const int64_t cmin = *std::min_element(o.contexts.begin(), o.contexts.end());
+  const int64_t cmax = *std::max_element(o.contexts.begin(), o.contexts.end());
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  o.tail = a.tail.value_or(std::clamp<int64_t>(cmin, 1, 64));
+  o.num_tail_windows = a.tail_windows.value_or(std::clamp<int64_t>(n - cmax, 0, 64));
   o.bucket_size = a.bucket;
   o.batch = a.batch;
   const auto results = Evaluate(model, tokens, o, pool.get());
@@ -167,10 +176,10 @@ const CommandRegistration kEval{
           ->capture_default_str();
       sub->add_option("--tail-windows", a->tail_windows,
                       "Tail protocol: windows, end offsets fixed by the largest context "
-                      "(0 = skip)")
-          ->capture_default_str();
-      sub->add_option("--tail", a->tail, "Tail protocol: scored last tokens of each window")
-          ->capture_default_str();
+                      "(0 = skip; default 64, fewer when the text is shorter)");
+      sub->add_option("--tail", a->tail,
+                      "Tail protocol: scored last tokens of each window (default 64, at most the "
+                      "smallest context)");
       sub->add_option("--bucket", a->bucket, "Per-position loss bucket size")
           ->capture_default_str();
       sub->add_option("--batch", a->batch, "Windows per forward pass")->capture_default_str();

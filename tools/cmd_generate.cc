@@ -33,7 +33,10 @@ int RunGenerate(const GenerateArgs& a) {
   }
   const std::string prompt = a.prompt_file.empty() ? a.prompt : ReadTextFiles({a.prompt_file});
   if (prompt.empty()) throw Error("--prompt: the prompt must not be empty");
-  if (a.max_new_tokens < 0) throw Error("--max-new-tokens must be >= 0");
+  if (a.max_new_tokens < 0 || a.max_new_tokens > kMaxGenerateTokens) {
+    throw Error("--max-new-tokens " + std::to_string(a.max_new_tokens) + " is outside [0, " +
+                std::to_string(kMaxGenerateTokens) + "]");
+  }
   ByteTokenizer tok;
   const std::vector<int32_t> ids = tok.Encode(prompt);
   std::fwrite(prompt.data(), 1, prompt.size(), stdout);

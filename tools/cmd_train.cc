@@ -188,6 +188,7 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
   } else {
     model = std::make_unique<Model>(BuildConfig(a), a.seed);
   }
+  a.tc.Validate();
   if (a.corpus.empty()) throw Error("--corpus: at least one text file is required");
   ByteTokenizer tok;
   std::vector<int32_t> all = tok.Encode(ReadTextFiles(a.corpus));

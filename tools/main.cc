@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <exception>
 #include <map>
+#include <new>
 
 #include "ropekit/error.h"
 #include "tools/command.h"
@@ -40,6 +41,11 @@ int main(int argc, char** argv) {
     }
   } catch (const ropekit::Error& e) {
     std::fprintf(stderr, "ropekit: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr,
+                 "ropekit: error: out of memory: the sizes asked for (model, batch, context or "
+                 "table options) need more memory than this machine has\n");
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "ropekit: error: %s\n", e.what());

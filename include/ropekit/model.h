@@ -286,6 +286,9 @@ class Sampler {
   uint64_t state_;
 };
 
+// Longest sequence (prompt + new tokens) Generate accepts: 2^24 tokens.
+inline constexpr int64_t kMaxGenerateTokens = int64_t{1} << 24;
+
 // Prefills `prompt` into a KV cache, then decodes max_new_tokens one at a time. Calls on_token
 // for each new token (may be empty). Returns the new tokens.
 std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,

@@ -75,7 +75,15 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
                               const SamplerConfig& sampler_config, ThreadPool* pool,
                               const std::function<void(int32_t)>& on_token) {
   if (prompt.empty()) throw Error("generate: the prompt must hold at least one token");
-  if (max_new_tokens < 0) throw Error("generate: max_new_tokens must be >= 0");
+  // Prompt + new tokens is the KV cache's capacity: bounded before the sum is formed, so it
+  // cannot overflow.
+  if (max_new_tokens < 0 || max_new_tokens > kMaxGenerateTokens ||
+      static_cast<int64_t>(prompt.size()) > kMaxGenerateTokens - max_new_tokens) {
+    throw Error("generate: max_new_tokens (--max-new-tokens) " + std::to_string(max_new_tokens) +
+                " with a prompt of " + std::to_string(prompt.size()) +
+                " tokens: prompt + new tokens must be in [1, " +
+                std::to_string(kMaxGenerateTokens) + "]");
+  }
   Sampler sampler(sampler_config);
   KVCache cache(model.config(), static_cast<int64_t>(prompt.size()) + max_new_tokens);
   std::vector<float> logits(model.config().vocab_size);

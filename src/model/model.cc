@@ -544,7 +544,16 @@ KVCache::KVCache(const ModelConfig& config, int64_t capacity) {
   }
   capacity_ = capacity;
   row_ = int64_t{c.num_kv_heads} * c.head_dim;
-  k_.assign(static_cast<size_t>(c.num_layers * capacity * row_), 0.0f);
+  // layers <= 1024, capacity < 2^31, row <= 2^32: checked in 128 bits against 2^34 floats.
+  const unsigned __int128 floats = static_cast<unsigned __int128>(c.num_layers) *
+                                   static_cast<unsigned __int128>(capacity) *
+                                   static_cast<unsigned __int128>(row_);
+  if (floats > (static_cast<unsigned __int128>(1) << 34)) {
+    throw Error("KV cache of " + std::to_string(capacity) +
+                " positions for this model needs more "
+                "than 2^34 floats per tensor (64 GiB); use a shorter sequence");
+  }
+  k_.assign(static_cast<size_t>(floats), 0.0f);
   v_.assign(k_.size(), 0.0f);
 }
 

@@ -41,22 +41,39 @@ void TrainConfig::Validate() const {
   auto require = [](bool ok, const std::string& m) {
     if (!ok) throw Error(m);
   };
-  require(steps >= 0, "steps: must be >= 0");
-  require(batch_size >= 1, "batch_size: must be >= 1");
-  require(seq_len >= 1 && seq_len <= (1 << 20), "seq_len: must be in [1, 2^20]");
-  require(grad_accum >= 1, "grad_accum: must be >= 1");
+  // Bounds keep every product below (B * T <= 2^20, grad_accum <= 2^20, steps <= 2^40), so the
+  // loop's 64-bit arithmetic cannot overflow, and keep one micro-batch's activations allocatable.
+  constexpr int64_t k20 = int64_t{1} << 20, k40 = int64_t{1} << 40;
+  require(steps >= 0 && steps <= k40, "steps (--steps): must be in [0, 2^40]");
+  require(batch_size >= 1 && batch_size <= k20,
+          "batch_size (--batch-size): must be in [1, 2^20 = 1048576], got " +
+              std::to_string(batch_size));
+  require(seq_len >= 1 && seq_len <= k20, "seq_len (--seq-len): must be in [1, 2^20]");
+  require(batch_size * seq_len <= k20,
+          "batch_size x seq_len (--batch-size x --seq-len): " + std::to_string(batch_size) + " x " +
+              std::to_string(seq_len) +
+              " tokens per micro-batch, more than 2^20 = 1048576; use --grad-accum for a larger "
+              "effective batch");
+  require(grad_accum >= 1 && grad_accum <= k20,
+          "grad_accum (--grad-accum): must be in [1, 2^20 = 1048576], got " +
+              std::to_string(grad_accum));
   require(std::isfinite(lr) && lr >= 0, "lr: must be finite and >= 0");
   require(std::isfinite(min_lr) && min_lr >= 0, "min_lr: must be finite and >= 0");
-  require(warmup_steps >= 0, "warmup_steps: must be >= 0");
+  require(warmup_steps >= 0 && warmup_steps <= k40,
+          "warmup_steps (--warmup): must be in [0, 2^40]");
   require(beta1 >= 0 && beta1 < 1, "beta1: must be in [0, 1)");
   require(beta2 >= 0 && beta2 < 1, "beta2: must be in [0, 1)");
   require(eps > 0 && std::isfinite(eps), "eps: must be finite and > 0");
   require(weight_decay >= 0 && std::isfinite(weight_decay), "weight_decay: must be >= 0");
   require(grad_clip >= 0 && std::isfinite(grad_clip), "grad_clip: must be >= 0 (0 = off)");
-  require(eval_interval >= 0, "eval_interval: must be >= 0");
-  require(eval_batches >= 1, "eval_batches: must be >= 1");
-  require(checkpoint_interval >= 0, "checkpoint_interval: must be >= 0");
-  require(log_interval >= 1, "log_interval: must be >= 1");
+  require(eval_interval >= 0 && eval_interval <= k40,
+          "eval_interval (--eval-interval): must be in [0, 2^40]");
+  require(eval_batches >= 1 && eval_batches <= k20,
+          "eval_batches (--eval-batches): must be in [1, 2^20]");
+  require(checkpoint_interval >= 0 && checkpoint_interval <= k40,
+          "checkpoint_interval (--checkpoint-interval): must be in [0, 2^40]");
+  require(log_interval >= 1 && log_interval <= k40,
+          "log_interval (--log-interval): must be in [1, 2^40]");
 }
 
 std::string TrainConfigToJson(const TrainConfig& c) {
