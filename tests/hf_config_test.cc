@@ -325,6 +325,14 @@ TEST(HfConfig, Errors) {
               "rope_scaling.mscale must be a finite number >= 0");
   ExpectError(base + R"("rope_scaling":{"rope_type":"yarn","factor":4,"attention_factor":0}})",
               "rope_scaling.attention_factor must be a finite number > 0");
+  ExpectError(base + R"("rope_scaling":{"rope_type":"yarn","factor":4,"attention_factor":1e308}})",
+              "rope_scaling.attention_factor must be a finite number > 0 and <= 65536");
+  // An mscale that makes the computed YaRN factor huge: refused when the tables are computed.
+  const HfRopeConfig huge = ParseHfConfig(
+      base +
+      R"("rope_scaling":{"rope_type":"yarn","factor":4,"mscale":7e299,"mscale_all_dim":1}})");
+  EXPECT_THAT([&] { ComputeFrequencies(huge.params, Numerics::kExact, 0); },
+              ::testing::ThrowsMessage<Error>(HasSubstr("attention_factor")));
   ExpectError(base + R"("rope_scaling":{"rope_type":"dynamic","factor":1e400}})", "invalid JSON");
   ExpectError(base + R"("rope_scaling":{"rope_type":"dynamic","factor":-1e308}})",
               "rope_scaling.factor must be a finite number >= 1");

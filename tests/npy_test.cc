@@ -214,6 +214,18 @@ TEST(NpyTest, RejectsMalformedFiles) {
                        "'shape': (1099511627776, 1099511627776), }",
                        8, 2),
               "shape too large");
+  // Strict Python-literal reading (numpy.lib.format writes exactly one dict, then padding).
+  ExpectError(HandMade(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }\nxyz", 8, 2),
+              "after the header dict");
+  ExpectError(HandMade(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (4 2 8), }", 256, 2),
+              "separated by commas");
+  ExpectError(
+      HandMade(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), 'shape': (2,)}", 8, 2),
+      "'shape' appears twice");
+  ExpectError(HandMade(1, "{'descr': '<f4', 'fortran_order': False, 'shape': (2), }", 8, 2),
+              "not a tuple");
+  ExpectError(HandMade(1, "{'descr': '<f4' 'fortran_order': False, 'shape': (2,), }", 8, 2),
+              "expected ',' or '}'");
   // Header length pointing past the end of the file.
   std::vector<uint8_t> truncated = HandMade(1, ok, 8, 2);
   truncated.resize(30);

@@ -348,6 +348,8 @@ struct SafeTensor {
 void WriteSafetensors(const std::string& path, const std::vector<SafeTensor>& tensors,
                       const std::vector<std::pair<std::string, std::string>>& metadata = {});
 std::vector<SafeTensor> ReadSafetensors(const std::string& path);
+// The same from bytes in memory; `name` is used in error messages.
+std::vector<SafeTensor> ParseSafetensors(std::string_view bytes, const std::string& name);
 
 // Reads text files (bytes as they are) and concatenates them; errors name the file.
 std::string ReadTextFiles(const std::vector<std::string>& paths);

@@ -75,7 +75,7 @@ struct ParsedSafetensors {
   std::map<std::string, std::string> metadata;
 };
 
-ParsedSafetensors ParseSafetensors(const std::string& file, const std::string& path) {
+ParsedSafetensors ParseSafetensorsWithMetadata(std::string_view file, const std::string& path) {
   auto fail = [&](const std::string& what) -> void {
     throw Error(path + ": corrupt or truncated safetensors file: " + what);
   };
@@ -333,7 +333,7 @@ Model LoadModelFrom(const Resolved& r, const LoadOptions& options, std::optional
   VerifyPart(r, "config.json", config_text);
   const std::string weights_path = Join(r.dir, "model.safetensors");
   const std::string weights = ReadPart(r, "model.safetensors");
-  const ParsedSafetensors parsed = ParseSafetensors(weights, weights_path);
+  const ParsedSafetensors parsed = ParseSafetensorsWithMetadata(weights, weights_path);
   VerifyPart(r, "model.safetensors", weights);
   *step = RecordedStep(parsed, weights_path);
   RequireStep(r.step, Join(r.dir, kManifest), *step, weights_path);
@@ -400,7 +400,7 @@ OptimizerState LoadOptimizerFrom(const Resolved& r, const Model& model,
   const std::string path = Join(r.dir, "optimizer.safetensors");
   const std::string state_path = Join(r.dir, "trainer_state.json");
   const std::string bytes = ReadPart(r, "optimizer.safetensors");
-  ParsedSafetensors parsed = ParseSafetensors(bytes, path);
+  ParsedSafetensors parsed = ParseSafetensorsWithMetadata(bytes, path);
   VerifyPart(r, "optimizer.safetensors", bytes);
   const std::optional<int64_t> opt_step = RecordedStep(parsed, path);
   RequireStep(r.step, Join(r.dir, kManifest), opt_step, path);
@@ -496,7 +496,11 @@ void WriteSafetensors(const std::string& path, const std::vector<SafeTensor>& te
 }
 
 std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
-  return ParseSafetensors(ReadExisting(path), path).tensors;
+  return ParseSafetensorsWithMetadata(ReadExisting(path), path).tensors;
+}
+
+std::vector<SafeTensor> ParseSafetensors(std::string_view bytes, const std::string& name) {
+  return ParseSafetensorsWithMetadata(bytes, name).tensors;
 }
 
 void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerState* optimizer,

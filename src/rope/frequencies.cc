@@ -42,6 +42,8 @@ int64_t OriginalMax(const RopeParams& p) {
                                                 : p.max_position_embeddings;
 }
 
+constexpr double kMaxAttentionFactor = 65536.0;
+
 // YaRN attention factor g(s, m) = 0.1 m ln s + 1 (1 for s <= 1), in Python's operation order.
 double YarnMscale(double scale, double m) {
   if (scale <= 1) return 1.0;
@@ -341,10 +343,18 @@ RopeFrequencies ComputeFrequencies(const RopeParams& params, Numerics numerics, 
                   "; it must be a finite positive normal number");
     }
   }
+  // The factor multiplies cos and sin of both q and k, so attention scores scale by its square.
+  // Published configs give 1-2 (YaRN: 0.1 ln s + 1 is 2.4 even at s = 10^6); the bound 2^16
+  // keeps the square (2^32) far from float32's 3.4e38 and refuses values (1e308, an mscale of
+  // 7e299) that would make the tables or the scores infinite.
   const double fa = out.attention_factor;
-  if (!std::isfinite(fa) || !(fa > 0)) {
-    throw Error("rope_scaling.attention_factor must be a finite number > 0 (computed " +
-                std::to_string(fa) + ")");
+  if (!std::isfinite(fa) || !(fa > 0) || fa > kMaxAttentionFactor) {
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.17g", fa);
+    throw Error(
+        "rope_scaling.attention_factor (given, or computed from factor and mscale) must "
+        "be a finite number in (0, 65536], got " +
+        std::string(buf));
   }
   return out;
 }

@@ -244,8 +244,8 @@ void RopeParams::Validate() const {
   }
   if (attention_factor.has_value()) {
     const double a = *attention_factor;
-    if (!std::isfinite(a) || !(a > 0)) {
-      Fail("rope_scaling.attention_factor", "a finite number > 0", Num(a));
+    if (!std::isfinite(a) || !(a > 0) || a > 65536.0) {  // the bound: see frequencies.cc
+      Fail("rope_scaling.attention_factor", "a finite number > 0 and <= 65536", Num(a));
     }
   }
 }

@@ -104,7 +104,11 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
   const std::string_view header(reinterpret_cast<const char*>(bytes.data()) + offset, header_len);
   const size_t data_offset = offset + header_len;
 
-  // The header is a Python dict literal: {'descr': '<f4', 'fortran_order': False, 'shape': (..), }
+  // The header is the Python dict literal numpy writes (numpy.lib.format, read there with
+  // ast.literal_eval): {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } followed by
+  // spaces and a newline. Read strictly: exactly the keys descr, fortran_order and shape, each
+  // once, a tuple shape ("(4,)", "(4, 2)", "()"; "(4)" is an int and "(4 2)" is no literal),
+  // commas between items, and nothing but padding after the closing brace.
   std::string descr;
   bool have_descr = false, have_order = false, have_shape = false, fortran = false;
   std::vector<int64_t> shape;
@@ -120,9 +124,15 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
     if (i >= header.size() || header[i] != ':') Fail(name, "expected ':' in header");
     ++i;
     SkipSpaces(header, i);
+    bool* seen = key == "descr"           ? &have_descr
+                 : key == "fortran_order" ? &have_order
+                 : key == "shape"         ? &have_shape
+                                          : nullptr;
+    if (!seen) Fail(name, "unexpected header key '" + key + "'");
+    if (*seen) Fail(name, "header key '" + key + "' appears twice");
+    *seen = true;
     if (key == "descr") {
       descr = ReadQuoted(header, i, name);
-      have_descr = true;
     } else if (key == "fortran_order") {
       if (header.substr(i, 4) == "True") {
         fortran = true;
@@ -132,10 +142,10 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
       } else {
         Fail(name, "fortran_order must be True or False");
       }
-      have_order = true;
-    } else if (key == "shape") {
+    } else {
       if (i >= header.size() || header[i] != '(') Fail(name, "shape must be a tuple");
       ++i;
+      bool comma = false;
       for (;;) {
         SkipSpaces(header, i);
         if (i < header.size() && header[i] == ')') {
@@ -153,15 +163,28 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
         if (digits == 0) Fail(name, "bad shape entry");
         shape.push_back(dim);
         SkipSpaces(header, i);
-        if (i < header.size() && header[i] == ',') ++i;
+        comma = i < header.size() && header[i] == ',';
+        if (comma) {
+          ++i;
+        } else if (i >= header.size() || header[i] != ')') {
+          Fail(name, "shape entries must be separated by commas");
+        }
       }
-      have_shape = true;
-    } else {
-      Fail(name, "unexpected header key '" + key + "'");
+      if (shape.size() == 1 && !comma) Fail(name, "shape (n) is an int, not a tuple: use (n,)");
     }
     SkipSpaces(header, i);
-    if (i < header.size() && header[i] == ',') ++i;
     if (i >= header.size()) Fail(name, "unterminated header dict");
+    if (header[i] == ',') {
+      ++i;
+    } else if (header[i] != '}') {
+      Fail(name, "expected ',' or '}' after the value of '" + key + "'");
+    }
+  }
+  ++i;  // the closing brace
+  for (; i < header.size(); ++i) {
+    if (header[i] != ' ' && header[i] != '\n') {
+      Fail(name, "unexpected bytes after the header dict (only space padding and a newline)");
+    }
   }
   if (!have_descr || !have_order || !have_shape)
     Fail(name, "header lacks descr, fortran_order or shape");
