@@ -155,8 +155,8 @@ class Model {
 // Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. Cached decoding
 // equals a full recompute of the same prefix. For length-dependent RoPE (dynamic, longrope) keys
 // are stored before rotation and re-rotated with the table of the current length at every step
-// (as transformers does); hidden states of earlier tokens are not recomputed, so for those types
-// the equality is exact in the first layer only.
+// (transformers instead caches rotated keys and never re-rotates them); hidden states of earlier
+// tokens are not recomputed, so for those types the equality is exact in the first layer only.
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t capacity);
