@@ -20,15 +20,13 @@
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/util/half.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
 
 uint64_t MixSeed(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (index + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
+  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
 }
 
 int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }

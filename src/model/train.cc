@@ -9,6 +9,7 @@
 #include <numbers>
 
 #include "ropekit/model.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
@@ -18,10 +19,7 @@ using Json = nlohmann::ordered_json;
 uint64_t Hash(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
   uint64_t z = a;
   for (uint64_t v : {b, c, d}) {
-    z += 0x9E3779B97F4A7C15ull + v * 0xD1B54A32D192ED03ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
+    z = SplitMixFinalize(z + kSplitMixGamma + v * 0xD1B54A32D192ED03ull);
   }
   return z;
 }
