@@ -12,6 +12,7 @@
 #include "ropekit/hf_config.h"
 #include "ropekit/model.h"
 #include "ropekit/thread_pool.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::cli {
 
@@ -44,6 +45,7 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
     j["rope_scaling"] = nullptr;
   } else if (!args.scaling.empty()) {
     nlohmann::ordered_json s;
+    CheckJsonLimits(args.scaling, "--rope-scaling");
     try {
       s = nlohmann::ordered_json::parse(args.scaling);
     } catch (const std::exception& e) {

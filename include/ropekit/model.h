@@ -224,7 +224,8 @@ double LearningRate(const TrainConfig& config, int64_t step);
 
 // Trains from state.step to config.steps on random crops of `train` (each crop T + 1 tokens),
 // validating on fixed windows of `val`. Saves checkpoints when config.checkpoint_dir is set.
-// `on_step` (optional) sees every step. Returns the log. Resuming from a checkpoint saved at
+// `on_step` (optional) sees every step, before the checkpoint due at that step is saved (also
+// when it throws). Returns the log. Resuming from a checkpoint saved at
 // step s with the same config reproduces the uninterrupted run bit for bit.
 std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
                                  std::span<const int32_t> train, std::span<const int32_t> val,
@@ -292,8 +293,16 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
                               const std::function<void(int32_t)>& on_token = {});
 
 // ---------------------------------------------------------------------------------------------
-// Checkpoints: a directory with config.json, model.safetensors and, for resuming,
-// optimizer.safetensors + trainer_state.json. Every file is written atomically.
+// Checkpoints. A checkpoint directory commits as one unit: every save writes a new step
+// directory (config.json, model.safetensors and, for resuming, optimizer.safetensors +
+// trainer_state.json, then manifest.json with the step and every file's size and checksum),
+// syncs it, and switches the `current` link to it by one atomic rename; the previous step is
+// removed only after that. Fixed links <dir>/config.json etc. -> current/... make the directory
+// a Hugging Face model directory (LlamaForCausalLM). A crash at any point leaves the previous or
+// the new checkpoint, complete. Loading checks every part against the manifest and the step
+// recorded inside it and throws an Error naming the mismatch. Plain directories (Hugging Face
+// models, no `current`) load as they are; their parts must still agree on the step.
+// A writer must be the only one in `dir` (the command line holds a DirectoryLock).
 
 void SaveCheckpoint(const std::string& dir, const Model& model,
                     const OptimizerState* optimizer = nullptr,
@@ -304,9 +313,27 @@ struct LoadOptions {
   std::optional<RopeParams> rope_override;
 };
 Model LoadModel(const std::string& dir, const LoadOptions& options = {});
+
+// Everything a resumed run needs, read from one committed step and verified together.
+struct TrainingCheckpoint {
+  Model model;
+  OptimizerState optimizer;
+  TrainConfig train_config;
+};
+TrainingCheckpoint LoadCheckpoint(const std::string& dir);
+
 // Reads optimizer.safetensors + trainer_state.json; throws Error naming the file if absent.
 OptimizerState LoadOptimizerState(const std::string& dir, const Model& model);
 TrainConfig LoadTrainConfig(const std::string& dir);
+
+// The committed step of the checkpoint in `dir` (0 for a model-only or plain Hugging Face
+// directory), nullopt when `dir` holds none.
+std::optional<int64_t> FindCheckpoint(const std::string& dir);
+// Removes what interrupted saves left in `dir` (temporary files, uncommitted step directories);
+// returns how many entries. Call only as the directory's single writer.
+int CleanCheckpointDirectory(const std::string& dir);
+// Removes the checkpoint in `dir` (the commit link first, then its files); other files stay.
+void RemoveCheckpoint(const std::string& dir);
 
 // Safetensors (https://huggingface.co/docs/safetensors): 8-byte little-endian header length,
 // JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, raw data.

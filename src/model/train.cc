@@ -9,6 +9,7 @@
 #include <numbers>
 
 #include "ropekit/model.h"
+#include "src/util/json_limits.h"
 #include "src/util/rng.h"
 
 namespace ropekit {
@@ -80,6 +81,7 @@ std::string TrainConfigToJson(const TrainConfig& c) {
 }
 
 TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) {
+  CheckJsonLimits(text, name);
   Json j;
   try {
     j = Json::parse(text);
@@ -254,11 +256,21 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
       std::fprintf(stderr, "  lr %.3g  |g| %.3f  %.0f tok/s  elapsed %s  eta %s\n", lr, norm, tok_s,
                    FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
     }
-    if (!config.checkpoint_dir.empty() &&
-        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last)) {
-      SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
+    const bool save =
+        !config.checkpoint_dir.empty() &&
+        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last);
+    // on_step (which may log the step) runs before the save, so that a log never lacks a step
+    // that a checkpoint holds; a resumed run drops the logged steps after its checkpoint. A
+    // callback that throws (an interruption) still gets the checkpoint due at this step.
+    if (on_step) {
+      try {
+        on_step(entry);
+      } catch (...) {
+        if (save) SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
+        throw;
+      }
     }
-    if (on_step) on_step(entry);
+    if (save) SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
   }
   return log;
 }

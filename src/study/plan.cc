@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ropekit/study.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {
@@ -285,6 +286,7 @@ std::string RecordsToJson(const std::vector<StudyRecord>& records) {
 
 std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::string& name) {
   std::vector<StudyRecord> out;
+  CheckJsonLimits(text, name);
   try {
     const Json a = Json::parse(text);
     if (!a.is_array()) throw Error("expected a JSON list of records");
