@@ -146,6 +146,14 @@ class Model {
   void ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float* logits, bool last_only,
                      ThreadPool* pool);
 
+  // Context shift (llama.cpp; StreamingLLM attention sinks, Xiao et al. 2023,
+  // arXiv:2309.17453): drops the cached tokens [n_keep, n_keep + n_discard) of every layer,
+  // moves the later ones back by n_discard rows and re-rotates their keys by -n_discard
+  // (ShiftKeys), so that the cache again holds positions 0 .. size() - 1 and decoding continues
+  // at position size(). Values are moved, never changed. Length-dependent RoPE types (dynamic,
+  // longrope) keep unrotated keys in the cache and need no re-rotation.
+  void ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool);
+
   struct Impl;
 
  private:
@@ -288,9 +296,19 @@ class Sampler {
 
 // Prefills `prompt` into a KV cache, then decodes max_new_tokens one at a time. Calls on_token
 // for each new token (may be empty). Returns the new tokens.
+// With `shift`, the KV cache holds at most shift->context tokens: when it is full, the oldest
+// tokens after the first n_keep (attention sinks) are dropped (n_discard of them; 0 = half of
+// the non-sink tokens, as llama.cpp) and the rest re-rotated (Model::ContextShift), so
+// generation continues past the model's context.
+struct ContextShiftConfig {
+  int64_t context = 0;    // cache size in tokens; 0 = the model's max_position_embeddings
+  int64_t n_keep = 4;     // sink tokens kept at the start
+  int64_t n_discard = 0;  // tokens dropped per shift; 0 = (size - n_keep) / 2
+};
 std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,
                               const SamplerConfig& sampler, ThreadPool* pool,
-                              const std::function<void(int32_t)>& on_token = {});
+                              const std::function<void(int32_t)>& on_token = {},
+                              const ContextShiftConfig* shift = nullptr);
 
 // ---------------------------------------------------------------------------------------------
 // Checkpoints. A checkpoint directory commits as one unit: every save writes a new step

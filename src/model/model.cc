@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/util/half.h"
@@ -249,18 +250,21 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
                         ContiguousView(w.k_rot, DType::kF32, tk, Hkv, D)};
         ApplyRope(*table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), rot);
         keys = w.k_rot;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      } else if (rope) {
+        // One pass: rotate q in place, rotate k into the cache rows past.., copy v beside it.
+        const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
+        const KvCacheView layer_cache =
+            ContiguousKvCache(ck, cv, DType::kF32, cache->capacity_, Hkv, D);
+        ApplyRopeAndAppend(*table, pos_span, RopeOperand{q_view, q_view},
+                           ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                           ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
+                           std::span<const int64_t>(positions), rot);
       } else {
-        if (rope) {
-          std::vector<RopeOperand> opsv = {{ContiguousView(A.q, DType::kF32, M, H, D),
-                                            ContiguousView(A.q, DType::kF32, M, H, D)},
-                                           {ContiguousView(A.k, DType::kF32, M, Hkv, D),
-                                            ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
-          ApplyRope(*table, pos_span, opsv, rot);
-        }
         std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
-        keys = ck;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
       }
-      std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      if (!rotate_cache) keys = ck;
       values = cv;
     } else if (rope) {
       std::vector<RopeOperand> opsv = {
@@ -533,6 +537,43 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
     I.Logits(n, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * n * V);
   }
+}
+
+void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool) {
+  Impl& I = *impl_;
+  const ModelConfig& c = I.config;
+  if (cache.row_ != int64_t{c.num_kv_heads} * c.head_dim ||
+      static_cast<int64_t>(cache.k_.size()) != c.num_layers * cache.capacity_ * cache.row_) {
+    throw Error("ContextShift: the KV cache was made for a different model config");
+  }
+  if (n_keep < 0 || n_discard < 1 || n_keep + n_discard > cache.size_) {
+    throw Error("ContextShift: need 0 <= n_keep (" + std::to_string(n_keep) + ") and 1 <= n_discard (" +
+                std::to_string(n_discard) + ") with n_keep + n_discard <= cached tokens (" +
+                std::to_string(cache.size_) + ")");
+  }
+  if (I.pe->acts_on_embeddings()) {
+    throw Error("ContextShift: the model's position encoding is added to the token embeddings, "
+                "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
+  }
+  const int64_t row = cache.row_;
+  const int64_t moved = cache.size_ - n_keep - n_discard;
+  // Rotated keys move to a position n_discard lower: R(p - n) = R(-n) R(p).
+  const bool rotated = I.pe->acts_on_query_key() && !I.RopeIsLengthDependent();
+  const RopeTable* table = rotated ? &I.Table(cache.size_) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.pool = pool;
+  for (int l = 0; l < c.num_layers; ++l) {
+    float* ck = cache.k_.data() + l * cache.capacity_ * row;
+    float* cv = cache.v_.data() + l * cache.capacity_ * row;
+    std::memmove(ck + n_keep * row, ck + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    std::memmove(cv + n_keep * row, cv + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    if (table != nullptr && moved > 0) {
+      ShiftKeys(*table, ContiguousView(ck + n_keep * row, DType::kF32, moved, c.num_kv_heads, c.head_dim),
+                -n_discard, rot);
+    }
+  }
+  cache.size_ -= n_discard;
 }
 
 KVCache::KVCache(const ModelConfig& config, int64_t capacity) {
