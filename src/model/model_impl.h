@@ -28,7 +28,9 @@ struct Workspace {
   bool train = false;
   std::vector<float> buffer;
   struct Layer {
-    float *resid_in, *xn1, *inv1, *q, *k, *v, *probs, *ao, *mid, *xn2, *inv2, *g, *u, *h;
+    // lse: [B, H, T] attention log-sum-exp per query row (train only; the fused attention's
+    // backward recomputes the probabilities from it).
+    float *resid_in, *xn1, *inv1, *q, *k, *v, *lse, *ao, *mid, *xn2, *inv2, *g, *u, *h;
   };
   std::vector<Layer> layers;  // train: L entries; inference: 1 entry reused by every layer
   std::vector<float*> resid;  // train: L + 1 residual streams; inference: 2 (ping-pong)
