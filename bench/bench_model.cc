@@ -8,7 +8,8 @@
 // (CPU, caches) is printed first as "# " lines.
 //
 // Usage: bench_model [--threads N] [--steps S] [--decode TOKENS] [--pe KIND] [--size default|large]
-//                    [--repeats R] [--bf16] [--profile]
+//                    [--repeats R] [--bf16] [--profile] [--unfused]
+// --unfused: the earlier attention (full [B, H, T, T] probabilities) instead of the fused one.
 // --profile: after the timed runs, --steps more steps with the per-op timers on
 // (ropekit/profile.h); prints ms per step and share of the step for every op as "# " lines;
 // "other" is the rest of the step (optimizer, batch assembly).
@@ -37,12 +38,12 @@ int main(int argc, char** argv) {
   int threads = 1;
   int64_t steps = 10, decode = 256, batch = 16, seq_len = 128;
   int64_t repeats = 3;
-  bool large = false, bf16 = false, profile = false;
+  bool large = false, bf16 = false, profile = false, unfused = false;
   std::string pe = "rope";
   for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i];
-    if (k == "--bf16" || k == "--profile") {
-      (k == "--bf16" ? bf16 : profile) = true;
+    if (k == "--bf16" || k == "--profile" || k == "--unfused") {
+      (k == "--bf16" ? bf16 : k == "--profile" ? profile : unfused) = true;
       --i;
       continue;
     }
@@ -87,6 +88,7 @@ int main(int argc, char** argv) {
     }
     ropekit::Model model(config, 1);
     if (bf16) model.set_matmul_precision(ropekit::MatmulPrecision::kBf16);
+    if (unfused) model.set_attention_kernel(ropekit::AttentionKernel::kUnfused);
     ropekit::ThreadPool pool(threads);
     std::mt19937 gen(1);
     std::uniform_int_distribution<int> dist(0, 255);
@@ -145,12 +147,13 @@ int main(int argc, char** argv) {
     const double decode_s = Now() - t2;
     std::printf(
         "{\"impl\": \"ropekit\", \"threads\": %d, \"size\": \"%s\", \"precision\": \"%s\", "
+        "\"attention\": \"%s\", "
         "\"pe\": \"%s\", \"params\": %lld, "
         "\"train_tokens_per_s\": %.1f, \"train_step_ms\": %.2f, \"prefill_tokens_per_s\": %.1f, "
         "\"decode_tokens_per_s\": %.1f}\n",
-        threads, large ? "large" : "default", bf16 ? "bf16" : "fp32", pe.c_str(),
-        static_cast<long long>(model.num_parameters()), train_tok_s, 1e3 * train_s / steps,
-        seq_len / prefill_s, decode / decode_s);
+        threads, large ? "large" : "default", bf16 ? "bf16" : "fp32", unfused ? "unfused" : "fused",
+        pe.c_str(), static_cast<long long>(model.num_parameters()), train_tok_s,
+        1e3 * train_s / steps, seq_len / prefill_s, decode / decode_s);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_model: %s\n", e.what());
     return 1;

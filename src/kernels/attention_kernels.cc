@@ -8,9 +8,11 @@
 #define HWY_TARGET_INCLUDE "src/kernels/attention_kernels.cc"
 #include <cfloat>
 
-#include "hwy/contrib/math/math-inl.h"
+// clang-format off
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+// clang-format on
 
 HWY_BEFORE_NAMESPACE();
 namespace ropekit {

@@ -116,12 +116,17 @@ const RopeTable& Model::Impl::Table(int64_t seq_len) {
 
 void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train) {
   Workspace& w = ws;
-  if (w.batch == batch && w.seq_len == seq_len && w.tk == tk && w.train == train) return;
+  const bool unfused = attention == AttentionKernel::kUnfused;
+  if (w.batch == batch && w.seq_len == seq_len && w.tk == tk && w.train == train &&
+      w.unfused == unfused) {
+    return;
+  }
   const ModelConfig& c = config;
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
   const int64_t hq = c.num_heads * D, hk = c.num_kv_heads * D, F = c.intermediate_size;
   const int64_t V = c.vocab_size;
   const int64_t lse = train ? batch * c.num_heads * seq_len : 0;
+  const int64_t probs = train && unfused ? batch * c.num_heads * seq_len * tk : 0;
   const int num_layer_sets = train ? c.num_layers : 1;
   const int num_resid = train ? c.num_layers + 1 : 2;
   std::vector<std::pair<float**, int64_t>> plan;
@@ -134,6 +139,7 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
                              {&L.k, M * hk},
                              {&L.v, M * hk},
                              {&L.lse, lse},
+                             {&L.probs, probs},
                              {&L.ao, M * hq},
                              {&L.mid, M * d},
                              {&L.xn2, M * d},
@@ -169,6 +175,7 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
   w.seq_len = seq_len;
   w.tk = tk;
   w.train = train;
+  w.unfused = unfused;
 }
 
 void Model::Impl::RoundOperand(float* x, int64_t n) const {
@@ -308,7 +315,12 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     args.bias_params = PeParams();
     {
       OpTimer timer("fwd attention");
-      ops::FlashAttentionForward(args, train ? A.lse : nullptr, pool);
+      if (attention == AttentionKernel::kUnfused) {
+        args.probs = train ? A.probs : nullptr;
+        ops::AttentionForward(args, pool);
+      } else {
+        ops::FlashAttentionForward(args, train ? A.lse : nullptr, pool);
+      }
       RoundOperand(A.ao, M * hq);
     }
     {
@@ -441,8 +453,13 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
     {
       OpTimer timer("bwd attention");
-      ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv,
-                                  pe->acts_on_logits() ? grad_pe : std::span<float>(), pool);
+      const std::span<float> grad_bias = pe->acts_on_logits() ? grad_pe : std::span<float>();
+      if (attention == AttentionKernel::kUnfused) {
+        args.probs = A.probs;
+        ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+      } else {
+        ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+      }
     }
     if (rope) {
       OpTimer timer("bwd rope");
@@ -532,6 +549,8 @@ void Model::SetRopeParams(const RopeParams& params) {
 
 void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
+void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
+AttentionKernel Model::attention_kernel() const { return impl_->attention; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                               std::span<float> grads, float grad_scale, ThreadPool* pool) {
