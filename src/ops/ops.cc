@@ -15,6 +15,7 @@
 
 #include "ropekit/error.h"
 #include "src/kernels/attention_kernels.h"
+#include "src/kernels/swiglu_kernels.h"
 
 namespace ropekit::ops {
 namespace {
@@ -174,27 +175,14 @@ void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const
 }
 
 void SwiGlu(const float* g, const float* u, float* h, int64_t n, ThreadPool* pool) {
-  ForElements(pool, n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const double s = 1.0 / (1.0 + std::exp(-double{g[i]}));
-      h[i] = static_cast<float>(g[i] * s * u[i]);
-    }
-  });
+  ForElements(pool, n,
+              [&](int64_t i0, int64_t i1) { SwiGluSimd(g + i0, u + i0, h + i0, i1 - i0); });
 }
 
 void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, float* du,
                     int64_t n, ThreadPool* pool) {
   ForElements(pool, n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const double gi = g[i];
-      const double s = 1.0 / (1.0 + std::exp(-gi));
-      const double silu = gi * s;
-      const double dsilu = s * (1.0 + gi * (1.0 - s));
-      const double dhi = dh[i];
-      const double ui = u[i];
-      dg[i] = static_cast<float>(dhi * ui * dsilu);
-      du[i] = static_cast<float>(dhi * silu);
-    }
+    SwiGluBackwardSimd(g + i0, u + i0, dh + i0, dg + i0, du + i0, i1 - i0);
   });
 }
 

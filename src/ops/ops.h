@@ -47,7 +47,8 @@ void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const
                      float* dx, float* dw, int64_t m, int64_t d, ThreadPool* pool,
                      bool accumulate = false);
 
-// SwiGLU (Shazeer 2020): h = silu(g) * u, silu(g) = g / (1 + exp(-g)); over n elements.
+// SwiGLU (Shazeer 2020): h = silu(g) * u, silu(g) = g / (1 + exp(-g)); over n elements, in
+// float32 SIMD (src/kernels/swiglu_kernels.cc: overflow- and cancellation-free sigmoid).
 void SwiGlu(const float* g, const float* u, float* h, int64_t n, ThreadPool* pool);
 // dg = dh * u * silu'(g), du = dh * silu(g), silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
 void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, float* du,
