@@ -107,6 +107,12 @@ class KVCache;
 // stay float32. Numerics only: the products still run through float32 sgemm.
 enum class MatmulPrecision { kF32, kBf16 };
 
+// Causal attention of the model: kFused (default) tiles queries and keys in the FlashAttention-2
+// manner and keeps only a per-row log-sum-exp for the backward (O(T) memory); kUnfused computes
+// and keeps the full [B, H, T, T] probability matrix (the earlier path, kept for comparisons).
+// The two agree to float32 rounding.
+enum class AttentionKernel { kFused, kUnfused };
+
 class Model {
  public:
   // Builds the model and initialises the weights deterministically from `seed`.
@@ -129,6 +135,8 @@ class Model {
 
   void set_matmul_precision(MatmulPrecision precision);
   MatmulPrecision matmul_precision() const;
+  void set_attention_kernel(AttentionKernel kernel);
+  AttentionKernel attention_kernel() const;
 
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
