@@ -4,8 +4,8 @@ set -euo pipefail
 pkgs=(
   build-essential cmake g++ clang-format
   libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
-  nlohmann-json3-dev libcli11-dev libopenblas-dev zlib1g-dev
-  chromium
+  nlohmann-json3-dev libcli11-dev libopenblas-dev zlib1g-dev libcpp-httplib-dev
+  chromium nodejs
   python3 python3-dev python3-numpy python3-pytest python3-mpmath python3-torch pybind11-dev
 )
 missing=()
@@ -18,4 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# npm (for the JavaScript client tests of `ropekit serve`): Debian's package, unless the nodejs
+# already installed ships its own npm.
+if ! command -v npm >/dev/null 2>&1; then
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends npm
 fi
