@@ -1,6 +1,6 @@
-// The chat page (chat_page.h). Test hook: /?prompt=TEXT&autosend=1 types TEXT into the input
-// and sends it once the page has loaded; when the reply is complete the page sets
-// document.title to "done" (or "error: ...") and fills #status.
+// The chat page (chat_page.h). Test hook: /?prompt=TEXT&autosend=1[&key=KEY] types TEXT into
+// the input (and KEY into the API key field) and sends it once the page has loaded; when the reply
+// is complete the page sets document.title to "done" (or "error: ...") and fills #status.
 #include "src/serve/chat_page.h"
 
 namespace ropekit::serve {
@@ -43,7 +43,8 @@ const std::string& ChatPageHtml() {
     <label>max tokens <input id="max_tokens" type="number" value="64" min="1"></label>
     <label>temperature <input id="temperature" type="number" value="0.8" step="0.1" min="0"
       max="2"></label>
-    <label>API key <input id="key" type="password" style="width:140px"></label>
+    <label>API key <input id="key" type="text" autocomplete="off" spellcheck="false"
+      style="width:140px; -webkit-text-security: disc"></label>
   </div>
   <div id="status">ready</div>
 </main>
@@ -52,11 +53,10 @@ const std::string& ChatPageHtml() {
 const log = document.getElementById("log");
 const statusEl = document.getElementById("status");
 const history = [];
-let model = "ropekit";
-
-fetch("/v1/models", {headers: authHeaders()}).then(r => r.ok ? r.json() : null).then(j => {
-  if (j && j.data && j.data.length) model = j.data[0].id;
-}).catch(() => {});
+// The model id from /v1/models (undefined when the list needs a key not yet typed in: the
+// server then uses its only model).
+const modelReady = fetch("/v1/models").then(r => r.ok ? r.json() : null)
+    .then(j => j && j.data && j.data.length ? j.data[0].id : undefined).catch(() => undefined);
 
 function authHeaders() {
   const key = document.getElementById("key").value;
@@ -81,13 +81,14 @@ async function send(text) {
   const out = add("assistant", "");
   out.id = "reply-" + history.length;
   out.classList.add("reply");
+  const model = await modelReady;
   const body = {
     model, messages: history, stream: true, stream_options: {include_usage: true},
     max_tokens: Number(document.getElementById("max_tokens").value),
     temperature: Number(document.getElementById("temperature").value),
   };
   const t0 = performance.now();
-  let first = 0, tokens = 0, reply = "";
+  let first = 0, tokens = 0, reply = "", serverRate = 0;
   try {
     const res = await fetch("/v1/chat/completions",
                             {method: "POST", headers: authHeaders(), body: JSON.stringify(body)});
@@ -113,11 +114,13 @@ async function send(text) {
           const chunk = JSON.parse(data);
           if (chunk.error) throw new Error(chunk.error.message);
           if (chunk.usage) tokens = chunk.usage.completion_tokens;
+          if (chunk.timings) serverRate = chunk.timings.predicted_per_second;
           const delta = chunk.choices.length ? chunk.choices[0].delta : null;
           if (delta && delta.content) {
             if (!first) first = performance.now();
             reply += delta.content;
             out.textContent = reply;
+            out.dataset.chunks = String(Number(out.dataset.chunks || 0) + 1);
             const secs = (performance.now() - first) / 1000;
             statusEl.textContent = "streaming: " + reply.length + " bytes" +
                 (secs > 0 ? ", " + (reply.length / secs).toFixed(1) + " tokens/s" : "");
@@ -126,8 +129,10 @@ async function send(text) {
       }
     }
     history.push({role: "assistant", content: reply});
+    // The server's decode rate for this reply; the browser's clock as a fallback.
     const secs = (performance.now() - (first || t0)) / 1000;
-    const rate = tokens && secs > 0 ? (tokens / secs).toFixed(1) : "n/a";
+    const rate = serverRate > 0 ? serverRate.toFixed(1)
+                                : tokens && secs > 0 ? (tokens / secs).toFixed(1) : "n/a";
     statusEl.textContent = tokens + " tokens, " + rate + " tokens/s, first token after " +
         ((first || performance.now()) - t0).toFixed(0) + " ms";
     document.title = "done";
@@ -149,6 +154,7 @@ document.getElementById("form").addEventListener("submit", ev => {
 });
 
 const params = new URLSearchParams(location.search);
+if (params.get("key") !== null) document.getElementById("key").value = params.get("key");
 if (params.get("prompt") !== null && params.get("autosend") === "1") {
   const box = document.getElementById("prompt");
   box.value = params.get("prompt");

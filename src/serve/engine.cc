@@ -159,6 +159,7 @@ void Engine::Finish(Active& a, const std::string& reason, const std::string& err
     } else {
       g.error = error;
     }
+    g.finish_time = Clock::now();
     g.finished = true;
   }
   a.job->cv.notify_all();
@@ -202,6 +203,10 @@ void Engine::Admit(Active a) {
   if (g.max_tokens == 0) return Finish(a, "length");
   if (static_cast<int64_t>(g.prompt.size()) >= options_.context || g.prompt.empty()) {
     return Finish(a, "", "the prompt does not fit the context");
+  }
+  {
+    std::lock_guard<std::mutex> lock(a.job->mu);
+    g.admit_time = Clock::now();
   }
   g.cache = free_slots_.back();
   free_slots_.pop_back();

@@ -53,9 +53,9 @@ struct Generation {
   std::vector<TokenLogprob> prompt_lp;  // prompt tokens (first has logprob NaN)
   int64_t completion_tokens = 0;
   bool finished = false;
-  std::string finish_reason;  // "stop" or "length"
-  std::string error;          // non-empty: the generation failed
-  Clock::time_point first_token_time;
+  std::string finish_reason;                                    // "stop" or "length"
+  std::string error;                                            // non-empty: the generation failed
+  Clock::time_point admit_time, first_token_time, finish_time;  // prefill start, ...
 
   // Engine-private.
   Job* job = nullptr;

@@ -303,6 +303,27 @@ struct Server::Impl {
     return true;
   }
 
+  // Server-side timings (an extension, as llama.cpp's server has): prefill time to the first
+  // token, and the decode rate from the first to the last token over all choices.
+  static json Timings(const Job& job) {
+    Clock::time_point admit = Clock::time_point::max(), first = admit, last = {};
+    int64_t tokens = 0;
+    for (const auto& g : job.gens) {
+      if (g->completion_tokens == 0) continue;
+      admit = std::min(admit, g->admit_time);
+      first = std::min(first, g->first_token_time);
+      last = std::max(last, g->finish_time);
+      tokens += g->completion_tokens - 1;
+    }
+    if (tokens == 0 && first == Clock::time_point::max()) return nullptr;
+    const double prompt_ms = std::chrono::duration<double, std::milli>(first - admit).count();
+    const double predicted_ms = std::chrono::duration<double, std::milli>(last - first).count();
+    return json{{"prompt_ms", prompt_ms},
+                {"predicted_ms", predicted_ms},
+                {"predicted_n", tokens},
+                {"predicted_per_second", predicted_ms > 0 ? tokens / predicted_ms * 1000.0 : 0.0}};
+  }
+
   static json Usage(const Job& job, int64_t prompt_tokens) {
     int64_t completion = 0;
     for (const auto& g : job.gens) completion += g->completion_tokens;
@@ -468,7 +489,8 @@ struct Server::Impl {
                {"created", created},
                {"model", model_id},
                {"choices", json::array()},
-               {"usage", Usage(*job, prompt_tokens)}};
+               {"usage", Usage(*job, prompt_tokens)},
+               {"timings", Timings(*job)}};
         return "data: " + Dump(j) + "\n\n";
       };
       Stream(job, res, chunk, usage, s.include_usage);
@@ -509,9 +531,13 @@ struct Server::Impl {
                              {"logprobs", lp},
                              {"finish_reason", g.finish_reason}});
     }
-    json out{{"id", id},           {"object", "text_completion"},
-             {"created", created}, {"model", model_id},
-             {"choices", choices}, {"usage", Usage(*job, prompt_tokens)}};
+    json out{{"id", id},
+             {"object", "text_completion"},
+             {"created", created},
+             {"model", model_id},
+             {"choices", choices},
+             {"usage", Usage(*job, prompt_tokens)},
+             {"timings", Timings(*job)}};
     res.set_content(Dump(out), "application/json");
   }
 
@@ -590,7 +616,8 @@ struct Server::Impl {
                {"model", model_id},
                {"system_fingerprint", nullptr},
                {"choices", json::array()},
-               {"usage", Usage(*job, prompt_tokens)}};
+               {"usage", Usage(*job, prompt_tokens)},
+               {"timings", Timings(*job)}};
         return "data: " + Dump(j) + "\n\n";
       };
       Stream(job, res, chunk, usage, s.include_usage);
@@ -629,7 +656,8 @@ struct Server::Impl {
              {"model", model_id},
              {"system_fingerprint", nullptr},
              {"choices", choices},
-             {"usage", Usage(*job, prompt_tokens)}};
+             {"usage", Usage(*job, prompt_tokens)},
+             {"timings", Timings(*job)}};
     res.set_content(Dump(out), "application/json");
   }
 

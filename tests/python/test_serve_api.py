@@ -137,6 +137,9 @@ def test_chat_template_stream_and_usage(server):
     rendered = "System: be brief\nUser: hi\nAssistant:"  # the documented template
     assert out["usage"]["prompt_tokens"] == len(rendered.encode())
     assert out["usage"]["completion_tokens"] >= len(msg["content"].encode())
+    timings = out["timings"]  # extension: server-side prefill time and decode rate
+    assert timings["predicted_n"] == out["usage"]["completion_tokens"] - 1
+    assert timings["prompt_ms"] >= 0 and timings["predicted_per_second"] >= 0
     status, frames, done = server.stream("/v1/chat/completions", {
         "model": "tiny", "messages": messages, "max_completion_tokens": 16, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True}})
