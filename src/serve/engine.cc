@@ -188,7 +188,7 @@ void Engine::Accept(Active& a, const float* logits) {
     if (g.top_logprobs >= 0) g.logprobs.push_back(std::move(lp));
     if (!stopped) g.text = g.raw.substr(0, g.raw.size() - HoldBack(g.raw, g.stop));
   }
-  a.job->cv.notify_all();
+  if (a.job->streaming) a.job->cv.notify_all();
   if (stopped) {
     Finish(a, "stop");
   } else if (g.completion_tokens >= g.max_tokens || g.cache->size() >= g.cache->capacity()) {

@@ -70,6 +70,7 @@ struct Job {
   std::condition_variable cv;
   std::vector<std::unique_ptr<Generation>> gens;
   std::atomic<bool> cancelled{false};
+  bool streaming = false;  // wake the reader on every token (else only when a choice finishes)
   Clock::time_point deadline = Clock::time_point::max();
 
   bool AllFinished() const {  // call under mu

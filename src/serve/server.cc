@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "ropekit/serve.h"
@@ -256,6 +257,7 @@ struct Server::Impl {
   std::shared_ptr<Job> MakeJob(const std::vector<std::vector<int32_t>>& prompts, const Sampling& s,
                                int top_logprobs, bool prompt_logprobs) {
     auto job = std::make_shared<Job>();
+    job->streaming = s.stream;
     job->deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                        std::chrono::duration<double>(options.timeout_s));
     const uint64_t seed = s.seeded ? s.sampler.seed : std::random_device{}();
@@ -397,6 +399,9 @@ struct Server::Impl {
             for (const std::string& f : frames) {
               if (!send(f)) return false;
             }
+            // Coalesce: let a few more tokens arrive before the next frame (fewer wake-ups
+            // and writes per token when many streams share the cores).
+            if (!frames.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
             if (all_closed) {
               if (include_usage && !send(make_usage())) return false;
               if (!send("data: [DONE]\n\n")) return false;
