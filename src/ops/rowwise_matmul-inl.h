@@ -23,7 +23,7 @@ namespace hn = hwy::HWY_NAMESPACE;
 template <int RM, int RN>
 HWY_INLINE void RowwiseTile(const float* HWY_RESTRICT x, const float* HWY_RESTRICT w,
                             float* HWY_RESTRICT y, int64_t k, int64_t n, bool accumulate) {
-  const hn::ScalableTag<float> df;
+  const hn::CappedTag<float, 8> df;
   const int64_t L = static_cast<int64_t>(hn::Lanes(df));
   using V = hn::Vec<decltype(df)>;
   V acc[RM][RN];
@@ -102,7 +102,7 @@ HWY_NOINLINE void RowwiseBlock(const float* x, const float* w, float* y, int64_t
 }
 
 HWY_NOINLINE int64_t RowwiseLanes() {
-  const hn::ScalableTag<float> df;
+  const hn::CappedTag<float, 8> df;
   return static_cast<int64_t>(hn::Lanes(df));
 }
 

@@ -8,7 +8,8 @@
 // Dimension legend: M = rows (sequences), K = input features, N = output features.
 //
 // Arithmetic of one element (the order is part of the contract): the K products are summed in
-// L lane-wise partial sums (L = the SIMD width of the dispatched target; lane l takes
+// L lane-wise partial sums (L = min(8, float lanes of the dispatched target): 8 on AVX2 and
+// AVX-512 alike, so both give the same bits, and the final reduction stays short; lane l takes
 // k = l, l + L, l + 2L, ... in ascending order, a missing tail lane adds 0), each product
 // accumulated with a fused multiply-add where the target has one; then the L partial sums are
 // reduced by the target's fixed SumOfLanes; with `accumulate`, y + sum is one final addition.
