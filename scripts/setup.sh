@@ -10,8 +10,9 @@ declare -A part_pkgs=(
   [core]="build-essential cmake g++ libhwy-dev nlohmann-json3-dev"
   [model]="libopenblas-dev zlib1g-dev"
   [tools]="libcli11-dev"
+  [server]="libcpp-httplib-dev"
   [python]="python3 python3-dev python3-numpy python3-venv python3-setuptools python3-pip pybind11-dev"
-  [tests]="libgtest-dev libgmock-dev python3-pytest python3-mpmath python3-torch chromium clang-format"
+  [tests]="libgtest-dev libgmock-dev python3-pytest python3-mpmath python3-torch chromium clang-format nodejs"
   [bench]="libbenchmark-dev"
 )
 parts=("$@")
@@ -38,4 +39,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]}"
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+# npm (for the JavaScript client tests of `ropekit serve`): Debian's package, unless the nodejs
+# already installed ships its own npm.
+if ! command -v npm >/dev/null 2>&1; then
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends npm
 fi

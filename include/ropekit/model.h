@@ -165,6 +165,7 @@ class Model {
   struct Impl;
 
  private:
+  friend class BatchDecoder;
   std::unique_ptr<Impl> impl_;
 };
 
@@ -183,10 +184,34 @@ class KVCache {
  private:
   friend class Model;
   friend struct Model::Impl;
+  friend class BatchDecoder;
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t row_ = 0;           // Hkv * D
   std::vector<float> k_, v_;  // [L, capacity, Hkv*D]
+};
+
+// Batched decoding for serving (continuous batching): one step appends one token to each of B
+// independent sequences, each with its own KVCache at its own position, and computes their
+// logits with matrix-matrix products ([B, d] x [d, N]) instead of B matrix-vector products.
+// Row b's logits depend on (caches[b], tokens[b]) only: they are bitwise identical for any B, any
+// order of the sequences and any thread count (the products use ops::MatMulRowwise, attention
+// runs per sequence). They equal ForwardCached's logits up to float32 summation order.
+// Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses its
+// own workspace; like Model, not safe for concurrent calls on the same model.
+class BatchDecoder {
+ public:
+  explicit BatchDecoder(Model& model);
+  ~BatchDecoder();
+  // caches[b] holds sequence b's past (at least one token); tokens[b] is its next input, at
+  // position caches[b]->size(). logits: [B, V].
+  void Step(std::span<KVCache* const> caches, std::span<const int32_t> tokens, float* logits,
+            ThreadPool* pool);
+
+ private:
+  struct Scratch;
+  Model& model_;
+  std::unique_ptr<Scratch> scratch_;
 };
 
 // ---------------------------------------------------------------------------------------------
