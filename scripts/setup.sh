@@ -5,6 +5,7 @@ pkgs=(
   build-essential cmake g++ clang-format
   libhwy-dev libgtest-dev libgmock-dev libbenchmark-dev
   nlohmann-json3-dev libcli11-dev libopenblas-dev zlib1g-dev
+  libopenmpi-dev openmpi-bin
   chromium
   python3 python3-dev python3-numpy python3-pytest python3-mpmath python3-torch pybind11-dev
 )

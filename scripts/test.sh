@@ -2,7 +2,8 @@
 # Sets up the dependencies, then builds and runs every test three times:
 #   release  - optimised build, SIMD with runtime dispatch, C++ and Python tests
 #   asan     - AddressSanitizer + UndefinedBehaviorSanitizer, C++ tests and the command line
-#   scalar   - Highway compiled for its portable SCALAR target only, C++ and Python tests
+#   scalar   - Highway compiled for its portable SCALAR target only, C++ and Python tests (the
+#              MPI tests run in release only)
 # Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,6 @@ build_and_test() {
 build_and_test release "" -DCMAKE_BUILD_TYPE=Release
 build_and_test asan python -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE=ON \
   -DROPEKIT_BUILD_PYTHON=OFF -DROPEKIT_BUILD_BENCH=OFF
-build_and_test scalar "" -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
+build_and_test scalar mpi -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
   -DROPEKIT_BUILD_BENCH=OFF
 echo "=== ropekit: all test configurations passed"
