@@ -12,11 +12,15 @@ set(ROPEKIT_CMAKE_DIR ${CMAKE_INSTALL_LIBDIR}/cmake/ropekit)
 install(TARGETS ${ROPEKIT_EXPORTED_TARGETS} EXPORT ropekitTargets
   ARCHIVE DESTINATION ${CMAKE_INSTALL_LIBDIR} COMPONENT dev
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-set(ROPEKIT_PUBLIC_HEADERS error.h hf_config.h position_encoding.h rope.h thread_pool.h)
-if(ROPEKIT_BUILD_MODEL)
-  list(APPEND ROPEKIT_PUBLIC_HEADERS model.h study.h)
+# Every public header, less those of layers that are not installed (the server is not part of
+# the package; model-layer headers only when the model is built).
+file(GLOB ROPEKIT_PUBLIC_HEADERS ${PROJECT_SOURCE_DIR}/include/ropekit/*.h)
+set(ROPEKIT_UNINSTALLED_HEADERS serve.h)
+if(NOT ROPEKIT_BUILD_MODEL)
+  list(APPEND ROPEKIT_UNINSTALLED_HEADERS model.h study.h distributed.h)
 endif()
-list(TRANSFORM ROPEKIT_PUBLIC_HEADERS PREPEND ${PROJECT_SOURCE_DIR}/include/ropekit/)
+list(TRANSFORM ROPEKIT_UNINSTALLED_HEADERS PREPEND ${PROJECT_SOURCE_DIR}/include/ropekit/)
+list(REMOVE_ITEM ROPEKIT_PUBLIC_HEADERS ${ROPEKIT_UNINSTALLED_HEADERS})
 install(FILES ${ROPEKIT_PUBLIC_HEADERS}
   DESTINATION ${CMAKE_INSTALL_INCLUDEDIR}/ropekit COMPONENT dev)
 install(EXPORT ropekitTargets NAMESPACE ropekit:: DESTINATION ${ROPEKIT_CMAKE_DIR}

@@ -11,6 +11,7 @@ declare -A part_pkgs=(
   [model]="libopenblas-dev zlib1g-dev"
   [tools]="libcli11-dev"
   [server]="libcpp-httplib-dev"
+  [mpi]="libopenmpi-dev openmpi-bin"
   [python]="python3 python3-dev python3-numpy python3-venv python3-setuptools python3-pip pybind11-dev"
   [tests]="libgtest-dev libgmock-dev python3-pytest python3-mpmath python3-torch chromium clang-format nodejs"
   [bench]="libbenchmark-dev"

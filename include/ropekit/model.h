@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ropekit/distributed.h"
 #include "ropekit/error.h"
 #include "ropekit/position_encoding.h"
 #include "ropekit/rope.h"
@@ -141,8 +142,14 @@ class Model {
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
   // (size of parameters()), accumulates grad_scale * d(sum of losses)/d(params) into it.
+  // `on_grad_ready` (optional) is called during the backward, on the calling thread, with each
+  // flat range [begin, end) of parameters() whose gradient is final: the head and final norm
+  // first, then the layers from last to first, then the embedding tables. The ranges cover
+  // parameters() exactly once, in the same order for every call (data-parallel bucketing).
+  using GradReadyFn = std::function<void(int64_t begin, int64_t end)>;
   double ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
-                         std::span<float> grads, float grad_scale, ThreadPool* pool);
+                         std::span<float> grads, float grad_scale, ThreadPool* pool,
+                         const GradReadyFn& on_grad_ready = {});
 
   // Forward only on [B, T] inputs at positions 0..T-1. logits: optional [B*T, V] output.
   // targets / losses: optional [B*T] (a target < 0 scores 0).
@@ -268,10 +275,21 @@ double LearningRate(const TrainConfig& config, int64_t step);
 // `on_step` (optional) sees every step, before the checkpoint due at that step is saved (also
 // when it throws). Returns the log. Resuming from a checkpoint saved at
 // step s with the same config reproduces the uninterrupted run bit for bit.
+//
+// A step's gradient is the float32 left fold ((g_0 + g_1) + ...) of its grad_accum micro-batch
+// gradients, each computed on its own. Data parallel (dp.comm with N > 1 ranks, every rank
+// calling Train with the same model, state, config and data): rank r computes micro-batches
+// [A r / N, A (r + 1) / N) of the A = grad_accum, so A >= N is required; gradients are
+// reduce-scattered in the fold's order, each rank keeps and updates only its ZeRO-1 shard of the
+// AdamW moments, and the parameters are all-gathered. The weights, log and checkpoints are
+// bitwise those of one process with the same config, for any N (see src/dist/zero.h). Rank 0
+// validates, prints progress and writes checkpoints; the returned state holds the full moments
+// on every rank.
 std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
                                  std::span<const int32_t> train, std::span<const int32_t> val,
                                  ThreadPool* pool,
-                                 const std::function<void(const TrainLogEntry&)>& on_step = {});
+                                 const std::function<void(const TrainLogEntry&)>& on_step = {},
+                                 const DataParallelOptions& dp = {});
 
 // ---------------------------------------------------------------------------------------------
 // Evaluation.

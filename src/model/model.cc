@@ -365,7 +365,7 @@ void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
 }
 
 void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
-                              ThreadPool* pool) {
+                              ThreadPool* pool, const Model::GradReadyFn& on_ready) {
   const ModelConfig& c = config;
   Workspace& w = ws;
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
@@ -385,6 +385,12 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
                          M, d, pool);
   }
+  // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
+  const int64_t num_params = static_cast<int64_t>(params.size());
+  auto ready = [&](int64_t begin, int64_t end) {
+    if (on_ready && begin < end) on_ready(begin, end);
+  };
+  ready(final_norm, pe_params);  // the final norm and an untied head
   const bool rope = pe->acts_on_query_key();
   const RopeTable* table = rope ? &Table(seq_len) : nullptr;
   RotateOptions rot;
@@ -488,6 +494,7 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M,
                            d, pool, /*accumulate=*/true);
     }
+    ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
   OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
@@ -498,6 +505,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     const float* src = w.dx + m * d;
     for (int64_t j = 0; j < d; ++j) row[j] += src[j];
   }
+  ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
+  ready(pe_params, num_params);                                    // learned / T5 position tables
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,7 +564,8 @@ void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = ke
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
-                              std::span<float> grads, float grad_scale, ThreadPool* pool) {
+                              std::span<float> grads, float grad_scale, ThreadPool* pool,
+                              const GradReadyFn& on_grad_ready) {
   Impl& I = *impl_;
   if (batch < 1 || seq_len < 1) throw Error("ForwardBackward: batch and seq_len must be >= 1");
   if (static_cast<int64_t>(tokens.size()) != batch * (seq_len + 1)) {
@@ -585,7 +595,7 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
   double sum = 0.0;
   for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
   loss_timer.Stop();
-  if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool);
+  if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool, on_grad_ready);
   return sum / static_cast<double>(M);
 }
 
