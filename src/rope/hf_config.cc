@@ -170,6 +170,18 @@ class Parser {
       Fail(std::string("invalid JSON: ") + e.what());  // e.g. a number outside the double range
     }
     if (!root.is_object()) Fail("the top level must be a JSON object (got " + Describe(root) + ")");
+    // Vision-language configs (Qwen2-VL v5, Qwen2.5-VL, Qwen3-VL) keep the language model's fields
+    // in text_config; a config with top-level attention fields is read as is.
+    auto text_config = root.find("text_config");
+    if (text_config != root.end() && text_config->is_object() &&
+        !root.contains("num_attention_heads") && !root.contains("n_head")) {
+      Json text = *text_config;
+      if (!text.contains("model_type") && root.contains("model_type")) {
+        text["model_type"] = root["model_type"];
+      }
+      source_ += " text_config";
+      return Build(text, layer_type);
+    }
     return Build(root, layer_type);
   }
 
@@ -252,6 +264,7 @@ class Parser {
     if (tn == "su") tn = "longrope";
     if (tn == "yarn" && (rd.contains("short_factor") || rd.contains("long_factor")))
       tn = "longrope";
+    const bool mrope_type = tn == "mrope";
     if (tn == "mrope") tn = "default";
     try {
       p.type = ParseRopeType(tn);
@@ -475,6 +488,8 @@ class Parser {
         break;
     }
 
+    ParseAxes(rd, key_path, mrope_type, out);
+
     try {
       p.Validate();
     } catch (const Error& e) {
@@ -487,6 +502,46 @@ class Parser {
       Fail(message);
     }
     return out;
+  }
+
+  // Multimodal RoPE sections: Qwen2-VL `mrope_section` (chunked) and Qwen3-VL `mrope_section`
+  // with `mrope_interleaved`. Qwen3-VL's rotary module always interleaves, with the section
+  // [24, 20, 20] when the config has none (transformers `Qwen3VLTextRotaryEmbedding`).
+  template <class KeyPath>
+  void ParseAxes(const Json& rd, const KeyPath& key_path, bool mrope_type, HfRopeConfig& out) {
+    const std::string& mt = out.model_type;
+    const bool qwen3_vl = mt.rfind("qwen3_vl", 0) == 0;
+    const std::string section_path = key_path("mrope_section");
+    auto it = rd.find("mrope_section");
+    if (it != rd.end() && !it->is_null()) {
+      if (!it->is_array() || it->empty()) {
+        Fail(section_path + " must be a non-empty list of integers (got " + Describe(*it) + ")");
+      }
+      for (size_t a = 0; a < it->size(); ++a) {
+        const Json& v = (*it)[a];
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > kMaxDim) {
+          Fail(section_path + "[" + std::to_string(a) + "] must be an integer >= 1 (got " +
+               Describe(v) + ")");
+        }
+        out.axes.sections.push_back(static_cast<int>(v.get<int64_t>()));
+      }
+    } else if (qwen3_vl) {
+      out.axes.sections = {24, 20, 20};
+    } else if (mrope_type) {
+      Fail(section_path + " is required for type mrope (e.g. [16, 24, 24] for Qwen2-VL-7B)");
+    }
+    const auto interleaved =
+        OptBool(rd, "mrope_interleaved", key_path("mrope_interleaved"));
+    out.axes.interleaved = interleaved.value_or(qwen3_vl);
+    if (out.axes.interleaved && out.axes.sections.empty()) {
+      Fail(key_path("mrope_interleaved") + " is true but " + section_path + " is missing");
+    }
+    if (out.axes.sections.empty()) return;
+    try {
+      out.axes.PairAxes(out.params.rotary_dim / 2);
+    } catch (const Error& e) {
+      Fail(section_path + ": " + e.what());
+    }
   }
 
   std::string source_;

@@ -483,9 +483,9 @@ class Runner {
 }  // namespace
 
 StudyResult RunStudy(const StudyOptions& options) {
-  if (options.threads < 0 || options.threads > 1024) {
-    throw Error("--threads " + std::to_string(options.threads) +
-                " is outside [0, 1024] (0 = all hardware threads)");
+  if (options.threads < 0 || options.threads > static_cast<int>(kMaxThreads)) {
+    throw Error("--threads " + std::to_string(options.threads) + " is outside [0, " +
+                std::to_string(kMaxThreads) + "] (0 = all hardware threads)");
   }
   if (options.out.empty()) throw Error("--out: an output directory is required");
   const StudyPreset preset = GetStudyPreset(options.preset);
