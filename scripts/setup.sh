@@ -3,7 +3,7 @@
 #   scripts/setup.sh                 everything (the default build, its tests and benchmarks)
 #   scripts/setup.sh core            only what ropekit::core needs (-DROPEKIT_BUILD_MODEL=OFF)
 #   scripts/setup.sh core python     core plus the Python module (pip install .)
-# Parts: core, model, tools, python, tests, bench, all.
+# Parts: core, model, tools, python, tests, bench, fuzz, all.
 set -euo pipefail
 
 declare -A part_pkgs=(
@@ -15,6 +15,8 @@ declare -A part_pkgs=(
   [python]="python3 python3-dev python3-numpy python3-venv python3-setuptools python3-pip pybind11-dev"
   [tests]="libgtest-dev libgmock-dev python3-pytest python3-mpmath python3-torch chromium clang-format nodejs"
   [bench]="libbenchmark-dev"
+  # libFuzzer targets (scripts/fuzz.sh): clang and its runtime libraries (libclang_rt.fuzzer).
+  [fuzz]="clang libclang-rt-14-dev"
 )
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(all)
