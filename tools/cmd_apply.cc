@@ -60,8 +60,7 @@ std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, 
                                        "mrope_section)"
                                      : ""));
   }
-  if (num_axes > 1 &&
-      (p.shape.size() != 2 || p.shape[0] != num_axes || p.shape[1] != num_tokens)) {
+  if (num_axes > 1 && (p.shape.size() != 2 || p.shape[0] != num_axes || p.shape[1] != num_tokens)) {
     throw Error("--positions " + path + ": expected shape [A, T] = [" + std::to_string(num_axes) +
                 ", " + T + "] for this config's M-RoPE (" + std::to_string(num_axes) +
                 " position axes), got " + got);
@@ -197,7 +196,8 @@ const CommandRegistration kApply(
           "long factors (when it exceeds original_max_position_embeddings).");
       sub->add_option("--config", args->config, "Hugging Face config.json")->required();
       sub->add_option("--input", args->input, "X.npy, shape [tokens, heads, head_dim]")->required();
-      sub->add_option("--positions", args->positions, "P.npy, shape [tokens] ([3, tokens] for M-RoPE configs), int32 or int64")
+      sub->add_option("--positions", args->positions,
+                      "P.npy, shape [tokens] ([3, tokens] for M-RoPE configs), int32 or int64")
           ->required();
       sub->add_option("--output", args->output, "Y.npy to write (atomically)")->required();
       sub->add_option("--layout", args->layout,
