@@ -39,8 +39,6 @@ struct ApplyArgs {
   std::string layer_type;
 };
 
-constexpr int kMaxThreads = 1024;
-
 // Reads the positions as int64 and checks dtype, shape, count and range: [T] for a one-axis
 // config, [A, T] (axis-major) for a multimodal (M-RoPE) one.
 std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, int num_axes) {
@@ -88,7 +86,7 @@ std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, 
 }
 
 int RunApply(const ApplyArgs& args) {
-  if (args.threads < 0 || args.threads > kMaxThreads) {
+  if (args.threads < 0 || args.threads > static_cast<int>(kMaxThreads)) {
     throw Error("--threads " + std::to_string(args.threads) + " is outside [0, " +
                 std::to_string(kMaxThreads) + "] (0 = all hardware threads)");
   }

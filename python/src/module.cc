@@ -212,9 +212,9 @@ constexpr int64_t kMinElementsForThreads = 1 << 15;
 
 size_t ThreadsFor(std::optional<int64_t> num_threads, int64_t num_elements) {
   if (num_threads) {
-    if (*num_threads < 1 || *num_threads > 1024) {
-      throw py::value_error("num_threads must be in [1, 1024] (None: the module default), got " +
-                            std::to_string(*num_threads));
+    if (*num_threads < 1 || *num_threads > static_cast<int64_t>(ropekit::kMaxThreads)) {
+      throw py::value_error("num_threads must be in [1, " + std::to_string(ropekit::kMaxThreads) +
+                            "] (None: the module default), got " + std::to_string(*num_threads));
     }
     return static_cast<size_t>(*num_threads);
   }
@@ -1384,11 +1384,10 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
   m.def(
       "set_num_threads",
       [](int64_t n) {
-        if (n < 0 || n > 1024) {
-          throw py::value_error(
-              "num_threads must be in [0, 1024] (0: all hardware threads), "
-              "got " +
-              std::to_string(n));
+        if (n < 0 || n > static_cast<int64_t>(ropekit::kMaxThreads)) {
+          throw py::value_error("num_threads must be in [0, " +
+                                std::to_string(ropekit::kMaxThreads) +
+                                "] (0: all hardware threads), got " + std::to_string(n));
         }
         g_default_threads = n == 0 ? HardwareThreads() : static_cast<size_t>(n);
       },

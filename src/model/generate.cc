@@ -5,16 +5,10 @@
 #include <numeric>
 
 #include "ropekit/model.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
-
-uint64_t SplitMix(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 }  // namespace
 
@@ -62,7 +56,7 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     sum = 0.0;
     for (int64_t i = 0; i < keep; ++i) sum += p[i];
   }
-  const double u = static_cast<double>(SplitMix(state_) >> 11) * 0x1.0p-53 * sum;
+  const double u = UnitInterval53(SplitMix64(state_)) * sum;
   double cum = 0.0;
   for (int64_t i = 0; i < keep; ++i) {
     cum += p[i];

@@ -30,6 +30,8 @@
 #include <sstream>
 #include <string>
 
+#include "src/util/json_limits.h"
+
 namespace ropekit {
 namespace {
 
@@ -37,8 +39,6 @@ using Json = nlohmann::json;
 
 // Files larger than this are not configs; reading them would only waste memory.
 constexpr int64_t kMaxConfigBytes = 64 << 20;
-// Deeper nesting than this is not a config either (and would make recursive walks expensive).
-constexpr int kMaxNesting = 64;
 // Upper bound for head_dim, hidden_size and head counts: far beyond any model.
 constexpr int64_t kMaxDim = 1 << 20;
 
@@ -148,7 +148,7 @@ class Parser {
   }
 
   HfRopeConfig Parse(std::string_view text, std::string_view layer_type) {
-    CheckNesting(text);
+    CheckJsonLimits(text, source_);
     Json root;
     try {
       root = Json::parse(text.begin(), text.end());
@@ -186,30 +186,6 @@ class Parser {
   }
 
  private:
-  void CheckNesting(std::string_view text) const {
-    int depth = 0;
-    bool in_string = false;
-    for (size_t i = 0; i < text.size(); ++i) {
-      const char c = text[i];
-      if (in_string) {
-        if (c == '\\') {
-          ++i;
-        } else if (c == '"') {
-          in_string = false;
-        }
-      } else if (c == '"') {
-        in_string = true;
-      } else if (c == '[' || c == '{') {
-        if (++depth > kMaxNesting) {
-          Fail("JSON nesting deeper than " + std::to_string(kMaxNesting) + " levels at byte " +
-               std::to_string(i + 1));
-        }
-      } else if (c == ']' || c == '}') {
-        --depth;
-      }
-    }
-  }
-
   // Per-layer-type rope_parameters: an object of objects without rope keys of its own.
   static bool IsNestedRopeDict(const Json& dict) {
     if (!dict.is_object() || dict.empty()) return false;
