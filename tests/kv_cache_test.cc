@@ -141,7 +141,9 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
               ASSERT_EQ(cache_k, want_k) << where;
               ASSERT_EQ(cache_v, want_v) << where;
               ASSERT_EQ(in_place ? q : q_out, q_ref) << where;
-              if (!in_place) ASSERT_EQ(q, q0) << "q input changed";
+              if (!in_place) {
+                ASSERT_EQ(q, q0) << "q input changed";
+              }
             }
           }
         }
