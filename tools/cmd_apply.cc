@@ -52,7 +52,7 @@ std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, 
   got += "]";
   const std::string T = std::to_string(num_tokens);
   if (num_axes == 1 && p.shape.size() != 1) {
-    throw Error("--positions " + path + ": expected shape [T] = [" + T +
+    throw Error("--positions " + path + ": expected a 1-d array of shape [T] = [" + T +
                 "] for this config's one-axis RoPE, got " + got +
                 (p.shape.size() == 2 ? " (multimodal [A, T] positions need a config with "
                                        "mrope_section)"
