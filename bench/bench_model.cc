@@ -1,10 +1,19 @@
-// Throughput of the default model (EXTRAPOLATION.md 3.1: d = 128, 4 layers, 4 query / 2 KV
+// Throughput of the default model (the study's model, docs/study.md: d = 128, 4 layers, 4 query / 2 KV
 // heads, head_dim 32, SwiGLU 352, tied embeddings, RoPE): training tokens/s (forward + backward
 // + AdamW, batch 16 x 128) and KV-cache decode tokens/s (greedy, one token per step after a
 // 128-token prefill). Prints one JSON line, for bench/run_model_bench.sh to set beside the
-// PyTorch figures of bench/bench_model_torch.py.
+// PyTorch figures of bench/bench_model_torch.py. --size large is the shape where attention's
+// share grows: d = 256, 8 layers, 8 query / 4 KV heads, head_dim 32, SwiGLU 704, batch 4 x 512.
+// Training tokens/s is the median over --repeats timed runs of --steps steps each; the machine
+// (CPU, caches) is printed first as "# " lines.
 //
-// Usage: bench_model [--threads N] [--steps S] [--decode TOKENS] [--pe KIND]
+// Usage: bench_model [--threads N] [--steps S] [--decode TOKENS] [--pe KIND] [--size default|large]
+//                    [--repeats R] [--bf16] [--profile] [--unfused]
+// --unfused: the earlier attention (full [B, H, T, T] probabilities) instead of the fused one.
+// --profile: after the timed runs, --steps more steps with the per-op timers on
+// (ropekit/profile.h); prints ms per step and share of the step for every op as "# " lines;
+// "other" is the rest of the step (optimizer, batch assembly).
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -13,7 +22,9 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_support.h"
 #include "ropekit/model.h"
+#include "ropekit/profile.h"
 
 namespace {
 
@@ -26,9 +37,20 @@ double Now() {
 int main(int argc, char** argv) {
   int threads = 1;
   int64_t steps = 10, decode = 256, batch = 16, seq_len = 128;
+  int64_t repeats = 3;
+  bool large = false, bf16 = false, profile = false, unfused = false;
   std::string pe = "rope";
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; i += 2) {
     const std::string k = argv[i];
+    if (k == "--bf16" || k == "--profile" || k == "--unfused") {
+      (k == "--bf16" ? bf16 : k == "--profile" ? profile : unfused) = true;
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "option %s needs a value\n", k.c_str());
+      return 2;
+    }
     if (k == "--threads")
       threads = std::atoi(argv[i + 1]);
     else if (k == "--steps")
@@ -37,19 +59,36 @@ int main(int argc, char** argv) {
       decode = std::atoll(argv[i + 1]);
     else if (k == "--pe")
       pe = argv[i + 1];
+    else if (k == "--repeats")
+      repeats = std::max<int64_t>(1, std::atoll(argv[i + 1]));
+    else if (k == "--size" &&
+             (std::string(argv[i + 1]) == "large" || std::string(argv[i + 1]) == "default"))
+      large = std::string(argv[i + 1]) == "large";
     else {
       std::fprintf(stderr, "unknown option %s\n", k.c_str());
       return 2;
     }
   }
   try {
+    ropekit::bench::PrintMachine("bench_model");
     ropekit::ModelConfig config;  // the defaults are the protocol's model
+    if (large) {
+      config.hidden_size = 256;
+      config.num_layers = 8;
+      config.num_heads = 8;
+      config.num_kv_heads = 4;
+      config.intermediate_size = 704;
+      batch = 4;
+      seq_len = 512;
+    }
     config.position_encoding.kind = ropekit::ParsePositionEncodingKind(pe);
     if (config.position_encoding.kind == ropekit::PositionEncodingKind::kSinusoidal ||
         config.position_encoding.kind == ropekit::PositionEncodingKind::kLearned) {
       config.position_encoding.embedding_scale = ropekit::EmbeddingScale::kSqrtDim;
     }
     ropekit::Model model(config, 1);
+    if (bf16) model.set_matmul_precision(ropekit::MatmulPrecision::kBf16);
+    if (unfused) model.set_attention_kernel(ropekit::AttentionKernel::kUnfused);
     ropekit::ThreadPool pool(threads);
     std::mt19937 gen(1);
     std::uniform_int_distribution<int> dist(0, 255);
@@ -62,10 +101,33 @@ int main(int argc, char** argv) {
     tc.eval_interval = 0;
     ropekit::OptimizerState state;
     ropekit::Train(model, state, tc, text, {}, &pool);
-    tc.steps = 2 + steps;
-    const double t0 = Now();
-    ropekit::Train(model, state, tc, text, {}, &pool);
-    const double train_s = Now() - t0;
+    std::vector<double> runs;
+    for (int64_t r = 0; r < repeats; ++r) {
+      tc.steps = state.step + steps;
+      const double t0 = Now();
+      ropekit::Train(model, state, tc, text, {}, &pool);
+      runs.push_back(Now() - t0);
+    }
+    const double train_s = ropekit::bench::Median(runs);
+    if (profile) {
+      ropekit::ResetOpProfile();
+      ropekit::SetOpProfiling(true);
+      tc.steps = state.step + steps;
+      const double t0 = Now();
+      ropekit::Train(model, state, tc, text, {}, &pool);
+      const double step_ms = 1e3 * (Now() - t0) / steps;
+      ropekit::SetOpProfiling(false);
+      double accounted = 0.0;
+      std::printf("# per-op profile, %lld steps: op, ms/step, share\n",
+                  static_cast<long long>(steps));
+      for (const ropekit::OpTime& t : ropekit::OpProfile()) {
+        const double ms = 1e3 * t.seconds / steps;
+        accounted += ms;
+        std::printf("#   %-18s %8.2f %5.1f%%\n", t.name.c_str(), ms, 100 * ms / step_ms);
+      }
+      std::printf("#   %-18s %8.2f %5.1f%%\n#   %-18s %8.2f\n", "other", step_ms - accounted,
+                  100 * (step_ms - accounted) / step_ms, "step", step_ms);
+    }
     const double train_tok_s = static_cast<double>(steps * batch * seq_len) / train_s;
 
     std::vector<int32_t> prompt(text.begin(), text.begin() + seq_len);
@@ -84,10 +146,13 @@ int main(int argc, char** argv) {
     }
     const double decode_s = Now() - t2;
     std::printf(
-        "{\"impl\": \"ropekit\", \"threads\": %d, \"pe\": \"%s\", \"params\": %lld, "
+        "{\"impl\": \"ropekit\", \"threads\": %d, \"size\": \"%s\", \"precision\": \"%s\", "
+        "\"attention\": \"%s\", "
+        "\"pe\": \"%s\", \"params\": %lld, "
         "\"train_tokens_per_s\": %.1f, \"train_step_ms\": %.2f, \"prefill_tokens_per_s\": %.1f, "
         "\"decode_tokens_per_s\": %.1f}\n",
-        threads, pe.c_str(), static_cast<long long>(model.num_parameters()), train_tok_s,
+        threads, large ? "large" : "default", bf16 ? "bf16" : "fp32", unfused ? "unfused" : "fused",
+        pe.c_str(), static_cast<long long>(model.num_parameters()), train_tok_s,
         1e3 * train_s / steps, seq_len / prefill_s, decode / decode_s);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_model: %s\n", e.what());

@@ -5,12 +5,17 @@ d = 128, 4 layers, 4 query / 2 KV heads, head_dim 32, SwiGLU 352, tied embedding
 and KV-cache greedy decode tokens/s after a 128-token prefill, with torch.set_num_threads(N).
 Prints one JSON line.
 
+--size large: d = 256, 8 layers, 8 query / 4 KV heads, head_dim 32, SwiGLU 704, batch 4 x 512.
+Training tokens/s is the median over --repeats timed runs of --steps steps each.
+
 Usage: /usr/bin/python3 bench/bench_model_torch.py [--threads N] [--steps S] [--decode TOKENS]
+       [--size default|large] [--repeats R]
 """
 
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -18,6 +23,8 @@ import torch.nn.functional as F
 
 V, D_MODEL, LAYERS, HEADS, KV_HEADS, HEAD_DIM, FFN = 256, 128, 4, 4, 2, 32, 352
 BATCH, SEQ = 16, 128
+# --size large: the shape where attention's share grows (same as bench_model --size large).
+LARGE = dict(D_MODEL=256, LAYERS=8, HEADS=8, KV_HEADS=4, HEAD_DIM=32, FFN=704, BATCH=4, SEQ=512)
 
 
 class Model(torch.nn.Module):
@@ -86,7 +93,11 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--decode", type=int, default=256)
+    ap.add_argument("--size", choices=["default", "large"], default="default")
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.size == "large":
+        globals().update(LARGE)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = Model()
@@ -103,10 +114,13 @@ def main():
 
     for _ in range(2):
         step()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    train_s = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        runs.append(time.perf_counter() - t0)
+    train_s = statistics.median(runs)
     with torch.no_grad():
         prompt = data[:1, :SEQ]
         cache = {}
@@ -120,7 +134,7 @@ def main():
             nxt = logits[:, -1].argmax(-1, keepdim=True)
         decode_s = time.perf_counter() - t2
     print(json.dumps({
-        "impl": "torch " + torch.__version__, "threads": args.threads,
+        "impl": "torch " + torch.__version__, "threads": args.threads, "size": args.size,
         "params": sum(p.numel() for p in model.parameters()),
         "train_tokens_per_s": round(args.steps * BATCH * SEQ / train_s, 1),
         "train_step_ms": round(1e3 * train_s / args.steps, 2),

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bench/bench_support.h"
 #include "ropekit/position_encoding.h"
 
 namespace ropekit {
@@ -95,4 +96,10 @@ BENCHMARK_CAPTURE(BM_EmbeddingAdd, learned, PositionEncodingKind::kLearned)->Arg
 }  // namespace
 }  // namespace ropekit
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  ropekit::bench::PrintMachine("bench_position_encoding");
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

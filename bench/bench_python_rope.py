@@ -44,6 +44,17 @@ def median_ms(fn, repeats, warmup=3):
     return 1e3 * statistics.median(times)
 
 
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -55,6 +66,7 @@ def main():
     torch.set_num_threads(n)
     heads, head_dim = 32, 128
     config = ropekit.RopeConfig(head_dim=head_dim, base=10000.0, max_position_embeddings=4096)
+    print(f"# CPU: {cpu_model()}")
     print(f"threads={n} simd={ropekit.simd_target()} torch={torch.__version__} "
           f"H={heads} D={head_dim} repeats={args.repeats}")
     header = (f"{'T':>5} {'dtype':>8} {'eager':>8} {'eager buf':>9} {'out':>7} {'buf':>7} "

@@ -1,10 +1,14 @@
 // RoPE rotation throughput on LLaMA-7B-like shapes (32 query heads, 8 or 32 kv heads,
-// head_dim 128), in-place on q and k together, against two bounds measured in the same run:
-//   Copy:  memcpy of the same q+k bytes (read once, write once) on the same threads,
-//   Naive: the three-pass eager formula y = x*cos + rotate_half(x)*sin with [T, D] cos/sin
-//          tables and temporaries, as PyTorch eager computes it.
-// Bytes per second count the tensor bytes read plus written. After the Google Benchmark output
-// a summary prints medians and the ratio of RoPE to Copy (the memory roof).
+// head_dim 128), q and k together, against bounds measured in the same run:
+//   Roof:  in place, a streaming pass that reads and writes the same q+k bytes once
+//          (bench::StreamInPlace); out of place, a non-temporal copy of them into the outputs
+//          (bench::StreamCopy). Both on the same threads, split by token rows like the rotation.
+//   Naive: (in place, half-split) the three-pass eager formula y = x*cos + rotate_half(x)*sin
+//          with [T, D] cos/sin tables and temporaries, as PyTorch eager computes it.
+// Data are N(0, 1) samples (as activations are; no subnormals). Bytes per second count the
+// tensor bytes read plus written. After the Google Benchmark output a summary prints medians,
+// the working set against the cache sizes, RoPE / Roof, RoPE / Naive and the 2-thread / 1-thread
+// speed-up of every shape.
 //
 // Dimension legend: T = tokens, H = q heads, Hkv = kv heads, D = head_dim.
 #include <benchmark/benchmark.h>
@@ -16,8 +20,10 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "bench/bench_support.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "src/util/half.h"
@@ -27,20 +33,37 @@ namespace {
 
 constexpr int64_t kHeads = 32, kDim = 128;
 
+struct Shape {
+  DType dtype;
+  int64_t tokens, kv, threads;
+  Layout layout;
+  bool in_place;
+  explicit Shape(const benchmark::State& s)
+      : dtype(static_cast<DType>(s.range(0))),
+        tokens(s.range(1)),
+        kv(s.range(2)),
+        threads(s.range(3)),
+        layout(s.range(4) == 0 ? Layout::kHalfSplit : Layout::kInterleaved),
+        in_place(s.range(5) != 0) {}
+  int64_t q_elems() const { return tokens * kHeads * kDim; }
+  int64_t k_elems() const { return tokens * kv * kDim; }
+};
+
 struct Buffers {
-  std::vector<uint8_t> q, k;
+  std::vector<uint8_t> q, k, q_out, k_out;
   std::vector<int64_t> positions;
 };
 
-Buffers MakeBuffers(DType dtype, int64_t tokens, int64_t kv_heads) {
+Buffers MakeBuffers(const Shape& s) {
   Buffers b;
-  const size_t es = DTypeSize(dtype);
-  b.q.resize(tokens * kHeads * kDim * es);
-  b.k.resize(tokens * kv_heads * kDim * es);
-  for (size_t i = 0; i < b.q.size(); ++i) b.q[i] = static_cast<uint8_t>(i * 37 % 61);
-  for (size_t i = 0; i < b.k.size(); ++i) b.k[i] = static_cast<uint8_t>(i * 53 % 59);
+  b.q = bench::RandomNormal(s.dtype, s.q_elems(), 1);
+  b.k = bench::RandomNormal(s.dtype, s.k_elems(), 2);
+  if (!s.in_place) {
+    b.q_out.assign(b.q.size(), 0);
+    b.k_out.assign(b.k.size(), 0);
+  }
   // Decode-like offset: positions continue after a 1000-token prefix.
-  for (int64_t t = 0; t < tokens; ++t) b.positions.push_back(1000 + t);
+  for (int64_t t = 0; t < s.tokens; ++t) b.positions.push_back(1000 + t);
   return b;
 }
 
@@ -53,47 +76,67 @@ const RopeTable& Table() {
   return *table;
 }
 
-DType DTypeArg(int64_t v) { return v == 0 ? DType::kF32 : DType::kBF16; }
+// Tensor bytes read plus written per call.
+size_t TrafficBytes(const Buffers& b) { return 2 * (b.q.size() + b.k.size()); }
 
-void SetCounters(benchmark::State& state, size_t tensor_bytes) {
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * 2 * tensor_bytes);
+void SetCounters(benchmark::State& state, const Buffers& b) {
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * TrafficBytes(b)));
+  state.counters["working_set"] =
+      static_cast<double>(b.q.size() + b.k.size() + b.q_out.size() + b.k_out.size());
 }
 
 void BM_Rope(benchmark::State& state) {
-  const DType dtype = DTypeArg(state.range(0));
-  const int64_t tokens = state.range(1), kv = state.range(2);
-  ThreadPool pool(state.range(3));
-  Buffers b = MakeBuffers(dtype, tokens, kv);
-  const TensorView q = ContiguousView(b.q.data(), dtype, tokens, kHeads, kDim);
-  const TensorView k = ContiguousView(b.k.data(), dtype, tokens, kv, kDim);
-  const RopeOperand ops[] = {{q, q}, {k, k}};
+  const Shape s(state);
+  ThreadPool pool(s.threads);
+  Buffers b = MakeBuffers(s);
+  const TensorView q = ContiguousView(b.q.data(), s.dtype, s.tokens, kHeads, kDim);
+  const TensorView k = ContiguousView(b.k.data(), s.dtype, s.tokens, s.kv, kDim);
+  const TensorView qo =
+      s.in_place ? q : ContiguousView(b.q_out.data(), s.dtype, s.tokens, kHeads, kDim);
+  const TensorView ko =
+      s.in_place ? k : ContiguousView(b.k_out.data(), s.dtype, s.tokens, s.kv, kDim);
+  const RopeOperand ops[] = {{q, qo}, {k, ko}};
   RotateOptions options;
+  options.layout = s.layout;
   options.pool = &pool;
   for (auto _ : state) {
     ApplyRope(Table(), b.positions, ops, options);
     benchmark::ClobberMemory();
   }
-  SetCounters(state, b.q.size() + b.k.size());
+  SetCounters(state, b);
 }
 
-void BM_Copy(benchmark::State& state) {
-  const DType dtype = DTypeArg(state.range(0));
-  const int64_t tokens = state.range(1), kv = state.range(2);
-  ThreadPool pool(state.range(3));
-  Buffers src = MakeBuffers(dtype, tokens, kv), dst = MakeBuffers(dtype, tokens, kv);
+void BM_Roof(benchmark::State& state) {
+  const Shape s(state);
+  ThreadPool pool(s.threads);
+  Buffers b = MakeBuffers(s);
+  const size_t qrow = b.q.size() / s.tokens, krow = b.k.size() / s.tokens;
   for (auto _ : state) {
-    pool.ParallelFor(tokens, [&](size_t begin, size_t end, size_t) {
-      const size_t qrow = src.q.size() / tokens, krow = src.k.size() / tokens;
-      std::memcpy(dst.q.data() + begin * qrow, src.q.data() + begin * qrow, (end - begin) * qrow);
-      std::memcpy(dst.k.data() + begin * krow, src.k.data() + begin * krow, (end - begin) * krow);
+    pool.ParallelFor(s.tokens, [&](size_t begin, size_t end, size_t) {
+      if (s.in_place) {
+        bench::StreamInPlace(b.q.data() + begin * qrow, (end - begin) * qrow);
+        bench::StreamInPlace(b.k.data() + begin * krow, (end - begin) * krow);
+      } else {
+        bench::StreamCopy(b.q.data() + begin * qrow, b.q_out.data() + begin * qrow,
+                          (end - begin) * qrow);
+        bench::StreamCopy(b.k.data() + begin * krow, b.k_out.data() + begin * krow,
+                          (end - begin) * krow);
+      }
     });
     benchmark::ClobberMemory();
   }
-  SetCounters(state, src.q.size() + src.k.size());
+  SetCounters(state, b);
 }
 
-// The eager formula, one full pass per operation with temporaries (fp32 arithmetic; bf16
-// rounds after every operation as eager bf16 does).
+float LoadAs(DType dtype, uint16_t h) {
+  return dtype == DType::kBF16 ? Bf16ToFloat(h) : F16ToFloat(h);
+}
+uint16_t StoreAs(DType dtype, float f) {
+  return dtype == DType::kBF16 ? FloatToBf16(f) : FloatToF16(f);
+}
+
+// The eager formula, one full pass per operation with temporaries (fp32 arithmetic; 16-bit
+// types round after every operation as eager does).
 template <typename T, typename Load, typename Store>
 void NaiveThreePass(T* x, int64_t tokens, int64_t heads, const float* cos, const float* sin,
                     T* tmp1, T* tmp2, Load load, Store store) {
@@ -112,24 +155,24 @@ void NaiveThreePass(T* x, int64_t tokens, int64_t heads, const float* cos, const
 }
 
 void BM_Naive(benchmark::State& state) {
-  const DType dtype = DTypeArg(state.range(0));
-  const int64_t tokens = state.range(1), kv = state.range(2);
-  ThreadPool pool(state.range(3));
-  Buffers b = MakeBuffers(dtype, tokens, kv);
-  std::vector<float> cos(tokens * kDim), sin(tokens * kDim);
-  for (int64_t t = 0; t < tokens; ++t) {
+  const Shape s(state);
+  ThreadPool pool(s.threads);
+  Buffers b = MakeBuffers(s);
+  std::vector<float> cos(s.tokens * kDim), sin(s.tokens * kDim);
+  for (int64_t t = 0; t < s.tokens; ++t) {
     Table().ComputeRow(b.positions[t], cos.data() + t * kDim, sin.data() + t * kDim);
     std::copy_n(cos.data() + t * kDim, kDim / 2, cos.data() + t * kDim + kDim / 2);
     std::copy_n(sin.data() + t * kDim, kDim / 2, sin.data() + t * kDim + kDim / 2);
   }
   std::vector<uint8_t> tmp1(b.q.size()), tmp2(b.q.size());
+  const DType dt = s.dtype;
   for (auto _ : state) {
-    pool.ParallelFor(tokens, [&](size_t begin, size_t end, size_t) {
+    pool.ParallelFor(s.tokens, [&](size_t begin, size_t end, size_t) {
       const int64_t t0 = begin, nt = end - begin;
       for (auto [buf, heads] :
-           {std::pair<std::vector<uint8_t>*, int64_t>{&b.q, kHeads}, {&b.k, kv}}) {
+           {std::pair<std::vector<uint8_t>*, int64_t>{&b.q, kHeads}, {&b.k, s.kv}}) {
         const size_t off = t0 * heads * kDim;
-        if (dtype == DType::kF32) {
+        if (dt == DType::kF32) {
           float* x = reinterpret_cast<float*>(buf->data()) + off;
           NaiveThreePass(
               x, nt, heads, cos.data() + t0 * kDim, sin.data() + t0 * kDim,
@@ -138,31 +181,43 @@ void BM_Naive(benchmark::State& state) {
               [](float v) { return v; });
         } else {
           uint16_t* x = reinterpret_cast<uint16_t*>(buf->data()) + off;
-          NaiveThreePass(x, nt, heads, cos.data() + t0 * kDim, sin.data() + t0 * kDim,
-                         reinterpret_cast<uint16_t*>(tmp1.data()) + off,
-                         reinterpret_cast<uint16_t*>(tmp2.data()) + off, Bf16ToFloat, FloatToBf16);
+          NaiveThreePass(
+              x, nt, heads, cos.data() + t0 * kDim, sin.data() + t0 * kDim,
+              reinterpret_cast<uint16_t*>(tmp1.data()) + off,
+              reinterpret_cast<uint16_t*>(tmp2.data()) + off,
+              [dt](uint16_t h) { return LoadAs(dt, h); }, [dt](float f) { return StoreAs(dt, f); });
         }
       }
     });
     benchmark::ClobberMemory();
   }
-  SetCounters(state, b.q.size() + b.k.size());
+  SetCounters(state, b);
 }
 
-void Shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"dtype", "tokens", "kv_heads", "threads"});
-  for (int64_t dtype : {0, 1})
+constexpr int64_t kF32 = 0, kBf16 = 1, kF16 = 2;
+
+// Every dtype, token count, kv count and thread count in place, half-split; the 4096-token,
+// 8-kv shape also interleaved and out of place.
+void Shapes(benchmark::internal::Benchmark* b, bool all_cases) {
+  b->ArgNames({"dtype", "tokens", "kv_heads", "threads", "layout", "in_place"});
+  for (int64_t dtype : {kF32, kBf16, kF16})
     for (int64_t tokens : {1, 512, 4096})
       for (int64_t kv : {8, 32})
-        for (int64_t threads : {1, 2}) b->Args({dtype, tokens, kv, threads});
+        for (int64_t threads : {1, 2}) {
+          b->Args({dtype, tokens, kv, threads, 0, 1});
+          if (!all_cases || tokens != 4096 || kv != 8) continue;
+          b->Args({dtype, tokens, kv, threads, 1, 1});
+          b->Args({dtype, tokens, kv, threads, 0, 0});
+          b->Args({dtype, tokens, kv, threads, 1, 0});
+        }
   b->UseRealTime();
 }
 
-BENCHMARK(BM_Rope)->Apply(Shapes);
-BENCHMARK(BM_Copy)->Apply(Shapes);
-BENCHMARK(BM_Naive)->Apply(Shapes);
+BENCHMARK(BM_Rope)->Apply([](auto* b) { Shapes(b, true); });
+BENCHMARK(BM_Roof)->Apply([](auto* b) { Shapes(b, true); });
+BENCHMARK(BM_Naive)->Apply([](auto* b) { Shapes(b, false); });
 
-// Collects the median of every case and prints RoPE / Copy and RoPE / Naive at the end.
+// Collects the median of every case and prints the ratios at the end.
 class SummaryReporter : public benchmark::ConsoleReporter {
  public:
   void ReportRuns(const std::vector<Run>& runs) override {
@@ -175,32 +230,54 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       if (it == run.counters.end()) continue;
       std::string name = run.run_name.str();  // BM_Rope/dtype:0/tokens:512/...
       const size_t slash = name.find('/');
-      medians_[name.substr(slash)][name.substr(0, slash)] = it->second.value;
+      Case& c = cases_[name.substr(slash)];
+      c.gbs[name.substr(0, slash)] = it->second.value / 1e9;
+      const auto ws = run.counters.find("working_set");
+      if (ws != run.counters.end()) c.working_set = static_cast<int64_t>(ws->second.value);
     }
   }
   void PrintSummary() const {
     std::printf(
-        "\nMedian throughput (GB/s of tensor bytes read + written); Copy is the memory "
-        "roof measured in this run\n");
-    std::printf("%-8s %7s %4s %7s | %8s %8s %8s | %9s %9s\n", "dtype", "tokens", "kv", "threads",
-                "RoPE", "Copy", "Naive", "RoPE/Copy", "RoPE/Naive");
-    for (const auto& [shape, by_name] : medians_) {
-      auto get = [&](const char* n) {
-        const auto it = by_name.find(n);
-        return it == by_name.end() ? 0.0 : it->second / 1e9;
-      };
-      int dtype = 0, tokens = 0, kv = 0, threads = 0;
-      std::sscanf(shape.c_str(), "/dtype:%d/tokens:%d/kv_heads:%d/threads:%d", &dtype, &tokens, &kv,
-                  &threads);
-      const double rope = get("BM_Rope"), copy = get("BM_Copy"), naive = get("BM_Naive");
-      std::printf("%-8s %7d %4d %7d | %8.2f %8.2f %8.2f | %8.0f%% %9.1fx\n",
-                  dtype == 0 ? "fp32" : "bf16", tokens, kv, threads, rope, copy, naive,
-                  copy > 0 ? 100 * rope / copy : 0.0, naive > 0 ? rope / naive : 0.0);
+        "\nMedians, GB/s of tensor bytes read + written. Roof: in place, a streaming read+write "
+        "of the same bytes;\nout of place, a non-temporal copy; both measured in this run on the "
+        "same threads. 2T/1T: RoPE speed-up of 2 threads over 1.\n");
+    std::printf("%-5s %6s %3s %3s %-5s %-3s %9s %-5s | %7s %7s %7s | %5s %6s %5s\n", "dtype",
+                "tokens", "kv", "thr", "layout", "ip", "work set", "fits", "RoPE", "Roof", "Naive",
+                "%roof", "xNaive", "2T/1T");
+    for (const auto& [shape, c] : cases_) {
+      int dtype = 0, tokens = 0, kv = 0, threads = 0, layout = 0, in_place = 0;
+      std::sscanf(shape.c_str(), "/dtype:%d/tokens:%d/kv_heads:%d/threads:%d/layout:%d/in_place:%d",
+                  &dtype, &tokens, &kv, &threads, &layout, &in_place);
+      const double rope = c.Get("BM_Rope"), roof = c.Get("BM_Roof"), naive = c.Get("BM_Naive");
+      std::string one_thread = shape;
+      const size_t at = one_thread.find("/threads:");
+      one_thread.replace(at, 10, "/threads:1");
+      const auto one = cases_.find(one_thread);
+      const double base = one == cases_.end() ? 0.0 : one->second.Get("BM_Rope");
+      char naive_col[16] = "", speed_col[16] = "";
+      if (naive > 0) std::snprintf(naive_col, sizeof(naive_col), "%5.1fx", rope / naive);
+      if (threads > 1 && base > 0)
+        std::snprintf(speed_col, sizeof(speed_col), "%5.2f", rope / base);
+      std::printf("%-5s %6d %3d %3d %-6s %-3s %7.2fMB %-5s | %7.2f %7.2f %7.2f | %4.0f%% %6s %5s\n",
+                  dtype == 0   ? "fp32"
+                  : dtype == 1 ? "bf16"
+                               : "fp16",
+                  tokens, kv, threads, layout == 0 ? "half" : "inter", in_place ? "in" : "out",
+                  c.working_set / 1e6, bench::CacheFit(c.working_set).c_str(), rope, roof, naive,
+                  roof > 0 ? 100 * rope / roof : 0.0, naive_col, speed_col);
     }
   }
 
  private:
-  std::map<std::string, std::map<std::string, double>> medians_;
+  struct Case {
+    std::map<std::string, double> gbs;
+    int64_t working_set = 0;
+    double Get(const char* n) const {
+      const auto it = gbs.find(n);
+      return it == gbs.end() ? 0.0 : it->second;
+    }
+  };
+  std::map<std::string, Case> cases_;
 };
 
 }  // namespace
@@ -219,7 +296,7 @@ int main(int argc, char** argv) {
   }
   int n = static_cast<int>(args.size());
   benchmark::Initialize(&n, args.data());
-  std::printf("SIMD target: %s\n", ropekit::SimdTargetName().c_str());
+  ropekit::bench::PrintMachine("bench_rope");
   ropekit::SummaryReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);
   reporter.PrintSummary();

@@ -181,6 +181,41 @@ TEST_P(ModelKinds, KvCacheDecodeEqualsFullRecompute) {
                Error);  // capacity exceeded
 }
 
+// The fused attention (default) against the unfused one inside the whole model, for every
+// encoding, at a length with two query / key tiles (T = 80 > kFlashQueryTile = 64). Per layer the
+// two attention outputs differ by at most 2 (2T + 8) u relative (the op-level budget of
+// OpsFlashAttention); the rest of the model is the same code, so logits, loss and gradients may
+// differ by that budget per layer. We allow 4x for the amplification through the residual path
+// and the backward: tol = 4 L (2T + 8) u max|x|.
+TEST_P(ModelKinds, FusedAttentionMatchesUnfused) {
+  ModelConfig c = CaseConfig(GetParam());
+  if (GetParam().rope_type != RopeType::kDynamic) c.max_position_embeddings = 128;
+  const int64_t B = 2, T = 80;
+  const auto tokens = RandomTokens(B * (T + 1), 17);
+  auto run = [&](AttentionKernel kernel, ThreadPool* pool) {
+    Model model(c, 5);
+    model.set_attention_kernel(kernel);
+    std::vector<float> grads(model.parameters().size(), 0.0f);
+    const double loss = model.ForwardBackward(tokens, B, T, grads, 1.0f / (B * T), pool);
+    return std::make_pair(loss, grads);
+  };
+  const auto [loss_f, grads_f] = run(AttentionKernel::kFused, nullptr);
+  const auto [loss_u, grads_u] = run(AttentionKernel::kUnfused, nullptr);
+  const double budget = 4.0 * c.num_layers * (2 * T + 8) * kU;
+  EXPECT_NEAR(loss_f, loss_u, budget * std::abs(loss_u));
+  double max_abs = 0.0;
+  for (float g : grads_u) max_abs = std::max<double>(max_abs, std::abs(g));
+  ASSERT_GT(max_abs, 0.0);
+  for (size_t i = 0; i < grads_f.size(); ++i) {
+    ASSERT_NEAR(grads_f[i], grads_u[i], budget * max_abs) << "parameter " << i;
+  }
+  // Bitwise the same with two workers.
+  ThreadPool pool(2);
+  const auto [loss_2, grads_2] = run(AttentionKernel::kFused, &pool);
+  EXPECT_EQ(loss_f, loss_2);
+  EXPECT_EQ(grads_f, grads_2);
+}
+
 TEST_P(ModelKinds, ConfigJsonRoundTrip) {
   const ModelConfig c = CaseConfig(GetParam()).Resolved();
   const ModelConfig back = ModelConfigFromJson(ModelConfigToJson(c), "config.json");
@@ -355,7 +390,8 @@ TEST(Checkpoint, DetectsTruncatedAndCorruptFiles) {
   const std::string dir = TempDir("corrupt");
   Model model(TinyConfig(PositionEncodingKind::kT5), 2);
   SaveCheckpoint(dir, model);
-  const std::string weights = dir + "/model.safetensors";
+  // The file itself (dir/model.safetensors links to it through the commit link `current`).
+  const std::string weights = std::filesystem::canonical(dir + "/model.safetensors").string();
   std::vector<char> bytes;
   {
     std::ifstream in(weights, std::ios::binary);

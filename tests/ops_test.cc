@@ -115,10 +115,29 @@ TEST(OpsSwiGlu, MatchesReferenceAndFiniteDifferences) {
   reference::SwiGlu(gd.data(), ud.data(), hr.data(), n);
   reference::SwiGluBackward(gd.data(), ud.data(), dhd.data(), dgr.data(), dur.data(), n);
   for (int64_t i = 0; i < n; ++i) {
-    // One float rounding of the result (computed in double): |err| <= u * |value|.
-    ASSERT_NEAR(h[i], hr[i], kSlack * kU * std::abs(hr[i]) + 1e-30) << i;
-    ASSERT_NEAR(dg[i], dgr[i], kSlack * kU * std::abs(dgr[i]) + 1e-30) << i;
-    ASSERT_NEAR(du[i], dur[i], kSlack * kU * std::abs(dur[i]) + 1e-30) << i;
+    // Float32 evaluation (swiglu_kernels.cc): z = exp(-|g|) within 1 ulp (2u relative),
+    // p = 1 / (1 + z) two roundings, s and 1 - s one more product: each <= 7u relative;
+    // h = g s u two more products: <= 9u relative. dsilu = s (1 + x), x = g (1 - s) (<= 8u
+    // relative): 1 + x cancels near the zero of silu', so its error is absolute,
+    // <= 8u |x| + u |1 + x|; dg = dh u dsilu adds 3 roundings. du = dh g s: <= 9u relative.
+    const double s = 1.0 / (1.0 + std::exp(-gd[i])), x = gd[i] * (1.0 - s);
+    ASSERT_NEAR(h[i], hr[i], 10 * kU * std::abs(hr[i]) + 1e-30) << i;
+    ASSERT_NEAR(dg[i], dgr[i],
+                std::abs(dhd[i] * ud[i] * s) * 10 * kU * (std::abs(x) + std::abs(1 + x)) +
+                    4 * kU * std::abs(dgr[i]) + 1e-30)
+        << i;
+    ASSERT_NEAR(du[i], dur[i], 10 * kU * std::abs(dur[i]) + 1e-30) << i;
+  }
+  // Saturation: no overflow or NaN far out on either side.
+  std::vector<float> gx = {-200.0f, -90.0f, 90.0f, 200.0f}, ux(4, 1.0f), dhx(4, 1.0f), hx(4),
+                     dgx(4), dux(4);
+  ops::SwiGlu(gx.data(), ux.data(), hx.data(), 4, nullptr);
+  ops::SwiGluBackward(gx.data(), ux.data(), dhx.data(), dgx.data(), dux.data(), 4, nullptr);
+  for (int i = 0; i < 4; ++i) {
+    // silu(-90) = -90 e^-90 ~ -7e-38: zero within 1e-30.
+    EXPECT_NEAR(hx[i], gx[i] > 0 ? gx[i] : 0.0f, 1e-30) << gx[i];
+    EXPECT_NEAR(dgx[i], gx[i] > 0 ? 1.0f : 0.0f, 1e-30) << gx[i];
+    EXPECT_EQ(dux[i], hx[i]) << gx[i];
   }
   const double step = 1e-5;
   for (int64_t i = 0; i < n; i += 997) {
@@ -335,6 +354,186 @@ TEST(OpsAttention, RejectsBadHeadCounts) {
   a.head_dim = 2;
   EXPECT_THROW(ops::AttentionForward(a, nullptr), Error);
 }
+
+// ---- Fused (FlashAttention-2) attention ----------------------------------------------------
+
+struct FlashCase {
+  const char* name;
+  PositionEncodingKind kind;
+  int64_t heads, kv_heads, tq, tk;
+  int64_t key_stride = 1;  // key j at position key_stride * j + (key_stride - 1)
+};
+
+class OpsFlashAttention : public ::testing::TestWithParam<FlashCase> {};
+
+// The fused forward / backward against the float64 reference and against AttentionForward /
+// AttentionBackward (the unfused float32 ops), for every logit hook, with several query and key
+// tiles (partial last tiles, tiles above the diagonal skipped), then bitwise across pools.
+TEST_P(OpsFlashAttention, MatchesReferenceUnfusedAndThreads) {
+  const FlashCase tc = GetParam();
+  const int64_t B = 2, D = 16, H = tc.heads, Hkv = tc.kv_heads, Tq = tc.tq, Tk = tc.tk;
+  const int64_t group = H / Hkv;
+  PositionEncodingSpec spec;
+  spec.kind = tc.kind;
+  spec.num_heads = static_cast<int>(H);
+  spec.num_buckets = 8;
+  spec.max_distance = 64;
+  PositionEncoding pe(spec);
+  std::vector<float> bias_params(pe.num_parameters());
+  pe.InitParameters(5, bias_params);
+  for (float& b : bias_params) b *= 50.0f;  // make the bias matter
+  auto q = Random(B * Tq * H * D, 30), k = Random(B * Tk * Hkv * D, 31),
+       v = Random(B * Tk * Hkv * D, 32), dout = Random(B * Tq * H * D, 33);
+  std::vector<int64_t> qpos(Tq), kpos(Tk);
+  for (int64_t j = 0; j < Tk; ++j) kpos[j] = tc.key_stride * j + (tc.key_stride - 1);
+  for (int64_t i = 0; i < Tq; ++i) qpos[i] = kpos[Tk - Tq + i];
+  ops::AttentionArgs a;
+  a.batch = B;
+  a.tq = Tq;
+  a.tk = Tk;
+  a.heads = H;
+  a.kv_heads = Hkv;
+  a.head_dim = D;
+  a.q = q.data();
+  a.q_row_stride = H * D;
+  a.q_batch_stride = Tq * H * D;
+  a.k = k.data();
+  a.v = v.data();
+  a.kv_row_stride = Hkv * D;
+  a.kv_batch_stride = Tk * Hkv * D;
+  a.out_row_stride = H * D;
+  a.out_batch_stride = Tq * H * D;
+  a.q_positions = qpos;
+  a.k_positions = kpos;
+  a.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  a.logit_bias = &pe;
+  a.bias_params = bias_params;
+
+  // Unfused float32 ops.
+  std::vector<float> out_u(q.size()), probs(B * H * Tq * Tk);
+  a.out = out_u.data();
+  a.probs = probs.data();
+  ops::AttentionForward(a, nullptr);
+  std::vector<float> dq_u(q.size()), dk_u(k.size()), dv_u(v.size()), db_u(bias_params.size());
+  ops::AttentionBackward(a, dout.data(), dq_u.data(), dk_u.data(), dv_u.data(), db_u, nullptr);
+  // Fused.
+  a.probs = nullptr;
+  std::vector<float> out(q.size()), lse(B * H * Tq);
+  a.out = out.data();
+  ops::FlashAttentionForward(a, lse.data(), nullptr);
+  std::vector<float> dq(q.size()), dk(k.size()), dv(v.size()), db(bias_params.size(), 0.0f);
+  ops::FlashAttentionBackward(a, lse.data(), dout.data(), dq.data(), dk.data(), dv.data(), db,
+                              nullptr);
+
+  // Error budget, u = 2^-24, |q|, |k|, |v|, |dout| <= 1 (worst case; kSlack as above):
+  //  logits |s| <= S = scale D + max|bias|: a D-term dot product, the scale and the bias add
+  //    give e_s <= kSlack (D + 2) u S;
+  //  p = exp(s - lse): relative error eps_p <= 2 e_s + kSlack (Tk + 4) u (the float32 sum l of
+  //    <= Tk terms, exp / log, the per-tile rescale);
+  //  out = sum_j p_j v_j (convex): tol_out = eps_p + kSlack Tk u;
+  //  dS = p (dP - delta) with |dP|, |delta| <= D: |err dS_ij| <= p_ij 2 D (eps_p + kSlack D u);
+  //  dq = scale sum_j dS_ij k_j, sum_j p_ij = 1: tol_dq = scale 2 D (eps_p + kSlack (D + Tk) u);
+  //  dk_j, dv_j sum over the group's <= group * Tq query rows, each p_ij <= 1:
+  //    tol_dk = group Tq tol_dq, tol_dv = group Tq (eps_p + kSlack Tq group u);
+  //  T5 table: sums of dS over B H Tq rows: tol_db = B H Tq 2 D (eps_p + kSlack (D + Tk) u).
+  double max_bias = 0.0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t i = 0; i < Tq; ++i)
+      for (int64_t j = 0; j < Tk; ++j)
+        if (kpos[j] <= qpos[i])
+          max_bias =
+              std::max(max_bias, std::abs(reference::LogitBias(&pe, bias_params, qpos[i], kpos[j],
+                                                               static_cast<int>(h))));
+  const double e_s = kSlack * (D + 2) * kU * (a.scale * D + max_bias);
+  const double eps_p = 2 * e_s + kSlack * (Tk + 4) * kU;
+  const double tol_out = eps_p + kSlack * Tk * kU;
+  const double tol_dq = a.scale * 2 * D * (eps_p + kSlack * (D + Tk) * kU);
+  const double tol_dk = group * Tq * tol_dq;
+  const double tol_dv = group * Tq * (eps_p + kSlack * Tq * group * kU);
+  const double tol_db = B * H * Tq * 2 * D * (eps_p + kSlack * (D + Tk) * kU);
+
+  std::vector<double> db_ref(bias_params.size(), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t qo = b * Tq * H * D, ko = b * Tk * Hkv * D;
+    auto slice = [](const std::vector<float>& x, int64_t at, int64_t n) {
+      return std::vector<double>(x.begin() + at, x.begin() + at + n);
+    };
+    auto qd = slice(q, qo, Tq * H * D), kd = slice(k, ko, Tk * Hkv * D),
+         vd = slice(v, ko, Tk * Hkv * D), dod = slice(dout, qo, Tq * H * D);
+    std::vector<double> o_ref(qd.size()), dq_ref(qd.size()), dk_ref(kd.size()), dv_ref(vd.size());
+    reference::Attention(qd.data(), kd.data(), vd.data(), o_ref.data(), Tq, Tk, H, Hkv, D, qpos,
+                         kpos, a.scale, &pe, bias_params);
+    reference::AttentionBackward(qd.data(), kd.data(), vd.data(), dod.data(), dq_ref.data(),
+                                 dk_ref.data(), dv_ref.data(), Tq, Tk, H, Hkv, D, qpos, kpos,
+                                 a.scale, &pe, bias_params, db_ref);
+    for (size_t i = 0; i < qd.size(); ++i) {
+      ASSERT_NEAR(out[qo + i], o_ref[i], tol_out) << "out " << i;
+      // The unfused op obeys the same budget: the two differ by at most twice of it.
+      ASSERT_NEAR(out[qo + i], out_u[qo + i], 2 * tol_out) << "out vs unfused " << i;
+      ASSERT_NEAR(dq[qo + i], dq_ref[i], tol_dq) << "dq " << i;
+      ASSERT_NEAR(dq[qo + i], dq_u[qo + i], 2 * tol_dq) << "dq vs unfused " << i;
+    }
+    for (size_t i = 0; i < kd.size(); ++i) {
+      ASSERT_NEAR(dk[ko + i], dk_ref[i], tol_dk) << "dk " << i;
+      ASSERT_NEAR(dv[ko + i], dv_ref[i], tol_dv) << "dv " << i;
+      ASSERT_NEAR(dk[ko + i], dk_u[ko + i], 2 * tol_dk) << "dk vs unfused " << i;
+      ASSERT_NEAR(dv[ko + i], dv_u[ko + i], 2 * tol_dv) << "dv vs unfused " << i;
+    }
+  }
+  for (size_t i = 0; i < db.size(); ++i) {
+    EXPECT_NEAR(db[i], db_ref[i], tol_db) << "dbias " << i;
+    EXPECT_NEAR(db[i], db_u[i], 2 * tol_db) << "dbias vs unfused " << i;
+  }
+  // The log-sum-exp of every row against the reference logits.
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < Tq; ++i) {
+      double mx = -INFINITY, sum = 0.0;
+      std::vector<double> s(Tk, -INFINITY);
+      for (int64_t j = 0; j < Tk; ++j) {
+        if (kpos[j] > qpos[i]) continue;
+        double dot = 0.0;
+        for (int64_t c = 0; c < D; ++c)
+          dot += double{q[(i * H + h) * D + c]} * k[(j * Hkv + h / group) * D + c];
+        s[j] = a.scale * dot + reference::LogitBias(&pe, bias_params, qpos[i], kpos[j], int(h));
+        mx = std::max(mx, s[j]);
+      }
+      for (int64_t j = 0; j < Tk; ++j) sum += std::exp(s[j] - mx);
+      // lse = m + log l: absolute error e_s + the relative error of l.
+      ASSERT_NEAR(lse[h * Tq + i], mx + std::log(sum), e_s + eps_p + kU * std::abs(mx))
+          << "lse h=" << h << " i=" << i;
+    }
+  }
+
+  // Bitwise identical with pools of 2 and 3 workers.
+  for (int workers : {2, 3}) {
+    ThreadPool pool(workers);
+    std::vector<float> out3(out.size()), lse3(lse.size());
+    a.out = out3.data();
+    ops::FlashAttentionForward(a, lse3.data(), &pool);
+    EXPECT_EQ(out, out3);
+    EXPECT_EQ(lse, lse3);
+    std::vector<float> dq3(q.size()), dk3(k.size()), dv3(v.size()), db3(db.size(), 0.0f);
+    ops::FlashAttentionBackward(a, lse3.data(), dout.data(), dq3.data(), dk3.data(), dv3.data(),
+                                db3, &pool);
+    EXPECT_EQ(dq, dq3);
+    EXPECT_EQ(dk, dk3);
+    EXPECT_EQ(dv, dv3);
+    EXPECT_EQ(db, db3);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, OpsFlashAttention,
+    ::testing::Values(FlashCase{"mha_none_3x3_tiles", PositionEncodingKind::kNone, 2, 2, 150, 150},
+                      FlashCase{"gqa_none_exact_tiles", PositionEncodingKind::kNone, 4, 2, 128,
+                                128},
+                      FlashCase{"gqa_alibi", PositionEncodingKind::kAlibi, 4, 2, 130, 130},
+                      FlashCase{"mqa_t5", PositionEncodingKind::kT5, 4, 1, 97, 97},
+                      FlashCase{"gqa_t5_decode", PositionEncodingKind::kT5, 4, 2, 5, 140},
+                      FlashCase{"decode_one_alibi", PositionEncodingKind::kAlibi, 2, 1, 1, 200},
+                      FlashCase{"strided_t5", PositionEncodingKind::kT5, 2, 2, 70, 90, 3},
+                      FlashCase{"strided_alibi", PositionEncodingKind::kAlibi, 2, 1, 80, 80, 2}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
 }  // namespace ropekit

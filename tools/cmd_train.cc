@@ -4,12 +4,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "ropekit/distributed.h"
 #include "ropekit/model.h"
 #include "src/util/file.h"
+#include "src/util/json_limits.h"
 #include "tools/command.h"
 #include "tools/model_cli.h"
 
@@ -20,7 +22,7 @@ struct TrainArgs {
   std::vector<std::string> corpus, val_corpus;
   double val_fraction = 0.1;
   std::string out, init;
-  bool resume = false;
+  bool resume = false, overwrite = false;
   uint64_t seed = 1;
   int threads = 1;
   bool quiet = false;
@@ -79,6 +81,31 @@ ModelConfig BuildConfig(const TrainArgs& a) {
   c = c.Resolved();
   if (auto r = RopeOverride(c, a.rope)) c.position_encoding.rope = *r;
   return c.Resolved();
+}
+
+// Keeps the complete lines of a previous run's --log whose step is at most `step` (the resumed
+// checkpoint's), so that the resumed run continues it without duplicate or missing steps.
+void TrimLog(const std::string& path, int64_t step) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return;
+  const std::string text = ReadFileToString(path);
+  std::string kept;
+  int64_t expect = 1;
+  size_t begin = 0;
+  for (size_t end; (end = text.find('\n', begin)) != std::string::npos; begin = end + 1) {
+    const std::string line = text.substr(begin, end - begin);
+    int64_t s = 0;
+    try {
+      CheckJsonLimits(line, "--log " + path);
+      s = nlohmann::json::parse(line).at("step").get<int64_t>();
+    } catch (const std::exception&) {
+      break;  // a line cut by a crash, or not ours: keep what came before it
+    }
+    if (s != expect || s > step) break;
+    kept += line + "\n";
+    ++expect;
+  }
+  WriteFileAtomic(path, kept);
 }
 
 // Per-rank data-parallel measurements as JSON (rank 0 writes it; every rank takes part).
@@ -144,6 +171,7 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   const bool lead = comm.rank() == 0;  // prints, writes the log and the checkpoints
   if (!lead) a.quiet = true;
   if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
+  if (a.resume && a.overwrite) throw Error("--resume and --overwrite cannot be combined");
   if (!(a.val_fraction >= 0.0 && a.val_fraction < 1.0)) {
     throw Error("--val-fraction " + std::to_string(a.val_fraction) + " must be in [0, 1)");
   }
@@ -154,15 +182,46 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   a.tc.progress = !a.quiet;
   auto pool = MakePool(a.threads);
 
+  // The output directory: writable, ours alone for the run, cleared of what killed runs left.
+  // Rank 0 owns it (an error there stops every rank); the others only read a resumed checkpoint.
+  std::optional<DirectoryLock> lock;
+  if (lead) {
+    CheckDirectoryWritable(a.out, "--out");
+    lock.emplace(a.out, "--out");
+    CleanCheckpointDirectory(a.out);
+  }
+  if (!a.resume && lead) {
+    std::optional<int64_t> existing;
+    try {
+      existing = FindCheckpoint(a.out);
+    } catch (const Error& e) {
+      existing = -1;  // something unreadable is there: still not ours to replace silently
+    }
+    if (existing && !a.overwrite) {
+      throw Error("--out " + a.out + " already holds a checkpoint" +
+                  (*existing > 0 ? " (step " + std::to_string(*existing) + ")" : std::string()) +
+                  "; pass --resume to continue it or --overwrite to replace it");
+    }
+    std::error_code ec;
+    if (!a.log_file.empty() && std::filesystem::exists(a.log_file, ec) &&
+        std::filesystem::file_size(a.log_file, ec) > 0 && !a.overwrite) {
+      throw Error("--log " + a.log_file +
+                  " already exists; pass --overwrite to replace it or --resume to continue the "
+                  "run it logs");
+    }
+    if (existing) RemoveCheckpoint(a.out);
+  }
+
   std::unique_ptr<Model> model;
   OptimizerState state;
   if (a.resume) {
     if (!a.init.empty()) throw Error("--resume and --init cannot be combined");
-    model = std::make_unique<Model>(LoadModel(a.out));
-    state = LoadOptimizerState(a.out, *model);
+    if (!FindCheckpoint(a.out)) throw Error("--resume: " + a.out + " holds no checkpoint");
+    TrainingCheckpoint ck = LoadCheckpoint(a.out);
+    model = std::make_unique<Model>(std::move(ck.model));
+    state = std::move(ck.optimizer);
     // The saved schedule is kept; options given on this command line replace saved values.
-    TrainConfig saved = LoadTrainConfig(a.out);
-    const TrainConfig defaults;
+    const TrainConfig& saved = ck.train_config;
     auto keep = [&](const char* flag, auto& field, const auto& saved_value) {
       if (sub->count(flag) == 0) field = saved_value;
     };
@@ -184,6 +243,7 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
     keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
     keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
     keep("--bf16", a.tc.bf16, saved.bf16);
+    if (!a.log_file.empty() && lead) TrimLog(a.log_file, state.step);
     if (state.step >= a.tc.steps) {
       std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
                    static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
@@ -234,7 +294,7 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   std::vector<TrainLogEntry> log;
   std::ofstream log_out;
   if (!a.log_file.empty() && lead) {
-    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);
+    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);  // checked above
     if (!log_out) throw Error("--log " + a.log_file + ": cannot open the file for writing");
   }
   DataParallelStats stats;
@@ -309,6 +369,9 @@ const CommandRegistration kTrain{
       sub->add_flag("--resume", a->resume,
                     "Continue the run saved in --out (weights, AdamW moments, step, schedule) bit "
                     "for bit; options given explicitly replace the saved ones");
+      sub->add_flag("--overwrite", a->overwrite,
+                    "Replace a checkpoint already in --out and an existing --log (without it, "
+                    "train refuses to touch them)");
       sub->add_option("--seed", a->seed, "Weight initialisation seed")->capture_default_str();
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();

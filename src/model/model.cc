@@ -3,7 +3,8 @@
 //
 // Forward of layer l on the residual stream x [M, d] (Touvron et al. 2023):
 //   xn1 = RMSNorm(x) * w_in;  q = xn1 Wq^T, k = xn1 Wk^T, v = xn1 Wv^T
-//   q, k <- RoPE(q, k) (RoPE kinds); ao = causal softmax(q k^T / sqrt(D) + bias) v
+//   q, k <- RoPE(q, k) (RoPE kinds); ao = causal softmax(q k^T / sqrt(D) + bias) v (fused,
+//   FlashAttention-2 tiles: only the per-row log-sum-exp is kept for the backward)
 //   mid = x + ao Wo^T;  xn2 = RMSNorm(mid) * w_post;  h = silu(xn2 Wg^T) * (xn2 Wu^T)
 //   x' = mid + h Wd^T
 // then xf = RMSNorm(x_L) * w_norm and logits = xf W_head^T (W_head = W_embed when tied).
@@ -17,18 +18,18 @@
 #include <cmath>
 #include <cstring>
 
+#include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/util/half.h"
+#include "src/util/profile.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
 
 uint64_t MixSeed(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (index + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
+  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
 }
 
 int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
@@ -114,12 +115,17 @@ const RopeTable& Model::Impl::Table(int64_t seq_len) {
 
 void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train) {
   Workspace& w = ws;
-  if (w.batch == batch && w.seq_len == seq_len && w.tk == tk && w.train == train) return;
+  const bool unfused = attention == AttentionKernel::kUnfused;
+  if (w.batch == batch && w.seq_len == seq_len && w.tk == tk && w.train == train &&
+      w.unfused == unfused) {
+    return;
+  }
   const ModelConfig& c = config;
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
   const int64_t hq = c.num_heads * D, hk = c.num_kv_heads * D, F = c.intermediate_size;
   const int64_t V = c.vocab_size;
-  const int64_t probs = train ? batch * c.num_heads * seq_len * tk : 0;
+  const int64_t lse = train ? batch * c.num_heads * seq_len : 0;
+  const int64_t probs = train && unfused ? batch * c.num_heads * seq_len * tk : 0;
   const int num_layer_sets = train ? c.num_layers : 1;
   const int num_resid = train ? c.num_layers + 1 : 2;
   std::vector<std::pair<float**, int64_t>> plan;
@@ -131,6 +137,7 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
                              {&L.q, M * hq},
                              {&L.k, M * hk},
                              {&L.v, M * hk},
+                             {&L.lse, lse},
                              {&L.probs, probs},
                              {&L.ao, M * hq},
                              {&L.mid, M * d},
@@ -167,6 +174,7 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
   w.seq_len = seq_len;
   w.tk = tk;
   w.train = train;
+  w.unfused = unfused;
 }
 
 void Model::Impl::RoundOperand(float* x, int64_t n) const {
@@ -209,12 +217,14 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   for (int64_t m = 0; m < M; ++m) positions[m] = past + m % seq_len;
 
   // Embedding lookup and the absolute position hook.
+  OpTimer embed_timer("fwd embedding");
   float* x = w.resid[0];
   const float* E = params.data() + embed;
   for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
   const PositionSpan pos_span(positions);
   if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
 
+  embed_timer.Stop();
   const bool rope = pe->acts_on_query_key();
   const RopeTable* table = rope ? &Table(tk) : nullptr;
   RotateOptions rot;
@@ -230,11 +240,18 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     float* xin = train ? w.resid[l] : w.resid[l % 2];
     float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
     A.resid_in = xin;
-    ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
-    RoundOperand(A.xn1, M * d);
-    ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
-    ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
-    ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
+    {
+      OpTimer timer("fwd rmsnorm");
+      ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
+      RoundOperand(A.xn1, M * d);
+    }
+    {
+      OpTimer timer("fwd matmul qkv");
+      ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
+      ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
+      ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
+    }
+    OpTimer rope_timer("fwd rope");
     const float* keys = A.k;
     const float* values = A.v;
     if (cache) {
@@ -251,18 +268,21 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
                         ContiguousView(w.k_rot, DType::kF32, tk, Hkv, D)};
         ApplyRope(*table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), rot);
         keys = w.k_rot;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      } else if (rope) {
+        // One pass: rotate q in place, rotate k into the cache rows past.., copy v beside it.
+        const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
+        const KvCacheView layer_cache =
+            ContiguousKvCache(ck, cv, DType::kF32, cache->capacity_, Hkv, D);
+        ApplyRopeAndAppend(*table, pos_span, RopeOperand{q_view, q_view},
+                           ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                           ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
+                           std::span<const int64_t>(positions), rot);
       } else {
-        if (rope) {
-          std::vector<RopeOperand> opsv = {{ContiguousView(A.q, DType::kF32, M, H, D),
-                                            ContiguousView(A.q, DType::kF32, M, H, D)},
-                                           {ContiguousView(A.k, DType::kF32, M, Hkv, D),
-                                            ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
-          ApplyRope(*table, pos_span, opsv, rot);
-        }
         std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
-        keys = ck;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
       }
-      std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      if (!rotate_cache) keys = ck;
       values = cv;
     } else if (rope) {
       std::vector<RopeOperand> opsv = {
@@ -271,6 +291,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
            ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
+    rope_timer.Stop();
     ops::AttentionArgs args;
     args.batch = batch;
     args.tq = seq_len;
@@ -294,20 +315,43 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
     args.logit_bias = pe.get();
     args.bias_params = PeParams();
-    args.probs = train ? A.probs : nullptr;
-    ops::AttentionForward(args, pool);
-    RoundOperand(A.ao, M * hq);
-    std::memcpy(A.mid, xin, sizeof(float) * M * d);
-    ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
-    ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
-    RoundOperand(A.xn2, M * d);
-    ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
-    ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
-    ops::SwiGlu(A.g, A.u, A.h, M * F, pool);
-    RoundOperand(A.h, M * F);
-    std::memcpy(xout, A.mid, sizeof(float) * M * d);
-    ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+    {
+      OpTimer timer("fwd attention");
+      if (attention == AttentionKernel::kUnfused) {
+        args.probs = train ? A.probs : nullptr;
+        ops::AttentionForward(args, pool);
+      } else {
+        ops::FlashAttentionForward(args, train ? A.lse : nullptr, pool);
+      }
+      RoundOperand(A.ao, M * hq);
+    }
+    {
+      OpTimer timer("fwd matmul o");
+      std::memcpy(A.mid, xin, sizeof(float) * M * d);
+      ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+    }
+    {
+      OpTimer timer("fwd rmsnorm");
+      ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
+      RoundOperand(A.xn2, M * d);
+    }
+    {
+      OpTimer timer("fwd matmul mlp");
+      ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
+      ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
+    }
+    {
+      OpTimer timer("fwd swiglu");
+      ops::SwiGlu(A.g, A.u, A.h, M * F, pool);
+      RoundOperand(A.h, M * F);
+    }
+    {
+      OpTimer timer("fwd matmul mlp");
+      std::memcpy(xout, A.mid, sizeof(float) * M * d);
+      ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+    }
   }
+  OpTimer timer("fwd rmsnorm");
   float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
   ops::RmsNorm(xl, params.data() + final_norm, w.xf, w.invf, M, d, c.rms_norm_eps, pool);
   RoundOperand(w.xf, M * d);
@@ -315,6 +359,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
 }
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
+  OpTimer timer("fwd matmul head");
   ops::MatMul(ws.xf, MatmulWeights() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
               pool);
 }
@@ -329,11 +374,17 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   const float* P = params.data();
   const float* W = MatmulWeights();
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
-  RoundOperand(w.logits, M * V);
-  ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
-  ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
-  ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
-                       M, d, pool);
+  {
+    OpTimer timer("bwd matmul head");
+    RoundOperand(w.logits, M * V);
+    ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
+    ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
+  }
+  {
+    OpTimer timer("bwd rmsnorm");
+    ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
+                         M, d, pool);
+  }
   // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
   const int64_t num_params = static_cast<int64_t>(params.size());
   auto ready = [&](int64_t begin, int64_t end) {
@@ -352,24 +403,39 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     const Workspace::Layer& A = w.layers[l];
     const LayerOffsets& o = layers[l];
     // x' = mid + h Wd^T: dmid = dx (+ the norm path below).
-    std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
-    RoundOperand(w.dx, M * d);
-    ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
-    ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
-    ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
-    RoundOperand(w.dg, M * F);
-    RoundOperand(w.du, M * F);
-    ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
-    ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
-    ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
-    ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
-    ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d, pool,
-                         /*accumulate=*/true);
+    {
+      OpTimer timer("bwd matmul mlp");
+      std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
+      RoundOperand(w.dx, M * d);
+      ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
+      ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
+    }
+    {
+      OpTimer timer("bwd swiglu");
+      ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
+      RoundOperand(w.dg, M * F);
+      RoundOperand(w.du, M * F);
+    }
+    {
+      OpTimer timer("bwd matmul mlp");
+      ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
+      ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
+      ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
+      ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+    }
+    {
+      OpTimer timer("bwd rmsnorm");
+      ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d,
+                           pool, /*accumulate=*/true);
+    }
     // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
-    std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
-    RoundOperand(w.dmid, M * d);
-    ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
-    ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
+    {
+      OpTimer timer("bwd matmul o");
+      std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
+      RoundOperand(w.dmid, M * d);
+      ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
+      ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
+    }
     ops::AttentionArgs args;
     args.batch = batch;
     args.tq = args.tk = seq_len;
@@ -391,29 +457,46 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
     args.logit_bias = pe.get();
     args.bias_params = PeParams();
-    args.probs = A.probs;
-    ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv,
-                           pe->acts_on_logits() ? grad_pe : std::span<float>(), pool);
+    // With kBf16 A.ao holds the rounded output; the backward's delta = rowsum(dO o O) then
+    // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
+    {
+      OpTimer timer("bwd attention");
+      const std::span<float> grad_bias = pe->acts_on_logits() ? grad_pe : std::span<float>();
+      if (attention == AttentionKernel::kUnfused) {
+        args.probs = A.probs;
+        ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+      } else {
+        ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+      }
+    }
     if (rope) {
+      OpTimer timer("bwd rope");
       std::vector<RopeOperand> opsv = {
           {ContiguousView(w.dq, DType::kF32, M, H, D), ContiguousView(w.dq, DType::kF32, M, H, D)},
           {ContiguousView(w.dk, DType::kF32, M, Hkv, D),
            ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
-    RoundOperand(w.dq, M * hq);
-    RoundOperand(w.dk, M * hk);
-    RoundOperand(w.dv, M * hk);
-    ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
-    ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
-    ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
-    ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
-    ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
-    ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
-    ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M, d,
-                         pool, /*accumulate=*/true);
+    {
+      OpTimer timer("bwd matmul qkv");
+      RoundOperand(w.dq, M * hq);
+      RoundOperand(w.dk, M * hk);
+      RoundOperand(w.dv, M * hk);
+      ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
+      ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
+      ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
+      ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
+      ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
+      ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
+    }
+    {
+      OpTimer timer("bwd rmsnorm");
+      ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M,
+                           d, pool, /*accumulate=*/true);
+    }
     ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
+  OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
   if (pe->acts_on_embeddings()) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
   float* dE = G + embed;
@@ -477,6 +560,8 @@ void Model::SetRopeParams(const RopeParams& params) {
 
 void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
+void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
+AttentionKernel Model::attention_kernel() const { return impl_->attention; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                               std::span<float> grads, float grad_scale, ThreadPool* pool,
@@ -504,10 +589,12 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
   I.RunForward(I.inputs.data(), batch, seq_len, backward, nullptr, pool);
   I.Logits(M, pool);
   I.losses.resize(M);
+  OpTimer loss_timer("cross-entropy");
   ops::CrossEntropy(I.ws.logits, I.targets.data(), I.losses.data(),
                     backward ? I.ws.logits : nullptr, grad_scale, M, I.config.vocab_size, pool);
   double sum = 0.0;
   for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
+  loss_timer.Stop();
   if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool, on_grad_ready);
   return sum / static_cast<double>(M);
 }
@@ -545,6 +632,43 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
     I.Logits(n, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * n * V);
   }
+}
+
+void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool) {
+  Impl& I = *impl_;
+  const ModelConfig& c = I.config;
+  if (cache.row_ != int64_t{c.num_kv_heads} * c.head_dim ||
+      static_cast<int64_t>(cache.k_.size()) != c.num_layers * cache.capacity_ * cache.row_) {
+    throw Error("ContextShift: the KV cache was made for a different model config");
+  }
+  if (n_keep < 0 || n_discard < 1 || n_keep + n_discard > cache.size_) {
+    throw Error("ContextShift: need 0 <= n_keep (" + std::to_string(n_keep) + ") and 1 <= n_discard (" +
+                std::to_string(n_discard) + ") with n_keep + n_discard <= cached tokens (" +
+                std::to_string(cache.size_) + ")");
+  }
+  if (I.pe->acts_on_embeddings()) {
+    throw Error("ContextShift: the model's position encoding is added to the token embeddings, "
+                "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
+  }
+  const int64_t row = cache.row_;
+  const int64_t moved = cache.size_ - n_keep - n_discard;
+  // Rotated keys move to a position n_discard lower: R(p - n) = R(-n) R(p).
+  const bool rotated = I.pe->acts_on_query_key() && !I.RopeIsLengthDependent();
+  const RopeTable* table = rotated ? &I.Table(cache.size_) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.pool = pool;
+  for (int l = 0; l < c.num_layers; ++l) {
+    float* ck = cache.k_.data() + l * cache.capacity_ * row;
+    float* cv = cache.v_.data() + l * cache.capacity_ * row;
+    std::memmove(ck + n_keep * row, ck + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    std::memmove(cv + n_keep * row, cv + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    if (table != nullptr && moved > 0) {
+      ShiftKeys(*table, ContiguousView(ck + n_keep * row, DType::kF32, moved, c.num_kv_heads, c.head_dim),
+                -n_discard, rot);
+    }
+  }
+  cache.size_ -= n_discard;
 }
 
 KVCache::KVCache(const ModelConfig& config, int64_t capacity) {

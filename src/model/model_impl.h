@@ -25,10 +25,13 @@ struct LayerOffsets {
 // Activations of one forward pass kept for the backward (one allocation; offsets in floats).
 struct Workspace {
   int64_t batch = -1, seq_len = -1, tk = -1;
-  bool train = false;
+  bool train = false, unfused = false;
   std::vector<float> buffer;
   struct Layer {
-    float *resid_in, *xn1, *inv1, *q, *k, *v, *probs, *ao, *mid, *xn2, *inv2, *g, *u, *h;
+    // lse: [B, H, T] attention log-sum-exp per query row (train only; the fused attention's
+    // backward recomputes the probabilities from it).
+    // probs: [B, H, T, T] (train with AttentionKernel::kUnfused only).
+    float *resid_in, *xn1, *inv1, *q, *k, *v, *lse, *probs, *ao, *mid, *xn2, *inv2, *g, *u, *h;
   };
   std::vector<Layer> layers;  // train: L entries; inference: 1 entry reused by every layer
   std::vector<float*> resid;  // train: L + 1 residual streams; inference: 2 (ping-pong)
@@ -53,6 +56,7 @@ struct Model::Impl {
   std::vector<float> losses;         // [M]
   std::vector<int32_t> inputs, targets;
   MatmulPrecision precision = MatmulPrecision::kF32;
+  AttentionKernel attention = AttentionKernel::kFused;
   std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 only)
   std::unique_ptr<RopeTable> rope_table;
   int64_t rope_table_key = -1;

@@ -10,6 +10,8 @@
 
 #include "ropekit/model.h"
 #include "src/dist/zero.h"
+#include "src/util/json_limits.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
@@ -19,10 +21,7 @@ using Json = nlohmann::ordered_json;
 uint64_t Hash(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
   uint64_t z = a;
   for (uint64_t v : {b, c, d}) {
-    z += 0x9E3779B97F4A7C15ull + v * 0xD1B54A32D192ED03ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
+    z = SplitMixFinalize(z + kSplitMixGamma + v * 0xD1B54A32D192ED03ull);
   }
   return z;
 }
@@ -121,6 +120,7 @@ std::string TrainConfigToJson(const TrainConfig& c) {
 }
 
 TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) {
+  CheckJsonLimits(text, name);
   Json j;
   try {
     j = Json::parse(text);
@@ -393,20 +393,34 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
       std::fprintf(stderr, "  lr %.3g  |g| %.3f  %.0f tok/s  elapsed %s  eta %s\n", lr, norm, tok_s,
                    FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
     }
-    if (!config.checkpoint_dir.empty() &&
-        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last)) {
-      // One checkpoint, written by rank 0 after the moments' shards are gathered to it.
+    const bool save =
+        !config.checkpoint_dir.empty() &&
+        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last);
+    // One checkpoint, written by rank 0 (after the moments' shards are gathered to it when the
+    // optimizer state is sharded). Every rank takes part: the gather is collective.
+    auto save_checkpoint = [&] {
       if (N == 1) {
         SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
-      } else {
-        OptimizerState full{t, std::vector<float>(rank == 0 ? P : 0),
-                            std::vector<float>(rank == 0 ? P : 0)};
-        comm.Gather(m, full.m, layout.offsets());
-        comm.Gather(v, full.v, layout.offsets());
-        if (rank == 0) SaveCheckpoint(config.checkpoint_dir, model, &full, &config);
+        return;
+      }
+      OptimizerState full{t, std::vector<float>(rank == 0 ? P : 0),
+                          std::vector<float>(rank == 0 ? P : 0)};
+      comm.Gather(m, full.m, layout.offsets());
+      comm.Gather(v, full.v, layout.offsets());
+      if (rank == 0) SaveCheckpoint(config.checkpoint_dir, model, &full, &config);
+    };
+    // on_step (which may log the step) runs before the save, so that a log never lacks a step
+    // that a checkpoint holds; a resumed run drops the logged steps after its checkpoint. A
+    // callback that throws (an interruption) still gets the checkpoint due at this step.
+    if (on_step) {
+      try {
+        on_step(entry);
+      } catch (...) {
+        if (save) save_checkpoint();
+        throw;
       }
     }
-    if (on_step) on_step(entry);
+    if (save) save_checkpoint();
   }
   // The full moments on every rank, as one process would hold them.
   if (N > 1) {

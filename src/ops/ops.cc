@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "ropekit/error.h"
+#include "src/kernels/attention_kernels.h"
+#include "src/kernels/swiglu_kernels.h"
 
 namespace ropekit::ops {
 namespace {
@@ -173,27 +175,14 @@ void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const
 }
 
 void SwiGlu(const float* g, const float* u, float* h, int64_t n, ThreadPool* pool) {
-  ForElements(pool, n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const double s = 1.0 / (1.0 + std::exp(-double{g[i]}));
-      h[i] = static_cast<float>(g[i] * s * u[i]);
-    }
-  });
+  ForElements(pool, n,
+              [&](int64_t i0, int64_t i1) { SwiGluSimd(g + i0, u + i0, h + i0, i1 - i0); });
 }
 
 void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, float* du,
                     int64_t n, ThreadPool* pool) {
   ForElements(pool, n, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const double gi = g[i];
-      const double s = 1.0 / (1.0 + std::exp(-gi));
-      const double silu = gi * s;
-      const double dsilu = s * (1.0 + gi * (1.0 - s));
-      const double dhi = dh[i];
-      const double ui = u[i];
-      dg[i] = static_cast<float>(dhi * ui * dsilu);
-      du[i] = static_cast<float>(dhi * silu);
-    }
+    SwiGluBackwardSimd(g + i0, u + i0, dh + i0, dg + i0, du + i0, i1 - i0);
   });
 }
 
@@ -425,6 +414,283 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(Tk), int(D), int(Tq), a.scale,
                         ds.data(), int(Tk), q, int(a.q_row_stride), beta, dkg,
                         int(a.kv_row_stride));
+          }
+        }
+      });
+  if (bias_grad) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[b * num_bias + i];
+    }
+  }
+}
+
+// ---- Fused causal attention (FlashAttention-2, Dao 2023, arXiv:2307.08691) ------------------
+//
+// Forward (alg. 1) per (b, h, query tile i): for each visible key tile j,
+//   S = scale Q_i K_j^T + bias, m' = max(m, rowmax S), P = exp(S - m'), l = e^(m - m') l + rowsum
+//   P, O_acc = e^(m - m') O_acc + P V_j;  finally O_i = O_acc / l, lse_i = m + log l.
+// Backward (alg. 2) per (b, kv head g), over its query heads, key tiles j and query tiles i:
+//   P = exp(S - lse), dV_j += P^T dO_i, dP = dO_i V_j^T, dS = P o (dP - delta_i),
+//   dQ_i += scale dS K_j, dK_j += scale dS^T Q_i,  with delta_i = rowsum(dO_i o O_i).
+// One task owns every output it writes (O rows of one head; dQ of its heads, dK / dV of its kv
+// head), and every sum runs in a fixed tile order, so threads never change a result.
+namespace {
+
+constexpr int64_t kBr = kFlashQueryTile, kBc = kFlashKeyTile;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Read-only facts of one fused call.
+struct FlashPlan {
+  const AttentionArgs& a;
+  int64_t group, D, num_key_tiles;
+  bool bias, contiguous;
+  std::vector<int64_t> tile_min;  // smallest key position of each key tile
+  std::vector<int64_t> tile_max;  // largest
+
+  explicit FlashPlan(const AttentionArgs& args)
+      : a(args),
+        group(args.heads / args.kv_heads),
+        D(args.head_dim),
+        num_key_tiles(CeilDiv(args.tk, kBc)),
+        bias(HasBias(args)),
+        contiguous(ContiguousKeys(args)) {
+    for (int64_t jt = 0; jt < num_key_tiles; ++jt) {
+      const auto keys = args.k_positions.subspan(jt * kBc, std::min(kBc, args.tk - jt * kBc));
+      tile_min.push_back(*std::min_element(keys.begin(), keys.end()));
+      tile_max.push_back(*std::max_element(keys.begin(), keys.end()));
+    }
+  }
+  // Largest query position of rows [i0, i0 + rows).
+  int64_t MaxQuery(int64_t i0, int64_t rows) const {
+    const auto qs = a.q_positions.subspan(i0, rows);
+    return *std::max_element(qs.begin(), qs.end());
+  }
+  int64_t KeyCols(int64_t jt) const { return std::min(kBc, a.tk - jt * kBc); }
+  // Keys of tile jt visible to a query at qp when the keys are contiguous (a prefix of the tile).
+  int64_t VisiblePrefix(int64_t qp, int64_t jt) const {
+    return std::clamp<int64_t>(qp - (a.k_positions[0] + jt * kBc) + 1, 0, KeyCols(jt));
+  }
+};
+
+// s[r * kBc + c] = scale * q_(i0+r) . k_(j0+c) + bias for visible keys, -inf for the others.
+void ScoreTile(const FlashPlan& P, const float* q, const float* k, int64_t h, int64_t i0,
+               int64_t rows, int64_t jt, float* s) {
+  const AttentionArgs& a = P.a;
+  const int64_t j0 = jt * kBc, cols = P.KeyCols(jt);
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(cols), int(P.D), a.scale,
+              q + i0 * a.q_row_stride, int(a.q_row_stride), k + j0 * a.kv_row_stride,
+              int(a.kv_row_stride), 0.0f, s, int(kBc));
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * kBc;
+    const int64_t qp = a.q_positions[i0 + r];
+    if (P.contiguous) {
+      const int64_t visible = P.VisiblePrefix(qp, jt);
+      if (P.bias && visible > 0) {
+        a.logit_bias->AddLogitBias(qp, a.k_positions[0] + j0, visible, int(h), a.bias_params, row);
+      }
+      std::fill(row + visible, row + cols, kNegInf);
+    } else {
+      if (P.bias) {
+        a.logit_bias->AddLogitBias(qp, PositionSpan(a.k_positions.subspan(j0, cols)), int(h),
+                                   a.bias_params, row);
+      }
+      if (P.tile_max[jt] > qp) {
+        for (int64_t c = 0; c < cols; ++c) {
+          if (a.k_positions[j0 + c] > qp) row[c] = kNegInf;
+        }
+      }
+    }
+  }
+}
+
+// grad_params += the logit-bias gradient of one tile's dS (masked entries of dS are 0).
+void BiasGradTile(const FlashPlan& P, int64_t h, int64_t i0, int64_t rows, int64_t jt,
+                  const float* ds, std::span<float> grad) {
+  const AttentionArgs& a = P.a;
+  const int64_t j0 = jt * kBc, cols = P.KeyCols(jt);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t qp = a.q_positions[i0 + r];
+    if (P.contiguous) {
+      const int64_t visible = P.VisiblePrefix(qp, jt);
+      if (visible > 0) {
+        a.logit_bias->AddLogitBiasBackward(qp, a.k_positions[0] + j0, visible, int(h), ds + r * kBc,
+                                           grad);
+      }
+    } else {
+      a.logit_bias->AddLogitBiasBackward(qp, PositionSpan(a.k_positions.subspan(j0, cols)), int(h),
+                                         ds + r * kBc, grad);
+    }
+  }
+}
+
+// Scratch of one worker: a score tile, a gradient tile and the query tile's running state.
+struct FlashScratch {
+  std::vector<float> s, dp, acc, m, l, delta;
+  FlashScratch(int64_t D, int64_t tq)
+      : s(kBr * kBc), dp(kBr * kBc), acc(kBr * D), m(kBr), l(kBr), delta(tq) {}
+};
+
+// Forward of query rows [i0, i0 + rows) of head h in batch b.
+void FlashForwardTile(const FlashPlan& P, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                      float* lse, FlashScratch& w) {
+  const AttentionArgs& a = P.a;
+  const int64_t D = P.D, g = h / P.group;
+  const float* q = a.q + b * a.q_batch_stride + h * D;
+  const float* k = a.k + b * a.kv_batch_stride + g * D;
+  const float* v = a.v + b * a.kv_batch_stride + g * D;
+  float* o = a.out + b * a.out_batch_stride + h * D;
+  std::fill(w.acc.begin(), w.acc.begin() + rows * D, 0.0f);
+  std::fill(w.m.begin(), w.m.end(), kNegInf);
+  std::fill(w.l.begin(), w.l.end(), 0.0f);
+  const int64_t max_q = P.MaxQuery(i0, rows);
+  for (int64_t jt = 0; jt < P.num_key_tiles; ++jt) {
+    if (P.tile_min[jt] > max_q) continue;  // above the causal diagonal
+    const int64_t cols = P.KeyCols(jt);
+    ScoreTile(P, q, k, h, i0, rows, jt, w.s.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = w.s.data() + r * kBc;
+      float tile_max = kNegInf;
+      for (int64_t c = 0; c < cols; ++c) tile_max = std::max(tile_max, row[c]);
+      if (tile_max == kNegInf) {  // no visible key in this tile
+        std::fill(row, row + cols, 0.0f);
+        continue;
+      }
+      const float m_new = std::max(w.m[r], tile_max);
+      const float alpha = std::exp(w.m[r] - m_new);  // 0 on the first visible tile
+      w.l[r] = alpha * w.l[r] + ExpShiftSumSimd(row, cols, m_new);
+      w.m[r] = m_new;
+      if (alpha != 1.0f) {
+        float* acc = w.acc.data() + r * D;
+        for (int64_t c = 0; c < D; ++c) acc[c] *= alpha;
+      }
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(D), int(cols), 1.0f,
+                w.s.data(), int(kBc), v + jt * kBc * a.kv_row_stride, int(a.kv_row_stride), 1.0f,
+                w.acc.data(), int(D));
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* out = o + (i0 + r) * a.out_row_stride;
+    const float* acc = w.acc.data() + r * D;
+    const bool any = w.l[r] > 0.0f;
+    const float inv = any ? 1.0f / w.l[r] : 0.0f;
+    for (int64_t c = 0; c < D; ++c) out[c] = acc[c] * inv;
+    if (lse) lse[i0 + r] = any ? w.m[r] + std::log(w.l[r]) : kNegInf;
+  }
+}
+
+}  // namespace
+
+void FlashAttentionForward(const AttentionArgs& a, float* lse, ThreadPool* pool) {
+  CheckAttention(a);
+  SetBlasSingleThreaded();
+  const int64_t Tq = a.tq, D = a.head_dim;
+  if (Tq == 0) return;
+  if (a.tk == 0) {
+    for (int64_t b = 0; b < a.batch; ++b) {
+      for (int64_t i = 0; i < Tq; ++i) {
+        float* row = a.out + b * a.out_batch_stride + i * a.out_row_stride;
+        std::fill(row, row + a.heads * D, 0.0f);
+      }
+    }
+    if (lse) std::fill(lse, lse + a.batch * a.heads * Tq, kNegInf);
+    return;
+  }
+  const FlashPlan plan(a);
+  const int64_t q_tiles = CeilDiv(Tq, kBr);
+  pool = PoolFor(pool, a.batch * a.heads * Tq * a.tk * D);
+  ParallelFor(pool, static_cast<size_t>(a.batch * a.heads * q_tiles),
+              [&](size_t begin, size_t end, size_t) {
+                FlashScratch w(D, 0);
+                for (size_t task = begin; task < end; ++task) {
+                  const int64_t bh = static_cast<int64_t>(task) / q_tiles;
+                  const int64_t i0 = static_cast<int64_t>(task) % q_tiles * kBr;
+                  FlashForwardTile(plan, bh / a.heads, bh % a.heads, i0, std::min(kBr, Tq - i0),
+                                   lse ? lse + bh * Tq : nullptr, w);
+                }
+              });
+}
+
+void FlashAttentionBackward(const AttentionArgs& a, const float* lse, const float* dout, float* dq,
+                            float* dk, float* dv, std::span<float> grad_bias_params,
+                            ThreadPool* pool) {
+  CheckAttention(a);
+  SetBlasSingleThreaded();
+  const int64_t D = a.head_dim, Tq = a.tq, Tk = a.tk;
+  const FlashPlan plan(a);
+  const bool bias_grad = plan.bias && !grad_bias_params.empty();
+  const size_t num_bias = grad_bias_params.size();
+  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch) * num_bias : 0, 0.0f);
+  const int64_t q_tiles = CeilDiv(Tq, kBr);
+  pool = PoolFor(pool, a.batch * a.heads * Tq * Tk * D);
+  ParallelFor(
+      pool, static_cast<size_t>(a.batch * a.kv_heads), [&](size_t begin, size_t end, size_t) {
+        FlashScratch w(D, Tq);
+        for (size_t task = begin; task < end; ++task) {
+          const int64_t b = static_cast<int64_t>(task) / a.kv_heads;
+          const int64_t g = static_cast<int64_t>(task) % a.kv_heads;
+          const float* k = a.k + b * a.kv_batch_stride + g * D;
+          const float* v = a.v + b * a.kv_batch_stride + g * D;
+          float* dkg = dk + b * a.kv_batch_stride + g * D;
+          float* dvg = dv + b * a.kv_batch_stride + g * D;
+          for (int64_t j = 0; j < Tk; ++j) {
+            std::fill(dkg + j * a.kv_row_stride, dkg + j * a.kv_row_stride + D, 0.0f);
+            std::fill(dvg + j * a.kv_row_stride, dvg + j * a.kv_row_stride + D, 0.0f);
+          }
+          for (int64_t hh = 0; hh < plan.group; ++hh) {
+            const int64_t h = g * plan.group + hh;
+            const float* q = a.q + b * a.q_batch_stride + h * D;
+            const float* o = a.out + b * a.out_batch_stride + h * D;
+            const float* dO = dout + b * a.out_batch_stride + h * D;
+            const float* lse_h = lse + (b * a.heads + h) * Tq;
+            float* dqh = dq + b * a.q_batch_stride + h * D;
+            for (int64_t i = 0; i < Tq; ++i) {
+              const float* orow = o + i * a.out_row_stride;
+              const float* drow = dO + i * a.out_row_stride;
+              double dot = 0.0;  // delta_i = dO_i . O_i = sum_j P_ij dP_ij
+              for (int64_t c = 0; c < D; ++c) dot += double{orow[c]} * drow[c];
+              w.delta[i] = static_cast<float>(dot);
+              std::fill(dqh + i * a.q_row_stride, dqh + i * a.q_row_stride + D, 0.0f);
+            }
+            for (int64_t jt = 0; jt < plan.num_key_tiles; ++jt) {
+              const int64_t j0 = jt * kBc, cols = plan.KeyCols(jt);
+              for (int64_t it = 0; it < q_tiles; ++it) {
+                const int64_t i0 = it * kBr, rows = std::min(kBr, Tq - i0);
+                if (plan.tile_min[jt] > plan.MaxQuery(i0, rows)) continue;  // above the diagonal
+                float* s = w.s.data();
+                float* ds = w.dp.data();
+                ScoreTile(plan, q, k, h, i0, rows, jt, s);
+                for (int64_t r = 0; r < rows; ++r) {
+                  const float row_lse = lse_h[i0 + r];
+                  if (row_lse == kNegInf) {
+                    std::fill(s + r * kBc, s + r * kBc + cols, 0.0f);
+                  } else {
+                    ExpShiftSumSimd(s + r * kBc, cols, row_lse);
+                  }
+                }
+                // dV_j += P^T dO_i
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(cols), int(D), int(rows),
+                            1.0f, s, int(kBc), dO + i0 * a.out_row_stride, int(a.out_row_stride),
+                            1.0f, dvg + j0 * a.kv_row_stride, int(a.kv_row_stride));
+                // dP = dO_i V_j^T, then dS = P o (dP - delta) in place.
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(rows), int(cols), int(D),
+                            1.0f, dO + i0 * a.out_row_stride, int(a.out_row_stride),
+                            v + j0 * a.kv_row_stride, int(a.kv_row_stride), 0.0f, ds, int(kBc));
+                for (int64_t r = 0; r < rows; ++r) {
+                  SoftmaxGradRowSimd(s + r * kBc, ds + r * kBc, cols, w.delta[i0 + r]);
+                }
+                if (bias_grad) {
+                  BiasGradTile(plan, h, i0, rows, jt, ds,
+                               std::span<float>(partial.data() + b * num_bias, num_bias));
+                }
+                // dQ_i += scale dS K_j;  dK_j += scale dS^T Q_i
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(D), int(cols),
+                            a.scale, ds, int(kBc), k + j0 * a.kv_row_stride, int(a.kv_row_stride),
+                            1.0f, dqh + i0 * a.q_row_stride, int(a.q_row_stride));
+                cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, int(cols), int(D), int(rows),
+                            a.scale, ds, int(kBc), q + i0 * a.q_row_stride, int(a.q_row_stride),
+                            1.0f, dkg + j0 * a.kv_row_stride, int(a.kv_row_stride));
+              }
+            }
           }
         }
       });

@@ -47,7 +47,8 @@ void RmsNormBackward(const float* x, const float* w, const float* inv_rms, const
                      float* dx, float* dw, int64_t m, int64_t d, ThreadPool* pool,
                      bool accumulate = false);
 
-// SwiGLU (Shazeer 2020): h = silu(g) * u, silu(g) = g / (1 + exp(-g)); over n elements.
+// SwiGLU (Shazeer 2020): h = silu(g) * u, silu(g) = g / (1 + exp(-g)); over n elements, in
+// float32 SIMD (src/kernels/swiglu_kernels.cc: overflow- and cancellation-free sigmoid).
 void SwiGlu(const float* g, const float* u, float* h, int64_t n, ThreadPool* pool);
 // dg = dh * u * silu'(g), du = dh * silu(g), silu'(g) = s (1 + g (1 - s)), s = sigmoid(g).
 void SwiGluBackward(const float* g, const float* u, const float* dh, float* dg, float* du,
@@ -95,6 +96,24 @@ void AttentionForward(const AttentionArgs& args, ThreadPool* pool);
 // args.probs must hold the forward's probabilities.
 void AttentionBackward(const AttentionArgs& args, const float* dout, float* dq, float* dk,
                        float* dv, std::span<float> grad_bias_params, ThreadPool* pool);
+
+// Fused causal attention in the FlashAttention-2 manner (Dao 2023, arXiv:2307.08691, alg. 1
+// and 2): the same contract as AttentionForward / AttentionBackward, computed in tiles of
+// kFlashQueryTile queries x kFlashKeyTile keys with an online softmax. Tiles whose keys are all
+// invisible to all their queries (above the causal diagonal) are skipped; the logit-bias hooks
+// run inside each tile on the keys it holds. No [Tq, Tk] matrix exists at any time: the forward
+// keeps only lse[B, H, Tq] = log sum_j exp(logit_ij) per query row (-inf for a row that sees no
+// key), and the backward recomputes each tile's probabilities from it. Memory is O(Tq + Tk)
+// per task. args.probs is ignored. Results are bitwise identical for any ThreadPool size; they
+// differ from AttentionForward's in rounding only (float32 online sums, float32 exp).
+inline constexpr int64_t kFlashQueryTile = 64;
+inline constexpr int64_t kFlashKeyTile = 64;
+// lse may be null when no backward follows.
+void FlashAttentionForward(const AttentionArgs& args, float* lse, ThreadPool* pool);
+// dout laid out like out; args.out must hold the forward's output and lse its log-sum-exp.
+void FlashAttentionBackward(const AttentionArgs& args, const float* lse, const float* dout,
+                            float* dq, float* dk, float* dv, std::span<float> grad_bias_params,
+                            ThreadPool* pool);
 
 }  // namespace ropekit::ops
 

@@ -1,0 +1,22 @@
+// Plain declarations of the row kernels of the fused causal attention (src/ops/attention.cc);
+// the per-target code and the dispatch table are in attention_kernels.cc.
+//
+// Dimension legend: n = keys in one row of a score tile.
+#ifndef ROPEKIT_SRC_KERNELS_ATTENTION_KERNELS_H_
+#define ROPEKIT_SRC_KERNELS_ATTENTION_KERNELS_H_
+
+#include <cstdint>
+
+namespace ropekit {
+
+// x[i] = exp(x[i] - shift) for i < n (float32, Highway's Exp: at most 1 ulp of error);
+// returns the float32 sum of the new x. x[i] = -inf (a masked logit) gives 0. Requires
+// x[i] - shift <= 104 (shift is the row maximum or the log-sum-exp, so x[i] - shift <= 0).
+float ExpShiftSumSimd(float* x, int64_t n, float shift);
+
+// dp[i] = p[i] * (dp[i] - delta): the softmax gradient dS = P o (dP - rowsum(dO o O)).
+void SoftmaxGradRowSimd(const float* p, float* dp, int64_t n, float delta);
+
+}  // namespace ropekit
+
+#endif  // ROPEKIT_SRC_KERNELS_ATTENTION_KERNELS_H_
