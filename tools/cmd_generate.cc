@@ -76,7 +76,8 @@ const CommandRegistration kGenerate{
           ->capture_default_str();
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
       AddRopeOverrideOptions(sub, a->rope);
-      sub->add_flag("--bf16", a->bf16, "bfloat16 matmul operands (float32 accumulation)");
+      sub->add_flag("--bf16", a->bf16,
+                    "bfloat16 matmul operands (float32 accumulation; numerics only, no speed-up)");
       return [a] { return RunGenerate(*a); };
     }};
 
