@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Sets up the dependencies, then builds and runs every test three times:
-#   release  - optimised build, SIMD with runtime dispatch, C++ and Python tests
+#   release  - optimised build, SIMD with runtime dispatch, C++ and Python tests, packaging
+#              (an out-of-tree find_package(ropekit) consumer, pip install into a venv)
 #   asan     - AddressSanitizer + UndefinedBehaviorSanitizer, C++ tests and the command line
 #   scalar   - Highway compiled for its portable SCALAR target only, C++ and Python tests
+#              (not the npm client or MPI tests, which do not depend on the SIMD target)
 # Exits non-zero on the first failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +22,8 @@ build_and_test() {
 }
 
 build_and_test release "" -DCMAKE_BUILD_TYPE=Release
-build_and_test asan python -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE=ON \
+build_and_test asan "python|package" -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE=ON \
   -DROPEKIT_BUILD_PYTHON=OFF -DROPEKIT_BUILD_BENCH=OFF
-build_and_test scalar "" -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
+build_and_test scalar "package|npm|mpi" -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
   -DROPEKIT_BUILD_BENCH=OFF
 echo "=== ropekit: all test configurations passed"

@@ -1,8 +1,8 @@
 // Tests of ComputeFrequencies and RopeParams::Validate.
 //
 // Dimension legend: D = head_dim, R = rotary_dim, N = R / 2 pairs.
-// Expected values come from published tables (ROPE_SPEC reference values; the YaRN, Llama-3.1
-// and LongRoPE worked examples) or from closed forms evaluated independently in the test; none is
+// Expected values come from published tables (RoFormer wavelengths, the NTK-aware base formula;
+// the YaRN (arXiv:2309.00071), Llama 3.1 and LongRoPE (arXiv:2402.13753) worked examples) or from closed forms evaluated independently in the test; none is
 // produced by the code under test. Tolerances are derived from the number of roundings involved.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -125,7 +125,8 @@ TEST(Frequencies, DefaultHfIsFloat32AndCloseToExact) {
 }
 
 TEST(Frequencies, ReferenceWavelengthsHeadDim32) {
-  // reference_values.txt section 4: lambda_i = 2 pi base^(2i/d), d = 32, base 1e4 (1 decimal).
+  // RoFormer wavelengths (Su et al. 2021, arXiv:2104.09864): lambda_i = 2 pi base^(2i/d), d = 32,
+  // base 1e4, printed to 1 decimal.
   const std::vector<double> lambda = {6.3,    11.2,    19.9,    35.3,   62.8,   111.7,
                                       198.7,  353.3,   628.3,   1117.3, 1986.9, 3533.3,
                                       6283.2, 11173.3, 19869.2, 35332.9};
@@ -164,7 +165,7 @@ TEST(Frequencies, LinearDividesByFactor) {
 }
 
 TEST(Frequencies, NtkBaseMatchesPublishedValues) {
-  // reference_values.txt section 5, d = 32: b' = b * s^(d/(d-2)).
+  // NTK-aware base (bloc97 2023; YaRN paper arXiv:2309.00071 eq. 16), d = 32: b' = b * s^(d/(d-2)).
   const std::vector<std::pair<double, double>> cases = {{2, 20945.9}, {4, 43873.0}, {8, 91895.9}};
   for (const auto& [alpha, expected_base] : cases) {
     RopeParams p = Params(RopeType::kNtk, 1e4, 32);
@@ -202,7 +203,8 @@ TEST(Frequencies, DynamicEqualsDefaultUpToMaxPosition) {
 }
 
 TEST(Frequencies, DynamicBaseMatchesPublishedValues) {
-  // reference_values.txt section 5: L = 128, factor 1, d = 32.
+  // transformers' _compute_dynamic_ntk_parameters: b' = b ((s L / MPE) - (s - 1))^(d/(d-2)), L = 128,
+  // factor 1, d = 32.
   const std::vector<std::pair<int64_t, double>> cases = {
       {128, 10000.0}, {256, 20945.9}, {512, 43873.0}, {1024, 91895.9}};
   RopeParams p = Params(RopeType::kDynamic, 1e4, 32, 128);
@@ -216,8 +218,8 @@ TEST(Frequencies, DynamicBaseMatchesPublishedValues) {
 }
 
 TEST(Frequencies, DynamicHfBaseChainIsFloat32) {
-  // The runtime base is a float32 chain with one double pow (ROPE_SPEC 4.3); recompute it here from
-  // the spec's step list with factor 2.1 (not exact in binary) and a non-power-of-two length.
+  // The runtime base is a float32 chain with one double pow (transformers'
+  // _compute_dynamic_ntk_parameters); recompute it here from its step list with factor 2.1 (not exact in binary) and a non-power-of-two length.
   RopeParams p = Params(RopeType::kDynamic, 1e4, 128, 4096);
   p.factor = 2.1;
   const int64_t s = 32771;
@@ -238,7 +240,8 @@ TEST(Frequencies, DynamicHfBaseChainIsFloat32) {
 // ---- yarn -------------------------------------------------------------------------------------
 
 TEST(Frequencies, YarnRatiosMatchOfficialImplementation) {
-  // reference_values.txt section 6: d = 32, base 1e4, L0 = 128, beta 32/1 -> low 0, high 6.
+  // YaRN (arXiv:2309.00071) find_correction_range / transformers' _compute_yarn_parameters:
+  // d = 32, base 1e4, L0 = 128, beta 32/1 -> low 0, high 6.
   const std::vector<std::vector<double>> ratios = {
       {1.0, 0.9167, 0.8333, 0.75, 0.6667, 0.5833, 0.5},
       {1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25},
@@ -362,7 +365,7 @@ TEST(Frequencies, YarnAttentionFactorRules) {
 // ---- longrope ---------------------------------------------------------------------------------
 
 TEST(Frequencies, LongRopeAttentionFactorPublished) {
-  // reference_values.txt section 8 and the Phi-3-mini-128k value.
+  // LongRoPE (arXiv:2402.13753) A = sqrt(1 + ln s / ln L0), and the Phi-3-mini-128k config's value.
   struct Case {
     double s;
     int64_t l0;
@@ -418,7 +421,7 @@ RopeParams Llama3(double base, int r, double factor, int64_t l0) {
 }
 
 TEST(Frequencies, Llama3RatiosPublished) {
-  // reference_values.txt section 7.
+  // Llama 3.1's band rule (transformers' _compute_llama3_parameters), evaluated to 4 decimals.
   const std::vector<double> small = {1.0,  1.0,  1.0,  0.9057, 0.5093, 0.2864, 0.25, 0.25,
                                      0.25, 0.25, 0.25, 0.25,   0.25,   0.25,   0.25, 0.25};
   const std::vector<double> real = {1.0, 1.0, 1.0, 1.0, 0.3711, 0.125, 0.125, 0.125};

@@ -390,7 +390,8 @@ TEST(Checkpoint, DetectsTruncatedAndCorruptFiles) {
   const std::string dir = TempDir("corrupt");
   Model model(TinyConfig(PositionEncodingKind::kT5), 2);
   SaveCheckpoint(dir, model);
-  const std::string weights = dir + "/model.safetensors";
+  // The file itself (dir/model.safetensors links to it through the commit link `current`).
+  const std::string weights = std::filesystem::canonical(dir + "/model.safetensors").string();
   std::vector<char> bytes;
   {
     std::ifstream in(weights, std::ios::binary);

@@ -172,7 +172,7 @@ TEST(PositionEncodingTest, RopeFrequenciesComeFromTheSpec) {
 // product: (h + 3) u. (The reference code itself gives 0.5000000000000001 for H = 16, h = 1.)
 double SlopeTolerance(int h, double value) { return (h + 3) * std::ldexp(1.0, -53) * value; }
 
-// Published slopes (Press et al. 2022, reference get_slopes; reference_values.txt). Values given
+// Published slopes (Press et al. 2022, arXiv:2108.12409, reference get_slopes). Values given
 // to 6 significant digits are compared at 5e-6 relative, the powers of two at SlopeTolerance.
 TEST(AlibiTest, PublishedSlopes) {
   const std::vector<std::pair<int, std::vector<double>>> published = {

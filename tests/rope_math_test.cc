@@ -156,7 +156,7 @@ TEST(RopeMathTest, LongTermDecay) {
     }
     return total / (d / 2);
   };
-  // Values computed independently from the formula (shared/docs/reference_values.txt, d = 128).
+  // Values evaluated independently from RoFormer's bound (arXiv:2104.09864 sec. 3.4.3, d = 128).
   const std::pair<int, double> published[] = {
       {0, 32.5},    {1, 31.538},   {2, 28.956},  {5, 20.845},  {10, 17.954}, {20, 15.242},
       {50, 12.629}, {100, 10.227}, {150, 7.588}, {200, 7.245}, {250, 6.548}};

@@ -244,8 +244,9 @@ TEST(StudyTail, AgreesWithTheModelLibraryTailProtocol) {
 // ---- RoFormer decay bound and scalings -------------------------------------------------------
 
 TEST(StudyDecay, MatchesRoformerFigure2Values) {
-  // theta_i = 10000^(-2i/d); reference values (three decimals, computed independently in the
-  // EXTRAPOLATION notes; d = 128 is the RoFormer figure, d = 32 the study's head_dim):
+  // theta_i = 10000^(-2i/d); reference values (three decimals, evaluated independently from
+  // RoFormer's bound, Su et al. 2021, arXiv:2104.09864 sec. 3.4.3 and Figure 2; d = 128 is the
+  // RoFormer figure, d = 32 the study's head_dim):
   // tolerance half a unit in the last printed place.
   const std::vector<int> rs = {0, 1, 2, 5, 10, 20, 50, 100, 150, 200, 250};
   const std::vector<std::pair<int, std::vector<double>>> reference = {

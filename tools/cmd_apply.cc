@@ -39,25 +39,36 @@ struct ApplyArgs {
   std::string layer_type;
 };
 
-constexpr int kMaxThreads = 1024;
-
-// Reads the positions as int64 and checks dtype, shape, count and range.
-std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens) {
+// Reads the positions as int64 and checks dtype, shape, count and range: [T] for a one-axis
+// config, [A, T] (axis-major) for a multimodal (M-RoPE) one.
+std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, int num_axes) {
   const NpyArray p = ReadNpy(path);
   if (p.dtype != NpyDType::kI32 && p.dtype != NpyDType::kI64) {
     throw Error("--positions " + path + ": dtype " + NpyDTypeName(p.dtype) +
                 " is not accepted (accepted: int32, int64)");
   }
-  if (p.shape.size() != 1) {
-    throw Error("--positions " + path +
-                ": expected a 1-d array of length T = " + std::to_string(num_tokens) + ", got " +
-                std::to_string(p.shape.size()) + " dimensions");
+  std::string got = "[";
+  for (size_t k = 0; k < p.shape.size(); ++k) got += (k ? ", " : "") + std::to_string(p.shape[k]);
+  got += "]";
+  const std::string T = std::to_string(num_tokens);
+  if (num_axes == 1 && p.shape.size() != 1) {
+    throw Error("--positions " + path + ": expected shape [T] = [" + T +
+                "] for this config's one-axis RoPE, got " + got +
+                (p.shape.size() == 2 ? " (multimodal [A, T] positions need a config with "
+                                       "mrope_section)"
+                                     : ""));
   }
-  if (p.shape[0] != num_tokens) {
+  if (num_axes > 1 &&
+      (p.shape.size() != 2 || p.shape[0] != num_axes || p.shape[1] != num_tokens)) {
+    throw Error("--positions " + path + ": expected shape [A, T] = [" + std::to_string(num_axes) +
+                ", " + T + "] for this config's M-RoPE (" + std::to_string(num_axes) +
+                " position axes), got " + got);
+  }
+  if (num_axes == 1 && p.shape[0] != num_tokens) {
     throw Error("--positions " + path + ": has " + std::to_string(p.shape[0]) +
-                " entries but --input has T = " + std::to_string(num_tokens) + " tokens");
+                " entries but --input has T = " + T + " tokens");
   }
-  std::vector<int64_t> out(static_cast<size_t>(num_tokens));
+  std::vector<int64_t> out(static_cast<size_t>(num_tokens * num_axes));
   for (size_t t = 0; t < out.size(); ++t) {
     if (p.dtype == NpyDType::kI32) {
       int32_t v;
@@ -76,7 +87,7 @@ std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens) 
 }
 
 int RunApply(const ApplyArgs& args) {
-  if (args.threads < 0 || args.threads > kMaxThreads) {
+  if (args.threads < 0 || args.threads > static_cast<int>(kMaxThreads)) {
     throw Error("--threads " + std::to_string(args.threads) + " is outside [0, " +
                 std::to_string(kMaxThreads) + "] (0 = all hardware threads)");
   }
@@ -121,7 +132,8 @@ int RunApply(const ApplyArgs& args) {
                 args.config);
   }
 
-  const std::vector<int64_t> positions = LoadPositions(args.positions, num_tokens);
+  const int num_axes = config.axes.num_axes();
+  const std::vector<int64_t> positions = LoadPositions(args.positions, num_tokens, num_axes);
   const int64_t max_position =
       positions.empty() ? -1 : *std::max_element(positions.begin(), positions.end());
 
@@ -154,7 +166,17 @@ int RunApply(const ApplyArgs& args) {
     void* in_data = const_cast<uint8_t*>(x.bytes.data());
     const RopeOperand op{ContiguousView(in_data, dtype, num_tokens, num_heads, head_dim),
                          ContiguousView(y.bytes.data(), dtype, num_tokens, num_heads, head_dim)};
-    ApplyRope(table, PositionSpan(positions), std::span<const RopeOperand>(&op, 1), options);
+    if (config.axes.multimodal()) {
+      std::vector<PositionSpan> axes;
+      for (int a = 0; a < num_axes; ++a) {
+        axes.emplace_back(std::span<const int64_t>(positions).subspan(
+            static_cast<size_t>(a * num_tokens), static_cast<size_t>(num_tokens)));
+      }
+      ApplyRope(table, AxisPositions{axes}, config.axes, std::span<const RopeOperand>(&op, 1),
+                options);
+    } else {
+      ApplyRope(table, PositionSpan(positions), std::span<const RopeOperand>(&op, 1), options);
+    }
   }
   WriteNpy(args.output, y);
   return 0;
@@ -166,13 +188,14 @@ const CommandRegistration kApply(
       auto args = std::make_shared<ApplyArgs>();
       sub->footer(
           "X is float32 or float16 in C order; P is int32 or int64 with one position in\n"
-          "[0, 2^31-1] per token, in any order. The output has X's dtype and shape.\n"
+          "[0, 2^31-1] per token, in any order; for a multimodal config (mrope_section) P is\n"
+          "[A, T], one row per position axis. The output has X's dtype and shape.\n"
           "--seq-len defaults to max(P)+1, the current length transformers uses: it selects\n"
           "dynamic NTK's base (grown when it exceeds max_position_embeddings) and LongRoPE's\n"
           "long factors (when it exceeds original_max_position_embeddings).");
       sub->add_option("--config", args->config, "Hugging Face config.json")->required();
       sub->add_option("--input", args->input, "X.npy, shape [tokens, heads, head_dim]")->required();
-      sub->add_option("--positions", args->positions, "P.npy, shape [tokens], int32 or int64")
+      sub->add_option("--positions", args->positions, "P.npy, shape [tokens] ([3, tokens] for M-RoPE configs), int32 or int64")
           ->required();
       sub->add_option("--output", args->output, "Y.npy to write (atomically)")->required();
       sub->add_option("--layout", args->layout,

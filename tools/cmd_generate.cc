@@ -19,6 +19,8 @@ struct GenerateArgs {
   bool stats = false;
   RopeOverrideArgs rope;
   bool bf16 = false;
+  bool context_shift = false;
+  ContextShiftConfig shift;
 };
 
 int RunGenerate(const GenerateArgs& a) {
@@ -39,11 +41,14 @@ int RunGenerate(const GenerateArgs& a) {
   std::fwrite(prompt.data(), 1, prompt.size(), stdout);
   std::fflush(stdout);
   const auto t0 = std::chrono::steady_clock::now();
-  const auto out = Generate(model, ids, a.max_new_tokens, a.sampler, pool.get(), [&](int32_t t) {
-    const char c = static_cast<char>(t);
-    std::fwrite(&c, 1, 1, stdout);
-    std::fflush(stdout);
-  });
+  const auto out = Generate(
+      model, ids, a.max_new_tokens, a.sampler, pool.get(),
+      [&](int32_t t) {
+        const char c = static_cast<char>(t);
+        std::fwrite(&c, 1, 1, stdout);
+        std::fflush(stdout);
+      },
+      a.context_shift ? &a.shift : nullptr);
   const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("\n");
   if (a.stats) {
@@ -78,6 +83,18 @@ const CommandRegistration kGenerate{
       AddRopeOverrideOptions(sub, a->rope);
       sub->add_flag("--bf16", a->bf16,
                     "bfloat16 matmul operands (float32 accumulation; numerics only, no speed-up)");
+      sub->add_flag("--context-shift", a->context_shift,
+                    "keep generating past the context: drop the oldest non-sink tokens and "
+                    "re-rotate the cached keys of the rest (llama.cpp context shift)");
+      sub->add_option("--context", a->shift.context,
+                      "KV cache size with --context-shift (0 = max_position_embeddings)")
+          ->capture_default_str();
+      sub->add_option("--n-keep", a->shift.n_keep,
+                      "sink tokens kept at the start with --context-shift")
+          ->capture_default_str();
+      sub->add_option("--n-discard", a->shift.n_discard,
+                      "tokens dropped per shift (0 = half of the non-sink tokens)")
+          ->capture_default_str();
       return [a] { return RunGenerate(*a); };
     }};
 

@@ -52,6 +52,39 @@ std::string Fmt(const char* format, double v) {
   return buf;
 }
 
+// Name of position axis a: temporal/height/width for the three axes of M-RoPE.
+std::string AxisName(int a, int num_axes) {
+  if (num_axes == 3) return a == 0 ? "temporal" : a == 1 ? "height" : "width";
+  return "axis " + std::to_string(a);
+}
+
+// Runs of pairs per axis, e.g. "0-15 temporal, 16-39 height, 40-63 width"; interleaved rules are
+// summarised by their period.
+std::string AxesSummary(const RopeAxes& axes, const std::vector<uint8_t>& pair_axis) {
+  const int num = axes.num_axes();
+  const int n = static_cast<int>(pair_axis.size());
+  if (axes.interleaved) {
+    int periodic = n;
+    while (periodic > 0 && pair_axis[periodic - 1] == 0) --periodic;
+    std::string s = "pairs 0-" + std::to_string(periodic - 1) + " cycle ";
+    for (int a = 0; a < num; ++a) s += (a ? "/" : "") + AxisName(a, num);
+    if (periodic < n) {
+      s += " (axis a >= 1 up to pair " + std::to_string(num) + " s_a - 1), pairs " +
+           std::to_string(periodic) + "-" + std::to_string(n - 1) + " " + AxisName(0, num);
+    }
+    return s;
+  }
+  std::string s;
+  for (int i = 0; i < n;) {
+    int j = i;
+    while (j + 1 < n && pair_axis[j + 1] == pair_axis[i]) ++j;
+    s += (s.empty() ? "" : ", ") + std::to_string(i) + (j > i ? "-" + std::to_string(j) : "") +
+         " " + AxisName(pair_axis[i], num);
+    i = j + 1;
+  }
+  return s;
+}
+
 std::string ScalingSummary(const RopeParams& p) {
   const auto g = [](double v) { return Fmt("%.17g", v); };
   const std::string omp =
@@ -100,6 +133,8 @@ int RunInspect(const InspectOptions& o) {
   const int n = p.rotary_dim / 2;
   const double tol = numerics == Numerics::kHf ? 4 * 5.96e-8 : 8 * 1.11e-16;
 
+  const std::vector<uint8_t> pair_axis = config.axes.PairAxes(n);
+  const int num_axes = config.axes.num_axes();
   std::vector<double> wavelength(n), ratio(n);
   std::vector<std::string> scaling(n);
   for (int i = 0; i < n; ++i) {
@@ -156,6 +191,13 @@ int RunInspect(const InspectOptions& o) {
     j["ratio_to_unscaled"] = ratio;
     j["scaling"] = scaling;
     j["bands"] = bands;
+    j["position_axes"] = num_axes;
+    if (config.axes.multimodal()) {
+      j["mrope_section"] = config.axes.sections;
+      j["mrope_interleaved"] = config.axes.interleaved;
+      std::vector<int> axis_of_pair(pair_axis.begin(), pair_axis.end());
+      j["pair_axis"] = axis_of_pair;
+    }
     if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
       j["effective_base"] = n > 1 ? std::pow(f.inv_freq[1], -p.rotary_dim / 2.0) : p.base;
     }
@@ -191,16 +233,25 @@ int RunInspect(const InspectOptions& o) {
   std::printf("attention_factor (A):     %.17g (cos and sin are multiplied by A; logits by A^2)\n",
               f.attention_factor);
   std::printf("pairs:                    %s\n", bands.c_str());
+  if (config.axes.multimodal()) {
+    std::printf("position axes:            %d, M-RoPE %s (positions [%d, T])\n", num_axes,
+                config.axes.Describe().c_str(), num_axes);
+    std::printf("pair axes:                %s\n", AxesSummary(config.axes, pair_axis).c_str());
+  } else {
+    std::printf("position axes:            1 (positions [T])\n");
+  }
   if (p.type == RopeType::kDynamic || p.type == RopeType::kNtk) {
     std::printf("effective base:           %s\n", detail.c_str());
   } else if (p.type == RopeType::kLongRope) {
     std::printf("factor list:              %s\n", detail.c_str());
   }
-  std::printf("\n%5s  %-24s  %-22s  %-22s  %s\n", "pair", "inv_freq", "wavelength (tokens)",
-              "ratio to unscaled", "scaling");
+  const bool multi = config.axes.multimodal();
+  std::printf("\n%5s  %-24s  %-22s  %-22s  %-12s%s\n", "pair", "inv_freq", "wavelength (tokens)",
+              "ratio to unscaled", "scaling", multi ? "  axis" : "");
   for (int i = 0; i < n; ++i) {
-    std::printf("%5d  %-24.17g  %-22.10g  %-22.10g  %s\n", i, f.inv_freq[i], wavelength[i],
-                ratio[i], scaling[i].c_str());
+    std::printf("%5d  %-24.17g  %-22.10g  %-22.10g  %-12s%s\n", i, f.inv_freq[i], wavelength[i],
+                ratio[i], scaling[i].c_str(),
+                multi ? ("  " + AxisName(pair_axis[i], num_axes)).c_str() : "");
   }
   return 0;
 }

@@ -4,10 +4,14 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "ropekit/distributed.h"
 #include "ropekit/model.h"
+#include "src/util/file.h"
+#include "src/util/json_limits.h"
 #include "tools/command.h"
 #include "tools/model_cli.h"
 
@@ -18,12 +22,16 @@ struct TrainArgs {
   std::vector<std::string> corpus, val_corpus;
   double val_fraction = 0.1;
   std::string out, init;
-  bool resume = false;
+  bool resume = false, overwrite = false;
   uint64_t seed = 1;
   int threads = 1;
   bool quiet = false;
   int64_t stop_after = 0;
   std::string log_file;
+  // Data parallel (under mpirun).
+  double comm_timeout = 600.0;
+  bool no_overlap = false;
+  std::string dist_stats;
   // Model.
   int hidden_size = 128, layers = 4, heads = 4, kv_heads = 2, head_dim = 0;
   int intermediate_size = 352;
@@ -75,8 +83,88 @@ ModelConfig BuildConfig(const TrainArgs& a) {
   return c.Resolved();
 }
 
+// Keeps the complete lines of a previous run's --log whose step is at most `step` (the resumed
+// checkpoint's), so that the resumed run continues it without duplicate or missing steps.
+void TrimLog(const std::string& path, int64_t step) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return;
+  const std::string text = ReadFileToString(path);
+  std::string kept;
+  int64_t expect = 1;
+  size_t begin = 0;
+  for (size_t end; (end = text.find('\n', begin)) != std::string::npos; begin = end + 1) {
+    const std::string line = text.substr(begin, end - begin);
+    int64_t s = 0;
+    try {
+      CheckJsonLimits(line, "--log " + path);
+      s = nlohmann::json::parse(line).at("step").get<int64_t>();
+    } catch (const std::exception&) {
+      break;  // a line cut by a crash, or not ours: keep what came before it
+    }
+    if (s != expect || s > step) break;
+    kept += line + "\n";
+    ++expect;
+  }
+  WriteFileAtomic(path, kept);
+}
+
+// Per-rank data-parallel measurements as JSON (rank 0 writes it; every rank takes part).
+void WriteDistStats(Communicator& comm, const DataParallelStats& st, const std::string& path) {
+  constexpr int kFields = 9;
+  const int N = comm.size();
+  std::vector<double> all(static_cast<size_t>(kFields) * N);
+  const double mine[kFields] = {st.step_s,
+                                st.compute_s,
+                                st.reduce_post_s,
+                                st.reduce_wait_s,
+                                st.optimizer_s,
+                                st.allgather_s,
+                                static_cast<double>(st.grad_floats_sent),
+                                static_cast<double>(st.optimizer_floats),
+                                static_cast<double>(st.optimizer_floats_unsharded)};
+  std::copy(mine, mine + kFields, all.begin() + kFields * comm.rank());
+  std::vector<int64_t> offsets(N + 1);
+  for (int r = 0; r <= N; ++r) offsets[r] = int64_t{kFields} * r;
+  comm.AllGather(std::span<double>(all), offsets);
+  if (comm.rank() != 0) return;
+  const char* names[kFields] = {
+      "step_s",           "compute_s",        "reduce_post_s",
+      "reduce_wait_s",    "optimizer_s",      "allgather_s",
+      "grad_floats_sent", "optimizer_floats", "optimizer_floats_unsharded"};
+  std::string json =
+      "{\"ranks\": " + std::to_string(N) + ", \"steps\": " + std::to_string(st.steps);
+  for (int f = 0; f < kFields; ++f) {
+    json += std::string(", \"") + names[f] + "\": [";
+    for (int r = 0; r < N; ++r) {
+      char num[64];
+      std::snprintf(num, sizeof(num), "%s%.17g", r ? ", " : "", all[kFields * r + f]);
+      json += num;
+    }
+    json += "]";
+  }
+  WriteFileAtomic(path, json + "}\n");
+}
+
+int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub);
+
 int RunTrain(TrainArgs& a, CLI::App* sub) {
+  CommunicatorOptions co;
+  co.timeout_s = a.comm_timeout;
+  std::unique_ptr<Communicator> world = ConnectRanks(nullptr, nullptr, co);
+  if (!world) return RunTrainOn(SingleProcess(), a, sub);
+  try {
+    return RunTrainOn(*world, a, sub);
+  } catch (const std::exception& e) {
+    world->Abort(e.what());  // stops the other ranks too; does not return
+  }
+  return 1;
+}
+
+int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
+  const bool lead = comm.rank() == 0;  // prints, writes the log and the checkpoints
+  if (!lead) a.quiet = true;
   if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
+  if (a.resume && a.overwrite) throw Error("--resume and --overwrite cannot be combined");
   if (!(a.val_fraction >= 0.0 && a.val_fraction < 1.0)) {
     throw Error("--val-fraction " + std::to_string(a.val_fraction) + " must be in [0, 1)");
   }
@@ -87,15 +175,46 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
   a.tc.progress = !a.quiet;
   auto pool = MakePool(a.threads);
 
+  // The output directory: writable, ours alone for the run, cleared of what killed runs left.
+  // Rank 0 owns it (an error there stops every rank); the others only read a resumed checkpoint.
+  std::optional<DirectoryLock> lock;
+  if (lead) {
+    CheckDirectoryWritable(a.out, "--out");
+    lock.emplace(a.out, "--out");
+    CleanCheckpointDirectory(a.out);
+  }
+  if (!a.resume && lead) {
+    std::optional<int64_t> existing;
+    try {
+      existing = FindCheckpoint(a.out);
+    } catch (const Error& e) {
+      existing = -1;  // something unreadable is there: still not ours to replace silently
+    }
+    if (existing && !a.overwrite) {
+      throw Error("--out " + a.out + " already holds a checkpoint" +
+                  (*existing > 0 ? " (step " + std::to_string(*existing) + ")" : std::string()) +
+                  "; pass --resume to continue it or --overwrite to replace it");
+    }
+    std::error_code ec;
+    if (!a.log_file.empty() && std::filesystem::exists(a.log_file, ec) &&
+        std::filesystem::file_size(a.log_file, ec) > 0 && !a.overwrite) {
+      throw Error("--log " + a.log_file +
+                  " already exists; pass --overwrite to replace it or --resume to continue the "
+                  "run it logs");
+    }
+    if (existing) RemoveCheckpoint(a.out);
+  }
+
   std::unique_ptr<Model> model;
   OptimizerState state;
   if (a.resume) {
     if (!a.init.empty()) throw Error("--resume and --init cannot be combined");
-    model = std::make_unique<Model>(LoadModel(a.out));
-    state = LoadOptimizerState(a.out, *model);
+    if (!FindCheckpoint(a.out)) throw Error("--resume: " + a.out + " holds no checkpoint");
+    TrainingCheckpoint ck = LoadCheckpoint(a.out);
+    model = std::make_unique<Model>(std::move(ck.model));
+    state = std::move(ck.optimizer);
     // The saved schedule is kept; options given on this command line replace saved values.
-    TrainConfig saved = LoadTrainConfig(a.out);
-    const TrainConfig defaults;
+    const TrainConfig& saved = ck.train_config;
     auto keep = [&](const char* flag, auto& field, const auto& saved_value) {
       if (sub->count(flag) == 0) field = saved_value;
     };
@@ -117,6 +236,7 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
     keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
     keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
     keep("--bf16", a.tc.bf16, saved.bf16);
+    if (!a.log_file.empty() && lead) TrimLog(a.log_file, state.step);
     if (state.step >= a.tc.steps) {
       std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
                    static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
@@ -166,32 +286,53 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
   struct Stop {};
   std::vector<TrainLogEntry> log;
   std::ofstream log_out;
-  if (!a.log_file.empty()) {
-    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);
+  if (!a.log_file.empty() && lead) {
+    log_out.open(a.log_file, a.resume ? std::ios::app : std::ios::trunc);  // checked above
     if (!log_out) throw Error("--log " + a.log_file + ": cannot open the file for writing");
   }
+  DataParallelStats stats;
+  DataParallelOptions dp;
+  dp.comm = &comm;
+  dp.overlap = !a.no_overlap;
+  dp.stats = &stats;
   try {
-    log = Train(*model, state, a.tc, all, val, pool.get(), [&](const TrainLogEntry& e) {
-      log.push_back(e);
-      if (log_out.is_open()) {
-        char line[256];
-        std::snprintf(line, sizeof(line),
-                      "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
-                      static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
-        log_out << line;
-        if (e.val_loss >= 0) {
-          std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
-          log_out << line;
-        }
-        log_out << "}\n" << std::flush;
-      }
-      if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
-    });
+    log = Train(
+        *model, state, a.tc, all, val, pool.get(),
+        [&](const TrainLogEntry& e) {
+          log.push_back(e);
+          if (log_out.is_open()) {
+            char line[256];
+            std::snprintf(line, sizeof(line),
+                          "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
+                          static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
+            log_out << line;
+            if (e.val_loss >= 0) {
+              std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
+              log_out << line;
+            }
+            log_out << "}\n" << std::flush;
+          }
+          if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
+        },
+        dp);
   } catch (const Stop&) {
-    std::fprintf(stderr, "stopped after step %lld (--stop-after)\n",
-                 static_cast<long long>(state.step));
+    if (lead) {
+      std::fprintf(stderr, "stopped after step %lld (--stop-after)\n",
+                   static_cast<long long>(state.step));
+    }
+    return 0;
   }
-  if (!log.empty()) {
+  if (!a.dist_stats.empty()) WriteDistStats(comm, stats, a.dist_stats);
+  if (lead && comm.size() > 1 && !a.quiet) {
+    std::fprintf(stderr,
+                 "data parallel: %d ranks; AdamW moments per rank %.3f MiB (one process: %.3f "
+                 "MiB); rank 0: compute %.3f s, waiting for gradients %.3f s, all-gather %.3f s "
+                 "of %.3f s\n",
+                 comm.size(), stats.optimizer_floats * 4.0 / (1 << 20),
+                 stats.optimizer_floats_unsharded * 4.0 / (1 << 20), stats.compute_s,
+                 stats.reduce_wait_s, stats.allgather_s, stats.step_s);
+  }
+  if (!log.empty() && lead) {
     std::printf("final step %lld  train loss %.4f", static_cast<long long>(log.back().step),
                 log.back().loss);
     if (log.back().val_loss >= 0) std::printf("  val loss %.4f", log.back().val_loss);
@@ -221,6 +362,9 @@ const CommandRegistration kTrain{
       sub->add_flag("--resume", a->resume,
                     "Continue the run saved in --out (weights, AdamW moments, step, schedule) bit "
                     "for bit; options given explicitly replace the saved ones");
+      sub->add_flag("--overwrite", a->overwrite,
+                    "Replace a checkpoint already in --out and an existing --log (without it, "
+                    "train refuses to touch them)");
       sub->add_option("--seed", a->seed, "Weight initialisation seed")->capture_default_str();
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();
@@ -228,6 +372,20 @@ const CommandRegistration kTrain{
       sub->add_option("--log", a->log_file,
                       "Write one JSON line per step (step, loss, lr, grad_norm, val_loss when "
                       "validated); appended to with --resume");
+      auto* d = "Data parallel (mpirun -np N ropekit train ...)";
+      sub->add_option("--comm-timeout", a->comm_timeout,
+                      "Seconds a rank waits for another before stopping all ranks with an error "
+                      "naming it")
+          ->group(d)
+          ->capture_default_str()
+          ->check(CLI::PositiveNumber);
+      sub->add_flag("--no-overlap", a->no_overlap,
+                    "Reduce gradients only after the whole backward (to measure the overlap)")
+          ->group(d);
+      sub->add_option("--dist-stats", a->dist_stats,
+                      "Write per-rank timings and sizes (compute, communication, optimizer "
+                      "state) as JSON")
+          ->group(d);
       sub->add_option("--stop-after", a->stop_after,
                       "Stop after this step as if interrupted (the schedule still follows "
                       "--steps); the checkpoint saved at a --checkpoint-interval step can then "

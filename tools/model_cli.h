@@ -12,6 +12,7 @@
 #include "ropekit/hf_config.h"
 #include "ropekit/model.h"
 #include "ropekit/thread_pool.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::cli {
 
@@ -44,6 +45,7 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
     j["rope_scaling"] = nullptr;
   } else if (!args.scaling.empty()) {
     nlohmann::ordered_json s;
+    CheckJsonLimits(args.scaling, "--rope-scaling");
     try {
       s = nlohmann::ordered_json::parse(args.scaling);
     } catch (const std::exception& e) {
@@ -64,9 +66,9 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
 }
 
 inline std::unique_ptr<ThreadPool> MakePool(int threads) {
-  if (threads < 0 || threads > 1024) {
-    throw Error("--threads " + std::to_string(threads) +
-                " is outside [0, 1024] (0 = all hardware threads)");
+  if (threads < 0 || threads > static_cast<int>(kMaxThreads)) {
+    throw Error("--threads " + std::to_string(threads) + " is outside [0, " +
+                std::to_string(kMaxThreads) + "] (0 = all hardware threads)");
   }
   auto pool = std::make_unique<ThreadPool>(static_cast<size_t>(threads));
   return pool;

@@ -4,7 +4,8 @@
 // num_attention_heads), partial_rotary_factor / rotary_pct (GPT-J: rotary_dim),
 // max_position_embeddings, and the scaling dict under `rope_scaling` or the newer
 // `rope_parameters` (key `rope_type` or its alias `type`; Phi-3 `su`/`yarn` map to longrope,
-// Qwen2-VL `mrope` to default). A top-level original_max_position_embeddings (Phi-3) takes
+// Qwen2-VL `mrope` to default, its mrope_section into `axes`). Vision-language configs whose
+// language fields sit in `text_config` (Qwen3-VL) are read from there. A top-level original_max_position_embeddings (Phi-3) takes
 // priority, as in transformers v5. Every problem is reported as ropekit::Error naming the field.
 #ifndef ROPEKIT_HF_CONFIG_H_
 #define ROPEKIT_HF_CONFIG_H_
@@ -22,6 +23,9 @@ struct HfRopeConfig {
   std::string model_type;              // "" when absent
   int num_attention_heads = 0;         // 0 when absent
   int num_key_value_heads = 0;         // 0 when absent (then equal to num_attention_heads)
+  // Multimodal RoPE (M-RoPE): Qwen2-VL `mrope_section` (chunked), Qwen3-VL `mrope_section` +
+  // `mrope_interleaved`; empty sections for text-only models.
+  RopeAxes axes;
 };
 
 // Parses config.json text. `layer_type` selects one entry of a per-layer-type rope_parameters

@@ -25,6 +25,7 @@
 #include <string_view>
 #include <vector>
 
+#include "ropekit/distributed.h"
 #include "ropekit/error.h"
 #include "ropekit/position_encoding.h"
 #include "ropekit/rope.h"
@@ -141,8 +142,14 @@ class Model {
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
   // (size of parameters()), accumulates grad_scale * d(sum of losses)/d(params) into it.
+  // `on_grad_ready` (optional) is called during the backward, on the calling thread, with each
+  // flat range [begin, end) of parameters() whose gradient is final: the head and final norm
+  // first, then the layers from last to first, then the embedding tables. The ranges cover
+  // parameters() exactly once, in the same order for every call (data-parallel bucketing).
+  using GradReadyFn = std::function<void(int64_t begin, int64_t end)>;
   double ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
-                         std::span<float> grads, float grad_scale, ThreadPool* pool);
+                         std::span<float> grads, float grad_scale, ThreadPool* pool,
+                         const GradReadyFn& on_grad_ready = {});
 
   // Forward only on [B, T] inputs at positions 0..T-1. logits: optional [B*T, V] output.
   // targets / losses: optional [B*T] (a target < 0 scores 0).
@@ -154,17 +161,26 @@ class Model {
   void ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float* logits, bool last_only,
                      ThreadPool* pool);
 
+  // Context shift (llama.cpp; StreamingLLM attention sinks, Xiao et al. 2023,
+  // arXiv:2309.17453): drops the cached tokens [n_keep, n_keep + n_discard) of every layer,
+  // moves the later ones back by n_discard rows and re-rotates their keys by -n_discard
+  // (ShiftKeys), so that the cache again holds positions 0 .. size() - 1 and decoding continues
+  // at position size(). Values are moved, never changed. Length-dependent RoPE types (dynamic,
+  // longrope) keep unrotated keys in the cache and need no re-rotation.
+  void ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool);
+
   struct Impl;
 
  private:
+  friend class BatchDecoder;
   std::unique_ptr<Impl> impl_;
 };
 
 // Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. Cached decoding
 // equals a full recompute of the same prefix. For length-dependent RoPE (dynamic, longrope) keys
 // are stored before rotation and re-rotated with the table of the current length at every step
-// (as transformers does); hidden states of earlier tokens are not recomputed, so for those types
-// the equality is exact in the first layer only.
+// (transformers instead caches rotated keys and never re-rotates them); hidden states of earlier
+// tokens are not recomputed, so for those types the equality is exact in the first layer only.
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t capacity);
@@ -175,10 +191,34 @@ class KVCache {
  private:
   friend class Model;
   friend struct Model::Impl;
+  friend class BatchDecoder;
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t row_ = 0;           // Hkv * D
   std::vector<float> k_, v_;  // [L, capacity, Hkv*D]
+};
+
+// Batched decoding for serving (continuous batching): one step appends one token to each of B
+// independent sequences, each with its own KVCache at its own position, and computes their
+// logits with matrix-matrix products ([B, d] x [d, N]) instead of B matrix-vector products.
+// Row b's logits depend on (caches[b], tokens[b]) only: they are bitwise identical for any B, any
+// order of the sequences and any thread count (the products use ops::MatMulRowwise, attention
+// runs per sequence). They equal ForwardCached's logits up to float32 summation order.
+// Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses its
+// own workspace; like Model, not safe for concurrent calls on the same model.
+class BatchDecoder {
+ public:
+  explicit BatchDecoder(Model& model);
+  ~BatchDecoder();
+  // caches[b] holds sequence b's past (at least one token); tokens[b] is its next input, at
+  // position caches[b]->size(). logits: [B, V].
+  void Step(std::span<KVCache* const> caches, std::span<const int32_t> tokens, float* logits,
+            ThreadPool* pool);
+
+ private:
+  struct Scratch;
+  Model& model_;
+  std::unique_ptr<Scratch> scratch_;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -232,12 +272,24 @@ double LearningRate(const TrainConfig& config, int64_t step);
 
 // Trains from state.step to config.steps on random crops of `train` (each crop T + 1 tokens),
 // validating on fixed windows of `val`. Saves checkpoints when config.checkpoint_dir is set.
-// `on_step` (optional) sees every step. Returns the log. Resuming from a checkpoint saved at
+// `on_step` (optional) sees every step, before the checkpoint due at that step is saved (also
+// when it throws). Returns the log. Resuming from a checkpoint saved at
 // step s with the same config reproduces the uninterrupted run bit for bit.
+//
+// A step's gradient is the float32 left fold ((g_0 + g_1) + ...) of its grad_accum micro-batch
+// gradients, each computed on its own. Data parallel (dp.comm with N > 1 ranks, every rank
+// calling Train with the same model, state, config and data): rank r computes micro-batches
+// [A r / N, A (r + 1) / N) of the A = grad_accum, so A >= N is required; gradients are
+// reduce-scattered in the fold's order, each rank keeps and updates only its ZeRO-1 shard of the
+// AdamW moments, and the parameters are all-gathered. The weights, log and checkpoints are
+// bitwise those of one process with the same config, for any N (see src/dist/zero.h). Rank 0
+// validates, prints progress and writes checkpoints; the returned state holds the full moments
+// on every rank.
 std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
                                  std::span<const int32_t> train, std::span<const int32_t> val,
                                  ThreadPool* pool,
-                                 const std::function<void(const TrainLogEntry&)>& on_step = {});
+                                 const std::function<void(const TrainLogEntry&)>& on_step = {},
+                                 const DataParallelOptions& dp = {});
 
 // ---------------------------------------------------------------------------------------------
 // Evaluation.
@@ -295,13 +347,31 @@ class Sampler {
 
 // Prefills `prompt` into a KV cache, then decodes max_new_tokens one at a time. Calls on_token
 // for each new token (may be empty). Returns the new tokens.
+// With `shift`, the KV cache holds at most shift->context tokens: when it is full, the oldest
+// tokens after the first n_keep (attention sinks) are dropped (n_discard of them; 0 = half of
+// the non-sink tokens, as llama.cpp) and the rest re-rotated (Model::ContextShift), so
+// generation continues past the model's context.
+struct ContextShiftConfig {
+  int64_t context = 0;    // cache size in tokens; 0 = the model's max_position_embeddings
+  int64_t n_keep = 4;     // sink tokens kept at the start
+  int64_t n_discard = 0;  // tokens dropped per shift; 0 = (size - n_keep) / 2
+};
 std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,
                               const SamplerConfig& sampler, ThreadPool* pool,
-                              const std::function<void(int32_t)>& on_token = {});
+                              const std::function<void(int32_t)>& on_token = {},
+                              const ContextShiftConfig* shift = nullptr);
 
 // ---------------------------------------------------------------------------------------------
-// Checkpoints: a directory with config.json, model.safetensors and, for resuming,
-// optimizer.safetensors + trainer_state.json. Every file is written atomically.
+// Checkpoints. A checkpoint directory commits as one unit: every save writes a new step
+// directory (config.json, model.safetensors and, for resuming, optimizer.safetensors +
+// trainer_state.json, then manifest.json with the step and every file's size and checksum),
+// syncs it, and switches the `current` link to it by one atomic rename; the previous step is
+// removed only after that. Fixed links <dir>/config.json etc. -> current/... make the directory
+// a Hugging Face model directory (LlamaForCausalLM). A crash at any point leaves the previous or
+// the new checkpoint, complete. Loading checks every part against the manifest and the step
+// recorded inside it and throws an Error naming the mismatch. Plain directories (Hugging Face
+// models, no `current`) load as they are; their parts must still agree on the step.
+// A writer must be the only one in `dir` (the command line holds a DirectoryLock).
 
 void SaveCheckpoint(const std::string& dir, const Model& model,
                     const OptimizerState* optimizer = nullptr,
@@ -312,9 +382,27 @@ struct LoadOptions {
   std::optional<RopeParams> rope_override;
 };
 Model LoadModel(const std::string& dir, const LoadOptions& options = {});
+
+// Everything a resumed run needs, read from one committed step and verified together.
+struct TrainingCheckpoint {
+  Model model;
+  OptimizerState optimizer;
+  TrainConfig train_config;
+};
+TrainingCheckpoint LoadCheckpoint(const std::string& dir);
+
 // Reads optimizer.safetensors + trainer_state.json; throws Error naming the file if absent.
 OptimizerState LoadOptimizerState(const std::string& dir, const Model& model);
 TrainConfig LoadTrainConfig(const std::string& dir);
+
+// The committed step of the checkpoint in `dir` (0 for a model-only or plain Hugging Face
+// directory), nullopt when `dir` holds none.
+std::optional<int64_t> FindCheckpoint(const std::string& dir);
+// Removes what interrupted saves left in `dir` (temporary files, uncommitted step directories);
+// returns how many entries. Call only as the directory's single writer.
+int CleanCheckpointDirectory(const std::string& dir);
+// Removes the checkpoint in `dir` (the commit link first, then its files); other files stay.
+void RemoveCheckpoint(const std::string& dir);
 
 // Safetensors (https://huggingface.co/docs/safetensors): 8-byte little-endian header length,
 // JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, raw data.

@@ -240,6 +240,69 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
 void ApplyRopeInPlace(const RopeTable& table, PositionSpan positions, const TensorView& x,
                       const RotateOptions& options = {});
 
+// ---- Multimodal / N-axis positions (M-RoPE) ------------------------------------------------
+//
+// Qwen2-VL (Wang et al. 2024, arXiv:2409.12191) gives every token A = 3 position ids (temporal,
+// height, width) and rotates each pair i with the position of one axis a(i):
+//   theta_i = p_{a(i)} * w_i      (w_i and A unchanged: scaling types combine as for text)
+// so a table row of position p serves every axis. Two rules map pairs to axes, both as in
+// transformers:
+//  - chunked (Qwen2-VL / Qwen2.5-VL `mrope_section` = [s_0, s_1, ...], sum = N; transformers'
+//    `apply_multimodal_rotary_pos_emb`): pairs [0, s_0) follow axis 0, the next s_1 axis 1, ...
+//    With A = 2 and two halves this is the 2-D axial RoPE of vision transformers.
+//  - interleaved (Qwen3-VL `mrope_interleaved`, transformers' `apply_interleaved_mrope`): pair i
+//    follows axis a = i mod A when a > 0 and i < A * s_a; every other pair follows axis 0.
+// With one axis (empty `sections`) this is ordinary RoPE.
+struct RopeAxes {
+  std::vector<int> sections;  // pairs per axis; empty = one axis (text-only RoPE)
+  bool interleaved = false;
+
+  int num_axes() const { return sections.empty() ? 1 : static_cast<int>(sections.size()); }
+  bool multimodal() const { return !sections.empty(); }
+  // The axis of every pair, [num_pairs]. Throws Error naming `sections` and the accepted values
+  // (1 <= A <= 8, every s_a >= 1 (interleaved: s_0 >= 0), sum = num_pairs, interleaved A s_a <=
+  // num_pairs).
+  std::vector<uint8_t> PairAxes(int num_pairs) const;
+  // "chunked [16, 24, 24]" / "interleaved [24, 20, 20]" / "text (one axis)".
+  std::string Describe() const;
+};
+
+// Positions of A axes, each with one entry per token ([A, T]).
+struct AxisPositions {
+  std::span<const PositionSpan> axes;
+  int64_t num_tokens() const { return axes.empty() ? 0 : axes[0].size(); }
+};
+
+// Rotates every operand with per-axis positions: pair i of token t uses positions.axes[a(i)][t]
+// (a from axes.PairAxes). positions.axes.size() must equal axes.num_axes(); every axis has T
+// entries in [0, kMaxPosition]. When every axis carries the same positions the result is
+// bit-identical to the one-axis ApplyRope. Threading and checks as in ApplyRope.
+void ApplyRope(const RopeTable& table, const AxisPositions& positions, const RopeAxes& axes,
+               std::span<const RopeOperand> ops, const RotateOptions& options = {});
+
+// A prepared call for decode loops: the operands (buffers, shapes, strides), the token count,
+// the options and the table are validated once; Run() then only checks the positions and
+// rotates. The plan keeps a snapshot of the table's rows and refreshes it when a position needs
+// rows the table can still grow to. The plan refers to `table` and to the operands' buffers:
+// both must outlive it. Run() is not safe to call concurrently on one plan (make one per
+// thread); results are bit-identical to ApplyRope with the same arguments.
+class RopePlan {
+ public:
+  RopePlan(const RopeTable& table, std::span<const RopeOperand> ops, int64_t num_tokens,
+           const RotateOptions& options = {});
+  ~RopePlan();
+  RopePlan(RopePlan&&) noexcept;
+  RopePlan& operator=(RopePlan&&) noexcept;
+
+  // positions.size() must equal num_tokens; each position in [0, kMaxPosition].
+  void Run(PositionSpan positions);
+  int64_t num_tokens() const;
+
+ private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
 // Name of the SIMD target the dispatcher picks on this CPU (e.g. "AVX3", "AVX2", "SCALAR").
 std::string SimdTargetName();
 

@@ -1,6 +1,6 @@
 // ropekit: the length-extrapolation study. Train short, test long, extend the context.
 //
-// Protocol (docs/EXTRAPOLATION notes, sec. 3): a byte-level LLaMA-style model is trained at
+// Protocol (docs/study.md; after Press et al. 2022, arXiv:2108.12409): a byte-level LLaMA-style model is trained at
 // context L with each position encoding (learned absolute, sinusoidal, NoPE, RoPE, ALiBi, T5
 // bias) and evaluated on held-out text at 1x, 2x, 4x and 8x L with
 //  * the tail protocol (Kazemnejad et al. 2023, App. F): fixed end offsets e_k, windows

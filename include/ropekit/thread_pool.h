@@ -12,9 +12,13 @@
 
 namespace ropekit {
 
+// The most threads any ropekit pool, command or binding accepts (0 = all hardware threads).
+inline constexpr size_t kMaxThreads = 1024;
+
 class ThreadPool {
  public:
-  // num_threads >= 1 (counting the caller); 0 means std::thread::hardware_concurrency().
+  // num_threads in [1, kMaxThreads] (counting the caller); 0 means
+  // std::thread::hardware_concurrency(), capped at kMaxThreads.
   explicit ThreadPool(size_t num_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;

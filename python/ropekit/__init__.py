@@ -50,6 +50,20 @@ backward=False, seq_len=None, num_threads=None, head_major=False, out=None)``
 ``apply_rope_qk(q, k, positions, config, ...)`` rotates q ([.., H, D]) and k ([.., Hkv, D]) in one
 call and returns ``(q_out, k_out)``.
 
+Multimodal positions (M-RoPE, Qwen2-VL / Qwen3-VL): a config with ``mrope_section``
+(``RopeConfig.from_hf_config`` reads Qwen2-VL's ``"rope_scaling": {"type": "mrope", ...}`` and
+Qwen3-VL's ``mrope_interleaved``; or ``RopeConfig(..., mrope_section=[16, 24, 24],
+mrope_interleaved=False)``) takes positions of shape [A, T] or [A, B, T], one row per axis.
+
+KV caches
+---------
+``apply_rope_and_append(q, k, v, positions, cache_k, cache_v, slots, config, *, layout=None,
+numerics="exact", num_threads=None)`` rotates q [T, H, D] in place and k [T, Hkv, D], and writes
+the rotated k and v into ``cache_k`` / ``cache_v`` (C-contiguous [S, Hkv, D], or paged
+[pages, page_size, Hkv, D]) at ``slots`` (one cache row per token; negative = padding) in one
+pass. Returns q. ``shift_keys(cache_k, delta, config, *, slots=None, ...)`` re-rotates cached keys
+in place by ``delta`` positions (context shift; every slot when ``slots`` is None).
+
 Errors (wrong dtype, shape, device, non-finite config values, positions out of range) raise
 TypeError or ValueError naming the argument. PyTorch autograd: see ``ropekit.torch``.
 
@@ -67,10 +81,12 @@ from ._ropekit import (
     alibi_bias,
     alibi_slopes,
     apply_rope,
+    apply_rope_and_append,
     apply_rope_backward,
     apply_rope_qk,
     get_num_threads,
     set_num_threads,
+    shift_keys,
     simd_target,
     sinusoidal_table,
     t5_relative_bucket,
@@ -82,10 +98,12 @@ __all__ = [
     "alibi_bias",
     "alibi_slopes",
     "apply_rope",
+    "apply_rope_and_append",
     "apply_rope_backward",
     "apply_rope_qk",
     "get_num_threads",
     "set_num_threads",
+    "shift_keys",
     "simd_target",
     "sinusoidal_table",
     "t5_relative_bucket",

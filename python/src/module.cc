@@ -28,6 +28,7 @@
 #include "position_encoding_module.h"
 #include "ropekit/error.h"
 #include "ropekit/hf_config.h"
+#include "ropekit/kv_cache.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "rotate_f64.h"
@@ -69,6 +70,7 @@ struct Config {
   std::string model_type;
   int num_attention_heads = 0;
   int num_key_value_heads = 0;
+  RopeAxes axes;  // multimodal (M-RoPE) sections; empty: one position axis
   std::shared_ptr<TableCache> cache = std::make_shared<TableCache>();
 };
 
@@ -210,9 +212,9 @@ constexpr int64_t kMinElementsForThreads = 1 << 15;
 
 size_t ThreadsFor(std::optional<int64_t> num_threads, int64_t num_elements) {
   if (num_threads) {
-    if (*num_threads < 1 || *num_threads > 1024) {
-      throw py::value_error("num_threads must be in [1, 1024] (None: the module default), got " +
-                            std::to_string(*num_threads));
+    if (*num_threads < 1 || *num_threads > static_cast<int64_t>(ropekit::kMaxThreads)) {
+      throw py::value_error("num_threads must be in [1, " + std::to_string(ropekit::kMaxThreads) +
+                            "] (None: the module default), got " + std::to_string(*num_threads));
     }
     return static_cast<size_t>(*num_threads);
   }
@@ -509,33 +511,43 @@ struct Positions {
   py::object owner;
   const int32_t* i32 = nullptr;
   const int64_t* i64 = nullptr;
+  int64_t axes = 1;  // A: position axes (M-RoPE); data is [A, rows, T]
   int64_t rows = 1;  // 1 (shared by the batch) or B
   int64_t T = 0;
   int64_t max_position = -1;
 
-  PositionSpan Row(int64_t b) const {
-    const int64_t r = rows == 1 ? 0 : b;
+  PositionSpan Row(int64_t b, int64_t a = 0) const {
+    const int64_t r = (rows == 1 ? 0 : b) + a * rows;
     if (i32) return PositionSpan(std::span<const int32_t>(i32 + r * T, static_cast<size_t>(T)));
     return PositionSpan(std::span<const int64_t>(i64 + r * T, static_cast<size_t>(T)));
   }
+  std::vector<PositionSpan> AxisRows(int64_t b) const {
+    std::vector<PositionSpan> out;
+    for (int64_t a = 0; a < axes; ++a) out.push_back(Row(b, a));
+    return out;
+  }
 };
 
-Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
-  Positions p;
-  // Gathered from either a contiguous torch tensor (used in place) or a NumPy array.
+// An int32/int64 array from a torch tensor (made contiguous), a NumPy array or a sequence.
+struct IntArray {
+  py::object owner;
   std::vector<int64_t> shape;
   const void* data = nullptr;
   int64_t itemsize = 0;
+};
+
+IntArray ReadInts(py::handle h, const std::string& name = "positions") {
+  IntArray p;
   if (IsTorchTensor(h)) {
-    CheckTorchCpu(h, "positions");
+    CheckTorchCpu(h, name);
     const std::string dt = Str(h.attr("dtype"));
     if (dt != "torch.int32" && dt != "torch.int64") {
-      throw py::type_error("positions has dtype " + dt + "; expected torch.int32 or torch.int64");
+      throw py::type_error(name + " has dtype " + dt + "; expected torch.int32 or torch.int64");
     }
     py::object t = h.attr("contiguous")();
-    for (py::handle d : py::tuple(t.attr("shape"))) shape.push_back(d.cast<int64_t>());
-    data = reinterpret_cast<const void*>(t.attr("data_ptr")().cast<uintptr_t>());
-    itemsize = dt == "torch.int32" ? 4 : 8;
+    for (py::handle d : py::tuple(t.attr("shape"))) p.shape.push_back(d.cast<int64_t>());
+    p.data = reinterpret_cast<const void*>(t.attr("data_ptr")().cast<uintptr_t>());
+    p.itemsize = dt == "torch.int32" ? 4 : 8;
     p.owner = t;
   } else {
     py::module_ np = py::module_::import("numpy");
@@ -543,7 +555,7 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
     if (py::isinstance<py::array>(h)) {
       const py::dtype dt = py::reinterpret_borrow<py::array>(h).dtype();
       if (dt.kind() != 'i' || (dt.itemsize() != 4 && dt.itemsize() != 8)) {
-        throw py::type_error("positions has dtype " + Str(dt) + "; expected int32 or int64");
+        throw py::type_error(name + " has dtype " + Str(dt) + "; expected int32 or int64");
       }
       arr = np.attr("ascontiguousarray")(h, py::arg("dtype") = dt.attr("newbyteorder")("="));
     } else if (py::isinstance<py::sequence>(h) && !py::isinstance<py::str>(h)) {
@@ -551,25 +563,35 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
         arr = np.attr("asarray")(h, py::arg("dtype") = "int64");
       } catch (const py::error_already_set&) {
         throw py::type_error(
-            "positions must be a sequence of integers, an int32/int64 numpy array or a torch "
+            name + " must be a sequence of integers, an int32/int64 numpy array or a torch "
             "tensor");
       }
       // Reject floats silently truncated by asarray.
       if (!np.attr("array_equal")(arr, np.attr("asarray")(h)).cast<bool>()) {
-        throw py::type_error("positions must contain integers");
+        throw py::type_error(name + " must contain integers");
       }
     } else {
       throw py::type_error(
-          "positions must be an int32/int64 numpy array, a torch tensor or a sequence of "
+          name + " must be an int32/int64 numpy array, a torch tensor or a sequence of "
           "integers, got " +
           TypeName(h));
     }
     auto a = py::reinterpret_borrow<py::array>(arr);
-    for (py::ssize_t i = 0; i < a.ndim(); ++i) shape.push_back(a.shape(i));
-    data = a.data();
-    itemsize = a.itemsize();
+    for (py::ssize_t i = 0; i < a.ndim(); ++i) p.shape.push_back(a.shape(i));
+    p.data = a.data();
+    p.itemsize = a.itemsize();
     p.owner = arr;
   }
+  return p;
+}
+
+Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
+  Positions p;
+  IntArray ints = ReadInts(h);
+  p.owner = ints.owner;
+  const std::vector<int64_t>& shape = ints.shape;
+  const void* data = ints.data;
+  const int64_t itemsize = ints.itemsize;
   if (shape.size() == 1) {
     p.rows = 1;
     p.T = shape[0];
@@ -602,6 +624,46 @@ Positions InspectPositions(py::handle h, int64_t batch, int64_t num_tokens) {
     for (int64_t i = 0; i < n; ++i) check(i, p.i32[i]);
   } else {
     p.i64 = static_cast<const int64_t*>(data);
+    for (int64_t i = 0; i < n; ++i) check(i, p.i64[i]);
+  }
+  return p;
+}
+
+// Multimodal positions for a config with A position axes: (A, T) shared by the batch or
+// (A, B, T).
+Positions InspectAxisPositions(py::handle h, int64_t num_axes, int64_t batch, int64_t num_tokens) {
+  Positions p;
+  IntArray ints = ReadInts(h);
+  p.owner = ints.owner;
+  const std::vector<int64_t>& shape = ints.shape;
+  const std::string want = "(" + std::to_string(num_axes) + ", T) or (" +
+                           std::to_string(num_axes) + ", B, T) with B = " +
+                           std::to_string(batch) + ", T = " + std::to_string(num_tokens);
+  if ((shape.size() != 2 && shape.size() != 3) || shape[0] != num_axes) {
+    throw py::value_error("positions has shape " + ShapeString(shape) +
+                          " but the config rotates with " + std::to_string(num_axes) +
+                          " position axes (M-RoPE); expected " + want);
+  }
+  p.axes = num_axes;
+  p.rows = shape.size() == 3 ? shape[1] : 1;
+  p.T = shape.back();
+  if ((p.rows != batch && p.rows != 1) || p.T != num_tokens) {
+    throw py::value_error("positions has shape " + ShapeString(shape) + "; expected " + want);
+  }
+  const int64_t n = p.axes * p.rows * p.T;
+  auto check = [&](int64_t i, int64_t value) {
+    if (value < 0 || value > kMaxPosition) {
+      throw py::value_error("positions (flat index " + std::to_string(i) + ") = " +
+                            std::to_string(value) + " is out of range [0, " +
+                            std::to_string(kMaxPosition) + "]");
+    }
+    p.max_position = std::max(p.max_position, value);
+  };
+  if (ints.itemsize == 4) {
+    p.i32 = static_cast<const int32_t*>(ints.data);
+    for (int64_t i = 0; i < n; ++i) check(i, p.i32[i]);
+  } else {
+    p.i64 = static_cast<const int64_t*>(ints.data);
     for (int64_t i = 0; i < n; ++i) check(i, p.i64[i]);
   }
   return p;
@@ -775,13 +837,20 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
   }
   const int64_t B = in_views[0].B;
   const int64_t T = in_views[0].T;
-  const Positions pos = InspectPositions(positions, B, T);
+  const bool multimodal = config.axes.multimodal();
+  const Positions pos = multimodal
+                            ? InspectAxisPositions(positions, config.axes.num_axes(), B, T)
+                            : InspectPositions(positions, B, T);
   const int64_t key = SeqLenKey(config.params, opt.seq_len, pos.max_position);
   const size_t threads = ThreadsFor(opt.num_threads, elements);
   const std::shared_ptr<RopeTable> table = config.cache->Get(config.params, numerics, key);
   const bool f64 = ins[0].elem == Elem::kF64;
 
   // ApplyRope grows the table to cover the positions (up to its memory budget) by itself.
+  if (f64 && multimodal) {
+    throw py::type_error("float64 inputs take one-axis positions only; rotate multimodal (M-RoPE) "
+                         "positions in float32, bfloat16 or float16");
+  }
   if (f64) CheckNoOverlapF64(in_views, out_views, opt.inplace, xs);
   if (elements > 0) {
     try {
@@ -805,7 +874,12 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
             ops[i].in = in_views[i].View(b);
             ops[i].out = opt.inplace ? ops[i].in : out_views[i].View(b);
           }
-          ApplyRope(*table, pos.Row(b), ops, options);
+          if (multimodal) {
+            const std::vector<PositionSpan> axes = pos.AxisRows(b);
+            ApplyRope(*table, AxisPositions{axes}, config.axes, ops, options);
+          } else {
+            ApplyRope(*table, pos.Row(b), ops, options);
+          }
         }
       }
     } catch (const Error& e) {
@@ -829,6 +903,157 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
   return result;
 }
 
+// ---------------------------------------------------------------------------------------------
+// KV cache: fused rotate-and-append and context shift. The binding converts arguments; the
+// library checks shapes, slots and overlaps (ropekit::Error becomes ValueError).
+
+// A KV cache array: (S, Hkv, D) contiguous or (pages, P, Hkv, D) paged, C-contiguous, writeable.
+KvCacheView CacheArg(const Array& a, const std::string& name) {
+  if (a.shape.size() != 3 && a.shape.size() != 4) {
+    throw py::value_error(name + " must be (S, Hkv, D) or paged (pages, page_size, Hkv, D), got " +
+                          "shape " + ShapeString(a.shape));
+  }
+  int64_t expect = 1;
+  for (size_t i = a.shape.size(); i-- > 0;) {
+    if (a.shape[i] > 1 && a.strides[i] != expect) {
+      throw py::value_error(name + " must be C-contiguous, got strides " +
+                            ShapeString(a.strides));
+    }
+    expect *= a.shape[i];
+  }
+  if (!a.writeable) throw py::value_error(name + " is read-only");
+  if (a.elem == Elem::kF64) throw py::type_error(name + ": float64 caches are not supported");
+  const bool paged = a.shape.size() == 4;
+  const int64_t pages = paged ? a.shape[0] : 1;
+  const int64_t page = paged ? a.shape[1] : a.shape[0];
+  KvCacheView c = PagedKvCache(a.data, nullptr, ToDType(a.elem), pages, page,
+                               a.shape[a.shape.size() - 2], a.shape.back());
+  if (!paged) c = ContiguousKvCache(a.data, nullptr, ToDType(a.elem), page, c.num_heads, c.head_dim);
+  return c;
+}
+
+// A [T, H, D] tensor argument with contiguous channels (q must also be writeable).
+TensorView TokenArg(const Array& a, const std::string& name, bool write) {
+  if (a.shape.size() != 3) {
+    throw py::value_error(name + " must be (T, H, D), got shape " + ShapeString(a.shape));
+  }
+  if (!KernelReadable(a) || !NonOverlapping(a)) {
+    throw py::value_error(name + " needs contiguous channels and non-overlapping, positive " +
+                          "strides, got strides " + ShapeString(a.strides));
+  }
+  if (write && !a.writeable) throw py::value_error(name + " is read-only; it is rotated in place");
+  if (a.elem == Elem::kF64) throw py::type_error(name + ": float64 is not supported here");
+  Batched b = Interpret(a, false, name);
+  return b.View(0);
+}
+
+std::vector<int64_t> SlotsArg(py::handle h, int64_t count) {
+  IntArray ints = ReadInts(h, "slots");
+  if (ints.shape.size() != 1 || (count >= 0 && ints.shape[0] != count)) {
+    throw py::value_error("slots has shape " + ShapeString(ints.shape) + "; expected (" +
+                          (count >= 0 ? std::to_string(count) : std::string("n")) + ",)");
+  }
+  std::vector<int64_t> out(static_cast<size_t>(ints.shape[0]));
+  for (size_t i = 0; i < out.size(); ++i) {
+    out[i] = ints.itemsize == 4 ? static_cast<const int32_t*>(ints.data)[i]
+                                : static_cast<const int64_t*>(ints.data)[i];
+  }
+  return out;
+}
+
+void SameFamily(const std::vector<std::pair<const Array*, std::string>>& arrays) {
+  for (const auto& [a, name] : arrays) {
+    if (a->is_torch != arrays[0].first->is_torch || a->elem != arrays[0].first->elem) {
+      throw py::type_error(name + " is a " + TypeName(a->obj) + " of dtype " + ElemName(a->elem) +
+                           " but " + arrays[0].second + " is a " +
+                           TypeName(arrays[0].first->obj) + " of dtype " +
+                           ElemName(arrays[0].first->elem) + "; they must match");
+    }
+  }
+}
+
+void BumpVersion(const Array& a) {
+  if (a.is_torch) a.obj.attr("narrow")(-1, 0, 0).attr("zero_")();
+}
+
+py::object RopeAndAppend(py::object q, py::object k, py::object v, py::handle positions,
+                         py::object cache_k, py::object cache_v, py::handle slots,
+                         const Config& config, std::optional<std::string> layout,
+                         const std::string& numerics, std::optional<int64_t> num_threads) {
+  const Array qa = InspectFloat(q, "q"), ka = InspectFloat(k, "k"), va = InspectFloat(v, "v");
+  const Array cka = InspectFloat(cache_k, "cache_k"), cva = InspectFloat(cache_v, "cache_v");
+  SameFamily({{&qa, "q"}, {&ka, "k"}, {&va, "v"}, {&cka, "cache_k"}, {&cva, "cache_v"}});
+  for (const auto& [a, name] : {std::pair{&qa, "q"}, {&ka, "k"}, {&va, "v"}}) {
+    CheckNoGradRecording(*a, name);
+  }
+  if (config.axes.multimodal()) {
+    throw py::value_error("apply_rope_and_append takes one-axis positions; this config rotates "
+                          "with " + std::to_string(config.axes.num_axes()) +
+                          " position axes (M-RoPE)");
+  }
+  const TensorView qv = TokenArg(qa, "q", true);
+  const TensorView kv = TokenArg(ka, "k", false), vv = TokenArg(va, "v", false);
+  KvCacheView cache = CacheArg(cka, "cache_k");
+  const KvCacheView cache_v_view = CacheArg(cva, "cache_v");
+  if (cka.shape != cva.shape) {
+    throw py::value_error("cache_v has shape " + ShapeString(cva.shape) +
+                          " but cache_k has shape " + ShapeString(cka.shape));
+  }
+  cache.v = cache_v_view.k;
+  const Positions pos = InspectPositions(positions, 1, qv.num_tokens);
+  if (pos.rows != 1) throw py::value_error("positions must be 1-D (T,)");
+  const std::vector<int64_t> slot_list = SlotsArg(slots, qv.num_tokens);
+  const int64_t key = SeqLenKey(config.params, std::nullopt, pos.max_position);
+  const std::shared_ptr<RopeTable> table =
+      config.cache->Get(config.params, NumericsArg(numerics), key);
+  RotateOptions options;
+  options.layout = LayoutArg(layout, config);
+  {
+    py::gil_scoped_release release;
+    PoolLease lease(ThreadsFor(num_threads, NumElements(qa) + 2 * NumElements(ka)));
+    options.pool = lease.get();
+    ApplyRopeAndAppend(*table, pos.Row(0), RopeOperand{qv, qv}, kv, vv, cache, slot_list,
+                       options);
+  }
+  BumpVersion(qa);
+  BumpVersion(cka);
+  BumpVersion(cva);
+  return q;
+}
+
+py::object ShiftCachedKeys(py::object cache_k, int64_t delta, const Config& config,
+                           py::object slots, std::optional<std::string> layout,
+                           const std::string& numerics, std::optional<int64_t> seq_len,
+                           std::optional<int64_t> num_threads) {
+  const Array a = InspectFloat(cache_k, "cache_k");
+  CheckNoGradRecording(a, "cache_k");
+  if (config.axes.multimodal()) {
+    throw py::value_error("shift_keys: a context shift moves one-axis positions; M-RoPE caches "
+                          "(multimodal positions) cannot be shifted by one delta");
+  }
+  const KvCacheView cache = CacheArg(a, "cache_k");
+  std::vector<int64_t> slot_list;
+  if (slots.is_none()) {
+    slot_list.resize(static_cast<size_t>(cache.num_slots));
+    for (int64_t s = 0; s < cache.num_slots; ++s) slot_list[s] = s;
+  } else {
+    slot_list = SlotsArg(slots, -1);
+  }
+  const int64_t key = SeqLenKey(config.params, seq_len, 0);
+  const std::shared_ptr<RopeTable> table =
+      config.cache->Get(config.params, NumericsArg(numerics), key);
+  RotateOptions options;
+  options.layout = LayoutArg(layout, config);
+  {
+    py::gil_scoped_release release;
+    PoolLease lease(ThreadsFor(num_threads, NumElements(a)));
+    options.pool = lease.get();
+    ShiftKeys(*table, cache, slot_list, delta, options);
+  }
+  BumpVersion(a);
+  return cache_k;
+}
+
 py::array_t<double> ToNumpy(const std::vector<double>& v) {
   py::array_t<double> a(static_cast<py::ssize_t>(v.size()));
   std::copy(v.begin(), v.end(), a.mutable_data());
@@ -842,6 +1067,7 @@ Config FromHf(const HfRopeConfig& hf) {
   c.model_type = hf.model_type;
   c.num_attention_heads = hf.num_attention_heads;
   c.num_key_value_heads = hf.num_key_value_heads;
+  c.axes = hf.axes;
   return c;
 }
 
@@ -922,7 +1148,8 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
                        std::optional<double> attention_factor,
                        std::optional<std::vector<double>> short_factor,
                        std::optional<std::vector<double>> long_factor, double low_freq_factor,
-                       double high_freq_factor, const std::string& layout) {
+                       double high_freq_factor, const std::string& layout,
+                       std::optional<std::vector<int>> mrope_section, bool mrope_interleaved) {
              Config c;
              RopeParams& p = c.params;
              try {
@@ -979,6 +1206,16 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
              } catch (const Error& e) {
                throw py::value_error("layout: " + std::string(e.what()));
              }
+             if (mrope_section) c.axes.sections = *mrope_section;
+             c.axes.interleaved = mrope_interleaved;
+             if (mrope_interleaved && !mrope_section) {
+               throw py::value_error("mrope_interleaved=True needs mrope_section");
+             }
+             try {
+               c.axes.PairAxes(p.rotary_dim / 2);
+             } catch (const Error& e) {
+               throw py::value_error("mrope_section: " + std::string(e.what()));
+             }
              return c;
            }),
            py::kw_only(), py::arg("rope_type") = "default", py::arg("base") = 10000.0,
@@ -990,7 +1227,8 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
            py::arg("truncate") = true, py::arg("attention_factor") = py::none(),
            py::arg("short_factor") = py::none(), py::arg("long_factor") = py::none(),
            py::arg("low_freq_factor") = 1.0, py::arg("high_freq_factor") = 4.0,
-           py::arg("layout") = "neox",
+           py::arg("layout") = "neox", py::arg("mrope_section") = py::none(),
+           py::arg("mrope_interleaved") = false,
            "Keyword constructor for every RopeParams field. rotary_dim defaults to head_dim "
            "(or int(head_dim * partial_rotary_factor)); factor=None and "
            "original_max_position_embeddings=None mean 'absent'. Raises ValueError naming the "
@@ -1027,6 +1265,9 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
       .def_property_readonly("layout",
                              [](const Config& c) { return std::string(LayoutName(c.layout)); })
       .def_property_readonly("model_type", [](const Config& c) { return c.model_type; })
+      .def_property_readonly("mrope_section", [](const Config& c) { return c.axes.sections; })
+      .def_property_readonly("mrope_interleaved",
+                             [](const Config& c) { return c.axes.interleaved; })
       .def_property_readonly("num_attention_heads",
                              [](const Config& c) { return c.num_attention_heads; })
       .def_property_readonly("num_key_value_heads",
@@ -1126,14 +1367,26 @@ Each config caches its cos/sin tables per (numerics, sequence length), so reuse 
       py::arg("backward") = false, py::arg("seq_len") = py::none(),
       py::arg("num_threads") = py::none(), py::arg("head_major") = false,
       "Rotates q [.., H, D] and k [.., Hkv, D] by the same positions in one call.");
+  m.def("apply_rope_and_append", &RopeAndAppend, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("positions"), py::arg("cache_k"), py::arg("cache_v"), py::arg("slots"),
+        py::arg("config"), py::kw_only(), py::arg("layout") = py::none(),
+        py::arg("numerics") = "exact", py::arg("num_threads") = py::none(),
+        "Rotates q [T, H, D] in place and k [T, Hkv, D] at `positions`, and writes the rotated "
+        "k and v into cache_k / cache_v ((S, Hkv, D) or paged (pages, page_size, Hkv, D)) at "
+        "`slots` (T cache rows; negative = padding, skipped) in one pass. Returns q.");
+  m.def("shift_keys", &ShiftCachedKeys, py::arg("cache_k"), py::arg("delta"), py::arg("config"),
+        py::kw_only(), py::arg("slots") = py::none(), py::arg("layout") = py::none(),
+        py::arg("numerics") = "exact", py::arg("seq_len") = py::none(),
+        py::arg("num_threads") = py::none(),
+        "Context shift: re-rotates the cached keys at `slots` (default: every slot) in place "
+        "by `delta` positions (pure rotation, no attention factor). Returns cache_k.");
   m.def(
       "set_num_threads",
       [](int64_t n) {
-        if (n < 0 || n > 1024) {
-          throw py::value_error(
-              "num_threads must be in [0, 1024] (0: all hardware threads), "
-              "got " +
-              std::to_string(n));
+        if (n < 0 || n > static_cast<int64_t>(ropekit::kMaxThreads)) {
+          throw py::value_error("num_threads must be in [0, " +
+                                std::to_string(ropekit::kMaxThreads) +
+                                "] (0: all hardware threads), got " + std::to_string(n));
         }
         g_default_threads = n == 0 ? HardwareThreads() : static_cast<size_t>(n);
       },

@@ -5,6 +5,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "src/kernels/rope-inl.h"
+#include "src/kernels/rope_engine-inl.h"
 
 #if HWY_ONCE
 #include "hwy/targets.h"
@@ -15,6 +16,24 @@ HWY_EXPORT(RotateTokens);
 
 void RotateTokensSimd(const RotateJob& job, int64_t t_begin, int64_t t_end) {
   HWY_DYNAMIC_DISPATCH(RotateTokens)(job, t_begin, t_end);
+}
+
+HWY_EXPORT(RotateTokensAxes);
+HWY_EXPORT(RotateAppendTokens);
+HWY_EXPORT(RotateSlots);
+HWY_EXPORT(RotateTokensPlanned);
+
+void RotateTokensAxesSimd(const AxesJob& job, int64_t t_begin, int64_t t_end) {
+  HWY_DYNAMIC_DISPATCH(RotateTokensAxes)(job, t_begin, t_end);
+}
+void RotateAppendTokensSimd(const AppendJob& job, int64_t t_begin, int64_t t_end) {
+  HWY_DYNAMIC_DISPATCH(RotateAppendTokens)(job, t_begin, t_end);
+}
+void RotateSlotsSimd(const SlotRotateJob& job, int64_t s_begin, int64_t s_end) {
+  HWY_DYNAMIC_DISPATCH(RotateSlots)(job, s_begin, s_end);
+}
+void RotateTokensPlannedSimd(const RotateJob& job, int64_t t_begin, int64_t t_end) {
+  HWY_DYNAMIC_DISPATCH(RotateTokensPlanned)(job, t_begin, t_end);
 }
 
 std::string SimdTargetName() {

@@ -6,23 +6,44 @@
 // is padded with spaces to a multiple of 8 bytes. ropekit adds "ropekit.fnv1a64" (FNV-1a 64 of
 // the data bytes, hex) to the metadata and verifies it on read when present, so a corrupted
 // payload is reported, not silently loaded.
+//
+// A checkpoint directory commits as one unit:
+//   <dir>/step-00000020/       config.json, model.safetensors, optimizer.safetensors,
+//                              trainer_state.json and manifest.json (written last): the step and
+//                              the size and FNV-1a 64 checksum of every file
+//   <dir>/current              symbolic link -> step-00000020: THE commit point, switched by one
+//                              atomic rename after the step directory is complete and synced
+//   <dir>/config.json ...      fixed symbolic links -> current/<file>, so the directory loads as
+//                              a Hugging Face model directory and always shows one step
+// The previous step directory is removed only after `current` points at the new one, so a crash
+// at any point leaves either the old or the new checkpoint, complete. Loading resolves `current`
+// once and checks every file against the manifest (and the step recorded inside each file).
+// Directories without `current` (Hugging Face models, older ropekit checkpoints) load as plain
+// files; their parts must still agree on the step.
 #include <algorithm>
 #include <bit>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
-#include <sstream>
+#include <optional>
 
 #include "ropekit/model.h"
+#include "src/util/file.h"
 #include "src/util/half.h"
-#include "src/util/npy.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit {
 namespace {
 
+namespace fs = std::filesystem;
 using Json = nlohmann::ordered_json;
 static_assert(std::endian::native == std::endian::little, "little-endian hosts only");
+
+constexpr const char* kCurrent = "current";
+constexpr const char* kManifest = "manifest.json";
+constexpr const char* kCheckpointFiles[] = {"config.json", "model.safetensors",
+                                            "optimizer.safetensors", "trainer_state.json"};
 
 uint64_t Fnv1a64(const uint8_t* data, size_t size) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -39,77 +60,22 @@ std::string Hex(uint64_t v) {
   return buf;
 }
 
-std::vector<uint8_t> ReadAll(const std::string& path) {
+std::string Join(const std::string& dir, const std::string& file) {
+  return (fs::path(dir) / file).string();
+}
+
+std::string ReadExisting(const std::string& path) {
   std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) throw Error(path + ": file not found");
-  if (!std::filesystem::is_regular_file(path, ec)) throw Error(path + ": not a regular file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the file for reading");
-  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
-                             std::istreambuf_iterator<char>());
-  if (in.bad()) throw Error(path + ": read error");
-  return bytes;
+  if (!fs::exists(path, ec)) throw Error(path + ": file not found");
+  return ReadFileToString(path);
 }
 
-std::string ReadString(const std::string& path) {
-  const std::vector<uint8_t> b = ReadAll(path);
-  return std::string(b.begin(), b.end());
-}
+struct ParsedSafetensors {
+  std::vector<SafeTensor> tensors;
+  std::map<std::string, std::string> metadata;
+};
 
-void WriteString(const std::string& path, const std::string& text) {
-  WriteFileAtomic(path, text.data(), text.size());
-}
-
-std::string Join(const std::string& dir, const char* file) {
-  return (std::filesystem::path(dir) / file).string();
-}
-
-}  // namespace
-
-void WriteSafetensors(const std::string& path, const std::vector<SafeTensor>& tensors,
-                      const std::vector<std::pair<std::string, std::string>>& metadata) {
-  Json header = Json::object();
-  size_t offset = 0;
-  for (const SafeTensor& t : tensors) {
-    int64_t numel = 1;
-    for (int64_t s : t.shape) numel *= s;
-    if (numel != static_cast<int64_t>(t.data.size())) {
-      throw Error("safetensors: tensor " + t.name + " has " + std::to_string(t.data.size()) +
-                  " values for its shape's " + std::to_string(numel));
-    }
-    if (header.contains(t.name) || t.name == "__metadata__") {
-      throw Error("safetensors: duplicate or reserved tensor name " + t.name);
-    }
-    Json e;
-    e["dtype"] = "F32";
-    e["shape"] = t.shape;
-    e["data_offsets"] = {offset, offset + t.data.size() * 4};
-    header[t.name] = e;
-    offset += t.data.size() * 4;
-  }
-  std::vector<uint8_t> data(offset);
-  size_t at = 0;
-  for (const SafeTensor& t : tensors) {
-    if (!t.data.empty()) std::memcpy(data.data() + at, t.data.data(), t.data.size() * 4);
-    at += t.data.size() * 4;
-  }
-  Json meta = Json::object();
-  for (const auto& [k, v] : metadata) meta[k] = v;
-  meta["format"] = "pt";
-  meta["ropekit.fnv1a64"] = Hex(Fnv1a64(data.data(), data.size()));
-  header["__metadata__"] = meta;
-  std::string text = header.dump();
-  while (text.size() % 8 != 0) text.push_back(' ');
-  std::vector<uint8_t> file(8 + text.size() + data.size());
-  const uint64_t n = text.size();
-  std::memcpy(file.data(), &n, 8);
-  std::memcpy(file.data() + 8, text.data(), text.size());
-  if (!data.empty()) std::memcpy(file.data() + 8 + text.size(), data.data(), data.size());
-  WriteFileAtomic(path, file.data(), file.size());
-}
-
-std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
-  const std::vector<uint8_t> file = ReadAll(path);
+ParsedSafetensors ParseSafetensors(const std::string& file, const std::string& path) {
   auto fail = [&](const std::string& what) -> void {
     throw Error(path + ": corrupt or truncated safetensors file: " + what);
   };
@@ -120,16 +86,26 @@ std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
     fail("header length " + std::to_string(n) + " exceeds the file size " +
          std::to_string(file.size()));
   }
+  const std::string_view header_text(file.data() + 8, n);
+  CheckJsonLimits(header_text, path + ": safetensors header");
   Json header;
   try {
-    header = Json::parse(file.begin() + 8, file.begin() + 8 + static_cast<int64_t>(n));
+    header = Json::parse(header_text);
   } catch (const std::exception& e) {
     fail(std::string("header is not valid JSON (") + e.what() + ")");
   }
   if (!header.is_object()) fail("header is not a JSON object");
-  const uint8_t* data = file.data() + 8 + n;
+  const auto* data = reinterpret_cast<const uint8_t*>(file.data()) + 8 + n;
   const size_t data_size = file.size() - 8 - n;
-  std::vector<SafeTensor> out;
+  ParsedSafetensors out;
+  if (header.contains("__metadata__")) {
+    const Json& meta = header["__metadata__"];
+    if (!meta.is_object()) fail("__metadata__ must be an object of strings, got " + meta.dump());
+    for (auto it = meta.begin(); it != meta.end(); ++it) {
+      if (!it.value().is_string()) fail("__metadata__ value of " + it.key() + " is not a string");
+      out.metadata[it.key()] = it.value().get<std::string>();
+    }
+  }
   size_t max_end = 0;
   std::vector<std::pair<size_t, size_t>> ranges;
   for (auto it = header.begin(); it != header.end(); ++it) {
@@ -184,14 +160,10 @@ std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
       for (uint64_t i = 0; i < numel; ++i) {
         uint16_t bits;
         std::memcpy(&bits, src + 2 * i, 2);
-        if (dtype == "BF16") {
-          t.data[i] = Bf16ToFloat(bits);
-        } else {
-          t.data[i] = F16ToFloat(bits);
-        }
+        t.data[i] = dtype == "BF16" ? Bf16ToFloat(bits) : F16ToFloat(bits);
       }
     }
-    out.push_back(std::move(t));
+    out.tensors.push_back(std::move(t));
   }
   std::sort(ranges.begin(), ranges.end());
   for (size_t i = 1; i < ranges.size(); ++i) {
@@ -201,55 +173,183 @@ std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
     fail("the data has " + std::to_string(data_size) + " bytes but the tensors cover " +
          std::to_string(max_end));
   }
-  if (header.contains("__metadata__") && header["__metadata__"].is_object() &&
-      header["__metadata__"].contains("ropekit.fnv1a64")) {
-    const Json& h = header["__metadata__"]["ropekit.fnv1a64"];
-    if (!h.is_string() || h.get<std::string>() != Hex(Fnv1a64(data, data_size))) {
+  if (auto it = out.metadata.find("ropekit.fnv1a64"); it != out.metadata.end()) {
+    if (it->second != Hex(Fnv1a64(data, data_size))) {
       fail("the data checksum (ropekit.fnv1a64) does not match");
     }
   }
   return out;
 }
 
-void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerState* optimizer,
-                    const TrainConfig* train_config) {
+// ---------------------------------------------------------------------------------------------
+// The committed state of a checkpoint directory.
+
+struct FileRecord {
+  uint64_t bytes = 0;
+  std::string fnv1a64;
+};
+
+struct Resolved {
+  std::string dir;   // the directory the files are read from (a step directory or `dir` itself)
+  std::string link;  // target of `current` ("" for a plain directory)
+  std::optional<int64_t> step;              // from the manifest
+  std::map<std::string, FileRecord> files;  // from the manifest
+};
+
+std::string ReadLink(const std::string& path) {
   std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec || !std::filesystem::is_directory(dir)) {
-    throw Error(dir + ": cannot create the checkpoint directory" +
-                (ec ? " (" + ec.message() + ")" : std::string()));
+  const fs::path target = fs::read_symlink(path, ec);
+  return ec ? std::string() : target.string();
+}
+
+std::vector<std::string> StepDirectories(const std::string& dir) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.rfind("step-", 0) == 0 && it->is_directory(ec) && !it->is_symlink(ec)) {
+      out.push_back(name);
+    }
   }
-  const std::string step = std::to_string(optimizer ? optimizer->step : 0);
-  WriteString(Join(dir, "config.json"), ModelConfigToJson(model.config()));
-  std::vector<SafeTensor> tensors;
-  const std::span<const float> p = model.parameters();
-  for (const TensorInfo& t : model.tensors()) {
-    tensors.push_back(
-        {t.name, t.shape, std::vector<float>(p.begin() + t.offset, p.begin() + t.offset + t.size)});
+  return out;
+}
+
+Resolved Resolve(const std::string& dir) {
+  Resolved r;
+  const std::string current = Join(dir, kCurrent);
+  std::error_code ec;
+  if (!fs::is_symlink(current, ec)) {
+    r.dir = dir;
+    if (!fs::exists(Join(dir, "config.json"), ec)) {
+      const std::vector<std::string> steps = StepDirectories(dir);
+      if (!steps.empty()) {
+        throw Error(dir + ": no committed checkpoint (" + steps.front() +
+                    " is the remains of an interrupted first save, and `current` is missing)");
+      }
+    }
+    return r;
   }
-  WriteSafetensors(Join(dir, "model.safetensors"), tensors, {{"ropekit.step", step}});
-  if (optimizer) {
-    const int64_t P = static_cast<int64_t>(optimizer->m.size());
-    WriteSafetensors(Join(dir, "optimizer.safetensors"),
-                     {{"adam.m", {P}, optimizer->m}, {"adam.v", {P}, optimizer->v}},
-                     {{"ropekit.step", step}});
-    Json state;
-    state["step"] = optimizer->step;
-    if (train_config) state["train_config"] = Json::parse(TrainConfigToJson(*train_config));
-    WriteString(Join(dir, "trainer_state.json"), state.dump(2) + "\n");
+  r.link = ReadLink(current);
+  if (r.link.empty() || r.link.find('/') != std::string::npos || r.link.rfind("step-", 0) != 0) {
+    throw Error(current + ": expected a link to a step-* directory, got '" + r.link + "'");
+  }
+  r.dir = Join(dir, r.link);
+  const std::string manifest_path = Join(r.dir, kManifest);
+  const std::string text = ReadExisting(manifest_path);
+  CheckJsonLimits(text, manifest_path);
+  try {
+    const Json m = Json::parse(text);
+    if (!m.is_object() || m.value("format", "") != "ropekit-checkpoint") {
+      throw Error("not a ropekit checkpoint manifest");
+    }
+    if (!m.at("step").is_number_integer()) throw Error("step must be an integer");
+    r.step = m.at("step").get<int64_t>();
+    for (auto it = m.at("files").begin(); it != m.at("files").end(); ++it) {
+      const Json& f = it.value();
+      if (!f.at("bytes").is_number_unsigned() || !f.at("fnv1a64").is_string()) {
+        throw Error("files." + it.key() + " needs bytes and fnv1a64");
+      }
+      r.files[it.key()] = {f.at("bytes").get<uint64_t>(), f.at("fnv1a64").get<std::string>()};
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(manifest_path + ": corrupt checkpoint manifest (" + e.what() + ")");
+  } catch (const Error& e) {
+    throw Error(manifest_path + ": corrupt checkpoint manifest (" + e.what() + ")");
+  }
+  return r;
+}
+
+std::string ReadPart(const Resolved& r, const std::string& name) {
+  return ReadExisting(Join(r.dir, name));
+}
+
+// Checks a part against the manifest. Called after the part's own parser accepted it, so that
+// a damaged file is reported as such (truncated, bad JSON) and a foreign one as a mismatch.
+void VerifyPart(const Resolved& r, const std::string& name, const std::string& bytes) {
+  const std::string path = Join(r.dir, name);
+  if (!r.step) return;
+  const auto it = r.files.find(name);
+  if (it == r.files.end()) {
+    throw Error(path + ": not part of the checkpoint committed at step " + std::to_string(*r.step) +
+                " (" + kManifest + " does not list it)");
+  }
+  const std::string sum =
+      Hex(Fnv1a64(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()));
+  if (bytes.size() != it->second.bytes || sum != it->second.fnv1a64) {
+    throw Error(path + ": does not match the checkpoint manifest of step " +
+                std::to_string(*r.step) + " (" + std::to_string(bytes.size()) +
+                " bytes, checksum " + sum + "; the manifest records " +
+                std::to_string(it->second.bytes) + " bytes, checksum " + it->second.fnv1a64 +
+                "): the file was changed or replaced after the checkpoint was saved");
   }
 }
 
-Model LoadModel(const std::string& dir, const LoadOptions& options) {
-  const std::string config_path = Join(dir, "config.json");
-  ModelConfig config = ModelConfigFromJson(ReadString(config_path), config_path);
+// The "ropekit.step" a safetensors file records, if any.
+std::optional<int64_t> RecordedStep(const ParsedSafetensors& st, const std::string& path) {
+  const auto it = st.metadata.find("ropekit.step");
+  if (it == st.metadata.end()) return std::nullopt;
+  const std::string& s = it->second;
+  if (s.empty() || s.size() > 18 || !std::all_of(s.begin(), s.end(), ::isdigit)) {
+    throw Error(path + ": __metadata__ ropekit.step must be a non-negative integer, got '" + s +
+                "'");
+  }
+  return std::stoll(s);
+}
+
+void RequireStep(std::optional<int64_t> expected, const std::string& expected_from,
+                 std::optional<int64_t> got, const std::string& path) {
+  if (expected && got && *expected != *got) {
+    throw Error(path + " is from step " + std::to_string(*got) + " but " + expected_from +
+                " is from step " + std::to_string(*expected) +
+                ": the checkpoint mixes two saves and cannot be resumed");
+  }
+}
+
+// A lower bound of the weight bytes `config` implies (the matrices every position encoding has,
+// at 2 bytes per value, the narrowest dtype read). 128-bit arithmetic: each factor is below 2^24
+// (ModelConfig::Resolved() bounds them), so no product comes near 2^128.
+unsigned __int128 MinWeightBytes(const ModelConfig& c) {
+  using U = unsigned __int128;
+  const U d = static_cast<U>(c.hidden_size), V = static_cast<U>(c.vocab_size);
+  const U L = static_cast<U>(c.num_layers), F = static_cast<U>(c.intermediate_size);
+  const U HD = static_cast<U>(c.num_heads) * static_cast<U>(c.resolved_head_dim());
+  const U KD = static_cast<U>(c.num_kv_heads) * static_cast<U>(c.resolved_head_dim());
+  return 2 * (V * d + L * (d * (2 * HD + 2 * KD) + 3 * d * F));
+}
+
+std::string U128ToString(unsigned __int128 v) {
+  std::string s;
+  do {
+    s.insert(s.begin(), static_cast<char>('0' + static_cast<int>(v % 10)));
+    v /= 10;
+  } while (v != 0);
+  return s;
+}
+
+Model LoadModelFrom(const Resolved& r, const LoadOptions& options, std::optional<int64_t>* step) {
+  const std::string config_path = Join(r.dir, "config.json");
+  const std::string config_text = ReadPart(r, "config.json");
+  ModelConfig config = ModelConfigFromJson(config_text, config_path).Resolved();
+  VerifyPart(r, "config.json", config_text);
+  const std::string weights_path = Join(r.dir, "model.safetensors");
+  const std::string weights = ReadPart(r, "model.safetensors");
+  const ParsedSafetensors parsed = ParseSafetensors(weights, weights_path);
+  VerifyPart(r, "model.safetensors", weights);
+  *step = RecordedStep(parsed, weights_path);
+  RequireStep(r.step, Join(r.dir, kManifest), *step, weights_path);
+  // Before the model (whose size the config alone decides) is allocated.
+  if (weights.size() < MinWeightBytes(config)) {
+    throw Error(weights_path + ": " + std::to_string(weights.size()) + " bytes, but " +
+                config_path + " (hidden_size " + std::to_string(config.hidden_size) + ", " +
+                std::to_string(config.num_layers) + " layers) implies at least " +
+                U128ToString(MinWeightBytes(config)) +
+                " bytes of weights: the weights do not belong to this config");
+  }
   Model model(config, 0);
   if (options.rope_override) model.SetRopeParams(*options.rope_override);
-  const std::string weights_path = Join(dir, "model.safetensors");
-  std::vector<SafeTensor> tensors = ReadSafetensors(weights_path);
   std::span<float> params = model.parameters();
   std::vector<bool> seen(model.tensors().size(), false);
-  for (const SafeTensor& t : tensors) {
+  for (const SafeTensor& t : parsed.tensors) {
     size_t index = model.tensors().size();
     for (size_t i = 0; i < model.tensors().size(); ++i) {
       if (model.tensors()[i].name == t.name) index = i;
@@ -275,12 +375,37 @@ Model LoadModel(const std::string& dir, const LoadOptions& options) {
   return model;
 }
 
-OptimizerState LoadOptimizerState(const std::string& dir, const Model& model) {
-  const std::string path = Join(dir, "optimizer.safetensors");
-  const std::string state_path = Join(dir, "trainer_state.json");
-  std::vector<SafeTensor> tensors = ReadSafetensors(path);
+Json ParseTrainerState(const Resolved& r) {
+  const std::string path = Join(r.dir, "trainer_state.json");
+  const std::string text = ReadPart(r, "trainer_state.json");
+  CheckJsonLimits(text, path);
+  Json j;
+  try {
+    j = Json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(path + ": corrupt trainer state (" + e.what() + ")");
+  }
+  VerifyPart(r, "trainer_state.json", text);
+  if (!j.is_object() || !j.contains("step") || !j["step"].is_number_integer() ||
+      j["step"].get<int64_t>() < 0) {
+    throw Error(path + ": step must be an integer >= 0" +
+                (j.is_object() && j.contains("step") ? ", got " + j["step"].dump() : ""));
+  }
+  RequireStep(r.step, Join(r.dir, kManifest), j["step"].get<int64_t>(), path);
+  return j;
+}
+
+OptimizerState LoadOptimizerFrom(const Resolved& r, const Model& model,
+                                 std::optional<int64_t> model_step) {
+  const std::string path = Join(r.dir, "optimizer.safetensors");
+  const std::string state_path = Join(r.dir, "trainer_state.json");
+  const std::string bytes = ReadPart(r, "optimizer.safetensors");
+  ParsedSafetensors parsed = ParseSafetensors(bytes, path);
+  VerifyPart(r, "optimizer.safetensors", bytes);
+  const std::optional<int64_t> opt_step = RecordedStep(parsed, path);
+  RequireStep(r.step, Join(r.dir, kManifest), opt_step, path);
   OptimizerState state;
-  for (SafeTensor& t : tensors) {
+  for (SafeTensor& t : parsed.tensors) {
     if (t.name == "adam.m")
       state.m = std::move(t.data);
     else if (t.name == "adam.v")
@@ -290,29 +415,234 @@ OptimizerState LoadOptimizerState(const std::string& dir, const Model& model) {
     throw Error(path + ": adam.m / adam.v must each hold " +
                 std::to_string(model.parameters().size()) + " floats for this model");
   }
-  Json j;
-  try {
-    j = Json::parse(ReadString(state_path));
-    state.step = j.at("step").get<int64_t>();
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(state_path + ": corrupt trainer state (" + e.what() + ")");
-  }
-  if (state.step < 0) throw Error(state_path + ": step must be >= 0");
+  state.step = ParseTrainerState(r)["step"].get<int64_t>();
+  RequireStep(state.step, state_path, opt_step, path);
+  RequireStep(state.step, state_path, model_step, Join(r.dir, "model.safetensors"));
   return state;
 }
 
-TrainConfig LoadTrainConfig(const std::string& dir) {
-  const std::string path = Join(dir, "trainer_state.json");
-  Json j;
-  try {
-    j = Json::parse(ReadString(path));
-  } catch (const nlohmann::json::exception& e) {
-    throw Error(path + ": corrupt trainer state (" + e.what() + ")");
-  }
-  if (!j.is_object() || !j.contains("train_config")) {
-    throw Error(path + ": no train_config recorded");
-  }
+TrainConfig LoadTrainConfigFrom(const Resolved& r) {
+  const Json j = ParseTrainerState(r);
+  const std::string path = Join(r.dir, "trainer_state.json");
+  if (!j.contains("train_config")) throw Error(path + ": no train_config recorded");
   return TrainConfigFromJson(j["train_config"].dump(), path);
+}
+
+// Runs `load` on the resolved checkpoint; if it fails because a concurrent save switched
+// `current` (and removed the step directory being read), resolves again and retries.
+template <typename F>
+auto WithResolved(const std::string& dir, F&& load) {
+  for (int attempt = 0;; ++attempt) {
+    const Resolved r = Resolve(dir);
+    try {
+      return load(r);
+    } catch (const Error&) {
+      if (attempt >= 3 || r.link.empty() || ReadLink(Join(dir, kCurrent)) == r.link) throw;
+    }
+  }
+}
+
+void RemoveOtherStepDirectories(const std::string& dir, const std::string& keep) {
+  for (const std::string& name : StepDirectories(dir)) {
+    if (name == keep) continue;
+    if (FaultPoint("remove", Join(dir, name)) != 0) continue;  // retried at the next save
+    std::error_code ec;
+    fs::remove_all(Join(dir, name), ec);
+  }
+}
+
+}  // namespace
+
+void WriteSafetensors(const std::string& path, const std::vector<SafeTensor>& tensors,
+                      const std::vector<std::pair<std::string, std::string>>& metadata) {
+  Json header = Json::object();
+  size_t offset = 0;
+  for (const SafeTensor& t : tensors) {
+    int64_t numel = 1;
+    for (int64_t s : t.shape) numel *= s;
+    if (numel != static_cast<int64_t>(t.data.size())) {
+      throw Error("safetensors: tensor " + t.name + " has " + std::to_string(t.data.size()) +
+                  " values for its shape's " + std::to_string(numel));
+    }
+    if (header.contains(t.name) || t.name == "__metadata__") {
+      throw Error("safetensors: duplicate or reserved tensor name " + t.name);
+    }
+    Json e;
+    e["dtype"] = "F32";
+    e["shape"] = t.shape;
+    e["data_offsets"] = {offset, offset + t.data.size() * 4};
+    header[t.name] = e;
+    offset += t.data.size() * 4;
+  }
+  std::vector<uint8_t> data(offset);
+  size_t at = 0;
+  for (const SafeTensor& t : tensors) {
+    if (!t.data.empty()) std::memcpy(data.data() + at, t.data.data(), t.data.size() * 4);
+    at += t.data.size() * 4;
+  }
+  Json meta = Json::object();
+  for (const auto& [k, v] : metadata) meta[k] = v;
+  meta["format"] = "pt";
+  meta["ropekit.fnv1a64"] = Hex(Fnv1a64(data.data(), data.size()));
+  header["__metadata__"] = meta;
+  std::string text = header.dump();
+  while (text.size() % 8 != 0) text.push_back(' ');
+  std::vector<uint8_t> file(8 + text.size() + data.size());
+  const uint64_t n = text.size();
+  std::memcpy(file.data(), &n, 8);
+  std::memcpy(file.data() + 8, text.data(), text.size());
+  if (!data.empty()) std::memcpy(file.data() + 8 + text.size(), data.data(), data.size());
+  WriteFileAtomic(path, file.data(), file.size());
+}
+
+std::vector<SafeTensor> ReadSafetensors(const std::string& path) {
+  return ParseSafetensors(ReadExisting(path), path).tensors;
+}
+
+void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerState* optimizer,
+                    const TrainConfig* train_config) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec || !fs::is_directory(dir)) {
+    throw Error(dir + ": cannot create the checkpoint directory" +
+                (ec ? " (" + ec.message() + ")" : std::string()));
+  }
+  const int64_t step_number = optimizer ? optimizer->step : 0;
+  const std::string step = std::to_string(step_number);
+  // The step directory: step-<8 digits>, or with a suffix when that name is the committed one.
+  const std::string committed = ReadLink(Join(dir, kCurrent));
+  char base[32];
+  std::snprintf(base, sizeof(base), "step-%08lld", static_cast<long long>(step_number));
+  std::string name = base;
+  for (int k = 2; name == committed; ++k) name = std::string(base) + "." + std::to_string(k);
+  const std::string step_dir = Join(dir, name);
+  fs::remove_all(step_dir, ec);  // the remains of an interrupted save of the same step
+  if (int err = FaultPoint("mkdir", step_dir); err != 0 || !fs::create_directory(step_dir, ec)) {
+    throw Error(step_dir + ": cannot create the step directory (" +
+                (err ? std::string(std::strerror(err)) : ec.message()) + ")");
+  }
+  std::map<std::string, FileRecord> records;
+  auto record = [&](const std::string& file) {
+    const std::string bytes = ReadFileToString(Join(step_dir, file));
+    records[file] = {bytes.size(),
+                     Hex(Fnv1a64(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()))};
+  };
+  WriteFileAtomic(Join(step_dir, "config.json"), ModelConfigToJson(model.config()));
+  record("config.json");
+  std::vector<SafeTensor> tensors;
+  const std::span<const float> p = model.parameters();
+  for (const TensorInfo& t : model.tensors()) {
+    tensors.push_back(
+        {t.name, t.shape, std::vector<float>(p.begin() + t.offset, p.begin() + t.offset + t.size)});
+  }
+  WriteSafetensors(Join(step_dir, "model.safetensors"), tensors, {{"ropekit.step", step}});
+  record("model.safetensors");
+  if (optimizer) {
+    const int64_t P = static_cast<int64_t>(optimizer->m.size());
+    WriteSafetensors(Join(step_dir, "optimizer.safetensors"),
+                     {{"adam.m", {P}, optimizer->m}, {"adam.v", {P}, optimizer->v}},
+                     {{"ropekit.step", step}});
+    record("optimizer.safetensors");
+    Json state;
+    state["step"] = optimizer->step;
+    if (train_config) state["train_config"] = Json::parse(TrainConfigToJson(*train_config));
+    WriteFileAtomic(Join(step_dir, "trainer_state.json"), state.dump(2) + "\n");
+    record("trainer_state.json");
+  }
+  Json manifest;
+  manifest["format"] = "ropekit-checkpoint";
+  manifest["version"] = 1;
+  manifest["step"] = step_number;
+  manifest["files"] = Json::object();
+  for (const auto& [file, rec] : records) {
+    manifest["files"][file] = {{"bytes", rec.bytes}, {"fnv1a64", rec.fnv1a64}};
+  }
+  WriteFileAtomic(Join(step_dir, kManifest), manifest.dump(2) + "\n");
+  SyncDirectory(step_dir);
+  // The Hugging Face view: fixed links through `current` (created once; a plain file left by an
+  // older layout is replaced; a link to a file this checkpoint lacks is removed).
+  bool changed = false;
+  for (const char* file : kCheckpointFiles) {
+    const std::string link = Join(dir, file);
+    const std::string target = std::string(kCurrent) + "/" + file;
+    if (records.count(file)) {
+      if (!fs::is_symlink(link, ec) || ReadLink(link) != target) {
+        ReplaceSymlink(link, target);
+        changed = true;
+      }
+    } else if (fs::is_symlink(link, ec) || fs::exists(link, ec)) {
+      if (int err = FaultPoint("unlink", link); err != 0 || !fs::remove(link, ec)) {
+        throw Error(link + ": cannot remove (" + (err ? std::strerror(err) : ec.message()) + ")");
+      }
+      changed = true;
+    }
+  }
+  if (changed) SyncDirectory(dir);
+  // The commit point.
+  ReplaceSymlink(Join(dir, kCurrent), name);
+  SyncDirectory(dir);
+  RemoveOtherStepDirectories(dir, name);
+}
+
+int CleanCheckpointDirectory(const std::string& dir) {
+  int removed = RemoveStaleTempFiles(dir);
+  const std::string committed = ReadLink(Join(dir, kCurrent));
+  for (const std::string& name : StepDirectories(dir)) {
+    if (name == committed) continue;
+    std::error_code ec;
+    if (fs::remove_all(Join(dir, name), ec) > 0) ++removed;
+  }
+  return removed;
+}
+
+std::optional<int64_t> FindCheckpoint(const std::string& dir) {
+  std::error_code ec;
+  if (fs::is_symlink(Join(dir, kCurrent), ec)) {
+    return WithResolved(dir, [](const Resolved& r) { return r.step.value_or(0); });
+  }
+  for (const char* file : kCheckpointFiles) {
+    // A link through a missing `current` is the remains of an interrupted first save.
+    if (fs::exists(Join(dir, file), ec)) return 0;
+  }
+  return std::nullopt;
+}
+
+void RemoveCheckpoint(const std::string& dir) {
+  std::error_code ec;
+  fs::remove(Join(dir, kCurrent), ec);  // first: from here on nothing is committed
+  if (ec) throw Error(Join(dir, kCurrent) + ": cannot remove (" + ec.message() + ")");
+  for (const char* file : kCheckpointFiles) {
+    fs::remove(Join(dir, file), ec);
+    if (ec) throw Error(Join(dir, file) + ": cannot remove (" + ec.message() + ")");
+  }
+  CleanCheckpointDirectory(dir);
+  SyncDirectory(dir);
+}
+
+Model LoadModel(const std::string& dir, const LoadOptions& options) {
+  return WithResolved(dir, [&](const Resolved& r) {
+    std::optional<int64_t> step;
+    return LoadModelFrom(r, options, &step);
+  });
+}
+
+TrainingCheckpoint LoadCheckpoint(const std::string& dir) {
+  return WithResolved(dir, [&](const Resolved& r) {
+    std::optional<int64_t> model_step;
+    Model model = LoadModelFrom(r, {}, &model_step);
+    OptimizerState state = LoadOptimizerFrom(r, model, model_step);
+    TrainConfig config = LoadTrainConfigFrom(r);
+    return TrainingCheckpoint{std::move(model), std::move(state), std::move(config)};
+  });
+}
+
+OptimizerState LoadOptimizerState(const std::string& dir, const Model& model) {
+  return WithResolved(dir,
+                      [&](const Resolved& r) { return LoadOptimizerFrom(r, model, std::nullopt); });
+}
+
+TrainConfig LoadTrainConfig(const std::string& dir) {
+  return WithResolved(dir, [&](const Resolved& r) { return LoadTrainConfigFrom(r); });
 }
 
 }  // namespace ropekit

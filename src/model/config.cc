@@ -8,6 +8,7 @@
 #include "ropekit/hf_config.h"
 #include "ropekit/model.h"
 #include "src/util/file.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit {
 namespace {
@@ -197,6 +198,7 @@ std::string ModelConfigToJson(const ModelConfig& config) {
 }
 
 ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& name) {
+  CheckJsonLimits(json_text, name);
   Json j;
   try {
     j = Json::parse(json_text);

@@ -5,16 +5,10 @@
 #include <numeric>
 
 #include "ropekit/model.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
-
-uint64_t SplitMix(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
 
 }  // namespace
 
@@ -62,7 +56,7 @@ int32_t Sampler::Sample(std::span<const float> logits) {
     sum = 0.0;
     for (int64_t i = 0; i < keep; ++i) sum += p[i];
   }
-  const double u = static_cast<double>(SplitMix(state_) >> 11) * 0x1.0p-53 * sum;
+  const double u = UnitInterval53(SplitMix64(state_)) * sum;
   double cum = 0.0;
   for (int64_t i = 0; i < keep; ++i) {
     cum += p[i];
@@ -73,11 +67,36 @@ int32_t Sampler::Sample(std::span<const float> logits) {
 
 std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int64_t max_new_tokens,
                               const SamplerConfig& sampler_config, ThreadPool* pool,
-                              const std::function<void(int32_t)>& on_token) {
+                              const std::function<void(int32_t)>& on_token,
+                              const ContextShiftConfig* shift) {
   if (prompt.empty()) throw Error("generate: the prompt must hold at least one token");
   if (max_new_tokens < 0) throw Error("generate: max_new_tokens must be >= 0");
+  const int64_t prompt_size = static_cast<int64_t>(prompt.size());
+  int64_t capacity = prompt_size + max_new_tokens;
+  if (shift != nullptr) {
+    const int64_t context =
+        shift->context > 0 ? shift->context : model.config().max_position_embeddings;
+    if (shift->n_keep < 0 || shift->n_discard < 0) {
+      throw Error("context shift: n_keep and n_discard must be >= 0");
+    }
+    if (context < shift->n_keep + 2) {
+      throw Error("context shift: the context (" + std::to_string(context) +
+                  ") must hold the n_keep sink tokens (" + std::to_string(shift->n_keep) +
+                  ") plus at least 2");
+    }
+    if (prompt_size > context) {
+      throw Error("context shift: the prompt (" + std::to_string(prompt_size) +
+                  " tokens) is longer than the context (" + std::to_string(context) + ")");
+    }
+    if (shift->n_discard >= context - shift->n_keep) {
+      throw Error("context shift: n_discard (" + std::to_string(shift->n_discard) +
+                  ") must be below context - n_keep (" + std::to_string(context - shift->n_keep) +
+                  ")");
+    }
+    capacity = std::min(capacity, context);
+  }
   Sampler sampler(sampler_config);
-  KVCache cache(model.config(), static_cast<int64_t>(prompt.size()) + max_new_tokens);
+  KVCache cache(model.config(), std::max<int64_t>(capacity, 1));
   std::vector<float> logits(model.config().vocab_size);
   std::vector<int32_t> out;
   if (max_new_tokens == 0) return out;
@@ -87,6 +106,12 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
     out.push_back(next);
     if (on_token) on_token(next);
     if (i + 1 < max_new_tokens) {
+      if (cache.size() == cache.capacity() && shift != nullptr) {
+        const int64_t n_discard = shift->n_discard > 0
+                                      ? shift->n_discard
+                                      : std::max<int64_t>(1, (cache.size() - shift->n_keep) / 2);
+        model.ContextShift(cache, shift->n_keep, n_discard, pool);
+      }
       model.ForwardCached(std::span<const int32_t>(&next, 1), cache, logits.data(), true, pool);
     }
   }

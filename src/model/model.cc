@@ -18,19 +18,18 @@
 #include <cmath>
 #include <cstring>
 
+#include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/util/half.h"
 #include "src/util/profile.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
 
 uint64_t MixSeed(uint64_t seed, uint64_t index) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * (index + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
+  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
 }
 
 int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
@@ -269,18 +268,21 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
                         ContiguousView(w.k_rot, DType::kF32, tk, Hkv, D)};
         ApplyRope(*table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), rot);
         keys = w.k_rot;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      } else if (rope) {
+        // One pass: rotate q in place, rotate k into the cache rows past.., copy v beside it.
+        const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
+        const KvCacheView layer_cache =
+            ContiguousKvCache(ck, cv, DType::kF32, cache->capacity_, Hkv, D);
+        ApplyRopeAndAppend(*table, pos_span, RopeOperand{q_view, q_view},
+                           ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                           ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
+                           std::span<const int64_t>(positions), rot);
       } else {
-        if (rope) {
-          std::vector<RopeOperand> opsv = {{ContiguousView(A.q, DType::kF32, M, H, D),
-                                            ContiguousView(A.q, DType::kF32, M, H, D)},
-                                           {ContiguousView(A.k, DType::kF32, M, Hkv, D),
-                                            ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
-          ApplyRope(*table, pos_span, opsv, rot);
-        }
         std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
-        keys = ck;
+        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
       }
-      std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
+      if (!rotate_cache) keys = ck;
       values = cv;
     } else if (rope) {
       std::vector<RopeOperand> opsv = {
@@ -363,7 +365,7 @@ void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
 }
 
 void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
-                              ThreadPool* pool) {
+                              ThreadPool* pool, const Model::GradReadyFn& on_ready) {
   const ModelConfig& c = config;
   Workspace& w = ws;
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
@@ -383,6 +385,12 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
                          M, d, pool);
   }
+  // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
+  const int64_t num_params = static_cast<int64_t>(params.size());
+  auto ready = [&](int64_t begin, int64_t end) {
+    if (on_ready && begin < end) on_ready(begin, end);
+  };
+  ready(final_norm, pe_params);  // the final norm and an untied head
   const bool rope = pe->acts_on_query_key();
   const RopeTable* table = rope ? &Table(seq_len) : nullptr;
   RotateOptions rot;
@@ -486,6 +494,7 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M,
                            d, pool, /*accumulate=*/true);
     }
+    ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
   OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
@@ -496,6 +505,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     const float* src = w.dx + m * d;
     for (int64_t j = 0; j < d; ++j) row[j] += src[j];
   }
+  ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
+  ready(pe_params, num_params);                                    // learned / T5 position tables
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,7 +564,8 @@ void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = ke
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
-                              std::span<float> grads, float grad_scale, ThreadPool* pool) {
+                              std::span<float> grads, float grad_scale, ThreadPool* pool,
+                              const GradReadyFn& on_grad_ready) {
   Impl& I = *impl_;
   if (batch < 1 || seq_len < 1) throw Error("ForwardBackward: batch and seq_len must be >= 1");
   if (static_cast<int64_t>(tokens.size()) != batch * (seq_len + 1)) {
@@ -583,7 +595,7 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
   double sum = 0.0;
   for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
   loss_timer.Stop();
-  if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool);
+  if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool, on_grad_ready);
   return sum / static_cast<double>(M);
 }
 
@@ -620,6 +632,43 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
     I.Logits(n, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * n * V);
   }
+}
+
+void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool) {
+  Impl& I = *impl_;
+  const ModelConfig& c = I.config;
+  if (cache.row_ != int64_t{c.num_kv_heads} * c.head_dim ||
+      static_cast<int64_t>(cache.k_.size()) != c.num_layers * cache.capacity_ * cache.row_) {
+    throw Error("ContextShift: the KV cache was made for a different model config");
+  }
+  if (n_keep < 0 || n_discard < 1 || n_keep + n_discard > cache.size_) {
+    throw Error("ContextShift: need 0 <= n_keep (" + std::to_string(n_keep) + ") and 1 <= n_discard (" +
+                std::to_string(n_discard) + ") with n_keep + n_discard <= cached tokens (" +
+                std::to_string(cache.size_) + ")");
+  }
+  if (I.pe->acts_on_embeddings()) {
+    throw Error("ContextShift: the model's position encoding is added to the token embeddings, "
+                "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
+  }
+  const int64_t row = cache.row_;
+  const int64_t moved = cache.size_ - n_keep - n_discard;
+  // Rotated keys move to a position n_discard lower: R(p - n) = R(-n) R(p).
+  const bool rotated = I.pe->acts_on_query_key() && !I.RopeIsLengthDependent();
+  const RopeTable* table = rotated ? &I.Table(cache.size_) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.pool = pool;
+  for (int l = 0; l < c.num_layers; ++l) {
+    float* ck = cache.k_.data() + l * cache.capacity_ * row;
+    float* cv = cache.v_.data() + l * cache.capacity_ * row;
+    std::memmove(ck + n_keep * row, ck + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    std::memmove(cv + n_keep * row, cv + (n_keep + n_discard) * row, sizeof(float) * moved * row);
+    if (table != nullptr && moved > 0) {
+      ShiftKeys(*table, ContiguousView(ck + n_keep * row, DType::kF32, moved, c.num_kv_heads, c.head_dim),
+                -n_discard, rot);
+    }
+  }
+  cache.size_ -= n_discard;
 }
 
 KVCache::KVCache(const ModelConfig& config, int64_t capacity) {

@@ -72,7 +72,7 @@ struct Model::Impl {
   // Logits of the rows [row0, row0 + rows) of the final hidden state into ws.logits.
   void Logits(int64_t rows, ThreadPool* pool);
   void RunBackward(const int32_t* inputs, int64_t batch, int64_t seq_len, float* grads,
-                   ThreadPool* pool);
+                   ThreadPool* pool, const Model::GradReadyFn& on_ready);
   // Weights for matmuls: params, or their bf16-rounded copy (refreshed by RunForward).
   const float* MatmulWeights() const {
     return precision == MatmulPrecision::kBf16 ? lowp_params.data() : params.data();

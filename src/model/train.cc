@@ -9,6 +9,9 @@
 #include <numbers>
 
 #include "ropekit/model.h"
+#include "src/dist/zero.h"
+#include "src/util/json_limits.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
@@ -18,10 +21,7 @@ using Json = nlohmann::ordered_json;
 uint64_t Hash(uint64_t a, uint64_t b, uint64_t c, uint64_t d) {
   uint64_t z = a;
   for (uint64_t v : {b, c, d}) {
-    z += 0x9E3779B97F4A7C15ull + v * 0xD1B54A32D192ED03ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
+    z = SplitMixFinalize(z + kSplitMixGamma + v * 0xD1B54A32D192ED03ull);
   }
   return z;
 }
@@ -32,6 +32,44 @@ std::string FormatDuration(double seconds) {
   std::snprintf(buf, sizeof(buf), "%lld:%02lld:%02lld", static_cast<long long>(s / 3600),
                 static_cast<long long>(s / 60 % 60), static_cast<long long>(s % 60));
   return buf;
+}
+
+uint64_t Fnv1a(const void* data, size_t size, uint64_t h = 0xcbf29ce484222325ull) {
+  const auto* p = static_cast<const uint8_t*>(data);
+  for (size_t i = 0; i < size; ++i) h = (h ^ p[i]) * 0x100000001b3ull;
+  return h;
+}
+
+// Every rank must train the same model on the same data with the same config (the same command
+// line): compares fingerprints with rank 0's. Every rank sees all fingerprints, so every rank
+// throws the same error.
+void CheckSameRun(Communicator& comm, const Model& model, const OptimizerState& state,
+                  const TrainConfig& config, std::span<const int32_t> train,
+                  std::span<const int32_t> val) {
+  const char* names[] = {"the initial weights", "the optimizer state", "the training config",
+                         "the training text", "the validation text"};
+  TrainConfig c = config;
+  c.progress = false;
+  const std::string cfg = TrainConfigToJson(c) + c.checkpoint_dir;
+  const std::span<const float> p = model.parameters();
+  const uint64_t mine[5] = {Fnv1a(p.data(), p.size_bytes()),
+                            Fnv1a(state.v.data(), state.v.size() * sizeof(float),
+                                  Fnv1a(state.m.data(), state.m.size() * sizeof(float),
+                                        Fnv1a(&state.step, sizeof(state.step)))),
+                            Fnv1a(cfg.data(), cfg.size()), Fnv1a(train.data(), train.size_bytes()),
+                            Fnv1a(val.data(), val.size_bytes())};
+  std::vector<uint64_t> all(5 * comm.size());
+  comm.AllGatherBytes({reinterpret_cast<const uint8_t*>(mine), sizeof(mine)},
+                      {reinterpret_cast<uint8_t*>(all.data()), all.size() * sizeof(uint64_t)});
+  for (int r = 1; r < comm.size(); ++r) {
+    for (int i = 0; i < 5; ++i) {
+      if (all[5 * r + i] != all[i]) {
+        throw Error(std::string("data-parallel training: ") + names[i] + " of rank " +
+                    std::to_string(r) + " differ from rank 0's; every rank must run the same " +
+                    "command on the same files");
+      }
+    }
+  }
 }
 
 }  // namespace
@@ -82,6 +120,7 @@ std::string TrainConfigToJson(const TrainConfig& c) {
 }
 
 TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) {
+  CheckJsonLimits(text, name);
   Json j;
   try {
     j = Json::parse(text);
@@ -170,42 +209,89 @@ double ValidationLoss(Model& model, std::span<const int32_t> tokens, int64_t seq
 std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
                                  std::span<const int32_t> train, std::span<const int32_t> val,
                                  ThreadPool* pool,
-                                 const std::function<void(const TrainLogEntry&)>& on_step) {
+                                 const std::function<void(const TrainLogEntry&)>& on_step,
+                                 const DataParallelOptions& dp) {
   config.Validate();
-  const int64_t T = config.seq_len, B = config.batch_size;
+  Communicator& comm = dp.comm ? *dp.comm : SingleProcess();
+  const int N = comm.size(), rank = comm.rank();
+  const int64_t T = config.seq_len, B = config.batch_size, A = config.grad_accum;
   const int64_t n = static_cast<int64_t>(train.size());
   if (n < T + 1) {
     throw Error("training text has " + std::to_string(n) +
                 " tokens, fewer than seq_len + 1 = " + std::to_string(T + 1));
   }
+  if (A < N) {
+    throw Error("grad_accum: " + std::to_string(A) +
+                " micro-batches per step cannot be split over " + std::to_string(N) +
+                " ranks (each rank computes at least one); use grad_accum >= " + std::to_string(N) +
+                ", a multiple of the rank count to balance them");
+  }
   model.set_matmul_precision(config.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kF32);
   std::span<float> params = model.parameters();
-  const size_t P = params.size();
+  const int64_t P = static_cast<int64_t>(params.size());
   if (state.m.empty() && state.v.empty() && state.step == 0) {
     state.m.assign(P, 0.0f);
     state.v.assign(P, 0.0f);
   }
-  if (state.m.size() != P || state.v.size() != P) {
+  if (static_cast<int64_t>(state.m.size()) != P || static_cast<int64_t>(state.v.size()) != P) {
     throw Error("optimizer state has " + std::to_string(state.m.size()) +
                 " moments, the model has " + std::to_string(P) + " parameters");
   }
-  // Decay mask over the flat buffer (padding is never decayed; its gradient stays 0).
-  std::vector<uint8_t> decay(P, 0);
-  for (const TensorInfo& t : model.tensors()) {
-    if (t.weight_decay) std::fill(decay.begin() + t.offset, decay.begin() + t.offset + t.size, 1);
+  if (N > 1) CheckSameRun(comm, model, state, config, train, val);
+
+  // ZeRO stage 1: this rank's shard [s0, s0 + S) of the moments and of the summed gradient.
+  const dist::ShardLayout layout(P, N);
+  const int64_t s0 = layout.begin(rank), S = layout.size(rank);
+  // One process updates state.m / state.v in place; a rank keeps only its shard.
+  std::vector<float> m_shard, v_shard;
+  if (N > 1) {
+    m_shard.assign(state.m.begin() + s0, state.m.begin() + s0 + S);
+    v_shard.assign(state.v.begin() + s0, state.v.begin() + s0 + S);
+    state.m = {};
+    state.v = {};
   }
-  std::vector<float> grads(P);
+  std::vector<float>& m = N > 1 ? m_shard : state.m;
+  std::vector<float>& v = N > 1 ? v_shard : state.v;
+  std::vector<uint8_t> decay(S, 0);  // padding is never decayed; its gradient stays 0
+  for (const TensorInfo& t : model.tensors()) {
+    const int64_t b = std::max(t.offset, s0), e = std::min(t.offset + t.size, s0 + S);
+    if (t.weight_decay && b < e) std::fill(decay.begin() + (b - s0), decay.begin() + (e - s0), 1);
+  }
+  // Local gradient buffers: rank 0 folds its micro-batches into one (a scratch buffer takes each
+  // later micro-batch), every other rank keeps one per micro-batch for the owners' fold.
+  const int64_t micro0 = dist::MicroBegin(A, N, rank), micro1 = dist::MicroBegin(A, N, rank + 1);
+  const int64_t local_micro = micro1 - micro0;
+  std::vector<std::vector<float>> grads(rank == 0 ? 1 : local_micro, std::vector<float>(P));
+  std::vector<float> scratch(rank == 0 && local_micro > 1 ? P : 0);
+  std::vector<const float*> owner_view;
+  for (const auto& g : grads) owner_view.push_back(g.data());
+  dist::GradientReducer reducer(comm, layout, A, dp.overlap);
+  std::vector<float> shard_grad(S);
+  std::vector<double> losses(A), chunk_sq(layout.num_chunks());
+  std::vector<int64_t> micro_offsets(N + 1);
+  for (int r = 0; r <= N; ++r) micro_offsets[r] = dist::MicroBegin(A, N, r);
+
+  DataParallelStats stats;
+  stats.ranks = N;
+  stats.optimizer_floats = 2 * S;
+  stats.optimizer_floats_unsharded = 2 * P;
+  using Clock = std::chrono::steady_clock;
+  auto seconds = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
+
   std::vector<int32_t> batch(B * (T + 1));
   std::vector<TrainLogEntry> log;
-  const float grad_scale = static_cast<float>(1.0 / static_cast<double>(B * T * config.grad_accum));
-  const auto t_start = std::chrono::steady_clock::now();
+  const float grad_scale = static_cast<float>(1.0 / static_cast<double>(B * T * A));
+  const auto t_start = Clock::now();
   const int64_t first_step = state.step;
   const int64_t span = n - (T + 1);
   while (state.step < config.steps) {
     const int64_t s = state.step;
-    std::fill(grads.begin(), grads.end(), 0.0f);
-    double loss = 0.0;
-    for (int64_t micro = 0; micro < config.grad_accum; ++micro) {
+    const auto t0 = Clock::now();
+    reducer.BeginStep(owner_view);
+    double post_s = 0.0;
+    for (int64_t micro = micro0; micro < micro1; ++micro) {
       for (int64_t b = 0; b < B; ++b) {
         const uint64_t h = Hash(config.data_seed, static_cast<uint64_t>(s),
                                 static_cast<uint64_t>(micro), static_cast<uint64_t>(b));
@@ -213,11 +299,40 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
         std::copy(train.begin() + start, train.begin() + start + T + 1,
                   batch.begin() + b * (T + 1));
       }
-      loss += model.ForwardBackward(batch, B, T, grads, grad_scale, pool);
+      const bool into_scratch = rank == 0 && micro > micro0;
+      std::vector<float>& g = into_scratch ? scratch : grads[rank == 0 ? 0 : micro - micro0];
+      std::fill(g.begin(), g.end(), 0.0f);
+      Model::GradReadyFn ready;
+      if (micro + 1 == micro1) {
+        ready = [&](int64_t begin, int64_t end) {
+          const auto r0 = Clock::now();
+          if (into_scratch) {  // the last term of rank 0's local fold, range by range
+            for (int64_t i = begin; i < end; ++i) grads[0][i] += scratch[i];
+          }
+          reducer.Ready(begin, end);
+          post_s += seconds(r0, Clock::now());
+        };
+      }
+      losses[micro] = model.ForwardBackward(batch, B, T, g, grad_scale, pool, ready);
+      if (into_scratch && micro + 1 < micro1) {
+        for (int64_t i = 0; i < P; ++i) grads[0][i] += scratch[i];
+      }
     }
-    loss /= static_cast<double>(config.grad_accum);
+    const auto t1 = Clock::now();
+    reducer.Finish(shard_grad);
+    const auto t2 = Clock::now();
+    // Global gradient norm: per-chunk sums of squares of the summed gradient, added in chunk
+    // order, the same terms in the same order for any rank count.
+    dist::ChunkSquares(shard_grad, std::span<double>(chunk_sq).subspan(
+                                       layout.chunk_begin(rank),
+                                       layout.chunk_begin(rank + 1) - layout.chunk_begin(rank)));
+    comm.AllGather(std::span<double>(chunk_sq), layout.chunk_offsets());
+    comm.AllGather(std::span<double>(losses), micro_offsets);
+    double loss = 0.0;
+    for (int64_t k = 0; k < A; ++k) loss += losses[k];
+    loss /= static_cast<double>(A);
     double sq = 0.0;
-    for (size_t i = 0; i < P; ++i) sq += double{grads[i]} * grads[i];
+    for (double c : chunk_sq) sq += c;
     const double norm = std::sqrt(sq);
     const double clip =
         config.grad_clip > 0 && norm > config.grad_clip ? config.grad_clip / norm : 1.0;
@@ -226,29 +341,40 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     const double bc1 = 1.0 - std::pow(config.beta1, static_cast<double>(t));
     const double bc2 = 1.0 - std::pow(config.beta2, static_cast<double>(t));
     const float b1 = static_cast<float>(config.beta1), b2 = static_cast<float>(config.beta2);
-    for (size_t i = 0; i < P; ++i) {
-      const float g = static_cast<float>(grads[i] * clip);
-      state.m[i] = b1 * state.m[i] + (1.0f - b1) * g;
-      state.v[i] = b2 * state.v[i] + (1.0f - b2) * g * g;
-      const double mhat = state.m[i] / bc1;
-      const double vhat = state.v[i] / bc2;
-      double p = params[i];
+    for (int64_t i = 0; i < S; ++i) {
+      const float g = static_cast<float>(shard_grad[i] * clip);
+      m[i] = b1 * m[i] + (1.0f - b1) * g;
+      v[i] = b2 * v[i] + (1.0f - b2) * g * g;
+      const double mhat = m[i] / bc1;
+      const double vhat = v[i] / bc2;
+      double p = params[s0 + i];
       if (decay[i]) p -= lr * config.weight_decay * p;
       p -= lr * mhat / (std::sqrt(vhat) + config.eps);
-      params[i] = static_cast<float>(p);
+      params[s0 + i] = static_cast<float>(p);
     }
+    const auto t4 = Clock::now();
+    comm.AllGather(params, layout.offsets());
+    const auto t5 = Clock::now();
+    stats.steps += 1;
+    stats.step_s += seconds(t0, t5);
+    stats.compute_s += seconds(t0, t1) - post_s;
+    stats.reduce_post_s += post_s;
+    stats.reduce_wait_s += seconds(t1, t2);
+    stats.optimizer_s += seconds(t2, t4);
+    stats.allgather_s += seconds(t4, t5);
     state.step = t;
     TrainLogEntry entry{t, loss, lr, norm, -1.0};
     const bool last = t == config.steps;
-    if (!val.empty() && config.eval_interval > 0 && (t % config.eval_interval == 0 || last)) {
+    if (rank == 0 && !val.empty() && config.eval_interval > 0 &&
+        (t % config.eval_interval == 0 || last)) {
       entry.val_loss = ValidationLoss(model, val, T, config.eval_batches * B, B, pool);
     }
     log.push_back(entry);
-    if (config.progress && (t % config.log_interval == 0 || last || entry.val_loss >= 0)) {
-      const double elapsed =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    if (rank == 0 && config.progress &&
+        (t % config.log_interval == 0 || last || entry.val_loss >= 0)) {
+      const double elapsed = seconds(t_start, Clock::now());
       const double done = static_cast<double>(t - first_step);
-      const double tok_s = done * B * T * config.grad_accum / std::max(elapsed, 1e-9);
+      const double tok_s = done * B * T * A / std::max(elapsed, 1e-9);
       const double eta = elapsed / done * static_cast<double>(config.steps - t);
       std::fprintf(stderr, "step %lld/%lld  loss %.4f", static_cast<long long>(t),
                    static_cast<long long>(config.steps), loss);
@@ -256,12 +382,46 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
       std::fprintf(stderr, "  lr %.3g  |g| %.3f  %.0f tok/s  elapsed %s  eta %s\n", lr, norm, tok_s,
                    FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
     }
-    if (!config.checkpoint_dir.empty() &&
-        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last)) {
-      SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
+    const bool save =
+        !config.checkpoint_dir.empty() &&
+        ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last);
+    // One checkpoint, written by rank 0 (after the moments' shards are gathered to it when the
+    // optimizer state is sharded). Every rank takes part: the gather is collective.
+    auto save_checkpoint = [&] {
+      if (N == 1) {
+        SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
+        return;
+      }
+      OptimizerState full{t, std::vector<float>(rank == 0 ? P : 0),
+                          std::vector<float>(rank == 0 ? P : 0)};
+      comm.Gather(m, full.m, layout.offsets());
+      comm.Gather(v, full.v, layout.offsets());
+      if (rank == 0) SaveCheckpoint(config.checkpoint_dir, model, &full, &config);
+    };
+    // on_step (which may log the step) runs before the save, so that a log never lacks a step
+    // that a checkpoint holds; a resumed run drops the logged steps after its checkpoint. A
+    // callback that throws (an interruption) still gets the checkpoint due at this step.
+    if (on_step) {
+      try {
+        on_step(entry);
+      } catch (...) {
+        if (save) save_checkpoint();
+        throw;
+      }
     }
-    if (on_step) on_step(entry);
+    if (save) save_checkpoint();
   }
+  // The full moments on every rank, as one process would hold them.
+  if (N > 1) {
+    state.m.assign(P, 0.0f);
+    state.v.assign(P, 0.0f);
+    std::copy(m.begin(), m.end(), state.m.begin() + s0);
+    std::copy(v.begin(), v.end(), state.v.begin() + s0);
+    comm.AllGather(std::span<float>(state.m), layout.offsets());
+    comm.AllGather(std::span<float>(state.v), layout.offsets());
+  }
+  stats.grad_floats_sent = reducer.floats_sent();
+  if (dp.stats) *dp.stats = stats;
   return log;
 }
 

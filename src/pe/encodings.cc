@@ -8,6 +8,7 @@
 #include <string>
 
 #include "ropekit/position_encoding.h"
+#include "src/util/rng.h"
 
 namespace ropekit {
 namespace {
@@ -20,15 +21,6 @@ std::vector<double> PowerOfTwoSlopes(int p) {
   std::vector<double> slopes(p);
   for (int h = 0; h < p; ++h) slopes[h] = s * std::pow(s, h);
   return slopes;
-}
-
-// One splitmix64 step (Steele, Lea & Flood 2014): a full-period 64-bit generator whose output is
-// fixed by the seed on every platform.
-uint64_t SplitMix64(uint64_t& state) {
-  uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
 }
 
 }  // namespace
@@ -193,11 +185,11 @@ void FillNormal(uint64_t seed, double std, std::span<float> out) {
   }
   uint64_t state = seed;
   constexpr double kTwoPi = 2.0 * std::numbers::pi;
-  constexpr double kInv53 = 1.0 / 9007199254740992.0;  // 2^-53
   for (size_t k = 0; k < out.size(); k += 2) {
-    // u1 in (0, 1] keeps log(u1) finite; u2 in [0, 1).
-    const double u1 = static_cast<double>((SplitMix64(state) >> 11) + 1) * kInv53;
-    const double u2 = static_cast<double>(SplitMix64(state) >> 11) * kInv53;
+    // u1 in (0, 1] keeps log(u1) finite (the sum is exact: both terms are multiples of 2^-53 and
+    // the result is at most 1); u2 in [0, 1).
+    const double u1 = UnitInterval53(SplitMix64(state)) + 0x1.0p-53;
+    const double u2 = UnitInterval53(SplitMix64(state));
     const double radius = std::sqrt(-2.0 * std::log(u1));
     out[k] = static_cast<float>(std * radius * std::cos(kTwoPi * u2));
     if (k + 1 < out.size()) out[k + 1] = static_cast<float>(std * radius * std::sin(kTwoPi * u2));

@@ -8,6 +8,7 @@
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "src/kernels/rope_kernels.h"
+#include "src/rope/apply_internal.h"
 #include "src/reference/rope.h"
 
 namespace ropekit {
@@ -110,32 +111,37 @@ TensorView ContiguousView(void* data, DType dtype, int64_t num_tokens, int64_t n
   return TensorView{data, dtype, num_tokens, num_heads, head_dim, num_heads * head_dim, head_dim};
 }
 
-void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
-               const RotateOptions& options) {
+namespace internal {
+
+void ValidateCall(const RopeTable& table, const RotateOptions& options) {
   if (options.layout != Layout::kHalfSplit && options.layout != Layout::kInterleaved) {
     throw Error("layout must be neox (half-split) or gptj (interleaved)");
   }
   if (options.direction != Direction::kForward && options.direction != Direction::kBackward) {
     throw Error("direction must be forward or backward");
   }
-  const int64_t num_tokens = positions.size();
-  // The table grows to cover every position it can hold; rarer positions past its memory limit
-  // are computed on the fly.
+}
+
+int64_t CheckPositions(const RopeTable& table, PositionSpan positions, const std::string& name) {
   const int64_t max_rows = table.max_capacity();
   int64_t needed_rows = 0;
-  for (int64_t t = 0; t < num_tokens; ++t) {
+  for (int64_t t = 0; t < positions.size(); ++t) {
     const int64_t p = positions[t];
     if (p < 0 || p > kMaxPosition) {
-      throw Error("positions[" + std::to_string(t) + "] = " + std::to_string(p) +
+      throw Error(name + "[" + std::to_string(t) + "] = " + std::to_string(p) +
                   " is out of range [0, " + std::to_string(kMaxPosition) + "]");
     }
     if (p < max_rows) needed_rows = std::max(needed_rows, p + 1);
   }
+  return needed_rows;
+}
+
+void ValidateOperands(std::span<const RopeOperand> ops, int64_t num_tokens, int rotary_dim) {
   for (size_t k = 0; k < ops.size(); ++k) {
     const std::string name = "operand " + std::to_string(k);
     const RopeOperand& op = ops[k];
-    ValidateView(op.in, name + " input", num_tokens, table.rotary_dim());
-    ValidateView(op.out, name + " output", num_tokens, table.rotary_dim());
+    ValidateView(op.in, name + " input", num_tokens, rotary_dim);
+    ValidateView(op.out, name + " output", num_tokens, rotary_dim);
     if (op.in.dtype != op.out.dtype || op.in.num_heads != op.out.num_heads ||
         op.in.head_dim != op.out.head_dim) {
       throw Error(name + ": output must have the input's dtype, num_heads and head_dim");
@@ -154,7 +160,16 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
       }
     }
   }
-  if (num_tokens == 0) return;
+}
+
+void ValidateTensor(const TensorView& v, const std::string& name, int64_t num_tokens,
+                    int rotary_dim) {
+  ValidateView(v, name, num_tokens, rotary_dim);
+}
+
+bool Overlap(const TensorView& a, const TensorView& b) { return ViewsOverlap(a, b); }
+
+void GrowTable(const RopeTable& table, int64_t needed_rows, int64_t num_tokens) {
   // Grow only when the new rows are few compared with the work (prefill, or decoding step by
   // step past the end); a few far-away positions are cheaper to compute on the fly.
   const int64_t capacity = table.capacity();
@@ -162,6 +177,22 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
       needed_rows - capacity <= std::max<int64_t>(kGrowRowsPerCall, 4 * num_tokens)) {
     table.Reserve(needed_rows);
   }
+}
+
+bool UseReferenceBackend(Backend backend) { return UseReference(backend); }
+
+}  // namespace internal
+
+void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
+               const RotateOptions& options) {
+  internal::ValidateCall(table, options);
+  const int64_t num_tokens = positions.size();
+  // The table grows to cover every position it can hold; rarer positions past its memory limit
+  // are computed on the fly.
+  const int64_t needed_rows = internal::CheckPositions(table, positions, "positions");
+  internal::ValidateOperands(ops, num_tokens, table.rotary_dim());
+  if (num_tokens == 0) return;
+  internal::GrowTable(table, needed_rows, num_tokens);
   const RopeTable::Rows rows = table.Snapshot();
   const int n = table.num_pairs();
   const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {

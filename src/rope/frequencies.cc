@@ -13,7 +13,8 @@
 //   llama3   w_i kept / smoothed / divided by f by wavelength band (Llama 3, Meta 2024)
 //
 // Two numerics policies:
-//   kHf    transformers' float32 order of operations (ROPE_SPEC sections 4 and 9): every
+//   kHf    transformers' float32 order of operations (modeling_rope_utils.py's
+//          _compute_*_parameters and LlamaRotaryEmbedding.forward): every
 //          intermediate that torch holds in a float32 tensor is a float here, each operation rounds
 //          once. This file is compiled with -ffp-contract=off so no product is fused into an FMA.
 //   kExact the same formulas carried in long double (64-bit mantissa on x86-64) and rounded once
@@ -111,7 +112,8 @@ float ExponentF32(int i, int rotary_dim) {
   return static_cast<float>(2 * i) / static_cast<float>(rotary_dim);
 }
 
-// P_i = pow32(fl32(base), e_i), formed as a double pow rounded once (ROPE_SPEC section 9).
+// P_i = pow32(fl32(base), e_i) (torch.pow on float32 tensors in _compute_default_rope_parameters),
+// formed as a double pow rounded once.
 float PowF32(float base, float e) {
   return static_cast<float>(std::pow(static_cast<double>(base), static_cast<double>(e)));
 }

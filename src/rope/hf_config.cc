@@ -30,6 +30,8 @@
 #include <sstream>
 #include <string>
 
+#include "src/util/json_limits.h"
+
 namespace ropekit {
 namespace {
 
@@ -37,8 +39,6 @@ using Json = nlohmann::json;
 
 // Files larger than this are not configs; reading them would only waste memory.
 constexpr int64_t kMaxConfigBytes = 64 << 20;
-// Deeper nesting than this is not a config either (and would make recursive walks expensive).
-constexpr int kMaxNesting = 64;
 // Upper bound for head_dim, hidden_size and head counts: far beyond any model.
 constexpr int64_t kMaxDim = 1 << 20;
 
@@ -148,7 +148,7 @@ class Parser {
   }
 
   HfRopeConfig Parse(std::string_view text, std::string_view layer_type) {
-    CheckNesting(text);
+    CheckJsonLimits(text, source_);
     Json root;
     try {
       root = Json::parse(text.begin(), text.end());
@@ -170,34 +170,22 @@ class Parser {
       Fail(std::string("invalid JSON: ") + e.what());  // e.g. a number outside the double range
     }
     if (!root.is_object()) Fail("the top level must be a JSON object (got " + Describe(root) + ")");
+    // Vision-language configs (Qwen2-VL v5, Qwen2.5-VL, Qwen3-VL) keep the language model's fields
+    // in text_config; a config with top-level attention fields is read as is.
+    auto text_config = root.find("text_config");
+    if (text_config != root.end() && text_config->is_object() &&
+        !root.contains("num_attention_heads") && !root.contains("n_head")) {
+      Json text = *text_config;
+      if (!text.contains("model_type") && root.contains("model_type")) {
+        text["model_type"] = root["model_type"];
+      }
+      source_ += " text_config";
+      return Build(text, layer_type);
+    }
     return Build(root, layer_type);
   }
 
  private:
-  void CheckNesting(std::string_view text) const {
-    int depth = 0;
-    bool in_string = false;
-    for (size_t i = 0; i < text.size(); ++i) {
-      const char c = text[i];
-      if (in_string) {
-        if (c == '\\') {
-          ++i;
-        } else if (c == '"') {
-          in_string = false;
-        }
-      } else if (c == '"') {
-        in_string = true;
-      } else if (c == '[' || c == '{') {
-        if (++depth > kMaxNesting) {
-          Fail("JSON nesting deeper than " + std::to_string(kMaxNesting) + " levels at byte " +
-               std::to_string(i + 1));
-        }
-      } else if (c == ']' || c == '}') {
-        --depth;
-      }
-    }
-  }
-
   // Per-layer-type rope_parameters: an object of objects without rope keys of its own.
   static bool IsNestedRopeDict(const Json& dict) {
     if (!dict.is_object() || dict.empty()) return false;
@@ -276,6 +264,7 @@ class Parser {
     if (tn == "su") tn = "longrope";
     if (tn == "yarn" && (rd.contains("short_factor") || rd.contains("long_factor")))
       tn = "longrope";
+    const bool mrope_type = tn == "mrope";
     if (tn == "mrope") tn = "default";
     try {
       p.type = ParseRopeType(tn);
@@ -499,6 +488,8 @@ class Parser {
         break;
     }
 
+    ParseAxes(rd, key_path, mrope_type, out);
+
     try {
       p.Validate();
     } catch (const Error& e) {
@@ -511,6 +502,46 @@ class Parser {
       Fail(message);
     }
     return out;
+  }
+
+  // Multimodal RoPE sections: Qwen2-VL `mrope_section` (chunked) and Qwen3-VL `mrope_section`
+  // with `mrope_interleaved`. Qwen3-VL's rotary module always interleaves, with the section
+  // [24, 20, 20] when the config has none (transformers `Qwen3VLTextRotaryEmbedding`).
+  template <class KeyPath>
+  void ParseAxes(const Json& rd, const KeyPath& key_path, bool mrope_type, HfRopeConfig& out) {
+    const std::string& mt = out.model_type;
+    const bool qwen3_vl = mt.rfind("qwen3_vl", 0) == 0;
+    const std::string section_path = key_path("mrope_section");
+    auto it = rd.find("mrope_section");
+    if (it != rd.end() && !it->is_null()) {
+      if (!it->is_array() || it->empty()) {
+        Fail(section_path + " must be a non-empty list of integers (got " + Describe(*it) + ")");
+      }
+      for (size_t a = 0; a < it->size(); ++a) {
+        const Json& v = (*it)[a];
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > kMaxDim) {
+          Fail(section_path + "[" + std::to_string(a) + "] must be an integer >= 1 (got " +
+               Describe(v) + ")");
+        }
+        out.axes.sections.push_back(static_cast<int>(v.get<int64_t>()));
+      }
+    } else if (qwen3_vl) {
+      out.axes.sections = {24, 20, 20};
+    } else if (mrope_type) {
+      Fail(section_path + " is required for type mrope (e.g. [16, 24, 24] for Qwen2-VL-7B)");
+    }
+    const auto interleaved =
+        OptBool(rd, "mrope_interleaved", key_path("mrope_interleaved"));
+    out.axes.interleaved = interleaved.value_or(qwen3_vl);
+    if (out.axes.interleaved && out.axes.sections.empty()) {
+      Fail(key_path("mrope_interleaved") + " is true but " + section_path + " is missing");
+    }
+    if (out.axes.sections.empty()) return;
+    try {
+      out.axes.PairAxes(out.params.rotary_dim / 2);
+    } catch (const Error& e) {
+      Fail(section_path + ": " + e.what());
+    }
   }
 
   std::string source_;

@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "ropekit/study.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {
@@ -67,7 +68,7 @@ StudyPreset GetStudyPreset(std::string_view name) {
   p.finetune_scalings = {"none", "linear", "yarn", "llama3"};
   p.extension_factor = 4;
   if (name == "full") {
-    // EXTRAPOLATION sec. 3: 1000 steps of 16 x 128 tokens; 200 fine-tuning steps at 512.
+    // The full preset (docs/study.md): 1000 steps of 16 x 128 tokens; 200 fine-tuning steps at 512.
     p.model = ProtocolModel();
     p.train = PretrainConfig(1000, 16, 128, 100);
     p.train.eval_interval = 100;
@@ -285,6 +286,7 @@ std::string RecordsToJson(const std::vector<StudyRecord>& records) {
 
 std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::string& name) {
   std::vector<StudyRecord> out;
+  CheckJsonLimits(text, name);
   try {
     const Json a = Json::parse(text);
     if (!a.is_array()) throw Error("expected a JSON list of records");

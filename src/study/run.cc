@@ -17,6 +17,7 @@
 
 #include "ropekit/study.h"
 #include "src/util/file.h"
+#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {
@@ -45,6 +46,7 @@ std::string LogToJson(const std::vector<TrainLogEntry>& log) {
 
 std::vector<TrainLogEntry> LogFromJson(const std::string& text, const std::string& name) {
   std::vector<TrainLogEntry> log;
+  CheckJsonLimits(text, name);
   try {
     for (const Json& j : Json::parse(text)) {
       log.push_back({j.at("step").get<int64_t>(), j.at("loss").get<double>(),
@@ -142,6 +144,9 @@ class Runner {
     ++unit_index_;
     unit_start_ = Clock::now();
     const fs::path dir = UnitDir(unit);
+    // What a killed run left (the study holds the output directory's lock).
+    RemoveStaleTempFiles(dir.string());
+    if (fs::is_directory(dir / "ckpt")) CleanCheckpointDirectory((dir / "ckpt").string());
     if (fs::exists(dir / "DONE")) {
       if (ReadFile(dir / "DONE") != fingerprint) {
         throw Error(dir.string() +
@@ -173,8 +178,9 @@ class Runner {
     }
     if (fs::exists(dir / "timing.json")) {
       try {
-        result_.compute_seconds +=
-            Json::parse(ReadFile(dir / "timing.json")).at("seconds").get<double>();
+        const std::string timing = ReadFile(dir / "timing.json");
+        CheckJsonLimits(timing, (dir / "timing.json").string());
+        result_.compute_seconds += Json::parse(timing).at("seconds").get<double>();
       } catch (const nlohmann::json::exception& e) {
         throw Error((dir / "timing.json").string() + ": " + e.what());
       }
@@ -393,8 +399,7 @@ class Runner {
   void Extend(const std::string& scaling) {
     const std::string unit = "extend-" + scaling;
     const ModelConfig mc = ModelFor("rope");
-    const std::string fp = Fingerprint(
-        unit, mc, nullptr, "no fine-tuning; parent " + UnitDir("pretrain-rope").string());
+    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
     if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
     Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
     StudyRecord proto;
@@ -478,9 +483,9 @@ class Runner {
 }  // namespace
 
 StudyResult RunStudy(const StudyOptions& options) {
-  if (options.threads < 0 || options.threads > 1024) {
-    throw Error("--threads " + std::to_string(options.threads) +
-                " is outside [0, 1024] (0 = all hardware threads)");
+  if (options.threads < 0 || options.threads > static_cast<int>(kMaxThreads)) {
+    throw Error("--threads " + std::to_string(options.threads) + " is outside [0, " +
+                std::to_string(kMaxThreads) + "] (0 = all hardware threads)");
   }
   if (options.out.empty()) throw Error("--out: an output directory is required");
   const StudyPreset preset = GetStudyPreset(options.preset);
@@ -495,9 +500,11 @@ StudyResult RunStudy(const StudyOptions& options) {
                 " training bytes are too few for preset " + preset.name + " (need " +
                 std::to_string(preset.finetune.seq_len * 4 + 1) + ")");
   }
-  std::error_code ec;
-  fs::create_directories(options.out, ec);
-  if (ec) throw Error("--out " + options.out + ": cannot create (" + ec.message() + ")");
+  // The output directory: writable, this study's alone while it runs (runs/* hold checkpoints
+  // that only one writer may commit), cleared of temporary files a killed run left.
+  CheckDirectoryWritable(options.out, "--out");
+  DirectoryLock lock(options.out, "--out");
+  RemoveStaleTempFiles(options.out);
   log("study: preset " + preset.name + ": " + preset.description);
   log("study: corpus: " + corpus.description);
   Runner runner(options, preset, corpus);

@@ -5,9 +5,11 @@
 // done. Each output is owned by one task, so results do not depend on the thread count.
 #include "ropekit/thread_pool.h"
 
+#include <algorithm>
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -40,10 +42,15 @@ void RunSlice(size_t num_tasks, size_t num_workers, size_t worker,
 }  // namespace
 
 ThreadPool::ThreadPool(size_t num_threads)
-    : num_threads_(num_threads == 0 ? std::max(1u, std::thread::hardware_concurrency())
-                                    : num_threads),
+    : num_threads_(num_threads == 0
+                       ? std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()),
+                                          kMaxThreads)
+                       : num_threads),
       impl_(std::make_unique<Impl>()) {
-  if (num_threads_ > 4096) throw Error("num_threads must be in [0, 4096]");
+  if (num_threads_ > kMaxThreads) {
+    throw Error("num_threads " + std::to_string(num_threads_) + " must be in [0, " +
+                std::to_string(kMaxThreads) + "]");
+  }
   impl_->errors.resize(num_threads_);
   for (size_t w = 1; w < num_threads_; ++w) {
     impl_->threads.emplace_back([this, w] {

@@ -120,7 +120,7 @@ def head_dim_of(cfg):
 
 def rope_fields(cfg, layer_type=None):
     """(rotary dim d, theta, MPE, scaling dict with rope_type) as transformers reads them
-    (ROPE_SPEC section 2): rope_scaling or v5 rope_parameters, `type` alias, Phi-3 su/yarn ->
+    (transformers' `rope_config_validation` and `standardize_rope_params`): rope_scaling or v5 rope_parameters, `type` alias, Phi-3 su/yarn ->
     longrope, mrope -> default, GPT-NeoX rotary_pct / rotary_emb_base, GPT-J rotary_dim."""
     params = cfg.get("rope_parameters") or {}
     if layer_type is not None:  # per-layer-type dict (Gemma-3 style)
@@ -188,7 +188,7 @@ def longrope_scale(mpe, sc):
 
 
 # ---------------------------------------------------------------------------------------------
-# Oracle 1: transformers' float32 computation, re-stated in PyTorch (ROPE_SPEC sections 3-5).
+# Oracle 1: transformers' float32 computation, re-stated in PyTorch (modeling_rope_utils.py's _compute_*_parameters).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -201,7 +201,7 @@ def nudge(t, ulps):
 
 def hf_inv_freq(cfg, seq_len, pow_ulps=0):
     """(w [N] float32, A). pow_ulps moves every float32 pow result by that many ulps: the
-    freedom a float32 pow has between implementations (ROPE_SPEC 9.4), used for tolerances."""
+    freedom a float32 pow has between implementations (glibc powf vs torch CPU's vectorised pow), used for tolerances."""
     d, base, mpe, sc = rope_fields(cfg)
     kind = sc["rope_type"]
     e = torch.arange(0, d, 2, dtype=torch.int64).float() / d  # fl32(2i) / fl32(d), one rounding
@@ -389,7 +389,7 @@ def hf_frequency_freedom(cfg, seq_len):
     """Per pair: how far w may lie from transformers' when the float32 pow differs by 1 ulp.
 
     ropekit forms w in transformers' float32 order except for the pow, which may differ by 1 ulp
-    from torch CPU's (ROPE_SPEC section 9.4). The oracle is re-run with every pow result moved
+    from torch CPU's vectorised float32 pow. The oracle is re-run with every pow result moved
     by -1 and +1 ulp; the type's later float32 steps (reciprocal, YaRN blend, llama3 smoothing,
     whose cancellation amplifies the change several-fold) propagate it exactly as they would in
     ropekit. One more ulp of w covers the final rounding landing on the other side.
@@ -510,7 +510,7 @@ def test_parity(kind, head_dim, partial):
                     f"{tol[worst]:.3g} at token {worst[0]} (p={positions[worst[0]]}) "
                     f"channel {worst[2]}")
                 # Most inv_freq entries are bit-identical to transformers' (a pow differs by an
-                # ulp in ~1-3% of entries, ROPE_SPEC 9.4), so most elements must also meet the
+                # ulp in ~1-3% of entries), so most elements must also meet the
                 # bound with no frequency difference at all.
                 tight = hf_tolerance(r, a_hf, p, w_at, 0 * dw_at, dtype)
                 rotated = r > 0

@@ -234,7 +234,7 @@ def test_logits_and_gradients_match_torch(name):
 
 
 def test_t5_bucket_oracle_matches_published_values():
-    # EXTRAPOLATION.md 3.6: 32 buckets, max_distance 128.
+    # T5 (Raffel et al. 2020, arXiv:1910.10683): 32 buckets, max_distance 128.
     got = [t5_bucket(-n, 32, 128) for n in (16, 17, 32, 64, 100, 116, 500)]
     assert got == [16, 16, 21, 26, 30, 31, 31]
 

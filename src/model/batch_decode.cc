@@ -1,0 +1,182 @@
+// Batched decoding for continuous batching (BatchDecoder in ropekit/model.h): one token for each
+// of B sequences at their own positions, through the layers of model.cc's forward
+//   xn1 = RMSNorm(x) w_in; q, k, v = xn1 Wq^T, Wk^T, Wv^T; q, k <- RoPE; append k, v;
+//   ao = softmax(q K^T / sqrt(D) + bias) V (per sequence, over its own cache);
+//   mid = x + ao Wo^T; h = silu(RMSNorm(mid) Wg^T) * (RMSNorm(mid) Wu^T); x' = mid + h Wd^T
+// with every projection a [B, K] x [K, N] product (ops::MatMulRowwise) whose rows do not
+// influence each other, so a sequence's logits are the same in any batch.
+//
+// Dimension legend: B = sequences in the step, V = vocab, d = hidden, H / Hkv = heads / kv heads,
+// D = head_dim, F = intermediate, L = layers, Tk_b = keys of sequence b (its cache size + 1).
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+
+#include "src/model/model_impl.h"
+#include "src/ops/ops.h"
+#include "src/ops/rowwise_matmul.h"
+
+namespace ropekit {
+
+struct BatchDecoder::Scratch {
+  int64_t batch = -1;
+  std::vector<float> x, xn, q, k, v, ao, mid, g, u, h, inv;  // [B, ...] rows
+  std::vector<int64_t> positions;                            // [B]
+  std::vector<int64_t> key_positions;                        // 0, 1, ..., max Tk - 1
+
+  void Resize(const ModelConfig& c, int64_t b) {
+    if (batch == b) return;
+    const int64_t d = c.hidden_size, hq = int64_t{c.num_heads} * c.head_dim;
+    const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, F = c.intermediate_size;
+    x.assign(b * d, 0.0f);
+    xn.assign(b * d, 0.0f);
+    mid.assign(b * d, 0.0f);
+    q.assign(b * hq, 0.0f);
+    ao.assign(b * hq, 0.0f);
+    k.assign(b * hk, 0.0f);
+    v.assign(b * hk, 0.0f);
+    g.assign(b * F, 0.0f);
+    u.assign(b * F, 0.0f);
+    h.assign(b * F, 0.0f);
+    inv.assign(b, 0.0f);
+    positions.assign(b, 0);
+    batch = b;
+  }
+};
+
+BatchDecoder::BatchDecoder(Model& model) : model_(model), scratch_(std::make_unique<Scratch>()) {
+  const Model::Impl& I = *model.impl_;
+  if (I.RopeIsLengthDependent()) {
+    throw Error("batched decoding: RoPE type " +
+                std::string(RopeTypeName(I.config.position_encoding.rope.type)) +
+                " depends on the sequence length; use a length-independent type (default, "
+                "linear, yarn, llama3, ntk)");
+  }
+}
+BatchDecoder::~BatchDecoder() = default;
+
+void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                        float* logits, ThreadPool* pool) {
+  Model::Impl& I = *model_.impl_;
+  const ModelConfig& c = I.config;
+  if (I.precision != MatmulPrecision::kF32) {
+    throw Error("batched decoding: only float32 matmul precision is supported");
+  }
+  if (caches.size() != tokens.size()) {
+    throw Error("BatchDecoder::Step: " + std::to_string(caches.size()) + " caches but " +
+                std::to_string(tokens.size()) + " tokens");
+  }
+  const int64_t B = static_cast<int64_t>(tokens.size());
+  if (B == 0) return;
+  const int64_t d = c.hidden_size, D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
+  Scratch& s = *scratch_;
+  s.Resize(c, B);
+  int64_t max_tk = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const KVCache* cache = caches[b];
+    if (cache == nullptr || cache->row_ != hk ||
+        static_cast<int64_t>(cache->k_.size()) != c.num_layers * cache->capacity_ * hk) {
+      throw Error("BatchDecoder::Step: cache " + std::to_string(b) +
+                  " is missing or was made for a different model config");
+    }
+    if (cache->size_ < 1 || cache->size_ >= cache->capacity_) {
+      throw Error("BatchDecoder::Step: cache " + std::to_string(b) + " holds " +
+                  std::to_string(cache->size_) + " of " + std::to_string(cache->capacity_) +
+                  " tokens; it needs a prefilled prompt and one free slot");
+    }
+    if (tokens[b] < 0 || tokens[b] >= V) {
+      throw Error("BatchDecoder::Step: token " + std::to_string(tokens[b]) + " is outside [0, " +
+                  std::to_string(V) + ")");
+    }
+    s.positions[b] = cache->size_;
+    max_tk = std::max(max_tk, cache->size_ + 1);
+  }
+  if (static_cast<int64_t>(s.key_positions.size()) < max_tk) {
+    s.key_positions.resize(max_tk);
+    std::iota(s.key_positions.begin(), s.key_positions.end(), int64_t{0});
+  }
+
+  const float* P = I.params.data();
+  const float* W = I.MatmulWeights();
+  for (int64_t b = 0; b < B; ++b) {
+    std::memcpy(s.x.data() + b * d, P + I.embed + int64_t{tokens[b]} * d, sizeof(float) * d);
+  }
+  const PositionSpan pos_span(s.positions);
+  if (I.pe->acts_on_embeddings()) I.pe->AddToEmbeddings(pos_span, I.PeParams(), s.x.data(), d);
+  const bool rope = I.pe->acts_on_query_key();
+  const RopeTable* table = rope ? &I.Table(max_tk) : nullptr;
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  rot.pool = pool;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerOffsets& o = I.layers[l];
+    ops::RmsNorm(s.x.data(), P + o.input_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                 pool);
+    ops::MatMulRowwise(s.xn.data(), W + o.q, s.q.data(), B, d, hq, pool);
+    ops::MatMulRowwise(s.xn.data(), W + o.k, s.k.data(), B, d, hk, pool);
+    ops::MatMulRowwise(s.xn.data(), W + o.v, s.v.data(), B, d, hk, pool);
+    if (rope) {
+      std::vector<RopeOperand> opsv = {{ContiguousView(s.q.data(), DType::kF32, B, H, D),
+                                        ContiguousView(s.q.data(), DType::kF32, B, H, D)},
+                                       {ContiguousView(s.k.data(), DType::kF32, B, Hkv, D),
+                                        ContiguousView(s.k.data(), DType::kF32, B, Hkv, D)}};
+      ApplyRope(*table, pos_span, opsv, rot);
+    }
+    // Append each sequence's key and value, then attend over its own cache (one task each).
+    ParallelFor(B * max_tk * hq < (int64_t{1} << 15) ? nullptr : pool, static_cast<size_t>(B),
+                [&](size_t begin, size_t end, size_t) {
+                  for (size_t bi = begin; bi < end; ++bi) {
+                    const int64_t b = static_cast<int64_t>(bi);
+                    KVCache& cache = *caches[b];
+                    const int64_t pos = s.positions[b];
+                    float* ck = cache.k_.data() + (l * cache.capacity_) * hk;
+                    float* cv = cache.v_.data() + (l * cache.capacity_) * hk;
+                    std::memcpy(ck + pos * hk, s.k.data() + b * hk, sizeof(float) * hk);
+                    std::memcpy(cv + pos * hk, s.v.data() + b * hk, sizeof(float) * hk);
+                    ops::AttentionArgs args;
+                    args.batch = 1;
+                    args.tq = 1;
+                    args.tk = pos + 1;
+                    args.heads = H;
+                    args.kv_heads = Hkv;
+                    args.head_dim = D;
+                    args.q = s.q.data() + b * hq;
+                    args.q_row_stride = hq;
+                    args.q_batch_stride = hq;
+                    args.k = ck;
+                    args.v = cv;
+                    args.kv_row_stride = hk;
+                    args.kv_batch_stride = (pos + 1) * hk;
+                    args.out = s.ao.data() + b * hq;
+                    args.out_row_stride = hq;
+                    args.out_batch_stride = hq;
+                    args.q_positions = std::span<const int64_t>(&s.positions[b], 1);
+                    args.k_positions = std::span<const int64_t>(s.key_positions.data(),
+                                                                static_cast<size_t>(pos + 1));
+                    args.scale = scale;
+                    args.logit_bias = I.pe.get();
+                    args.bias_params = I.PeParams();
+                    ops::AttentionForward(args, nullptr);
+                  }
+                });
+    std::memcpy(s.mid.data(), s.x.data(), sizeof(float) * B * d);
+    ops::MatMulRowwise(s.ao.data(), W + o.o, s.mid.data(), B, hq, d, pool, /*accumulate=*/true);
+    ops::RmsNorm(s.mid.data(), P + o.post_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                 pool);
+    ops::MatMulRowwise(s.xn.data(), W + o.gate, s.g.data(), B, d, F, pool);
+    ops::MatMulRowwise(s.xn.data(), W + o.up, s.u.data(), B, d, F, pool);
+    ops::SwiGlu(s.g.data(), s.u.data(), s.h.data(), B * F, pool);
+    std::memcpy(s.x.data(), s.mid.data(), sizeof(float) * B * d);
+    ops::MatMulRowwise(s.h.data(), W + o.down, s.x.data(), B, F, d, pool, /*accumulate=*/true);
+  }
+  ops::RmsNorm(s.x.data(), P + I.final_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps, pool);
+  ops::MatMulRowwise(s.xn.data(), W + I.head, logits, B, d, V, pool);
+  for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
+}
+
+}  // namespace ropekit
