@@ -491,8 +491,9 @@ const CommandRegistration kTrain{
           ->group(t)
           ->capture_default_str();
       sub->add_flag("--bf16", a->tc.bf16,
-                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and master "
-                    "weights")
+                    "Mixed precision numerics: bfloat16 matmul operands, float32 accumulation "
+                    "and master weights. The products still run through the float32 sgemm on "
+                    "every CPU (no bf16 kernel yet), so this is not faster than float32")
           ->group(t);
       sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
           ->group(t)
