@@ -151,9 +151,7 @@ void BM_AppendUnfused(benchmark::State& state) {
   }
 }
 
-void DecodeArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"dtype"})->Arg(0)->Arg(1);
-}
+void DecodeArgs(benchmark::internal::Benchmark* b) { b->ArgNames({"dtype"})->Arg(0)->Arg(1); }
 void AppendArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"dtype", "tokens"});
   for (int dtype : {0, 1}) {
@@ -177,11 +175,13 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       if (!median && !single) continue;
       std::string name = run.run_name.str();
       const size_t slash = name.find('/');
-      ns_[name.substr(slash)][name.substr(0, slash)] = run.GetAdjustedRealTime();
+      ns_[name.substr(slash)][name.substr(0, slash)] = run.GetAdjustedCPUTime();
     }
   }
   void PrintSummary() const {
-    std::printf("\nMedian ns per call (one thread; the machine may be shared)\n");
+    std::printf(
+        "\nMedian CPU ns per call (one thread; CPU time, not wall time, because the machine may be "
+        "shared)\n");
     for (const auto& [shape, by] : ns_) {
       auto get = [&](const char* n) {
         const auto it = by.find(n);

@@ -6,6 +6,8 @@
 //    bound derived below, and never applies the attention factor twice;
 //  - RopePlan (prepared calls) is bit-identical to ApplyRope;
 //  - every argument error names its argument.
+#include "ropekit/kv_cache.h"
+
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -14,7 +16,6 @@
 #include <random>
 #include <vector>
 
-#include "ropekit/kv_cache.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "src/util/half.h"
@@ -69,7 +70,8 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
     const RopeTable table = MakeTable(D, R, RopeType::kYarn);
     for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
       for (Layout layout : {Layout::kHalfSplit, Layout::kInterleaved}) {
-        for (CacheKind kind : {CacheKind::kContiguous, CacheKind::kPagedNhd, CacheKind::kPagedHnd}) {
+        for (CacheKind kind :
+             {CacheKind::kContiguous, CacheKind::kPagedNhd, CacheKind::kPagedHnd}) {
           for (bool in_place : {true, false}) {
             for (Backend backend : {Backend::kSimd, Backend::kReference}) {
               const int64_t pages = 6, page = 4, slots_total = pages * page;
@@ -80,11 +82,13 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
               KvCacheView cache;
               KvCacheView want;
               if (kind == CacheKind::kContiguous) {
-                cache = ContiguousKvCache(cache_k.data(), cache_v.data(), dtype, slots_total, Hkv, D);
+                cache =
+                    ContiguousKvCache(cache_k.data(), cache_v.data(), dtype, slots_total, Hkv, D);
                 want = ContiguousKvCache(want_k.data(), want_v.data(), dtype, slots_total, Hkv, D);
               } else {
                 const bool hnd = kind == CacheKind::kPagedHnd;
-                cache = PagedKvCache(cache_k.data(), cache_v.data(), dtype, pages, page, Hkv, D, hnd);
+                cache =
+                    PagedKvCache(cache_k.data(), cache_v.data(), dtype, pages, page, Hkv, D, hnd);
                 want = PagedKvCache(want_k.data(), want_v.data(), dtype, pages, page, Hkv, D, hnd);
               }
               // Positions 5..9 of a sequence whose block table is {3, 0, 5}: slots 1, 2, 3, 20,
@@ -105,17 +109,20 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
               // Fused.
               std::vector<uint8_t> q = q0, q_out(q0.size());
               const TensorView q_in = ContiguousView(q.data(), dtype, T, H, D);
-              const RopeOperand q_op{q_in, in_place ? q_in : ContiguousView(q_out.data(), dtype, T, H, D)};
-              const TensorView k_view = ContiguousView(const_cast<uint8_t*>(k.data()), dtype, T, Hkv, D);
-              const TensorView v_view = ContiguousView(const_cast<uint8_t*>(v.data()), dtype, T, Hkv, D);
+              const RopeOperand q_op{
+                  q_in, in_place ? q_in : ContiguousView(q_out.data(), dtype, T, H, D)};
+              const TensorView k_view =
+                  ContiguousView(const_cast<uint8_t*>(k.data()), dtype, T, Hkv, D);
+              const TensorView v_view =
+                  ContiguousView(const_cast<uint8_t*>(v.data()), dtype, T, Hkv, D);
               ApplyRopeAndAppend(table, PositionSpan(positions), q_op, k_view, v_view, cache, slots,
                                  options);
 
               // Unfused: rotate q and k, then copy k and v row by row.
               std::vector<uint8_t> q_ref = q0, k_rot(k.size());
-              const RopeOperand ops[] = {
-                  {ContiguousView(q_ref.data(), dtype, T, H, D), ContiguousView(q_ref.data(), dtype, T, H, D)},
-                  {k_view, ContiguousView(k_rot.data(), dtype, T, Hkv, D)}};
+              const RopeOperand ops[] = {{ContiguousView(q_ref.data(), dtype, T, H, D),
+                                          ContiguousView(q_ref.data(), dtype, T, H, D)},
+                                         {k_view, ContiguousView(k_rot.data(), dtype, T, Hkv, D)}};
               RotateOptions plain = options;
               ApplyRope(table, PositionSpan(positions), ops, plain);
               for (int64_t t = 0; t < T; ++t) {
@@ -127,15 +134,16 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
                   std::memcpy(want_v.data() + dst, v.data() + src, D * esize);
                 }
               }
-              const std::string where = std::string(DTypeName(dtype)) + " " +
-                                        std::string(LayoutName(layout)) + " kind " +
-                                        std::to_string(static_cast<int>(kind)) + " D " +
-                                        std::to_string(D) + " backend " +
-                                        std::to_string(static_cast<int>(backend));
+              const std::string where =
+                  std::string(DTypeName(dtype)) + " " + std::string(LayoutName(layout)) + " kind " +
+                  std::to_string(static_cast<int>(kind)) + " D " + std::to_string(D) + " backend " +
+                  std::to_string(static_cast<int>(backend));
               ASSERT_EQ(cache_k, want_k) << where;
               ASSERT_EQ(cache_v, want_v) << where;
               ASSERT_EQ(in_place ? q : q_out, q_ref) << where;
-              if (!in_place) ASSERT_EQ(q, q0) << "q input changed";
+              if (!in_place) {
+                ASSERT_EQ(q, q0) << "q input changed";
+              }
             }
           }
         }
@@ -156,23 +164,33 @@ TEST(ApplyRopeAndAppend, ArgumentErrors) {
   auto call = [&](std::vector<int64_t> slots, KvCacheView c, TensorView kk) {
     ApplyRopeAndAppend(table, PositionSpan(pos), q_op, kk, vv, c, slots);
   };
-  EXPECT_THAT(([&] { call({0, 4}, cache, kv); }),
+  EXPECT_THAT(([&] {
+                call({0, 4}, cache, kv);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("slots[1] = 4 is out of range")));
-  EXPECT_THAT(([&] { call({2, 2}, cache, kv); }),
+  EXPECT_THAT(([&] {
+                call({2, 2}, cache, kv);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("repeats an earlier slot")));
   EXPECT_THAT(([&] { call({0}, cache, kv); }),
               ::testing::ThrowsMessage<Error>(HasSubstr("slots has 1 entries")));
   KvCacheView wrong_heads = cache;
   wrong_heads.num_heads = 2;
   wrong_heads.token_stride = 16;
-  EXPECT_THAT(([&] { call({0, 1}, wrong_heads, kv); }),
+  EXPECT_THAT(([&] {
+                call({0, 1}, wrong_heads, kv);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("k must have the cache's dtype")));
   KvCacheView overlapping = cache;
   overlapping.token_stride = 4;
-  EXPECT_THAT(([&] { call({0, 1}, overlapping, kv); }),
+  EXPECT_THAT(([&] {
+                call({0, 1}, overlapping, kv);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("cache strides make rows overlap")));
   const TensorView k_in_cache = ContiguousView(ck.data(), DType::kF32, 2, 1, 8);
-  EXPECT_THAT(([&] { call({2, 3}, cache, k_in_cache); }),
+  EXPECT_THAT(([&] {
+                call({2, 3}, cache, k_in_cache);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("k overlaps the KV cache")));
   EXPECT_THAT(([&] { SlotsFromBlockTable(std::vector<int32_t>{0}, 4, 3, 2); }),
               ::testing::ThrowsMessage<Error>(HasSubstr("needs block_table[1]")));
@@ -187,7 +205,8 @@ TEST(ApplyRopeAndAppend, ArgumentErrors) {
 //    per component) is carried through the second (a rotation mixes two components: x2), plus the
 //    shift row's and the second rotation's own errors (sqrt(2) 2^-24 A r + 2 sqrt(2) 2^-24 A r):
 //    <= 9 sqrt(2) 2^-24 A r. Difference <= 12 sqrt(2) 2^-24 A r.
-//  - 16-bit storage with unit roundoff u (2^-8 bf16, 2^-11 fp16): the stored rotated key errs by u A r
+//  - 16-bit storage with unit roundoff u (2^-8 bf16, 2^-11 fp16): the stored rotated key errs by u
+//  A r
 //    per component, carried x2 by the shift, plus the final stores of both results: + 4 u A r.
 TEST(ShiftKeys, MatchesRotationAtShiftedPositionsWithinBound) {
   const int64_t T = 9, Hkv = 2;
@@ -209,7 +228,8 @@ TEST(ShiftKeys, MatchesRotationAtShiftedPositionsWithinBound) {
               RotateOptions options;
               options.layout = layout;
               std::vector<uint8_t> cache(x.size()), want(x.size());
-              const TensorView xv = ContiguousView(const_cast<uint8_t*>(x.data()), dtype, T, Hkv, D);
+              const TensorView xv =
+                  ContiguousView(const_cast<uint8_t*>(x.data()), dtype, T, Hkv, D);
               const RopeOperand rotate{xv, ContiguousView(cache.data(), dtype, T, Hkv, D)};
               ApplyRope(table, PositionSpan(pos), {&rotate, 1}, options);
               const RopeOperand scratch{xv, ContiguousView(want.data(), dtype, T, Hkv, D)};
@@ -222,19 +242,23 @@ TEST(ShiftKeys, MatchesRotationAtShiftedPositionsWithinBound) {
               } else {
                 ShiftKeys(table, ContiguousView(cache.data(), dtype, T, Hkv, D), delta, options);
               }
-              const double u = dtype == DType::kF32 ? 0 : std::ldexp(1.0, dtype == DType::kBF16 ? -8 : -11);
+              const double u =
+                  dtype == DType::kF32 ? 0 : std::ldexp(1.0, dtype == DType::kBF16 ? -8 : -11);
               for (int64_t t = 0; t < T; ++t) {
                 for (int64_t h = 0; h < Hkv; ++h) {
                   const int64_t off = (t * Hkv + h) * D;
                   for (int i = 0; i < n; ++i) {
                     const int ia = layout == Layout::kHalfSplit ? i : 2 * i;
                     const int ib = layout == Layout::kHalfSplit ? i + n : 2 * i + 1;
-                    const double a = Load(x.data(), dtype, off + ia), b = Load(x.data(), dtype, off + ib);
+                    const double a = Load(x.data(), dtype, off + ia),
+                                 b = Load(x.data(), dtype, off + ib);
                     const double r = std::hypot(a, b);
-                    const double tol = A * r * (12 * std::sqrt(2.0) * std::ldexp(1.0, -24) + 4 * u) +
-                                       (dtype == DType::kF16 ? 4 * std::ldexp(1.0, -25) : 0);
+                    const double tol =
+                        A * r * (12 * std::sqrt(2.0) * std::ldexp(1.0, -24) + 4 * u) +
+                        (dtype == DType::kF16 ? 4 * std::ldexp(1.0, -25) : 0);
                     for (int c : {ia, ib}) {
-                      ASSERT_NEAR(Load(cache.data(), dtype, off + c), Load(want.data(), dtype, off + c), tol)
+                      ASSERT_NEAR(Load(cache.data(), dtype, off + c),
+                                  Load(want.data(), dtype, off + c), tol)
                           << DTypeName(dtype) << " " << LayoutName(layout) << " delta " << delta
                           << " type " << RopeTypeName(type) << " t " << t << " ch " << c;
                     }
@@ -285,12 +309,13 @@ TEST(RopePlan, BitIdenticalToApplyRopeAndChecksPositions) {
         {ContiguousView(q.data(), dtype, 1, 32, 128), ContiguousView(q.data(), dtype, 1, 32, 128)},
         {ContiguousView(k.data(), dtype, 1, 8, 128), ContiguousView(k.data(), dtype, 1, 8, 128)}};
     const RopeOperand ops2[] = {
-        {ContiguousView(q2.data(), dtype, 1, 32, 128), ContiguousView(q2.data(), dtype, 1, 32, 128)},
+        {ContiguousView(q2.data(), dtype, 1, 32, 128),
+         ContiguousView(q2.data(), dtype, 1, 32, 128)},
         {ContiguousView(k2.data(), dtype, 1, 8, 128), ContiguousView(k2.data(), dtype, 1, 8, 128)}};
     RopePlan plan(table, ops, 1);
     // Decoding past the table's rows (256), a far row computed on the fly, and the last position.
-    for (int64_t p : {int64_t{3}, int64_t{255}, int64_t{256}, int64_t{5000}, int64_t{40000000},
-                      kMaxPosition}) {
+    for (int64_t p :
+         {int64_t{3}, int64_t{255}, int64_t{256}, int64_t{5000}, int64_t{40000000}, kMaxPosition}) {
       const std::vector<int64_t> pos = {p};
       plan.Run(PositionSpan(pos));
       ApplyRope(table, PositionSpan(pos), ops2);

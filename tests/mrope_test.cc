@@ -137,12 +137,12 @@ RopeParams Params(RopeType type, int head_dim, double base) {
 
 TEST(MRope, MatchesFloat64OracleEveryDtypeLayoutDirectionScaling) {
   const MCase cases[] = {
-      {Params(RopeType::kDefault, 128, 1e6), {16, 24, 24}, false},     // Qwen2-VL-7B
-      {Params(RopeType::kDefault, 128, 5e6), {24, 20, 20}, true},      // Qwen3-VL
-      {Params(RopeType::kYarn, 128, 1e6), {16, 24, 24}, false},        // YaRN: A != 1
-      {Params(RopeType::kLinear, 64, 1e4), {16, 16}, false},           // 2-D axial halves
-      {Params(RopeType::kYarn, 96, 1e4), {16, 16, 16}, true},          // interleaved + A != 1
-      {Params(RopeType::kDefault, 40, 1e4), {3, 5, 4, 8}, false},      // 4 axes, odd counts
+      {Params(RopeType::kDefault, 128, 1e6), {16, 24, 24}, false},  // Qwen2-VL-7B
+      {Params(RopeType::kDefault, 128, 5e6), {24, 20, 20}, true},   // Qwen3-VL
+      {Params(RopeType::kYarn, 128, 1e6), {16, 24, 24}, false},     // YaRN: A != 1
+      {Params(RopeType::kLinear, 64, 1e4), {16, 16}, false},        // 2-D axial halves
+      {Params(RopeType::kYarn, 96, 1e4), {16, 16, 16}, true},       // interleaved + A != 1
+      {Params(RopeType::kDefault, 40, 1e4), {3, 5, 4, 8}, false},   // 4 axes, odd counts
   };
   const int64_t T = 23, H = 3;
   std::mt19937 rng(7);
@@ -211,8 +211,8 @@ TEST(MRope, MatchesFloat64OracleEveryDtypeLayoutDirectionScaling) {
                     const double arith = std::ldexp(mag, -23) * 1.01;
                     const double tol = tab + arith + HalfUlp(dtype, std::abs(yd[k]) + tab + arith);
                     ASSERT_NEAR(Load(out, dtype, off + k), yd[k], tol)
-                        << axes.Describe() << " " << DTypeName(dtype) << " "
-                        << LayoutName(layout) << " dir " << static_cast<int>(dir) << " backend "
+                        << axes.Describe() << " " << DTypeName(dtype) << " " << LayoutName(layout)
+                        << " dir " << static_cast<int>(dir) << " backend "
                         << static_cast<int>(backend) << " t " << t << " h " << h << " ch " << k;
                   }
                 }
@@ -304,16 +304,21 @@ TEST(MRope, PairAxesRules) {
   EXPECT_EQ(RopeAxes{}.PairAxes(4), (std::vector<uint8_t>{0, 0, 0, 0}));
   EXPECT_EQ((RopeAxes{{1, 2, 3}, false}.PairAxes(6)), (std::vector<uint8_t>{0, 1, 1, 2, 2, 2}));
   // Interleaved [3, 2, 2] over 7 pairs: T H W T H W T (pairs 6 and beyond: T).
-  EXPECT_EQ((RopeAxes{{3, 2, 2}, true}.PairAxes(7)),
-            (std::vector<uint8_t>{0, 1, 2, 0, 1, 2, 0}));
+  EXPECT_EQ((RopeAxes{{3, 2, 2}, true}.PairAxes(7)), (std::vector<uint8_t>{0, 1, 2, 0, 1, 2, 0}));
   // Qwen3-VL [24, 20, 20] over 64 pairs: THW repeated 20 times, then 4 T.
   const std::vector<uint8_t> q3 = RopeAxes{{24, 20, 20}, true}.PairAxes(64);
   for (int i = 0; i < 64; ++i) EXPECT_EQ(q3[i], i < 60 ? i % 3 : 0) << i;
-  EXPECT_THAT(([] { RopeAxes{{16, 24, 23}, false}.PairAxes(64); }),
+  EXPECT_THAT(([] {
+                RopeAxes{{16, 24, 23}, false}.PairAxes(64);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("sum to 63")));
-  EXPECT_THAT(([] { RopeAxes{{0, 32, 32}, false}.PairAxes(64); }),
+  EXPECT_THAT(([] {
+                RopeAxes{{0, 32, 32}, false}.PairAxes(64);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("sections[0] = 0")));
-  EXPECT_THAT(([] { RopeAxes{{4, 30, 30}, true}.PairAxes(64); }),
+  EXPECT_THAT(([] {
+                RopeAxes{{4, 30, 30}, true}.PairAxes(64);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("needs 3 * 30 = 90")));
 }
 
@@ -325,13 +330,19 @@ TEST(MRope, ArgumentErrors) {
   const std::vector<int64_t> a = {0, 1}, b = {0, 1, 2}, bad = {0, -1};
   const RopeAxes axes{{1, 1, 2}, false};
   std::vector<PositionSpan> two = {PositionSpan(a), PositionSpan(a)};
-  EXPECT_THAT(([&] { ApplyRope(table, AxisPositions{two}, axes, {&op, 1}); }),
+  EXPECT_THAT(([&] {
+                ApplyRope(table, AxisPositions{two}, axes, {&op, 1});
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("positions have 2 axes")));
   std::vector<PositionSpan> ragged = {PositionSpan(a), PositionSpan(b), PositionSpan(a)};
-  EXPECT_THAT(([&] { ApplyRope(table, AxisPositions{ragged}, axes, {&op, 1}); }),
+  EXPECT_THAT(([&] {
+                ApplyRope(table, AxisPositions{ragged}, axes, {&op, 1});
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("axis 1 has 3 entries")));
   std::vector<PositionSpan> negative = {PositionSpan(a), PositionSpan(a), PositionSpan(bad)};
-  EXPECT_THAT(([&] { ApplyRope(table, AxisPositions{negative}, axes, {&op, 1}); }),
+  EXPECT_THAT(([&] {
+                ApplyRope(table, AxisPositions{negative}, axes, {&op, 1});
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("positions[2][1] = -1")));
 }
 
@@ -344,14 +355,18 @@ TEST(MRopeConfig, Qwen2VlRopeScalingMrope) {
   EXPECT_EQ(c.params.head_dim, 128);
   EXPECT_EQ(c.axes.sections, (std::vector<int>{16, 24, 24}));
   EXPECT_FALSE(c.axes.interleaved);
-  EXPECT_THAT(([] {
-    ParseHfConfig(R"({"model_type": "qwen2_vl", "hidden_size": 3584, "num_attention_heads": 28,
+  EXPECT_THAT(
+      ([] {
+        ParseHfConfig(R"({"model_type": "qwen2_vl", "hidden_size": 3584, "num_attention_heads": 28,
       "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 20]}})");
-  }), ::testing::ThrowsMessage<Error>(HasSubstr("rope_scaling.mrope_section: sections")));
-  EXPECT_THAT(([] {
-    ParseHfConfig(R"({"model_type": "qwen2_vl", "hidden_size": 3584, "num_attention_heads": 28,
+      }),
+      ::testing::ThrowsMessage<Error>(HasSubstr("rope_scaling.mrope_section: sections")));
+  EXPECT_THAT(
+      ([] {
+        ParseHfConfig(R"({"model_type": "qwen2_vl", "hidden_size": 3584, "num_attention_heads": 28,
       "rope_theta": 1e6, "rope_scaling": {"type": "mrope"}})");
-  }), ::testing::ThrowsMessage<Error>(HasSubstr("rope_scaling.mrope_section is required")));
+      }),
+      ::testing::ThrowsMessage<Error>(HasSubstr("rope_scaling.mrope_section is required")));
 }
 
 TEST(MRopeConfig, Qwen3VlTextConfigAndRopeParameters) {
@@ -445,7 +460,9 @@ TEST(VlPositions, Qwen25TimeScaledVideoAndErrors) {
             (std::vector<int64_t>{0, 1, 2, 3}));
   EXPECT_EQ(std::vector<int64_t>(p.axis(1).begin(), p.axis(1).end()),
             (std::vector<int64_t>{0, 1, 1, 1}));
-  EXPECT_THAT(([&] { QwenVlPositionIds(std::vector<int64_t>{9, 9}, {}, {&g, 1}, o); }),
+  EXPECT_THAT(([&] {
+                QwenVlPositionIds(std::vector<int64_t>{9, 9}, {}, {&g, 1}, o);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("has only 2 tokens")));
   EXPECT_THAT(([&] { QwenVlPositionIds(ids, {}, {}, o); }),
               ::testing::ThrowsMessage<Error>(HasSubstr("video_second_per_grid has 1 entries")));
@@ -453,7 +470,9 @@ TEST(VlPositions, Qwen25TimeScaledVideoAndErrors) {
   o.video_second_per_grid.clear();
   EXPECT_THAT(([&] { QwenVlPositionIds(ids, {}, {}, o); }),
               ::testing::ThrowsMessage<Error>(HasSubstr("only 0 video grids")));
-  EXPECT_THAT(([&] { QwenVlPositionIds(ids, {}, {&odd, 1}, o); }),
+  EXPECT_THAT(([&] {
+                QwenVlPositionIds(ids, {}, {&odd, 1}, o);
+              }),
               ::testing::ThrowsMessage<Error>(HasSubstr("multiples of spatial_merge_size")));
 }
 

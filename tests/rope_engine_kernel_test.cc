@@ -27,7 +27,8 @@ inline RopeFrequencies Frequencies(int rotary_dim, double attention_factor) {
   f.numerics = Numerics::kExact;
   f.rotary_dim = rotary_dim;
   f.attention_factor = attention_factor;
-  for (int i = 0; i < rotary_dim / 2; ++i) f.inv_freq.push_back(std::pow(1e4, -2.0 * i / rotary_dim));
+  for (int i = 0; i < rotary_dim / 2; ++i)
+    f.inv_freq.push_back(std::pow(1e4, -2.0 * i / rotary_dim));
   return f;
 }
 
@@ -103,7 +104,8 @@ void TestEngineKernelsMatchRotateTokens() {
             return out;
           };
           const PositionSpan p0(pos);
-          const std::vector<uint8_t> plain = rotate_tokens(MakeJob(table, rows, {}, &p0, layout, dir));
+          const std::vector<uint8_t> plain =
+              rotate_tokens(MakeJob(table, rows, {}, &p0, layout, dir));
 
           // Planned.
           {
@@ -170,7 +172,8 @@ void TestEngineKernelsMatchRotateTokens() {
             for (int64_t t = 0; t < T; ++t) {
               if (slots[t] < 0) continue;
               for (int64_t h = 0; h < H; ++h) {
-                const int64_t dst = (job.cache.SlotOffset(slots[t]) + h * job.cache.head_stride) * es;
+                const int64_t dst =
+                    (job.cache.SlotOffset(slots[t]) + h * job.cache.head_stride) * es;
                 const int64_t src = (t * H + h) * D * es;
                 std::memcpy(want_k.data() + dst, plain.data() + src, D * es);
                 std::memcpy(want_v.data() + dst, v.data() + src, D * es);

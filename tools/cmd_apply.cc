@@ -52,14 +52,13 @@ std::vector<int64_t> LoadPositions(const std::string& path, int64_t num_tokens, 
   got += "]";
   const std::string T = std::to_string(num_tokens);
   if (num_axes == 1 && p.shape.size() != 1) {
-    throw Error("--positions " + path + ": expected shape [T] = [" + T +
+    throw Error("--positions " + path + ": expected a 1-d array of shape [T] = [" + T +
                 "] for this config's one-axis RoPE, got " + got +
                 (p.shape.size() == 2 ? " (multimodal [A, T] positions need a config with "
                                        "mrope_section)"
                                      : ""));
   }
-  if (num_axes > 1 &&
-      (p.shape.size() != 2 || p.shape[0] != num_axes || p.shape[1] != num_tokens)) {
+  if (num_axes > 1 && (p.shape.size() != 2 || p.shape[0] != num_axes || p.shape[1] != num_tokens)) {
     throw Error("--positions " + path + ": expected shape [A, T] = [" + std::to_string(num_axes) +
                 ", " + T + "] for this config's M-RoPE (" + std::to_string(num_axes) +
                 " position axes), got " + got);
@@ -195,7 +194,8 @@ const CommandRegistration kApply(
           "long factors (when it exceeds original_max_position_embeddings).");
       sub->add_option("--config", args->config, "Hugging Face config.json")->required();
       sub->add_option("--input", args->input, "X.npy, shape [tokens, heads, head_dim]")->required();
-      sub->add_option("--positions", args->positions, "P.npy, shape [tokens] ([3, tokens] for M-RoPE configs), int32 or int64")
+      sub->add_option("--positions", args->positions,
+                      "P.npy, shape [tokens] ([3, tokens] for M-RoPE configs), int32 or int64")
           ->required();
       sub->add_option("--output", args->output, "Y.npy to write (atomically)")->required();
       sub->add_option("--layout", args->layout,

@@ -187,7 +187,8 @@ const CommandRegistration kEval{
           ->capture_default_str();
       sub->add_flag("--json", a->json, "Print the results as JSON");
       AddRopeOverrideOptions(sub, a->rope);
-      sub->add_flag("--bf16", a->bf16, "bfloat16 matmul operands (float32 accumulation)");
+      sub->add_flag("--bf16", a->bf16,
+                    "bfloat16 matmul operands (float32 accumulation; numerics only, no speed-up)");
       auto* d = "Debug dumps (for comparisons with other implementations)";
       sub->add_option("--dump-tokens", a->dump_tokens,
                       "int32/int64 .npy [B, T + 1]: inputs are the first T columns, targets the "

@@ -2,17 +2,21 @@
 // with tables on the terminal and results.json / results.csv / report.html in --out.
 // `ropekit corpus`: fetches and extracts the Austen novels only.
 #include <cstdio>
+#include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "ropekit/distributed.h"
 #include "ropekit/study.h"
 #include "tools/command.h"
 
 namespace ropekit::cli {
 namespace {
 
-int RunStudyCommand(const study::StudyOptions& o) {
+int RunStudyOn(const study::StudyOptions& o) {
   const study::StudyResult r = study::RunStudy(o);
+  if (o.comm && o.comm->rank() != 0) return 0;  // rank 0 reports
   const study::StudyPreset preset = study::GetStudyPreset(o.preset);
   std::printf("%s", study::SummaryTables(preset, r.records).c_str());
   std::printf("\n%zu runs computed, %zu reused; %.0f s (compute time of all runs: %.0f s)\n",
@@ -20,6 +24,23 @@ int RunStudyCommand(const study::StudyOptions& o) {
   std::printf("results: %s/results.json, %s/results.csv\nreport:  %s/report.html\n", o.out.c_str(),
               o.out.c_str(), o.out.c_str());
   return 0;
+}
+
+// Under mpirun the ranks share the units. Ranks wait for each other only between phases, for as
+// long as a unit trains, so the wait has no practical deadline; mpirun stops the job when a rank
+// dies, and an error on any rank stops all of them.
+int RunStudyCommand(study::StudyOptions o) {
+  CommunicatorOptions co;
+  co.timeout_s = 365.0 * 24 * 3600;
+  std::unique_ptr<Communicator> world = ConnectRanks(nullptr, nullptr, co);
+  if (!world) return RunStudyOn(o);
+  o.comm = world.get();
+  try {
+    return RunStudyOn(o);
+  } catch (const std::exception& e) {
+    world->Abort(e.what());
+  }
+  return 1;
 }
 
 const CommandRegistration kStudy{

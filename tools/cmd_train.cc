@@ -110,13 +110,14 @@ void TrimLog(const std::string& path, int64_t step) {
 
 // Per-rank data-parallel measurements as JSON (rank 0 writes it; every rank takes part).
 void WriteDistStats(Communicator& comm, const DataParallelStats& st, const std::string& path) {
-  constexpr int kFields = 9;
+  constexpr int kFields = 10;
   const int N = comm.size();
   std::vector<double> all(static_cast<size_t>(kFields) * N);
   const double mine[kFields] = {st.step_s,
                                 st.compute_s,
                                 st.reduce_post_s,
                                 st.reduce_wait_s,
+                                st.reduce_after_last_backward_s,
                                 st.optimizer_s,
                                 st.allgather_s,
                                 static_cast<double>(st.grad_floats_sent),
@@ -127,10 +128,16 @@ void WriteDistStats(Communicator& comm, const DataParallelStats& st, const std::
   for (int r = 0; r <= N; ++r) offsets[r] = int64_t{kFields} * r;
   comm.AllGather(std::span<double>(all), offsets);
   if (comm.rank() != 0) return;
-  const char* names[kFields] = {
-      "step_s",           "compute_s",        "reduce_post_s",
-      "reduce_wait_s",    "optimizer_s",      "allgather_s",
-      "grad_floats_sent", "optimizer_floats", "optimizer_floats_unsharded"};
+  const char* names[kFields] = {"step_s",
+                                "compute_s",
+                                "reduce_post_s",
+                                "reduce_wait_s",
+                                "reduce_after_last_backward_s",
+                                "optimizer_s",
+                                "allgather_s",
+                                "grad_floats_sent",
+                                "optimizer_floats",
+                                "optimizer_floats_unsharded"};
   std::string json =
       "{\"ranks\": " + std::to_string(N) + ", \"steps\": " + std::to_string(st.steps);
   for (int f = 0; f < kFields; ++f) {
@@ -485,8 +492,9 @@ const CommandRegistration kTrain{
           ->group(t)
           ->capture_default_str();
       sub->add_flag("--bf16", a->tc.bf16,
-                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and master "
-                    "weights")
+                    "Mixed precision numerics: bfloat16 matmul operands, float32 accumulation "
+                    "and master weights. The products still run through the float32 sgemm on "
+                    "every CPU (no bf16 kernel yet), so this is not faster than float32")
           ->group(t);
       sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
           ->group(t)

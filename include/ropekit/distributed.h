@@ -76,6 +76,9 @@ struct DataParallelStats {
   double step_s = 0.0;         // wall time of all steps (excluding validation and checkpoints)
   double compute_s = 0.0;      // forward + backward of this rank's micro-batches
   double reduce_wait_s = 0.0;  // blocked after the backward until the gradient shard was complete
+  // The part of reduce_wait_s after the last rank's backward ended (the rest is waiting for a
+  // slower rank); meaningful when the ranks share one machine's steady clock.
+  double reduce_after_last_backward_s = 0.0;
   double reduce_post_s = 0.0;  // posting and progressing bucket transfers during the backward
   double optimizer_s = 0.0;    // gradient norm (with its partial sums' gather), AdamW on the shard
   double allgather_s = 0.0;    // parameters (and the loss / norm partial sums) all-gathered

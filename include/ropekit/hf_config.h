@@ -5,8 +5,9 @@
 // max_position_embeddings, and the scaling dict under `rope_scaling` or the newer
 // `rope_parameters` (key `rope_type` or its alias `type`; Phi-3 `su`/`yarn` map to longrope,
 // Qwen2-VL `mrope` to default, its mrope_section into `axes`). Vision-language configs whose
-// language fields sit in `text_config` (Qwen3-VL) are read from there. A top-level original_max_position_embeddings (Phi-3) takes
-// priority, as in transformers v5. Every problem is reported as ropekit::Error naming the field.
+// language fields sit in `text_config` (Qwen3-VL) are read from there. A top-level
+// original_max_position_embeddings (Phi-3) takes priority, as in transformers v5. Every problem is
+// reported as ropekit::Error naming the field.
 #ifndef ROPEKIT_HF_CONFIG_H_
 #define ROPEKIT_HF_CONFIG_H_
 

@@ -50,8 +50,8 @@ struct KvCacheView {
 };
 
 // [max_tokens, Hkv, D] token-major buffers.
-KvCacheView ContiguousKvCache(void* k, void* v, DType dtype, int64_t max_tokens,
-                              int64_t num_heads, int64_t head_dim);
+KvCacheView ContiguousKvCache(void* k, void* v, DType dtype, int64_t max_tokens, int64_t num_heads,
+                              int64_t head_dim);
 // [pages, P, Hkv, D] (NHD) or, with head_major, [pages, Hkv, P, D] (HND).
 KvCacheView PagedKvCache(void* k, void* v, DType dtype, int64_t num_pages, int64_t page_size,
                          int64_t num_heads, int64_t head_dim, bool head_major = false);

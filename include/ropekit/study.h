@@ -1,8 +1,8 @@
 // ropekit: the length-extrapolation study. Train short, test long, extend the context.
 //
-// Protocol (docs/study.md; after Press et al. 2022, arXiv:2108.12409): a byte-level LLaMA-style model is trained at
-// context L with each position encoding (learned absolute, sinusoidal, NoPE, RoPE, ALiBi, T5
-// bias) and evaluated on held-out text at 1x, 2x, 4x and 8x L with
+// Protocol (docs/study.md; after Press et al. 2022, arXiv:2108.12409): a byte-level LLaMA-style
+// model is trained at context L with each position encoding (learned absolute, sinusoidal, NoPE,
+// RoPE, ALiBi, T5 bias) and evaluated on held-out text at 1x, 2x, 4x and 8x L with
 //  * the tail protocol (Kazemnejad et al. 2023, App. F): fixed end offsets e_k, windows
 //    [e_k - C, e_k) for every evaluation length C, only the last `tail` targets scored, so the
 //    same target tokens are scored at every length (primary metric), and
@@ -168,6 +168,10 @@ struct StudyOptions {
   int threads = 1;
   uint64_t seed = 1;
   bool verbose = true;  // progress lines on stderr
+  // Ranks that share the study (mpirun -np N ropekit study): the units are spread over them,
+  // fine-tunes wait for their base model, rank 0 writes the results. nullptr: this process.
+  // --out must be a directory every rank sees (one machine, or a shared file system).
+  Communicator* comm = nullptr;
 };
 
 struct StudyResult {

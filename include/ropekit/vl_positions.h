@@ -39,9 +39,9 @@ struct VlPositionOptions {
 };
 
 struct VlPositions {
-  int64_t num_tokens = 0;        // T
-  std::vector<int64_t> ids;      // [3, T], axis-major: ids[a * T + t]
-  int64_t rope_delta = 0;        // max position + 1 - T
+  int64_t num_tokens = 0;    // T
+  std::vector<int64_t> ids;  // [3, T], axis-major: ids[a * T + t]
+  int64_t rope_delta = 0;    // max position + 1 - T
   std::span<const int64_t> axis(int a) const {
     return std::span<const int64_t>(ids).subspan(static_cast<size_t>(a * num_tokens),
                                                  static_cast<size_t>(num_tokens));

@@ -563,7 +563,8 @@ IntArray ReadInts(py::handle h, const std::string& name = "positions") {
         arr = np.attr("asarray")(h, py::arg("dtype") = "int64");
       } catch (const py::error_already_set&) {
         throw py::type_error(
-            name + " must be a sequence of integers, an int32/int64 numpy array or a torch "
+            name +
+            " must be a sequence of integers, an int32/int64 numpy array or a torch "
             "tensor");
       }
       // Reject floats silently truncated by asarray.
@@ -571,10 +572,10 @@ IntArray ReadInts(py::handle h, const std::string& name = "positions") {
         throw py::type_error(name + " must contain integers");
       }
     } else {
-      throw py::type_error(
-          name + " must be an int32/int64 numpy array, a torch tensor or a sequence of "
-          "integers, got " +
-          TypeName(h));
+      throw py::type_error(name +
+                           " must be an int32/int64 numpy array, a torch tensor or a sequence of "
+                           "integers, got " +
+                           TypeName(h));
     }
     auto a = py::reinterpret_borrow<py::array>(arr);
     for (py::ssize_t i = 0; i < a.ndim(); ++i) p.shape.push_back(a.shape(i));
@@ -636,9 +637,9 @@ Positions InspectAxisPositions(py::handle h, int64_t num_axes, int64_t batch, in
   IntArray ints = ReadInts(h);
   p.owner = ints.owner;
   const std::vector<int64_t>& shape = ints.shape;
-  const std::string want = "(" + std::to_string(num_axes) + ", T) or (" +
-                           std::to_string(num_axes) + ", B, T) with B = " +
-                           std::to_string(batch) + ", T = " + std::to_string(num_tokens);
+  const std::string want = "(" + std::to_string(num_axes) + ", T) or (" + std::to_string(num_axes) +
+                           ", B, T) with B = " + std::to_string(batch) +
+                           ", T = " + std::to_string(num_tokens);
   if ((shape.size() != 2 && shape.size() != 3) || shape[0] != num_axes) {
     throw py::value_error("positions has shape " + ShapeString(shape) +
                           " but the config rotates with " + std::to_string(num_axes) +
@@ -653,8 +654,8 @@ Positions InspectAxisPositions(py::handle h, int64_t num_axes, int64_t batch, in
   const int64_t n = p.axes * p.rows * p.T;
   auto check = [&](int64_t i, int64_t value) {
     if (value < 0 || value > kMaxPosition) {
-      throw py::value_error("positions (flat index " + std::to_string(i) + ") = " +
-                            std::to_string(value) + " is out of range [0, " +
+      throw py::value_error("positions (flat index " + std::to_string(i) +
+                            ") = " + std::to_string(value) + " is out of range [0, " +
                             std::to_string(kMaxPosition) + "]");
     }
     p.max_position = std::max(p.max_position, value);
@@ -838,9 +839,8 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
   const int64_t B = in_views[0].B;
   const int64_t T = in_views[0].T;
   const bool multimodal = config.axes.multimodal();
-  const Positions pos = multimodal
-                            ? InspectAxisPositions(positions, config.axes.num_axes(), B, T)
-                            : InspectPositions(positions, B, T);
+  const Positions pos = multimodal ? InspectAxisPositions(positions, config.axes.num_axes(), B, T)
+                                   : InspectPositions(positions, B, T);
   const int64_t key = SeqLenKey(config.params, opt.seq_len, pos.max_position);
   const size_t threads = ThreadsFor(opt.num_threads, elements);
   const std::shared_ptr<RopeTable> table = config.cache->Get(config.params, numerics, key);
@@ -848,8 +848,9 @@ std::vector<py::object> Rotate(const std::vector<std::pair<py::object, std::stri
 
   // ApplyRope grows the table to cover the positions (up to its memory budget) by itself.
   if (f64 && multimodal) {
-    throw py::type_error("float64 inputs take one-axis positions only; rotate multimodal (M-RoPE) "
-                         "positions in float32, bfloat16 or float16");
+    throw py::type_error(
+        "float64 inputs take one-axis positions only; rotate multimodal (M-RoPE) "
+        "positions in float32, bfloat16 or float16");
   }
   if (f64) CheckNoOverlapF64(in_views, out_views, opt.inplace, xs);
   if (elements > 0) {
@@ -916,8 +917,7 @@ KvCacheView CacheArg(const Array& a, const std::string& name) {
   int64_t expect = 1;
   for (size_t i = a.shape.size(); i-- > 0;) {
     if (a.shape[i] > 1 && a.strides[i] != expect) {
-      throw py::value_error(name + " must be C-contiguous, got strides " +
-                            ShapeString(a.strides));
+      throw py::value_error(name + " must be C-contiguous, got strides " + ShapeString(a.strides));
     }
     expect *= a.shape[i];
   }
@@ -928,7 +928,8 @@ KvCacheView CacheArg(const Array& a, const std::string& name) {
   const int64_t page = paged ? a.shape[1] : a.shape[0];
   KvCacheView c = PagedKvCache(a.data, nullptr, ToDType(a.elem), pages, page,
                                a.shape[a.shape.size() - 2], a.shape.back());
-  if (!paged) c = ContiguousKvCache(a.data, nullptr, ToDType(a.elem), page, c.num_heads, c.head_dim);
+  if (!paged)
+    c = ContiguousKvCache(a.data, nullptr, ToDType(a.elem), page, c.num_heads, c.head_dim);
   return c;
 }
 
@@ -965,9 +966,8 @@ void SameFamily(const std::vector<std::pair<const Array*, std::string>>& arrays)
   for (const auto& [a, name] : arrays) {
     if (a->is_torch != arrays[0].first->is_torch || a->elem != arrays[0].first->elem) {
       throw py::type_error(name + " is a " + TypeName(a->obj) + " of dtype " + ElemName(a->elem) +
-                           " but " + arrays[0].second + " is a " +
-                           TypeName(arrays[0].first->obj) + " of dtype " +
-                           ElemName(arrays[0].first->elem) + "; they must match");
+                           " but " + arrays[0].second + " is a " + TypeName(arrays[0].first->obj) +
+                           " of dtype " + ElemName(arrays[0].first->elem) + "; they must match");
     }
   }
 }
@@ -987,9 +987,10 @@ py::object RopeAndAppend(py::object q, py::object k, py::object v, py::handle po
     CheckNoGradRecording(*a, name);
   }
   if (config.axes.multimodal()) {
-    throw py::value_error("apply_rope_and_append takes one-axis positions; this config rotates "
-                          "with " + std::to_string(config.axes.num_axes()) +
-                          " position axes (M-RoPE)");
+    throw py::value_error(
+        "apply_rope_and_append takes one-axis positions; this config rotates "
+        "with " +
+        std::to_string(config.axes.num_axes()) + " position axes (M-RoPE)");
   }
   const TensorView qv = TokenArg(qa, "q", true);
   const TensorView kv = TokenArg(ka, "k", false), vv = TokenArg(va, "v", false);
@@ -1012,8 +1013,7 @@ py::object RopeAndAppend(py::object q, py::object k, py::object v, py::handle po
     py::gil_scoped_release release;
     PoolLease lease(ThreadsFor(num_threads, NumElements(qa) + 2 * NumElements(ka)));
     options.pool = lease.get();
-    ApplyRopeAndAppend(*table, pos.Row(0), RopeOperand{qv, qv}, kv, vv, cache, slot_list,
-                       options);
+    ApplyRopeAndAppend(*table, pos.Row(0), RopeOperand{qv, qv}, kv, vv, cache, slot_list, options);
   }
   BumpVersion(qa);
   BumpVersion(cka);
@@ -1028,8 +1028,9 @@ py::object ShiftCachedKeys(py::object cache_k, int64_t delta, const Config& conf
   const Array a = InspectFloat(cache_k, "cache_k");
   CheckNoGradRecording(a, "cache_k");
   if (config.axes.multimodal()) {
-    throw py::value_error("shift_keys: a context shift moves one-axis positions; M-RoPE caches "
-                          "(multimodal positions) cannot be shifted by one delta");
+    throw py::value_error(
+        "shift_keys: a context shift moves one-axis positions; M-RoPE caches "
+        "(multimodal positions) cannot be shifted by one delta");
   }
   const KvCacheView cache = CacheArg(a, "cache_k");
   std::vector<int64_t> slot_list;

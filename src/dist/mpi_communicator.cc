@@ -8,6 +8,9 @@
 // tests (ranks may share cores with each other's compute).
 #include "src/dist/mpi_communicator.h"
 
+// The C API only: no deprecated C++ bindings (Open MPI, MPICH).
+#define OMPI_SKIP_MPICXX 1
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <algorithm>

@@ -73,8 +73,7 @@ HWY_INLINE const float* RowOf(const RotateJob& job, int64_t pos, float* scratch)
   return scratch;
 }
 
-static HWY_NOINLINE void RotateTokensPlanned(const RotateJob& job, int64_t t_begin,
-                                             int64_t t_end) {
+static HWY_NOINLINE void RotateTokensPlanned(const RotateJob& job, int64_t t_begin, int64_t t_end) {
   const size_t n = static_cast<size_t>(job.num_pairs);
   const bool backward = job.direction == Direction::kBackward;
   RowScratch scratch(2 * n);
@@ -113,13 +112,15 @@ static HWY_NOINLINE void RotateTokensAxes(const AxesJob& job, int64_t t_begin, i
 // A one-token view of `v` at token t, or of the cache at `slot`.
 HWY_INLINE TensorView TokenView(const TensorView& v, int64_t t) {
   TensorView out = v;
-  out.data = static_cast<uint8_t*>(v.data) + t * v.token_stride * static_cast<int64_t>(DTypeSize(v.dtype));
+  out.data =
+      static_cast<uint8_t*>(v.data) + t * v.token_stride * static_cast<int64_t>(DTypeSize(v.dtype));
   out.num_tokens = 1;
   return out;
 }
 HWY_INLINE TensorView SlotView(const KvCacheView& cache, void* base, int64_t slot) {
   TensorView out;
-  out.data = static_cast<uint8_t*>(base) + cache.SlotOffset(slot) * static_cast<int64_t>(DTypeSize(cache.dtype));
+  out.data = static_cast<uint8_t*>(base) +
+             cache.SlotOffset(slot) * static_cast<int64_t>(DTypeSize(cache.dtype));
   out.dtype = cache.dtype;
   out.num_tokens = 1;
   out.num_heads = cache.num_heads;
@@ -129,8 +130,7 @@ HWY_INLINE TensorView SlotView(const KvCacheView& cache, void* base, int64_t slo
   return out;
 }
 
-static HWY_NOINLINE void RotateAppendTokens(const AppendJob& job, int64_t t_begin,
-                                            int64_t t_end) {
+static HWY_NOINLINE void RotateAppendTokens(const AppendJob& job, int64_t t_begin, int64_t t_end) {
   const RotateJob& base = job.base;
   const size_t n = static_cast<size_t>(base.num_pairs);
   const bool backward = base.direction == Direction::kBackward;
@@ -151,8 +151,7 @@ static HWY_NOINLINE void RotateAppendTokens(const AppendJob& job, int64_t t_begi
     const int64_t esize = static_cast<int64_t>(DTypeSize(job.v.dtype));
     for (int64_t h = 0; h < job.v.num_heads; ++h) {
       std::memcpy(static_cast<uint8_t*>(v_out.data) + h * v_out.head_stride * esize,
-                  static_cast<const uint8_t*>(v_in.data) + h * v_in.head_stride * esize,
-                  row_bytes);
+                  static_cast<const uint8_t*>(v_in.data) + h * v_in.head_stride * esize, row_bytes);
     }
   }
 }

@@ -642,13 +642,14 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
     throw Error("ContextShift: the KV cache was made for a different model config");
   }
   if (n_keep < 0 || n_discard < 1 || n_keep + n_discard > cache.size_) {
-    throw Error("ContextShift: need 0 <= n_keep (" + std::to_string(n_keep) + ") and 1 <= n_discard (" +
-                std::to_string(n_discard) + ") with n_keep + n_discard <= cached tokens (" +
-                std::to_string(cache.size_) + ")");
+    throw Error("ContextShift: need 0 <= n_keep (" + std::to_string(n_keep) +
+                ") and 1 <= n_discard (" + std::to_string(n_discard) +
+                ") with n_keep + n_discard <= cached tokens (" + std::to_string(cache.size_) + ")");
   }
   if (I.pe->acts_on_embeddings()) {
-    throw Error("ContextShift: the model's position encoding is added to the token embeddings, "
-                "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
+    throw Error(
+        "ContextShift: the model's position encoding is added to the token embeddings, "
+        "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
   }
   const int64_t row = cache.row_;
   const int64_t moved = cache.size_ - n_keep - n_discard;
@@ -664,7 +665,8 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
     std::memmove(ck + n_keep * row, ck + (n_keep + n_discard) * row, sizeof(float) * moved * row);
     std::memmove(cv + n_keep * row, cv + (n_keep + n_discard) * row, sizeof(float) * moved * row);
     if (table != nullptr && moved > 0) {
-      ShiftKeys(*table, ContiguousView(ck + n_keep * row, DType::kF32, moved, c.num_kv_heads, c.head_dim),
+      ShiftKeys(*table,
+                ContiguousView(ck + n_keep * row, DType::kF32, moved, c.num_kv_heads, c.head_dim),
                 -n_discard, rot);
     }
   }

@@ -284,9 +284,12 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
   for (const auto& g : grads) owner_view.push_back(g.data());
   dist::GradientReducer reducer(comm, layout, A, dp.overlap);
   std::vector<float> shard_grad(S);
-  std::vector<double> losses(A), chunk_sq(layout.num_chunks());
-  std::vector<int64_t> micro_offsets(N + 1);
-  for (int r = 0; r <= N; ++r) micro_offsets[r] = dist::MicroBegin(A, N, r);
+  // Gathered per step: rank r's block holds its micro-batch losses, then the time its backward
+  // ended (steady clock, which one machine's ranks share) for the stats.
+  std::vector<double> shared(A + N), chunk_sq(layout.num_chunks());
+  std::vector<int64_t> shared_offsets(N + 1);
+  for (int r = 0; r <= N; ++r) shared_offsets[r] = dist::MicroBegin(A, N, r) + r;
+  const int64_t my_block = shared_offsets[rank];
 
   DataParallelStats stats;
   stats.ranks = N;
@@ -330,7 +333,8 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
           post_s += seconds(r0, Clock::now());
         };
       }
-      losses[micro] = model.ForwardBackward(batch, B, T, g, grad_scale, pool, ready);
+      shared[my_block + (micro - micro0)] =
+          model.ForwardBackward(batch, B, T, g, grad_scale, pool, ready);
       if (into_scratch && micro + 1 < micro1) {
         for (int64_t i = 0; i < P; ++i) grads[0][i] += scratch[i];
       }
@@ -344,9 +348,14 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
                                        layout.chunk_begin(rank),
                                        layout.chunk_begin(rank + 1) - layout.chunk_begin(rank)));
     comm.AllGather(std::span<double>(chunk_sq), layout.chunk_offsets());
-    comm.AllGather(std::span<double>(losses), micro_offsets);
+    shared[my_block + local_micro] = std::chrono::duration<double>(t1.time_since_epoch()).count();
+    comm.AllGather(std::span<double>(shared), shared_offsets);
     double loss = 0.0;
-    for (int64_t k = 0; k < A; ++k) loss += losses[k];
+    double last_backward = 0.0;
+    for (int r = 0; r < N; ++r) {
+      for (int64_t i = shared_offsets[r]; i + 1 < shared_offsets[r + 1]; ++i) loss += shared[i];
+      last_backward = std::max(last_backward, shared[shared_offsets[r + 1] - 1]);
+    }
     loss /= static_cast<double>(A);
     double sq = 0.0;
     for (double c : chunk_sq) sq += c;
@@ -377,6 +386,8 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     stats.compute_s += seconds(t0, t1) - post_s;
     stats.reduce_post_s += post_s;
     stats.reduce_wait_s += seconds(t1, t2);
+    stats.reduce_after_last_backward_s +=
+        std::max(0.0, std::chrono::duration<double>(t2.time_since_epoch()).count() - last_backward);
     stats.optimizer_s += seconds(t2, t4);
     stats.allgather_s += seconds(t4, t5);
     state.step = t;

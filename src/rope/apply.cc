@@ -8,8 +8,8 @@
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "src/kernels/rope_kernels.h"
-#include "src/rope/apply_internal.h"
 #include "src/reference/rope.h"
+#include "src/rope/apply_internal.h"
 
 namespace ropekit {
 namespace {

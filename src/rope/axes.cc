@@ -52,8 +52,8 @@ std::vector<uint8_t> RopeAxes::PairAxes(int num_pairs) const {
   for (int a = 1; a < num; ++a) {
     const int64_t span = int64_t{num} * sections[a];
     if (span > num_pairs) {
-      throw Error("interleaved sections " + Describe() + ": axis " + std::to_string(a) +
-                  " needs " + std::to_string(num) + " * " + std::to_string(sections[a]) + " = " +
+      throw Error("interleaved sections " + Describe() + ": axis " + std::to_string(a) + " needs " +
+                  std::to_string(num) + " * " + std::to_string(sections[a]) + " = " +
                   std::to_string(span) + " pairs but the rotation has " +
                   std::to_string(num_pairs));
     }
@@ -79,9 +79,8 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
   const int num_axes = axes.num_axes();
   if (static_cast<int>(positions.axes.size()) != num_axes) {
     throw Error("positions have " + std::to_string(positions.axes.size()) +
-                " axes but the rotation " + axes.Describe() + " needs " +
-                std::to_string(num_axes) + " ([A, T] = [" + std::to_string(num_axes) +
-                ", T])");
+                " axes but the rotation " + axes.Describe() + " needs " + std::to_string(num_axes) +
+                " ([A, T] = [" + std::to_string(num_axes) + ", T])");
   }
   const int64_t num_tokens = positions.num_tokens();
   int64_t needed_rows = 0;
@@ -92,8 +91,7 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
                   " entries but axis 0 has " + std::to_string(num_tokens));
     }
     needed_rows = std::max(
-        needed_rows,
-        internal::CheckPositions(table, p, "positions[" + std::to_string(a) + "]"));
+        needed_rows, internal::CheckPositions(table, p, "positions[" + std::to_string(a) + "]"));
   }
   internal::ValidateOperands(ops, num_tokens, table.rotary_dim());
   if (num_tokens == 0) return;
@@ -103,18 +101,18 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
     if (internal::UseReferenceBackend(options.backend)) {
       std::vector<float> axis_cos(static_cast<size_t>(n) * num_axes);
       std::vector<float> axis_sin(axis_cos.size());
-      reference::ApplyRopeTokens(
-          ops, n, options.layout, options.direction, static_cast<int64_t>(begin),
-          static_cast<int64_t>(end), [&](int64_t t, float* cos, float* sin) {
-            for (int a = 0; a < num_axes; ++a) {
-              table.ComputeRow(positions.axes[a][t], axis_cos.data() + a * n,
-                               axis_sin.data() + a * n);
-            }
-            for (int i = 0; i < n; ++i) {
-              cos[i] = axis_cos[pair_axis[i] * n + i];
-              sin[i] = axis_sin[pair_axis[i] * n + i];
-            }
-          });
+      reference::ApplyRopeTokens(ops, n, options.layout, options.direction,
+                                 static_cast<int64_t>(begin), static_cast<int64_t>(end),
+                                 [&](int64_t t, float* cos, float* sin) {
+                                   for (int a = 0; a < num_axes; ++a) {
+                                     table.ComputeRow(positions.axes[a][t], axis_cos.data() + a * n,
+                                                      axis_sin.data() + a * n);
+                                   }
+                                   for (int i = 0; i < n; ++i) {
+                                     cos[i] = axis_cos[pair_axis[i] * n + i];
+                                     sin[i] = axis_sin[pair_axis[i] * n + i];
+                                   }
+                                 });
       return;
     }
     AxesJob job;

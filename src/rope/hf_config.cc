@@ -530,8 +530,7 @@ class Parser {
     } else if (mrope_type) {
       Fail(section_path + " is required for type mrope (e.g. [16, 24, 24] for Qwen2-VL-7B)");
     }
-    const auto interleaved =
-        OptBool(rd, "mrope_interleaved", key_path("mrope_interleaved"));
+    const auto interleaved = OptBool(rd, "mrope_interleaved", key_path("mrope_interleaved"));
     out.axes.interleaved = interleaved.value_or(qwen3_vl);
     if (out.axes.interleaved && out.axes.sections.empty()) {
       Fail(key_path("mrope_interleaved") + " is true but " + section_path + " is missing");

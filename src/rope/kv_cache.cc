@@ -8,7 +8,6 @@
 #include <cmath>
 #include <cstring>
 #include <string>
-#include <unordered_set>
 
 #include "ropekit/thread_pool.h"
 #include "src/kernels/rope_kernels.h"
@@ -39,16 +38,14 @@ void ValidateCache(const KvCacheView& c, int rotary_dim, bool need_v) {
   const bool nhd = c.head_stride >= D && c.token_stride >= (H - 1) * c.head_stride + D;
   const bool hnd = c.token_stride >= D && c.head_stride >= (P - 1) * c.token_stride + D;
   if (!nhd && !hnd) {
-    throw Error("cache strides make rows overlap: token_stride " +
-                std::to_string(c.token_stride) + ", head_stride " + std::to_string(c.head_stride) +
-                " for " + std::to_string(H) + " heads of " + std::to_string(D) + " and " +
-                std::to_string(P) + " rows per page");
+    throw Error("cache strides make rows overlap: token_stride " + std::to_string(c.token_stride) +
+                ", head_stride " + std::to_string(c.head_stride) + " for " + std::to_string(H) +
+                " heads of " + std::to_string(D) + " and " + std::to_string(P) + " rows per page");
   }
   const int64_t page_span = (P - 1) * c.token_stride + (H - 1) * c.head_stride + D;
   if (c.num_slots > P && c.page_stride < page_span) {
     throw Error("cache.page_stride (" + std::to_string(c.page_stride) +
-                ") makes pages overlap (a page spans " + std::to_string(page_span) +
-                " elements)");
+                ") makes pages overlap (a page spans " + std::to_string(page_span) + " elements)");
   }
   if (c.num_slots > 0 && c.k == nullptr) throw Error("cache.k is null");
   if (need_v && c.num_slots > 0 && c.v == nullptr) throw Error("cache.v is null");
@@ -62,27 +59,43 @@ TensorView CacheExtent(const KvCacheView& c, void* base) {
 }
 
 void CheckSlots(std::span<const int64_t> slots, int64_t num_slots) {
-  std::unordered_set<int64_t> seen;
-  seen.reserve(slots.size());
   for (size_t t = 0; t < slots.size(); ++t) {
     const int64_t s = slots[t];
-    if (s < 0) continue;
     if (s >= num_slots) {
       throw Error("slots[" + std::to_string(t) + "] = " + std::to_string(s) +
                   " is out of range [0, cache.num_slots = " + std::to_string(num_slots) +
                   ") (negative slots mark padding)");
     }
-    if (!seen.insert(s).second) {
-      throw Error("slots[" + std::to_string(t) + "] = " + std::to_string(s) +
-                  " repeats an earlier slot; each new token needs its own cache row");
+  }
+  // Distinct slots: pairwise for the few tokens of a decode step, sorted otherwise.
+  auto fail = [&](int64_t s) {
+    // Name the second token that uses slot s.
+    size_t t = 0;
+    while (slots[t] != s) ++t;
+    ++t;
+    while (slots[t] != s) ++t;
+    throw Error("slots[" + std::to_string(t) + "] = " + std::to_string(s) +
+                " repeats an earlier slot; each new token needs its own cache row");
+  };
+  if (slots.size() <= 32) {
+    for (size_t t = 1; t < slots.size(); ++t) {
+      for (size_t u = 0; u < t; ++u) {
+        if (slots[t] >= 0 && slots[t] == slots[u]) fail(slots[t]);
+      }
     }
+    return;
+  }
+  std::vector<int64_t> sorted(slots.begin(), slots.end());
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t t = 1; t < sorted.size(); ++t) {
+    if (sorted[t] >= 0 && sorted[t] == sorted[t - 1]) fail(sorted[t]);
   }
 }
 
 }  // namespace
 
-KvCacheView ContiguousKvCache(void* k, void* v, DType dtype, int64_t max_tokens,
-                              int64_t num_heads, int64_t head_dim) {
+KvCacheView ContiguousKvCache(void* k, void* v, DType dtype, int64_t max_tokens, int64_t num_heads,
+                              int64_t head_dim) {
   KvCacheView c;
   c.k = k;
   c.v = v;
@@ -149,8 +162,7 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
   internal::ValidateCall(table, options);
   const int64_t num_tokens = positions.size();
   const int64_t needed_rows = internal::CheckPositions(table, positions, "positions");
-  internal::ValidateOperands(std::span<const RopeOperand>(&q, 1), num_tokens,
-                             table.rotary_dim());
+  internal::ValidateOperands(std::span<const RopeOperand>(&q, 1), num_tokens, table.rotary_dim());
   ValidateCache(cache, table.rotary_dim(), /*need_v=*/true);
   internal::ValidateTensor(k, "k", num_tokens, table.rotary_dim());
   internal::ValidateTensor(v, "v", num_tokens, 0);
@@ -167,8 +179,8 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
     throw Error("q must have the cache's dtype (" + std::string(DTypeName(cache.dtype)) + ")");
   }
   if (static_cast<int64_t>(slots.size()) != num_tokens) {
-    throw Error("slots has " + std::to_string(slots.size()) +
-                " entries but there are " + std::to_string(num_tokens) + " positions");
+    throw Error("slots has " + std::to_string(slots.size()) + " entries but there are " +
+                std::to_string(num_tokens) + " positions");
   }
   CheckSlots(slots, cache.num_slots);
   if (num_tokens == 0 || cache.num_slots == 0) {
@@ -223,8 +235,8 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
         TensorView in = src;
         in.data = static_cast<uint8_t*>(src.data) + t * src.token_stride * esize;
         in.num_tokens = 1;
-        TensorView out = ContiguousView(token.data(), cache.dtype, 1, cache.num_heads,
-                                        cache.head_dim);
+        TensorView out =
+            ContiguousView(token.data(), cache.dtype, 1, cache.num_heads, cache.head_dim);
         if (pass == 0) {
           const RopeOperand op{in, out};
           ApplyRope(table, PositionSpan(one), std::span<const RopeOperand>(&op, 1), options);
@@ -267,8 +279,9 @@ std::vector<float> ShiftRow(const RopeTable& table, int64_t delta) {
 void CheckShiftOptions(const RopeTable& table, const RotateOptions& options) {
   internal::ValidateCall(table, options);
   if (options.direction != Direction::kForward) {
-    throw Error("ShiftKeys: options.direction must be forward; the sign of delta sets the "
-                "direction of the shift");
+    throw Error(
+        "ShiftKeys: options.direction must be forward; the sign of delta sets the "
+        "direction of the shift");
   }
 }
 
@@ -330,13 +343,13 @@ void ShiftKeys(const RopeTable& table, const TensorView& keys, int64_t delta,
   ParallelFor(options.pool, static_cast<size_t>(keys.num_tokens),
               [&](size_t begin, size_t end, size_t /*worker*/) {
                 if (reference) {
-                  reference::ApplyRopeTokens(
-                      std::span<const RopeOperand>(&op, 1), n, options.layout, direction,
-                      static_cast<int64_t>(begin), static_cast<int64_t>(end),
-                      [&](int64_t, float* cos, float* sin) {
-                        std::memcpy(cos, row.data(), n * sizeof(float));
-                        std::memcpy(sin, row.data() + n, n * sizeof(float));
-                      });
+                  reference::ApplyRopeTokens(std::span<const RopeOperand>(&op, 1), n,
+                                             options.layout, direction, static_cast<int64_t>(begin),
+                                             static_cast<int64_t>(end),
+                                             [&](int64_t, float* cos, float* sin) {
+                                               std::memcpy(cos, row.data(), n * sizeof(float));
+                                               std::memcpy(sin, row.data() + n, n * sizeof(float));
+                                             });
                   return;
                 }
                 RotateJob job;

@@ -49,8 +49,8 @@ VlPositions QwenVlPositionIds(std::span<const int64_t> input_ids,
     const std::span<const VisionGrid> grids = is_image ? image_grids : video_grids;
     if (index >= grids.size()) {
       throw Error(std::string("token ") + std::to_string(t) + " starts " + kind + " " +
-                  std::to_string(index) + " but only " + std::to_string(grids.size()) + " " +
-                  kind + " grids were given");
+                  std::to_string(index) + " but only " + std::to_string(grids.size()) + " " + kind +
+                  " grids were given");
     }
     const VisionGrid& g = grids[index];
     if (g.t < 1 || g.h < 1 || g.w < 1 || g.h % m != 0 || g.w % m != 0) {
@@ -66,21 +66,20 @@ VlPositions QwenVlPositionIds(std::span<const int64_t> input_ids,
     while (run < count && t + run < T && input_ids[t + run] == id) ++run;
     if (run != count) {
       throw Error(std::string(kind) + " " + std::to_string(index) + " at token " +
-                  std::to_string(t) + " has only " + std::to_string(run) + " tokens but its grid (" +
-                  std::to_string(g.t) + ", " + std::to_string(g.h) + ", " + std::to_string(g.w) +
-                  ") with spatial_merge_size " + std::to_string(m) + " needs " +
-                  std::to_string(count));
+                  std::to_string(t) + " has only " + std::to_string(run) +
+                  " tokens but its grid (" + std::to_string(g.t) + ", " + std::to_string(g.h) +
+                  ", " + std::to_string(g.w) + ") with spatial_merge_size " + std::to_string(m) +
+                  " needs " + std::to_string(count));
     }
     const int64_t st = next;
     const bool scaled = is_video && !options.video_second_per_grid.empty();
     for (int64_t k = 0; k < count; ++k) {
       const int64_t ti = k / (gh * gw), hi = k / gw % gh, wi = k % gw;
       // Qwen2.5-VL: long(t_idx * second_per_grid_t * tokens_per_second) truncates toward zero.
-      const int64_t tt =
-          scaled ? static_cast<int64_t>(static_cast<double>(ti) *
-                                        options.video_second_per_grid[index] *
-                                        options.tokens_per_second)
-                 : ti;
+      const int64_t tt = scaled ? static_cast<int64_t>(static_cast<double>(ti) *
+                                                       options.video_second_per_grid[index] *
+                                                       options.tokens_per_second)
+                                : ti;
       set(t + k, st + tt, st + hi, st + wi);
     }
     t += count;

@@ -13,7 +13,10 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
 
 #include "ropekit/study.h"
 #include "src/util/file.h"
@@ -93,6 +96,32 @@ class Runner {
     if (has_rope) {
       total_units_ += static_cast<int>(p_.scalings.size() +
                                        p_.finetune_scalings.size() * p_.finetune_steps.size());
+    }
+  }
+
+  // This rank's share of the study (rank r of N runs jobs r, r + N, ...; a job is a pretraining,
+  // an extension, or one scaling's chain of fine-tunes). Jobs that start from the RoPE model
+  // wait until its unit is finished with this configuration (its DONE marker), which another
+  // rank may be writing; the directory is shared.
+  void RunShare(int rank, int ranks) {
+    std::vector<std::function<void()>> jobs;
+    for (const std::string& enc : p_.encodings) jobs.push_back([this, enc] { Pretrain(enc); });
+    if (std::find(p_.encodings.begin(), p_.encodings.end(), "rope") != p_.encodings.end()) {
+      for (const std::string& sc : p_.scalings) {
+        jobs.push_back([this, sc] {
+          WaitForPretrainedRope();
+          Extend(sc);
+        });
+      }
+      for (const std::string& sc : p_.finetune_scalings) {
+        jobs.push_back([this, sc] {
+          WaitForPretrainedRope();
+          Finetune(sc);
+        });
+      }
+    }
+    for (size_t j = static_cast<size_t>(rank); j < jobs.size(); j += static_cast<size_t>(ranks)) {
+      jobs[j]();
     }
   }
 
@@ -365,11 +394,27 @@ class Runner {
     return tc;
   }
 
+  std::string PretrainFingerprint(const std::string& enc) const {
+    const TrainConfig tc = PretrainConfig();
+    return Fingerprint("pretrain-" + enc, ModelFor(enc), &tc, "");
+  }
+
+  void WaitForPretrainedRope() const {
+    const fs::path done = UnitDir("pretrain-rope") / "DONE";
+    const std::string fp = PretrainFingerprint("rope");
+    bool said = false;
+    while (!fs::exists(done) || ReadFile(done) != fp) {
+      if (!said) Log("waiting for pretrain-rope (another rank trains it)");
+      said = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    }
+  }
+
   void Pretrain(const std::string& enc) {
     const std::string unit = "pretrain-" + enc;
     const ModelConfig mc = ModelFor(enc);
     const TrainConfig tc = PretrainConfig();
-    const std::string fp = Fingerprint(unit, mc, &tc, "");
+    const std::string fp = PretrainFingerprint(enc);
     const UnitState st = Prepare(unit, fp);
     if (st == UnitState::kDone) return Reuse(unit, unit);
     const fs::path dir = UnitDir(unit);
@@ -492,8 +537,19 @@ StudyResult RunStudy(const StudyOptions& options) {
   auto log = [&](const std::string& s) {
     if (options.verbose) std::fprintf(stderr, "%s\n", s.c_str());
   };
+  // Ranks of `mpirun -np N ropekit study`: rank 0 fetches the corpus, locks --out and writes the
+  // results; the others wait for it where marked, then run their share of the units.
+  Communicator& comm = options.comm ? *options.comm : SingleProcess();
+  const int rank = comm.rank(), ranks = comm.size();
+  auto barrier = [&] {
+    std::vector<uint8_t> all(static_cast<size_t>(ranks));
+    const uint8_t mine = 1;
+    comm.AllGatherBytes({&mine, 1}, all);
+  };
+  if (rank != 0) barrier();  // the corpus is fetched
   const std::vector<std::string> paths =
       options.corpus.empty() ? FetchAustenCorpus(options.data_dir, log) : options.corpus;
+  if (rank == 0 && ranks > 1) barrier();
   const StudyCorpus corpus = LoadStudyCorpus(paths);
   if (static_cast<int64_t>(corpus.train.size()) < preset.finetune.seq_len * 4 + 1) {
     throw Error("--corpus: " + std::to_string(corpus.train.size()) +
@@ -502,13 +558,39 @@ StudyResult RunStudy(const StudyOptions& options) {
   }
   // The output directory: writable, this study's alone while it runs (runs/* hold checkpoints
   // that only one writer may commit), cleared of temporary files a killed run left.
-  CheckDirectoryWritable(options.out, "--out");
-  DirectoryLock lock(options.out, "--out");
-  RemoveStaleTempFiles(options.out);
-  log("study: preset " + preset.name + ": " + preset.description);
-  log("study: corpus: " + corpus.description);
+  std::optional<DirectoryLock> lock;
+  if (rank == 0) {
+    CheckDirectoryWritable(options.out, "--out");
+    lock.emplace(options.out, "--out");
+    RemoveStaleTempFiles(options.out);
+    log("study: preset " + preset.name + ": " + preset.description);
+    log("study: corpus: " + corpus.description);
+  }
+  std::vector<std::string> finished_before;  // units finished by an earlier invocation
+  if (ranks > 1) {
+    std::error_code ec;
+    for (const auto& e : fs::directory_iterator(fs::path(options.out) / "runs", ec)) {
+      if (fs::exists(e.path() / "DONE")) finished_before.push_back(e.path().filename().string());
+    }
+    barrier();  // --out is locked and clean
+    Runner(options, preset, corpus).RunShare(rank, ranks);
+    barrier();  // every unit is finished
+    if (rank != 0) return {};
+    log("study: every rank finished its units; collecting the results");
+  }
+  // One process: runs the study. Rank 0 of many: finds every unit finished and reads them back
+  // (the same records, curves and results as one process).
   Runner runner(options, preset, corpus);
   StudyResult result = runner.Run();
+  if (ranks > 1) {  // units the ranks trained just now count as computed, not reused
+    std::vector<std::string> reused;
+    for (std::string& u : result.reused_units) {
+      const bool before =
+          std::find(finished_before.begin(), finished_before.end(), u) != finished_before.end();
+      (before ? reused : result.trained_units).push_back(std::move(u));
+    }
+    result.reused_units = std::move(reused);
+  }
   const fs::path out(options.out);
   WriteAtomic(out / "results.json", RecordsToJson(result.records));
   WriteAtomic(out / "results.csv", RecordsToCsv(result.records));

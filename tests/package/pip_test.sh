@@ -9,7 +9,10 @@ rm -rf "$work"
 mkdir -p "$work"
 "$python" -m venv --system-site-packages "$work/venv"
 # pip builds a local directory in place; build from a copy so the source tree stays untouched.
-tar -C "$source" --exclude=./build --exclude=./.git -cf - . | (mkdir "$work/src" && tar -C "$work/src" -xf -)
+# Only the project's own files: no build trees, no installed test clients (another test may be
+# writing tests/clients/node_modules meanwhile).
+tar -C "$source" --exclude='./build*' --exclude=./.git --exclude=node_modules \
+  -cf - . | (mkdir "$work/src" && tar -C "$work/src" -xf -)
 "$work/venv/bin/pip" install --quiet --no-build-isolation --no-index "$work/src"
 cd "$work"
 "$work/venv/bin/python" - <<'PY'

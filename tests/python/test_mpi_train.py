@@ -218,3 +218,37 @@ def test_hung_rank_times_out_with_its_name():
         # Our own timeout fired (mpirun does not notice a stopped rank), naming the silent rank.
         assert re.search(r"no progress for 3 s waiting for .* from/to rank 1:", err), err
         assert elapsed < 30
+
+
+def study_corpus(tmp):
+    # Text for the micro preset: the training corpus twice over (the last file is held out).
+    text = corpus(tmp)
+    held = os.path.join(tmp, "held_out.txt")
+    with open(held, "w") as f:
+        f.write(read(text).decode()[::-1])
+    return [text, held]
+
+
+def test_study_on_ranks_matches_one_process_and_reruns_reuse():
+    with tempfile.TemporaryDirectory() as tmp:
+        files = study_corpus(tmp)
+        one, many = os.path.join(tmp, "one"), os.path.join(tmp, "many")
+        args = ["study", "--preset", "micro", "--threads", "1", "--corpus", *files]
+        run(*args, "--out", one)
+        r = mpirun(3, *args, "--out", many)
+        assert r.stdout.count("runs computed") == 1, r.stdout  # rank 0 reports, once
+        assert "\n0 runs computed" not in r.stdout, r.stdout
+        for name in ("results.json", "results.csv", "curves.json"):
+            assert read(os.path.join(one, name)) == read(os.path.join(many, name)), name
+        for unit in os.listdir(os.path.join(one, "runs")):
+            ckpt = os.path.join(one, "runs", unit, "ckpt", "model.safetensors")
+            if os.path.exists(ckpt):
+                assert read(ckpt) == read(ckpt.replace(one, many)), unit
+        # A rerun on another rank count trains nothing and gives the same results.
+        done = {u: os.stat(os.path.join(many, "runs", u, "DONE")).st_mtime_ns
+                for u in os.listdir(os.path.join(many, "runs"))}
+        r = mpirun(2, *args, "--out", many)
+        assert "\n0 runs computed" in r.stdout, r.stdout
+        for u, mtime in done.items():
+            assert os.stat(os.path.join(many, "runs", u, "DONE")).st_mtime_ns == mtime, u
+        assert read(os.path.join(one, "results.json")) == read(os.path.join(many, "results.json"))

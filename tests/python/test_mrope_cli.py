@@ -68,4 +68,4 @@ def test_apply_takes_three_axis_positions_and_rejects_the_other_shape():
         np.save(pp, pos)
         out = run("apply", "--config", text, "--input", xp, "--positions", pp, "--output", yp)
         assert out.returncode != 0
-        assert "expected shape [T] = [6]" in out.stderr and "got [3, 6]" in out.stderr
+        assert "shape [T] = [6]" in out.stderr and "got [3, 6]" in out.stderr
