@@ -200,6 +200,27 @@ TEST(CheckpointUnit, StrictTrainerStateAndMetadata) {
   fs::remove_all(plain);
 }
 
+// A libFuzzer finding (fuzz_trainer_state): an integer field holding a number beyond int64 was
+// converted out of range (undefined behaviour) instead of refused.
+TEST(CheckpointUnit, TrainConfigIntegerFieldsRefuseFloatsAndOutOfRangeValues) {
+  for (const char* text : {R"({"steps": 11111111111111111111111111111111})", R"({"steps": 10.5})",
+                           R"({"batch_size": 9223372036854775808})"}) {
+    try {
+      TrainConfigFromJson(text, "trainer_state.json");
+      ADD_FAILURE() << text << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("must be an integer")) << text;
+    }
+  }
+  try {
+    TrainConfigFromJson(R"({"data_seed": -1})", "trainer_state.json");
+    ADD_FAILURE() << "a negative data_seed was accepted";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("data_seed must be an integer"));
+  }
+  EXPECT_EQ(TrainConfigFromJson(R"({"steps": 7})", "trainer_state.json").steps, 7);
+}
+
 TEST(CheckpointUnit, WeightsTooSmallForTheConfigFailBeforeAllocating) {
   const std::string dir = TempDir("small");
   SaveAt(dir, 1);

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <numbers>
 
@@ -147,8 +148,19 @@ TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) 
   if (!j.is_object()) throw Error(name + ": the top level must be a JSON object");
   TrainConfig c;
   try {
+    // Integer fields take JSON integers in int64 range only (a float such as 10.7 or 1e31 is
+    // refused instead of truncated or converted out of range).
     auto i64 = [&](const char* k, int64_t& out) {
-      if (j.contains(k)) out = j.at(k).get<int64_t>();
+      if (!j.contains(k)) return;
+      const Json& v = j.at(k);
+      if (!v.is_number_integer() ||
+          (v.is_number_unsigned() &&
+           v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))) {
+        throw Error(std::string(k) + " must be an integer in [" +
+                    std::to_string(std::numeric_limits<int64_t>::min()) + ", " +
+                    std::to_string(std::numeric_limits<int64_t>::max()) + "]");
+      }
+      out = v.get<int64_t>();
     };
     auto f64 = [&](const char* k, double& out) {
       if (j.contains(k)) out = j.at(k).get<double>();
@@ -170,7 +182,12 @@ TrainConfig TrainConfigFromJson(std::string_view text, const std::string& name) 
     f64("eps", c.eps);
     f64("weight_decay", c.weight_decay);
     f64("grad_clip", c.grad_clip);
-    if (j.contains("data_seed")) c.data_seed = j.at("data_seed").get<uint64_t>();
+    if (j.contains("data_seed")) {
+      if (!j.at("data_seed").is_number_unsigned()) {
+        throw Error("data_seed must be an integer in [0, 2^64 - 1]");
+      }
+      c.data_seed = j.at("data_seed").get<uint64_t>();
+    }
     i64("eval_interval", c.eval_interval);
     i64("eval_batches", c.eval_batches);
     i64("checkpoint_interval", c.checkpoint_interval);
