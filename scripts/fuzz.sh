@@ -12,10 +12,10 @@ cmake -S . -B build/fuzz -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_BUILD_TYPE=RelWith
   -DROPEKIT_FUZZ=ON -DROPEKIT_BUILD_TESTS=OFF -DROPEKIT_BUILD_BENCH=OFF \
   -DROPEKIT_BUILD_PYTHON=OFF >/dev/null
 cmake --build build/fuzz -j"$(nproc)" --target "${targets[@]}"
-rm -rf build/fuzz/work build/fuzz/artifacts
+rm -rf build/fuzz/corpora build/fuzz/artifacts
 mkdir -p build/fuzz/artifacts
 run_one() {
-  local t=$1 work=build/fuzz/work/$1
+  local t=$1 work=build/fuzz/corpora/$1
   mkdir -p "$work"
   cp fuzz/corpus/"$t"/* "$work"/
   # -rss_limit_mb: every reader bounds its allocations far below this.
