@@ -1,5 +1,5 @@
-// Throughput of the default model (the study's model, docs/study.md: d = 128, 4 layers, 4 query / 2 KV
-// heads, head_dim 32, SwiGLU 352, tied embeddings, RoPE): training tokens/s (forward + backward
+// Throughput of the default model (the study's model, docs/study.md: d = 128, 4 layers, 4 query / 2
+// KV heads, head_dim 32, SwiGLU 352, tied embeddings, RoPE): training tokens/s (forward + backward
 // + AdamW, batch 16 x 128) and KV-cache decode tokens/s (greedy, one token per step after a
 // 128-token prefill). Prints one JSON line, for bench/run_model_bench.sh to set beside the
 // PyTorch figures of bench/bench_model_torch.py. --size large is the shape where attention's

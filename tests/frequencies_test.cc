@@ -2,8 +2,9 @@
 //
 // Dimension legend: D = head_dim, R = rotary_dim, N = R / 2 pairs.
 // Expected values come from published tables (RoFormer wavelengths, the NTK-aware base formula;
-// the YaRN (arXiv:2309.00071), Llama 3.1 and LongRoPE (arXiv:2402.13753) worked examples) or from closed forms evaluated independently in the test; none is
-// produced by the code under test. Tolerances are derived from the number of roundings involved.
+// the YaRN (arXiv:2309.00071), Llama 3.1 and LongRoPE (arXiv:2402.13753) worked examples) or from
+// closed forms evaluated independently in the test; none is produced by the code under test.
+// Tolerances are derived from the number of roundings involved.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -203,8 +204,8 @@ TEST(Frequencies, DynamicEqualsDefaultUpToMaxPosition) {
 }
 
 TEST(Frequencies, DynamicBaseMatchesPublishedValues) {
-  // transformers' _compute_dynamic_ntk_parameters: b' = b ((s L / MPE) - (s - 1))^(d/(d-2)), L = 128,
-  // factor 1, d = 32.
+  // transformers' _compute_dynamic_ntk_parameters: b' = b ((s L / MPE) - (s - 1))^(d/(d-2)), L =
+  // 128, factor 1, d = 32.
   const std::vector<std::pair<int64_t, double>> cases = {
       {128, 10000.0}, {256, 20945.9}, {512, 43873.0}, {1024, 91895.9}};
   RopeParams p = Params(RopeType::kDynamic, 1e4, 32, 128);
@@ -219,7 +220,8 @@ TEST(Frequencies, DynamicBaseMatchesPublishedValues) {
 
 TEST(Frequencies, DynamicHfBaseChainIsFloat32) {
   // The runtime base is a float32 chain with one double pow (transformers'
-  // _compute_dynamic_ntk_parameters); recompute it here from its step list with factor 2.1 (not exact in binary) and a non-power-of-two length.
+  // _compute_dynamic_ntk_parameters); recompute it here from its step list with factor 2.1 (not
+  // exact in binary) and a non-power-of-two length.
   RopeParams p = Params(RopeType::kDynamic, 1e4, 128, 4096);
   p.factor = 2.1;
   const int64_t s = 32771;

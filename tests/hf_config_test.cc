@@ -1,8 +1,9 @@
 // Tests of the Hugging Face config.json parser.
 //
 // Dimension legend: D = head_dim, R = rotary_dim, N = R / 2 pairs.
-// Configs follow the published config.json layouts (as each model publishes it on the Hugging Face Hub); expected fields are the
-// numbers written in them or transformers' documented derivations (int(D * factor), MPE / OMP,
+// Configs follow the published config.json layouts (as each model publishes it on the Hugging Face
+// Hub); expected fields are the numbers written in them or transformers' documented derivations
+// (int(D * factor), MPE / OMP,
 // ...).
 #include "ropekit/hf_config.h"
 

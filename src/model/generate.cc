@@ -1,17 +1,15 @@
 // Sampling (greedy, temperature, top-k, top-p / nucleus: Holtzman et al. 2020) and KV-cache
 // generation: one prefill of the prompt, then one cached step per new token.
 #include <algorithm>
-#include <limits>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "ropekit/model.h"
 #include "src/util/rng.h"
 
 namespace ropekit {
-namespace {
-
-}  // namespace
+namespace {}  // namespace
 
 Sampler::Sampler(const SamplerConfig& config) : config_(config), state_(config.seed) {
   if (!(config.temperature >= 0.0) || !std::isfinite(config.temperature)) {
@@ -75,8 +73,8 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
   const int64_t prompt_size = static_cast<int64_t>(prompt.size());
   // Without a context shift, prompt + new tokens is the KV cache's capacity: bounded before the
   // sum is formed. With one, the cache holds at most the context, and the sum saturates.
-  if (shift == nullptr && (max_new_tokens > kMaxGenerateTokens ||
-                           prompt_size > kMaxGenerateTokens - max_new_tokens)) {
+  if (shift == nullptr &&
+      (max_new_tokens > kMaxGenerateTokens || prompt_size > kMaxGenerateTokens - max_new_tokens)) {
     throw Error("generate: max_new_tokens (--max-new-tokens) " + std::to_string(max_new_tokens) +
                 " with a prompt of " + std::to_string(prompt_size) +
                 " tokens: prompt + new tokens must be in [1, " +

@@ -42,10 +42,10 @@ void RunSlice(size_t num_tasks, size_t num_workers, size_t worker,
 }  // namespace
 
 ThreadPool::ThreadPool(size_t num_threads)
-    : num_threads_(num_threads == 0
-                       ? std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()),
-                                          kMaxThreads)
-                       : num_threads),
+    : num_threads_(
+          num_threads == 0
+              ? std::min<size_t>(std::max(1u, std::thread::hardware_concurrency()), kMaxThreads)
+              : num_threads),
       impl_(std::make_unique<Impl>()) {
   if (num_threads_ > kMaxThreads) {
     throw Error("num_threads " + std::to_string(num_threads_) + " must be in [0, " +

@@ -1,7 +1,7 @@
 // Rotates one query head with the installed ropekit::core and checks the result against the
 // RoFormer formula evaluated here in double precision: x'_i = x_i cos(p w_i) - x_{i+R/2} sin(p w_i)
-// for the half-split layout, w_i = base^(-2i/R). float32 storage and float32 cos/sin bound the error
-// by a few ulps of |x| = 1, so 1e-5 is a safe margin.
+// for the half-split layout, w_i = base^(-2i/R). float32 storage and float32 cos/sin bound the
+// error by a few ulps of |x| = 1, so 1e-5 is a safe margin.
 #include <cmath>
 #include <cstdio>
 #include <vector>
@@ -28,7 +28,8 @@ int main() {
     const double angle = kPosition * std::pow(kBase, -2.0 * i / kDim);
     const double a = original[i], b = original[i + kDim / 2];
     worst = std::fmax(worst, std::fabs(q[i] - (a * std::cos(angle) - b * std::sin(angle))));
-    worst = std::fmax(worst, std::fabs(q[i + kDim / 2] - (b * std::cos(angle) + a * std::sin(angle))));
+    worst =
+        std::fmax(worst, std::fabs(q[i + kDim / 2] - (b * std::cos(angle) + a * std::sin(angle))));
   }
   std::printf("consumer: max error %.3g\n", worst);
   return worst < 1e-5 ? 0 : 1;
