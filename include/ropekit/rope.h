@@ -169,8 +169,12 @@ class RopeTable {
   std::unique_ptr<State> state_;
 };
 
-enum class DType { kF32, kBF16, kF16, kSentinel };
-std::string_view DTypeName(DType dtype);  // "float32", "bfloat16", "float16"
+// Storage types. kF64 (for torch.autograd.gradcheck and as a high-precision path) is accepted by
+// the one-axis ApplyRope only, which rotates it on the double-precision reference path with the
+// same float32 cos/sin values (rounded once to double: exact) and stores the double result; the
+// SIMD kernels, the multimodal overload, RopePlan and the KV-cache calls take the other three.
+enum class DType { kF32, kBF16, kF16, kF64, kSentinel };
+std::string_view DTypeName(DType dtype);  // "float32", "bfloat16", "float16", "float64"
 size_t DTypeSize(DType dtype);
 
 // A strided [T, H, D] view; channels are contiguous. Strides are in elements and may describe
@@ -232,7 +236,8 @@ struct RopeOperand {
 
 // Rotates every operand (e.g. q with H heads and k with Hkv heads) by the same per-token
 // positions. Work is split over tokens with static partitioning: results are bitwise identical
-// for any thread count. Throws Error on invalid shapes, dtypes, overlaps or positions.
+// for any thread count. A call with a kF64 operand runs on the reference path (see DType).
+// Throws Error on invalid shapes, dtypes, overlaps or positions.
 void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
                const RotateOptions& options = {});
 
@@ -299,6 +304,40 @@ class RopePlan {
   int64_t num_tokens() const;
 
  private:
+  struct State;
+  std::unique_ptr<State> state_;
+};
+
+// Whether distinct indices of a strided array (strides in elements, any sign) address distinct
+// elements: what any array written by a rotation must satisfy. The views of one call are checked
+// by ApplyRope itself; this serves callers that split a larger array (e.g. a batch) into views.
+bool ElementsDistinct(std::span<const int64_t> shape, std::span<const int64_t> strides);
+
+// ---- Tables per sequence length ------------------------------------------------------------
+
+// The sequence length the frequencies of `params` depend on, normalised so that every length
+// giving the same frequencies gives the same value: 0 for the types that do not depend on it and
+// for dynamic NTK up to max_position_embeddings; original + 1 for LongRoPE past its original
+// length (long factors), else 0. `seq_len`: the current sequence length (0: not given). Throws
+// Error for seq_len < 0.
+int64_t FrequencySeqLen(const RopeParams& params, int64_t seq_len);
+
+// Tables of one RopeParams, built on first use per (numerics, FrequencySeqLen(seq_len)) and shared
+// (thread-safe). Bounded: dynamic NTK makes one table per length above max_position_embeddings,
+// so the cache is emptied when it holds 32 tables (tables in use stay alive through their
+// shared_ptr).
+class RopeTableCache {
+ public:
+  explicit RopeTableCache(RopeParams params);  // validates params
+  ~RopeTableCache();
+  RopeTableCache(const RopeTableCache&) = delete;
+  RopeTableCache& operator=(const RopeTableCache&) = delete;
+
+  const RopeParams& params() const { return params_; }
+  std::shared_ptr<const RopeTable> Get(Numerics numerics, int64_t seq_len = 0);
+
+ private:
+  RopeParams params_;
   struct State;
   std::unique_ptr<State> state_;
 };

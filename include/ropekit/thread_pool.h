@@ -38,6 +38,24 @@ class ThreadPool {
   std::unique_ptr<Impl> impl_;
 };
 
+// A pool leased from a process-wide registry of idle pools, for callers that run calls from
+// several threads (a pool serves one ParallelFor at a time): each lease holds a pool of its own
+// and returns it to the registry when destroyed. num_threads <= 1 leases no pool (get() is
+// nullptr: run on the calling thread). The registry is never destroyed, so that worker threads
+// are not joined during process (or interpreter) shutdown.
+class ThreadPoolLease {
+ public:
+  explicit ThreadPoolLease(size_t num_threads);
+  ~ThreadPoolLease();
+  ThreadPoolLease(const ThreadPoolLease&) = delete;
+  ThreadPoolLease& operator=(const ThreadPoolLease&) = delete;
+
+  ThreadPool* get() const { return pool_.get(); }
+
+ private:
+  std::unique_ptr<ThreadPool> pool_;
+};
+
 // Runs on `pool` when non-null, else on the calling thread (one range, worker 0).
 void ParallelFor(ThreadPool* pool, size_t num_tasks,
                  const std::function<void(size_t begin, size_t end, size_t worker)>& range);

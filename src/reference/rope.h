@@ -43,13 +43,20 @@ inline double LoadAsDouble(const void* base, DType dtype, int64_t index) {
       return Bf16ToFloat(static_cast<const uint16_t*>(base)[index]);
     case DType::kF16:
       return F16ToFloat(static_cast<const uint16_t*>(base)[index]);
+    case DType::kF64:
+      return static_cast<const double*>(base)[index];
     default:
       return 0.0;
   }
 }
 
-// Rounds to float32, then (for 16-bit types) to the storage type with round-to-nearest-even.
+// Rounds to float32, then (for 16-bit types) to the storage type with round-to-nearest-even;
+// kF64 stores the double unrounded.
 inline void StoreFromDouble(void* base, DType dtype, int64_t index, double value) {
+  if (dtype == DType::kF64) {
+    static_cast<double*>(base)[index] = value;
+    return;
+  }
   const float f = static_cast<float>(value);
   switch (dtype) {
     case DType::kF32:

@@ -4,6 +4,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
@@ -72,10 +74,13 @@ bool ViewsOverlap(const TensorView& a, const TensorView& b) {
   return false;
 }
 
-void ValidateView(const TensorView& v, const std::string& name, int64_t num_tokens,
-                  int rotary_dim) {
-  if (v.dtype != DType::kF32 && v.dtype != DType::kBF16 && v.dtype != DType::kF16) {
-    throw Error(name + ".dtype must be float32, bfloat16 or float16");
+void ValidateView(const TensorView& v, const std::string& name, int64_t num_tokens, int rotary_dim,
+                  bool allow_f64 = false) {
+  const bool supported = v.dtype == DType::kF32 || v.dtype == DType::kBF16 ||
+                         v.dtype == DType::kF16 || (allow_f64 && v.dtype == DType::kF64);
+  if (!supported) {
+    throw Error(name + ".dtype must be float32, bfloat16 or float16" +
+                std::string(allow_f64 ? " (or float64)" : ""));
   }
   if (v.num_tokens != num_tokens) {
     throw Error(name + ".num_tokens (" + std::to_string(v.num_tokens) +
@@ -136,12 +141,13 @@ int64_t CheckPositions(const RopeTable& table, PositionSpan positions, const std
   return needed_rows;
 }
 
-void ValidateOperands(std::span<const RopeOperand> ops, int64_t num_tokens, int rotary_dim) {
+void ValidateOperands(std::span<const RopeOperand> ops, int64_t num_tokens, int rotary_dim,
+                      bool allow_f64) {
   for (size_t k = 0; k < ops.size(); ++k) {
     const std::string name = "operand " + std::to_string(k);
     const RopeOperand& op = ops[k];
-    ValidateView(op.in, name + " input", num_tokens, rotary_dim);
-    ValidateView(op.out, name + " output", num_tokens, rotary_dim);
+    ValidateView(op.in, name + " input", num_tokens, rotary_dim, allow_f64);
+    ValidateView(op.out, name + " output", num_tokens, rotary_dim, allow_f64);
     if (op.in.dtype != op.out.dtype || op.in.num_heads != op.out.num_heads ||
         op.in.head_dim != op.out.head_dim) {
       throw Error(name + ": output must have the input's dtype, num_heads and head_dim");
@@ -183,6 +189,23 @@ bool UseReferenceBackend(Backend backend) { return UseReference(backend); }
 
 }  // namespace internal
 
+bool ElementsDistinct(std::span<const int64_t> shape, std::span<const int64_t> strides) {
+  if (shape.size() != strides.size()) throw Error("ElementsDistinct: shape and strides differ");
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (|stride|, extent) of dimensions > 1
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (shape[i] == 0) return true;
+    if (shape[i] > 1) dims.emplace_back(std::llabs(strides[i]), shape[i]);
+  }
+  // Sorted by stride, each dimension must step over everything the smaller ones cover.
+  std::sort(dims.begin(), dims.end());
+  int64_t span = 1;
+  for (const auto& [stride, extent] : dims) {
+    if (stride < span) return false;
+    span = stride * (extent - 1) + span;
+  }
+  return true;
+}
+
 void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const RopeOperand> ops,
                const RotateOptions& options) {
   internal::ValidateCall(table, options);
@@ -190,13 +213,17 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
   // The table grows to cover every position it can hold; rarer positions past its memory limit
   // are computed on the fly.
   const int64_t needed_rows = internal::CheckPositions(table, positions, "positions");
-  internal::ValidateOperands(ops, num_tokens, table.rotary_dim());
+  internal::ValidateOperands(ops, num_tokens, table.rotary_dim(), /*allow_f64=*/true);
   if (num_tokens == 0) return;
   internal::GrowTable(table, needed_rows, num_tokens);
   const RopeTable::Rows rows = table.Snapshot();
   const int n = table.num_pairs();
+  const bool reference = UseReference(options.backend) ||
+                         std::any_of(ops.begin(), ops.end(), [](const RopeOperand& op) {
+                           return op.in.dtype == DType::kF64;
+                         });
   const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {
-    if (UseReference(options.backend)) {
+    if (reference) {
       reference::ApplyRopeTokens(ops, n, options.layout, options.direction,
                                  static_cast<int64_t>(begin), static_cast<int64_t>(end),
                                  [&](int64_t t, float* cos, float* sin) {

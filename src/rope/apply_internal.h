@@ -16,8 +16,10 @@ namespace ropekit::internal {
 void ValidateCall(const RopeTable& table, const RotateOptions& options);
 // Every position in [0, kMaxPosition] (errors name `name`[t]); returns the table rows needed.
 int64_t CheckPositions(const RopeTable& table, PositionSpan positions, const std::string& name);
-// Shapes, dtypes, strides and overlaps of the operands of one call of T tokens.
-void ValidateOperands(std::span<const RopeOperand> ops, int64_t num_tokens, int rotary_dim);
+// Shapes, dtypes, strides and overlaps of the operands of one call of T tokens. kF64 is accepted
+// only with allow_f64 (the one-axis ApplyRope, which rotates it on the reference path).
+void ValidateOperands(std::span<const RopeOperand> ops, int64_t num_tokens, int rotary_dim,
+                      bool allow_f64 = false);
 // One view: dtype, T, head_dim >= rotary_dim, non-overlapping heads and tokens.
 void ValidateTensor(const TensorView& v, const std::string& name, int64_t num_tokens,
                     int rotary_dim);

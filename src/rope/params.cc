@@ -142,6 +142,8 @@ std::string_view DTypeName(DType dtype) {
       return "bfloat16";
     case DType::kF16:
       return "float16";
+    case DType::kF64:
+      return "float64";
     case DType::kSentinel:
       break;
   }
@@ -155,6 +157,8 @@ size_t DTypeSize(DType dtype) {
     case DType::kBF16:
     case DType::kF16:
       return 2;
+    case DType::kF64:
+      return 8;
     case DType::kSentinel:
       break;
   }

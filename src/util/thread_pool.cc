@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <condition_variable>
 #include <exception>
+#include <map>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -122,6 +123,47 @@ void ParallelFor(ThreadPool* pool, size_t num_tasks,
   } else if (num_tasks > 0) {
     range(0, num_tasks, 0);
   }
+}
+
+namespace {
+
+// Idle pools by thread count. Intentionally leaked (see ThreadPoolLease).
+class PoolRegistry {
+ public:
+  static PoolRegistry& Get() {
+    static PoolRegistry* registry = new PoolRegistry();
+    return *registry;
+  }
+  std::unique_ptr<ThreadPool> Acquire(size_t num_threads) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto& idle = idle_[num_threads];
+      if (!idle.empty()) {
+        auto pool = std::move(idle.back());
+        idle.pop_back();
+        return pool;
+      }
+    }
+    return std::make_unique<ThreadPool>(num_threads);
+  }
+  void Release(std::unique_ptr<ThreadPool> pool) {
+    std::lock_guard<std::mutex> lock(mu_);
+    idle_[pool->num_threads()].push_back(std::move(pool));
+  }
+
+ private:
+  std::mutex mu_;
+  std::map<size_t, std::vector<std::unique_ptr<ThreadPool>>> idle_;
+};
+
+}  // namespace
+
+ThreadPoolLease::ThreadPoolLease(size_t num_threads) {
+  if (num_threads > 1) pool_ = PoolRegistry::Get().Acquire(num_threads);
+}
+
+ThreadPoolLease::~ThreadPoolLease() {
+  if (pool_) PoolRegistry::Get().Release(std::move(pool_));
 }
 
 }  // namespace ropekit
