@@ -5,6 +5,8 @@
 #include <complex>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
 
 #include "ropekit/study.h"
 #include "src/util/json_limits.h"
@@ -13,20 +15,6 @@ namespace ropekit::study {
 namespace {
 
 using Json = nlohmann::ordered_json;
-
-// The tiny LLaMA of the protocol (sec. 3.1): d 128, 4 layers, 4 query / 2 KV heads, head_dim 32,
-// SwiGLU 352, tied embeddings, init std 0.02.
-ModelConfig ProtocolModel() {
-  ModelConfig m;
-  m.hidden_size = 128;
-  m.num_layers = 4;
-  m.num_heads = 4;
-  m.num_kv_heads = 2;
-  m.head_dim = 32;
-  m.intermediate_size = 352;
-  m.max_position_embeddings = 128;
-  return m;
-}
 
 TrainConfig PretrainConfig(int64_t steps, int64_t batch, int64_t seq_len, int64_t warmup) {
   TrainConfig t;
@@ -57,85 +45,96 @@ TrainConfig FinetuneConfig(const TrainConfig& pre, int64_t factor, int64_t steps
   return t;
 }
 
-}  // namespace
+// What differs between the presets; everything else is the protocol's shared set-up above.
+struct PresetRow {
+  const char* name;
+  const char* description;
+  // Model: d, layers, heads, KV heads, head_dim, SwiGLU width; L = the training length.
+  int hidden_size, num_layers, num_heads, num_kv_heads, head_dim, intermediate_size;
+  int64_t train_length;
+  // Pre-training: steps of batch x L tokens, warmup, peak / final lr, intervals, eval batches.
+  int64_t steps, batch, warmup;
+  double lr, min_lr;
+  int64_t eval_interval, checkpoint_interval, eval_batches;
+  // Tail protocol and per-position curves.
+  int64_t tail_windows, tail, max_windows, bucket_size;
+  // Fine-tuning at extension_factor x L: steps, warmup, eval = checkpoint interval, the
+  // evaluation points.
+  int64_t finetune_total, finetune_warmup, finetune_interval;
+  std::vector<int64_t> finetune_steps;
+};
 
-StudyPreset GetStudyPreset(std::string_view name) {
+const std::vector<PresetRow>& PresetTable() {
+  // clang-format off
+  static const std::vector<PresetRow> rows = {
+      // The protocol (docs/study.md, sec. 3.1): d 128, 4 layers, 4 query / 2 KV heads,
+      // head_dim 32, SwiGLU 352, tied embeddings, init std 0.02.
+      {"full",
+       "protocol model (d 128, 4 layers, 4/2 heads, head_dim 32), L = 128, "
+       "1000 steps x 2048 tokens; fine-tune 200 steps at 512",
+       128, 4, 4, 2, 32, 352, 128,
+       1000, 16, 100, 2e-3, 2e-4, 100, 100, 4,
+       64, 64, 64, 16,
+       200, 10, 50, {50, 100, 200}},
+      // Same architecture family at a quarter of the compute: half the width, two layers.
+      {"quick",
+       "small model (d 64, 2 layers, 2/1 heads, head_dim 32), L = 64, "
+       "3000 steps x 1024 tokens; fine-tune 200 steps at 256",
+       64, 2, 2, 1, 32, 176, 64,
+       3000, 16, 100, 2e-3, 2e-4, 250, 500, 4,
+       48, 32, 32, 8,
+       200, 10, 50, {50, 100, 200}},
+      {"micro",
+       "test-suite model (d 32, 1 layer, 2/1 heads, head_dim 16), L = 16, 100 steps",
+       32, 1, 2, 1, 16, 64, 16,
+       100, 8, 10, 1e-2, 1e-3, 20, 20, 2,
+       8, 8, 8, 4,
+       10, 2, 5, {5, 10}},
+  };
+  // clang-format on
+  return rows;
+}
+
+StudyPreset PresetFromRow(const PresetRow& r) {
   StudyPreset p;
-  p.name = std::string(name);
+  p.name = r.name;
+  p.description = r.description;
   p.encodings = {"learned", "sinusoidal", "none", "rope", "alibi", "t5"};
   p.eval_multipliers = {1, 2, 4, 8};
   p.scalings = {"linear", "ntk", "dynamic", "yarn", "llama3"};
   p.finetune_scalings = {"none", "linear", "yarn", "llama3"};
   p.extension_factor = 4;
-  if (name == "full") {
-    // The full preset (docs/study.md): 1000 steps of 16 x 128 tokens; 200 fine-tuning steps at 512.
-    p.model = ProtocolModel();
-    p.train = PretrainConfig(1000, 16, 128, 100);
-    p.train.eval_interval = 100;
-    p.train.checkpoint_interval = 100;
-    p.tail_windows = 64;
-    p.tail = 64;
-    p.max_windows = 64;
-    p.bucket_size = 16;
-    p.finetune = FinetuneConfig(p.train, 4, 200, 10);
-    p.finetune.eval_interval = 50;
-    p.finetune.checkpoint_interval = 50;
-    p.finetune_steps = {50, 100, 200};
-    p.description =
-        "protocol model (d 128, 4 layers, 4/2 heads, head_dim 32), L = 128, "
-        "1000 steps x 2048 tokens; fine-tune 200 steps at 512";
-  } else if (name == "quick") {
-    // Same architecture family at a quarter of the compute: half the width, two layers, L = 64.
-    p.model = ProtocolModel();
-    p.model.hidden_size = 64;
-    p.model.num_layers = 2;
-    p.model.num_heads = 2;
-    p.model.num_kv_heads = 1;
-    p.model.head_dim = 32;
-    p.model.intermediate_size = 176;
-    p.model.max_position_embeddings = 64;
-    p.train = PretrainConfig(3000, 16, 64, 100);
-    p.train.eval_interval = 250;
-    p.train.checkpoint_interval = 500;
-    p.tail_windows = 48;
-    p.tail = 32;
-    p.max_windows = 32;
-    p.bucket_size = 8;
-    p.finetune = FinetuneConfig(p.train, 4, 200, 10);
-    p.finetune.eval_interval = 50;
-    p.finetune.checkpoint_interval = 50;
-    p.finetune_steps = {50, 100, 200};
-    p.description =
-        "small model (d 64, 2 layers, 2/1 heads, head_dim 32), L = 64, "
-        "3000 steps x 1024 tokens; fine-tune 200 steps at 256";
-  } else if (name == "micro") {
-    p.model = ProtocolModel();
-    p.model.hidden_size = 32;
-    p.model.num_layers = 1;
-    p.model.num_heads = 2;
-    p.model.num_kv_heads = 1;
-    p.model.head_dim = 16;
-    p.model.intermediate_size = 64;
-    p.model.max_position_embeddings = 16;
-    p.train = PretrainConfig(100, 8, 16, 10);
-    p.train.lr = 1e-2;
-    p.train.min_lr = 1e-3;
-    p.train.eval_interval = 20;
-    p.train.checkpoint_interval = 20;
-    p.train.eval_batches = 2;
-    p.tail_windows = 8;
-    p.tail = 8;
-    p.max_windows = 8;
-    p.bucket_size = 4;
-    p.finetune = FinetuneConfig(p.train, 4, 10, 2);
-    p.finetune.eval_interval = 5;
-    p.finetune.checkpoint_interval = 5;
-    p.finetune_steps = {5, 10};
-    p.description = "test-suite model (d 32, 1 layer, 2/1 heads, head_dim 16), L = 16, 100 steps";
-  } else {
-    throw Error("--preset '" + std::string(name) + "' is not one of micro, quick, full");
-  }
+  p.model.hidden_size = r.hidden_size;
+  p.model.num_layers = r.num_layers;
+  p.model.num_heads = r.num_heads;
+  p.model.num_kv_heads = r.num_kv_heads;
+  p.model.head_dim = r.head_dim;
+  p.model.intermediate_size = r.intermediate_size;
+  p.model.max_position_embeddings = r.train_length;
+  p.train = PretrainConfig(r.steps, r.batch, r.train_length, r.warmup);
+  p.train.lr = r.lr;
+  p.train.min_lr = r.min_lr;
+  p.train.eval_interval = r.eval_interval;
+  p.train.checkpoint_interval = r.checkpoint_interval;
+  p.train.eval_batches = r.eval_batches;
+  p.tail_windows = r.tail_windows;
+  p.tail = r.tail;
+  p.max_windows = r.max_windows;
+  p.bucket_size = r.bucket_size;
+  p.finetune = FinetuneConfig(p.train, p.extension_factor, r.finetune_total, r.finetune_warmup);
+  p.finetune.eval_interval = r.finetune_interval;
+  p.finetune.checkpoint_interval = r.finetune_interval;
+  p.finetune_steps = r.finetune_steps;
   return p;
+}
+
+}  // namespace
+
+StudyPreset GetStudyPreset(std::string_view name) {
+  for (const PresetRow& row : PresetTable()) {
+    if (name == row.name) return PresetFromRow(row);
+  }
+  throw Error("--preset '" + std::string(name) + "' is not one of micro, quick, full");
 }
 
 RopeParams ScaledRope(const RopeParams& base, std::string_view scaling, double s,
