@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/bench_support.h"
+#include "bench_support.h"
 #include "ropekit/model.h"
 #include "ropekit/profile.h"
 

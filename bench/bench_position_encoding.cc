@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "bench/bench_support.h"
+#include "bench_support.h"
 #include "ropekit/position_encoding.h"
 
 namespace ropekit {

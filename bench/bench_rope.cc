@@ -23,10 +23,10 @@
 #include <tuple>
 #include <vector>
 
-#include "bench/bench_support.h"
+#include "bench_support.h"
+#include "ropekit/half.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
-#include "src/util/half.h"
 
 namespace ropekit {
 namespace {

@@ -1,7 +1,7 @@
 // See bench_support.h. The two roof kernels are compiled once per SIMD target (Highway dynamic
 // dispatch), like the library's kernels.
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "bench/bench_support.cc"
+#define HWY_TARGET_INCLUDE "bench_support.cc"
 #include "hwy/cache_control.h"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
@@ -46,9 +46,9 @@ HWY_AFTER_NAMESPACE();
 #include <random>
 #include <thread>
 
-#include "bench/bench_support.h"
+#include "bench_support.h"
 #include "hwy/aligned_allocator.h"
-#include "src/util/half.h"
+#include "ropekit/half.h"
 
 namespace ropekit::bench {
 

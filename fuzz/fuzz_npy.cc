@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "ropekit/error.h"
-#include "src/util/npy.h"
+#include "ropekit/npy.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {

@@ -16,9 +16,9 @@
 #include <random>
 #include <vector>
 
+#include "ropekit/half.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
-#include "src/util/half.h"
 
 namespace ropekit {
 namespace {

@@ -15,11 +15,11 @@
 #include <random>
 #include <vector>
 
+#include "ropekit/half.h"
 #include "ropekit/hf_config.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
 #include "ropekit/vl_positions.h"
-#include "src/util/half.h"
 
 namespace ropekit {
 namespace {

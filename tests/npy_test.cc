@@ -1,10 +1,10 @@
-// Tests of the .npy reader and writer (src/util/npy.h): round trips of every dtype and of 0-d,
+// Tests of the .npy reader and writer (ropekit/npy.h): round trips of every dtype and of 0-d,
 // 1-d, empty and many-dimensional shapes, the 64-byte header alignment of the format
 // specification (numpy/lib/format.py: "the total of len(magic string) + 2 + len(length) +
 // HEADER_LEN be evenly divisible by 64"), version 2.0/3.0 headers, malformed files, and a
 // seeded fuzz test: ParseNpy either returns an array whose payload matches its shape or throws
 // ropekit::Error, never anything else.
-#include "src/util/npy.h"
+#include "ropekit/npy.h"
 
 #include <gtest/gtest.h>
 #include <stdlib.h>

@@ -15,8 +15,8 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/tests/hwy_gtest.h"
+#include "ropekit/half.h"
 #include "src/kernels/rope_engine-inl.h"
-#include "src/util/half.h"
 
 #ifndef ROPEKIT_TESTS_ROPE_ENGINE_KERNEL_TEST_ONCE_
 #define ROPEKIT_TESTS_ROPE_ENGINE_KERNEL_TEST_ONCE_

@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "src/util/half.h"
+#include "ropekit/half.h"
 
 namespace ropekit {
 namespace {

@@ -16,12 +16,12 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
 #include "ropekit/error.h"
 #include "ropekit/hf_config.h"
+#include "ropekit/npy.h"
 #include "ropekit/rope.h"
 #include "ropekit/thread_pool.h"
-#include "src/util/npy.h"
-#include "tools/command.h"
 
 namespace ropekit::cli {
 namespace {

@@ -10,10 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
+#include "model_cli.h"
 #include "ropekit/model.h"
-#include "src/util/npy.h"
-#include "tools/command.h"
-#include "tools/model_cli.h"
+#include "ropekit/npy.h"
 
 namespace ropekit::cli {
 namespace {
@@ -99,11 +99,7 @@ int RunDump(const EvalArgs& a, Model& model, ThreadPool* pool) {
 
 int RunEval(const EvalArgs& a) {
   auto pool = MakePool(a.threads);
-  const std::string cfg_path = a.model + "/config.json";
-  LoadOptions lo;
-  lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
-  Model model = LoadModel(a.model, lo);
-  if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
+  Model model = LoadCliModel(a.model, a.rope, a.bf16);
   if (!a.dump_tokens.empty()) return RunDump(a, model, pool.get());
   if (!a.dump_logits.empty() || !a.dump_grads.empty()) {
     throw Error("--dump-logits / --dump-grads need --dump-tokens");

@@ -4,9 +4,9 @@
 #include <cstdio>
 #include <string>
 
+#include "command.h"
+#include "model_cli.h"
 #include "ropekit/model.h"
-#include "tools/command.h"
-#include "tools/model_cli.h"
 
 namespace ropekit::cli {
 namespace {
@@ -25,11 +25,7 @@ struct GenerateArgs {
 
 int RunGenerate(const GenerateArgs& a) {
   auto pool = MakePool(a.threads);
-  const std::string cfg_path = a.model + "/config.json";
-  LoadOptions lo;
-  lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
-  Model model = LoadModel(a.model, lo);
-  if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
+  Model model = LoadCliModel(a.model, a.rope, a.bf16);
   if (!a.prompt.empty() && !a.prompt_file.empty()) {
     throw Error("--prompt and --prompt-file cannot be combined");
   }

@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
 #include "ropekit/hf_config.h"
 #include "ropekit/rope.h"
-#include "tools/command.h"
 
 namespace ropekit::cli {
 namespace {

@@ -32,11 +32,11 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
 #include "ropekit/hf_config.h"
+#include "ropekit/npy.h"
 #include "ropekit/position_encoding.h"
 #include "ropekit/rope.h"
-#include "src/util/npy.h"
-#include "tools/command.h"
 
 namespace ropekit::cli {
 namespace {

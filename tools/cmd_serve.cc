@@ -11,10 +11,10 @@
 #include <string>
 #include <thread>
 
+#include "command.h"
+#include "model_cli.h"
 #include "ropekit/model.h"
 #include "ropekit/serve.h"
-#include "tools/command.h"
-#include "tools/model_cli.h"
 
 namespace ropekit::cli {
 namespace {

@@ -7,9 +7,9 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
 #include "ropekit/distributed.h"
 #include "ropekit/study.h"
-#include "tools/command.h"
 
 namespace ropekit::cli {
 namespace {

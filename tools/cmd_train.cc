@@ -8,12 +8,12 @@
 #include <string>
 #include <vector>
 
+#include "command.h"
+#include "model_cli.h"
 #include "ropekit/distributed.h"
+#include "ropekit/file.h"
+#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
-#include "src/util/file.h"
-#include "src/util/json_limits.h"
-#include "tools/command.h"
-#include "tools/model_cli.h"
 
 namespace ropekit::cli {
 namespace {

@@ -5,8 +5,8 @@
 #include <map>
 #include <new>
 
+#include "command.h"
 #include "ropekit/error.h"
-#include "tools/command.h"
 
 namespace ropekit::cli {
 std::vector<Command>& Registry() {

@@ -10,9 +10,9 @@
 #include <string>
 
 #include "ropekit/hf_config.h"
+#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
 #include "ropekit/thread_pool.h"
-#include "src/util/json_limits.h"
 
 namespace ropekit::cli {
 
@@ -63,6 +63,17 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   } catch (const Error& e) {
     throw Error(std::string("--rope-scaling: ") + e.what());
   }
+}
+
+// Loads the model directory `dir` with the --rope override (checked against its config.json)
+// and, with --bf16, bf16 matrix products.
+inline Model LoadCliModel(const std::string& dir, const RopeOverrideArgs& rope, bool bf16) {
+  const std::string cfg_path = dir + "/config.json";
+  LoadOptions lo;
+  lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), rope);
+  Model model = LoadModel(dir, lo);
+  if (bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
+  return model;
 }
 
 inline std::unique_ptr<ThreadPool> MakePool(int threads) {

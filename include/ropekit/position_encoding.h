@@ -212,6 +212,10 @@ class PositionEncoding {
   void CheckKeyRange(int64_t first_key, int64_t num_keys) const;
   void CheckParams(size_t size, const char* what) const;
   int64_t LearnedRow(int64_t position) const;
+  // The checks AddToEmbeddings and its backward share: row_stride >= dim, `rows` (named
+  // rows_name) not null, the learned table's size, every position (before any write).
+  void CheckEmbeddingCall(PositionSpan positions, const float* rows, const char* rows_name,
+                          int64_t row_stride, size_t params_size, const char* params_what) const;
 
   PositionEncodingSpec spec_;
   double embedding_scale_ = 1.0;

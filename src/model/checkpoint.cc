@@ -28,10 +28,10 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "ropekit/file.h"
+#include "ropekit/half.h"
+#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
-#include "src/util/file.h"
-#include "src/util/half.h"
-#include "src/util/json_limits.h"
 
 namespace ropekit {
 namespace {

@@ -5,10 +5,10 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "ropekit/file.h"
 #include "ropekit/hf_config.h"
+#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
-#include "src/util/file.h"
-#include "src/util/json_limits.h"
 
 namespace ropekit {
 namespace {

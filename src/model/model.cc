@@ -21,7 +21,7 @@
 #include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
-#include "src/util/half.h"
+#include "ropekit/half.h"
 #include "src/util/profile.h"
 #include "src/util/rng.h"
 
@@ -102,7 +102,9 @@ bool Model::Impl::RopeIsLengthDependent() const {
 
 const RopeTable& Model::Impl::Table(int64_t seq_len) {
   const PositionEncodingSpec& spec = config.position_encoding;
-  const int64_t key = RopeIsLengthDependent() ? seq_len : 0;
+  // Rebuilt only when the frequencies change (dynamic NTK past max_position_embeddings, LongRoPE
+  // past its original length), not at every decode step below.
+  const int64_t key = RopeIsLengthDependent() ? FrequencySeqLen(spec.rope, seq_len) : 0;
   if (!rope_table || rope_table_key != key) {
     rope_table = std::make_unique<RopeTable>(ComputeFrequencies(spec.rope, spec.rope_numerics, key),
                                              seq_len);

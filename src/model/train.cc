@@ -9,9 +9,9 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 
+#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
 #include "src/dist/zero.h"
-#include "src/util/json_limits.h"
 #include "src/util/rng.h"
 
 namespace ropekit {

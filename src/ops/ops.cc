@@ -79,6 +79,31 @@ void CheckDims(int64_t m, int64_t k, int64_t n, const char* op) {
   }
 }
 
+// The shapes of out[rows, cols] = a sum of `inner` products that need no sgemm: an empty output,
+// or no terms (zeros, or nothing to add when accumulating). Returns true when `out` is done.
+bool TrivialProduct(float* out, int64_t rows, int64_t cols, int64_t inner, bool accumulate) {
+  if (rows == 0 || cols == 0) return true;
+  if (inner != 0) return false;
+  if (!accumulate) std::fill(out, out + rows * cols, 0.0f);
+  return true;
+}
+
+// Backward task `task` of the attention: batch b, kv head g, and the head's rows of k, v, dk, dv.
+struct KvTask {
+  int64_t b, g;
+  const float* k;
+  const float* v;
+  float* dk;
+  float* dv;
+};
+
+KvTask KvTaskAt(const AttentionArgs& a, float* dk, float* dv, size_t task) {
+  const int64_t b = static_cast<int64_t>(task) / a.kv_heads;
+  const int64_t g = static_cast<int64_t>(task) % a.kv_heads;
+  const int64_t offset = b * a.kv_batch_stride + g * a.head_dim;
+  return {b, g, a.k + offset, a.v + offset, dk + offset, dv + offset};
+}
+
 }  // namespace
 
 void SetBlasSingleThreaded() {
@@ -90,11 +115,7 @@ void MatMul(const float* x, const float* w, float* y, int64_t m, int64_t k, int6
             ThreadPool* pool, bool accumulate) {
   CheckDims(m, k, n, "MatMul");
   SetBlasSingleThreaded();
-  if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate) std::fill(y, y + m * n, 0.0f);
-    return;
-  }
+  if (TrivialProduct(y, m, n, k, accumulate)) return;
   ForTiles(pool, m, n, k, kTileRows, kTileCols,
            [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(r1 - r0), int(c1 - c0),
@@ -107,11 +128,7 @@ void MatMulBackwardInput(const float* dy, const float* w, float* dx, int64_t m, 
                          int64_t n, ThreadPool* pool, bool accumulate) {
   CheckDims(m, k, n, "MatMulBackwardInput");
   SetBlasSingleThreaded();
-  if (m == 0 || k == 0) return;
-  if (n == 0) {
-    if (!accumulate) std::fill(dx, dx + m * k, 0.0f);
-    return;
-  }
+  if (TrivialProduct(dx, m, k, n, accumulate)) return;
   ForTiles(pool, m, k, n, kTileRows, kTileCols,
            [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
              cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(r1 - r0), int(c1 - c0),
@@ -355,12 +372,7 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
       pool, static_cast<size_t>(a.batch * a.kv_heads), [&](size_t begin, size_t end, size_t) {
         std::vector<float> ds(static_cast<size_t>(Tq * Tk));
         for (size_t task = begin; task < end; ++task) {
-          const int64_t b = static_cast<int64_t>(task) / a.kv_heads;
-          const int64_t g = static_cast<int64_t>(task) % a.kv_heads;
-          const float* k = a.k + b * a.kv_batch_stride + g * D;
-          const float* v = a.v + b * a.kv_batch_stride + g * D;
-          float* dkg = dk + b * a.kv_batch_stride + g * D;
-          float* dvg = dv + b * a.kv_batch_stride + g * D;
+          const auto [b, g, k, v, dkg, dvg] = KvTaskAt(a, dk, dv, task);
           if (Tq == 0 || Tk == 0) {
             for (int64_t j = 0; j < Tk; ++j) {
               std::fill(dkg + j * a.kv_row_stride, dkg + j * a.kv_row_stride + D, 0.0f);
@@ -626,12 +638,7 @@ void FlashAttentionBackward(const AttentionArgs& a, const float* lse, const floa
       pool, static_cast<size_t>(a.batch * a.kv_heads), [&](size_t begin, size_t end, size_t) {
         FlashScratch w(D, Tq);
         for (size_t task = begin; task < end; ++task) {
-          const int64_t b = static_cast<int64_t>(task) / a.kv_heads;
-          const int64_t g = static_cast<int64_t>(task) % a.kv_heads;
-          const float* k = a.k + b * a.kv_batch_stride + g * D;
-          const float* v = a.v + b * a.kv_batch_stride + g * D;
-          float* dkg = dk + b * a.kv_batch_stride + g * D;
-          float* dvg = dv + b * a.kv_batch_stride + g * D;
+          const auto [b, g, k, v, dkg, dvg] = KvTaskAt(a, dk, dv, task);
           for (int64_t j = 0; j < Tk; ++j) {
             std::fill(dkg + j * a.kv_row_stride, dkg + j * a.kv_row_stride + D, 0.0f);
             std::fill(dvg + j * a.kv_row_stride, dvg + j * a.kv_row_stride + D, 0.0f);

@@ -27,6 +27,16 @@ constexpr int kMaxHeads = 1 << 20;
 
 std::string Str(int64_t v) { return std::to_string(v); }
 
+// grad_params[b, head] += sums[b] for every bucket a key fell in: one float addition each.
+void AddBucketSums(const std::vector<double>& sums, const std::vector<char>& touched, int num_heads,
+                   int head, std::span<float> grad_params) {
+  for (size_t b = 0; b < sums.size(); ++b) {
+    if (!touched[b]) continue;
+    float& g = grad_params[b * static_cast<size_t>(num_heads) + head];
+    g = static_cast<float>(static_cast<double>(g) + sums[b]);
+  }
+}
+
 void CheckPosition(int64_t position, const char* what) {
   if (position < 0 || position > kMaxPosition) {
     throw Error(std::string(what) + ": position " + Str(position) +
@@ -211,25 +221,36 @@ int64_t PositionEncoding::LearnedRow(int64_t position) const {
               Str(spec_.max_positions - 1) + "); set out_of_range to clamp to use the last row");
 }
 
-void PositionEncoding::AddToEmbeddings(PositionSpan positions, std::span<const float> params,
-                                       float* embeddings, int64_t row_stride) const {
-  if (!acts_on_embeddings()) return;
+void PositionEncoding::CheckEmbeddingCall(PositionSpan positions, const float* rows,
+                                          const char* rows_name, int64_t row_stride,
+                                          size_t params_size, const char* params_what) const {
   const int d = spec_.dim;
-  const int64_t num_tokens = positions.size();
   if (row_stride < d) {
     throw Error("row_stride: " + Str(row_stride) + " must be >= dim " + Str(d));
   }
-  if (num_tokens > 0 && embeddings == nullptr) throw Error("embeddings: null pointer");
+  if (positions.size() > 0 && rows == nullptr) {
+    throw Error(std::string(rows_name) + ": null pointer");
+  }
   const bool learned = spec_.kind == PositionEncodingKind::kLearned;
-  if (learned) CheckParams(params.size(), "params (learned table)");
+  if (learned) CheckParams(params_size, params_what);
   // Validate every position before touching the output.
-  for (int64_t t = 0; t < num_tokens; ++t) {
+  for (int64_t t = 0; t < positions.size(); ++t) {
     if (learned) {
       LearnedRow(positions[t]);
     } else {
       CheckPosition(positions[t], "sinusoidal position embedding");
     }
   }
+}
+
+void PositionEncoding::AddToEmbeddings(PositionSpan positions, std::span<const float> params,
+                                       float* embeddings, int64_t row_stride) const {
+  if (!acts_on_embeddings()) return;
+  const int d = spec_.dim;
+  const int64_t num_tokens = positions.size();
+  CheckEmbeddingCall(positions, embeddings, "embeddings", row_stride, params.size(),
+                     "params (learned table)");
+  const bool learned = spec_.kind == PositionEncodingKind::kLearned;
   const double scale = embedding_scale_;
   const int64_t cached_rows = static_cast<int64_t>(sinusoidal_.size()) / d;
   std::vector<float> scratch(learned ? 0 : d);
@@ -258,19 +279,9 @@ void PositionEncoding::AddToEmbeddingsBackward(PositionSpan positions, float* gr
   if (!acts_on_embeddings()) return;
   const int d = spec_.dim;
   const int64_t num_tokens = positions.size();
-  if (row_stride < d) {
-    throw Error("row_stride: " + Str(row_stride) + " must be >= dim " + Str(d));
-  }
-  if (num_tokens > 0 && grad == nullptr) throw Error("grad: null pointer");
+  CheckEmbeddingCall(positions, grad, "grad", row_stride, grad_params.size(),
+                     "grad_params (learned table)");
   const bool learned = spec_.kind == PositionEncodingKind::kLearned;
-  if (learned) CheckParams(grad_params.size(), "grad_params (learned table)");
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    if (learned) {
-      LearnedRow(positions[t]);
-    } else {
-      CheckPosition(positions[t], "sinusoidal position embedding");
-    }
-  }
   const double scale = embedding_scale_;
   for (int64_t t = 0; t < num_tokens; ++t) {
     float* g = grad + t * row_stride;
@@ -331,12 +342,7 @@ void PositionEncoding::AddLogitBiasBackward(int64_t query_position, PositionSpan
     sums[b] += static_cast<double>(grad_logits[j]);
     touched[b] = 1;
   }
-  const int num_heads = spec_.num_heads;
-  for (int b = 0; b < spec_.num_buckets; ++b) {
-    if (!touched[b]) continue;
-    float& g = grad_params[static_cast<size_t>(b) * num_heads + head];
-    g = static_cast<float>(static_cast<double>(g) + sums[b]);
-  }
+  AddBucketSums(sums, touched, spec_.num_heads, head, grad_params);
 }
 
 void PositionEncoding::CheckLogitArgs(int64_t query_position, int head) const {
@@ -393,12 +399,7 @@ void PositionEncoding::AddLogitBiasBackward(int64_t query_position, int64_t firs
     sums[b] += static_cast<double>(grad_logits[j]);
     touched[b] = 1;
   });
-  const int num_heads = spec_.num_heads;
-  for (int b = 0; b < spec_.num_buckets; ++b) {
-    if (!touched[b]) continue;
-    float& g = grad_params[static_cast<size_t>(b) * num_heads + head];
-    g = static_cast<float>(static_cast<double>(g) + sums[b]);
-  }
+  AddBucketSums(sums, touched, spec_.num_heads, head, grad_params);
 }
 
 }  // namespace ropekit

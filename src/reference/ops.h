@@ -23,36 +23,33 @@
 
 namespace ropekit::reference {
 
+// out[i, j] = sum_c a[i * a_row + c * a_inner] b[j * b_row + c * b_inner] for i < rows,
+// j < cols, c < inner ascending (out row-major [rows, cols]): every product below is this sum.
+template <typename T>
+void StridedProduct(const T* a, int64_t a_row, int64_t a_inner, const T* b, int64_t b_row,
+                    int64_t b_inner, T* out, int64_t rows, int64_t cols, int64_t inner) {
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      T s = 0;
+      for (int64_t c = 0; c < inner; ++c)
+        s += a[i * a_row + c * a_inner] * b[j * b_row + c * b_inner];
+      out[i * cols + j] = s;
+    }
+  }
+}
+
 // y[M, N] = x[M, K] w[N, K]^T
 template <typename T>
 void MatMul(const T* x, const T* w, T* y, int64_t m, int64_t k, int64_t n) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t j = 0; j < n; ++j) {
-      T s = 0;
-      for (int64_t c = 0; c < k; ++c) s += x[i * k + c] * w[j * k + c];
-      y[i * n + j] = s;
-    }
-  }
+  StridedProduct(x, k, 1, w, k, 1, y, m, n, k);
 }
 
 // dx[M, K] = dy w;  dw[N, K] = dy^T x.
 template <typename T>
 void MatMulBackward(const T* x, const T* w, const T* dy, T* dx, T* dw, int64_t m, int64_t k,
                     int64_t n) {
-  for (int64_t i = 0; i < m; ++i) {
-    for (int64_t c = 0; c < k; ++c) {
-      T s = 0;
-      for (int64_t j = 0; j < n; ++j) s += dy[i * n + j] * w[j * k + c];
-      dx[i * k + c] = s;
-    }
-  }
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t c = 0; c < k; ++c) {
-      T s = 0;
-      for (int64_t i = 0; i < m; ++i) s += dy[i * n + j] * x[i * k + c];
-      dw[j * k + c] = s;
-    }
-  }
+  StridedProduct(dy, n, 1, w, 1, k, dx, m, k, n);
+  StridedProduct(dy, 1, n, x, 1, k, dw, n, k, m);
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, per row.
@@ -134,40 +131,65 @@ inline double LogitBias(const PositionEncoding* pe, std::span<const float> param
   return value;
 }
 
+// Scores of query row i, head h (kv head g) against every visible key (k_pos[j] <= q_pos[i]):
+// p[j] = scale q.k + bias (0 for invisible keys), their maximum mx and sum = sum_j e^(p_j - mx).
+template <typename T>
+void CausalScores(const T* q, const T* k, int64_t i, int64_t h, int64_t g, int64_t tk,
+                  int64_t heads, int64_t kv_heads, int64_t d, std::span<const int64_t> q_pos,
+                  std::span<const int64_t> k_pos, double scale, const PositionEncoding* pe,
+                  std::span<const float> params, std::vector<T>& p, T& mx, T& sum) {
+  mx = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < tk; ++j) {
+    p[j] = 0;
+    if (k_pos[j] > q_pos[i]) continue;
+    T s = 0;
+    for (int64_t c = 0; c < d; ++c) s += q[(i * heads + h) * d + c] * k[(j * kv_heads + g) * d + c];
+    p[j] = T(scale) * s + T(LogitBias(pe, params, q_pos[i], k_pos[j], int(h)));
+    mx = std::max(mx, p[j]);
+  }
+  sum = 0;
+  for (int64_t j = 0; j < tk; ++j) {
+    if (k_pos[j] <= q_pos[i]) sum += std::exp(p[j] - mx);
+  }
+}
+
+// Calls row(h, g, i, p, mx, sum) for every head h (kv head g) and query row i, with the row's
+// scores from CausalScores.
+template <typename T, class RowFn>
+void ForEachScoreRow(const T* q, const T* k, int64_t tq, int64_t tk, int64_t heads,
+                     int64_t kv_heads, int64_t d, std::span<const int64_t> q_pos,
+                     std::span<const int64_t> k_pos, double scale, const PositionEncoding* pe,
+                     std::span<const float> params, const RowFn& row) {
+  const int64_t group = heads / kv_heads;
+  std::vector<T> p(static_cast<size_t>(tk));
+  for (int64_t h = 0; h < heads; ++h) {
+    const int64_t g = h / group;
+    for (int64_t i = 0; i < tq; ++i) {
+      T mx, sum;
+      CausalScores(q, k, i, h, g, tk, heads, kv_heads, d, q_pos, k_pos, scale, pe, params, p, mx,
+                   sum);
+      row(h, g, i, p, mx, sum);
+    }
+  }
+}
+
 // out[Tq, H*D]: softmax over visible keys (k_pos[j] <= q_pos[i]) of scale q.k + bias, times v.
 template <typename T>
 void Attention(const T* q, const T* k, const T* v, T* out, int64_t tq, int64_t tk, int64_t heads,
                int64_t kv_heads, int64_t d, std::span<const int64_t> q_pos,
                std::span<const int64_t> k_pos, double scale, const PositionEncoding* pe,
                std::span<const float> params) {
-  const int64_t group = heads / kv_heads;
-  std::vector<T> p(static_cast<size_t>(tk));
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t g = h / group;
-    for (int64_t i = 0; i < tq; ++i) {
-      T mx = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < tk; ++j) {
-        if (k_pos[j] > q_pos[i]) continue;
-        T s = 0;
-        for (int64_t c = 0; c < d; ++c)
-          s += q[(i * heads + h) * d + c] * k[(j * kv_heads + g) * d + c];
-        p[j] = T(scale) * s + T(LogitBias(pe, params, q_pos[i], k_pos[j], int(h)));
-        mx = std::max(mx, p[j]);
-      }
-      T sum = 0;
-      for (int64_t j = 0; j < tk; ++j) {
-        if (k_pos[j] <= q_pos[i]) sum += std::exp(p[j] - mx);
-      }
-      for (int64_t c = 0; c < d; ++c) {
-        T acc = 0;
-        for (int64_t j = 0; j < tk; ++j) {
-          if (k_pos[j] <= q_pos[i])
-            acc += std::exp(p[j] - mx) / sum * v[(j * kv_heads + g) * d + c];
-        }
-        out[(i * heads + h) * d + c] = acc;
-      }
-    }
-  }
+  ForEachScoreRow(q, k, tq, tk, heads, kv_heads, d, q_pos, k_pos, scale, pe, params,
+                  [&](int64_t h, int64_t g, int64_t i, const std::vector<T>& p, T mx, T sum) {
+                    for (int64_t c = 0; c < d; ++c) {
+                      T acc = 0;
+                      for (int64_t j = 0; j < tk; ++j) {
+                        if (k_pos[j] <= q_pos[i])
+                          acc += std::exp(p[j] - mx) / sum * v[(j * kv_heads + g) * d + c];
+                      }
+                      out[(i * heads + h) * d + c] = acc;
+                    }
+                  });
 }
 
 // Gradients of Attention: dq, dk, dv (written), dparams += (T5 table).
@@ -177,55 +199,38 @@ void AttentionBackward(const T* q, const T* k, const T* v, const T* dout, T* dq,
                        std::span<const int64_t> q_pos, std::span<const int64_t> k_pos, double scale,
                        const PositionEncoding* pe, std::span<const float> params,
                        std::span<double> dparams) {
-  const int64_t group = heads / kv_heads;
   for (int64_t i = 0; i < tq * heads * d; ++i) dq[i] = 0;
   for (int64_t i = 0; i < tk * kv_heads * d; ++i) dk[i] = dv[i] = 0;
-  std::vector<T> p(static_cast<size_t>(tk)), dp(static_cast<size_t>(tk));
-  for (int64_t h = 0; h < heads; ++h) {
-    const int64_t g = h / group;
-    for (int64_t i = 0; i < tq; ++i) {
-      T mx = -std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < tk; ++j) {
+  std::vector<T> dp(static_cast<size_t>(tk));
+  const auto row = [&](int64_t h, int64_t g, int64_t i, std::vector<T>& p, T mx, T sum) {
+    T dot = 0;
+    for (int64_t j = 0; j < tk; ++j) {
+      if (k_pos[j] > q_pos[i]) {
         p[j] = 0;
-        if (k_pos[j] > q_pos[i]) continue;
-        T s = 0;
-        for (int64_t c = 0; c < d; ++c)
-          s += q[(i * heads + h) * d + c] * k[(j * kv_heads + g) * d + c];
-        p[j] = T(scale) * s + T(LogitBias(pe, params, q_pos[i], k_pos[j], int(h)));
-        mx = std::max(mx, p[j]);
+        dp[j] = 0;
+        continue;
       }
-      T sum = 0;
-      for (int64_t j = 0; j < tk; ++j) {
-        if (k_pos[j] <= q_pos[i]) sum += std::exp(p[j] - mx);
+      p[j] = std::exp(p[j] - mx) / sum;
+      T s = 0;
+      for (int64_t c = 0; c < d; ++c)
+        s += dout[(i * heads + h) * d + c] * v[(j * kv_heads + g) * d + c];
+      dp[j] = s;
+      dot += p[j] * s;
+    }
+    for (int64_t j = 0; j < tk; ++j) {
+      if (k_pos[j] > q_pos[i]) continue;
+      const T ds = p[j] * (dp[j] - dot);
+      for (int64_t c = 0; c < d; ++c) {
+        dq[(i * heads + h) * d + c] += T(scale) * ds * k[(j * kv_heads + g) * d + c];
+        dk[(j * kv_heads + g) * d + c] += T(scale) * ds * q[(i * heads + h) * d + c];
+        dv[(j * kv_heads + g) * d + c] += p[j] * dout[(i * heads + h) * d + c];
       }
-      T dot = 0;
-      for (int64_t j = 0; j < tk; ++j) {
-        if (k_pos[j] > q_pos[i]) {
-          p[j] = 0;
-          dp[j] = 0;
-          continue;
-        }
-        p[j] = std::exp(p[j] - mx) / sum;
-        T s = 0;
-        for (int64_t c = 0; c < d; ++c)
-          s += dout[(i * heads + h) * d + c] * v[(j * kv_heads + g) * d + c];
-        dp[j] = s;
-        dot += p[j] * s;
-      }
-      for (int64_t j = 0; j < tk; ++j) {
-        if (k_pos[j] > q_pos[i]) continue;
-        const T ds = p[j] * (dp[j] - dot);
-        for (int64_t c = 0; c < d; ++c) {
-          dq[(i * heads + h) * d + c] += T(scale) * ds * k[(j * kv_heads + g) * d + c];
-          dk[(j * kv_heads + g) * d + c] += T(scale) * ds * q[(i * heads + h) * d + c];
-          dv[(j * kv_heads + g) * d + c] += p[j] * dout[(i * heads + h) * d + c];
-        }
-        if (pe != nullptr && pe->kind() == PositionEncodingKind::kT5 && !dparams.empty()) {
-          dparams[pe->Bucket(k_pos[j] - q_pos[i]) * heads + h] += double(ds);
-        }
+      if (pe != nullptr && pe->kind() == PositionEncodingKind::kT5 && !dparams.empty()) {
+        dparams[pe->Bucket(k_pos[j] - q_pos[i]) * heads + h] += double(ds);
       }
     }
-  }
+  };
+  ForEachScoreRow(q, k, tq, tk, heads, kv_heads, d, q_pos, k_pos, scale, pe, params, row);
 }
 
 }  // namespace ropekit::reference

@@ -12,8 +12,8 @@
 #include <span>
 #include <vector>
 
+#include "ropekit/half.h"
 #include "ropekit/rope.h"
-#include "src/util/half.h"
 
 namespace ropekit::reference {
 

@@ -30,7 +30,7 @@
 #include <sstream>
 #include <string>
 
-#include "src/util/json_limits.h"
+#include "ropekit/json_limits.h"
 
 namespace ropekit {
 namespace {

@@ -19,8 +19,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include "ropekit/file.h"
 #include "ropekit/study.h"
-#include "src/util/file.h"
 
 namespace ropekit::study {
 namespace {

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "ropekit/json_limits.h"
 #include "ropekit/study.h"
-#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {

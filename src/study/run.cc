@@ -18,9 +18,9 @@
 #include <optional>
 #include <thread>
 
+#include "ropekit/file.h"
+#include "ropekit/json_limits.h"
 #include "ropekit/study.h"
-#include "src/util/file.h"
-#include "src/util/json_limits.h"
 
 namespace ropekit::study {
 namespace {

@@ -1,4 +1,4 @@
-#include "src/util/file.h"
+#include "ropekit/file.h"
 
 #include <dirent.h>
 #include <fcntl.h>

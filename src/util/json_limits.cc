@@ -1,4 +1,4 @@
-#include "src/util/json_limits.h"
+#include "ropekit/json_limits.h"
 
 #include "ropekit/error.h"
 

@@ -1,4 +1,4 @@
-#include "src/util/npy.h"
+#include "ropekit/npy.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>

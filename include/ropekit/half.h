@@ -4,8 +4,8 @@
 // bf16 keeps the top 16 bits of a float32 after adding 0x7FFF + lsb; fp16 is IEEE binary16 with
 // subnormals, overflow to infinity and NaN preserved (GCC's _Float16 conversions are correctly
 // rounded).
-#ifndef ROPEKIT_SRC_UTIL_HALF_H_
-#define ROPEKIT_SRC_UTIL_HALF_H_
+#ifndef ROPEKIT_HALF_H_
+#define ROPEKIT_HALF_H_
 
 #include <cmath>
 #include <cstdint>
@@ -77,4 +77,4 @@ inline uint16_t FloatToF16(float f) {
 
 }  // namespace ropekit
 
-#endif  // ROPEKIT_SRC_UTIL_HALF_H_
+#endif  // ROPEKIT_HALF_H_

@@ -1,8 +1,8 @@
 // Limits every JSON reader in ropekit applies before parsing (config.json, trainer_state.json,
 // checkpoint manifests, safetensors headers, --rope-scaling, study files). The scan is iterative,
 // so deeply nested input is rejected before any recursive code (parser, destructor, dump) runs.
-#ifndef ROPEKIT_SRC_UTIL_JSON_LIMITS_H_
-#define ROPEKIT_SRC_UTIL_JSON_LIMITS_H_
+#ifndef ROPEKIT_JSON_LIMITS_H_
+#define ROPEKIT_JSON_LIMITS_H_
 
 #include <cstdint>
 #include <string>
@@ -23,4 +23,4 @@ void CheckJsonLimits(std::string_view text, const std::string& name);
 
 }  // namespace ropekit
 
-#endif  // ROPEKIT_SRC_UTIL_JSON_LIMITS_H_
+#endif  // ROPEKIT_JSON_LIMITS_H_

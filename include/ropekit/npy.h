@@ -4,14 +4,14 @@
 // the header dictionary, the dtype, the shape and the payload size, and reports every problem as
 // ropekit::Error naming the file. Writing is atomic: the data goes to a temporary file in the
 // same directory, which is renamed over the destination only when complete.
-#ifndef ROPEKIT_SRC_UTIL_NPY_H_
-#define ROPEKIT_SRC_UTIL_NPY_H_
+#ifndef ROPEKIT_NPY_H_
+#define ROPEKIT_NPY_H_
 
 #include <cstdint>
 #include <string>
 #include <vector>
 
-#include "src/util/file.h"
+#include "ropekit/file.h"
 
 namespace ropekit {
 
@@ -37,4 +37,4 @@ void WriteNpy(const std::string& path, const NpyArray& array);
 
 }  // namespace ropekit
 
-#endif  // ROPEKIT_SRC_UTIL_NPY_H_
+#endif  // ROPEKIT_NPY_H_

@@ -1,8 +1,8 @@
 // Whole-file reading and atomic writing, shared by every reader and writer in ropekit, plus the
 // pieces of crash-safe output directories: directory sync, atomic symlink switch, an exclusive
 // advisory lock per output directory, and a fault-injection hook for tests.
-#ifndef ROPEKIT_SRC_UTIL_FILE_H_
-#define ROPEKIT_SRC_UTIL_FILE_H_
+#ifndef ROPEKIT_FILE_H_
+#define ROPEKIT_FILE_H_
 
 #include <cstddef>
 #include <cstdint>
@@ -62,4 +62,4 @@ int FaultPoint(const char* op, const std::string& path);
 
 }  // namespace ropekit
 
-#endif  // ROPEKIT_SRC_UTIL_FILE_H_
+#endif  // ROPEKIT_FILE_H_
