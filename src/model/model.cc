@@ -100,13 +100,39 @@ bool Model::Impl::RopeIsLengthDependent() const {
          (t == RopeType::kDynamic || t == RopeType::kLongRope);
 }
 
+namespace {
+
+// The sequence length as far as the frequencies see it (ComputeFrequencies gives the same
+// frequencies for every length with the same key): dynamic NTK changes the base only past
+// max_position_embeddings (transformers' `_compute_dynamic_ntk_parameters`), and LongRoPE
+// switches from the short to the long factors only past original_max_position_embeddings
+// (`_compute_longrope_parameters`; its attention factor does not depend on the length). Below
+// those lengths every step keys to 0, so decoding keeps one table and only grows it.
+int64_t FrequencyKey(const RopeParams& p, int64_t seq_len) {
+  switch (p.type) {
+    case RopeType::kDynamic:
+      return seq_len > p.max_position_embeddings ? seq_len : 0;
+    case RopeType::kLongRope: {
+      const int64_t original = p.original_max_position_embeddings > 0
+                                   ? p.original_max_position_embeddings
+                                   : p.max_position_embeddings;
+      return seq_len > original ? original + 1 : 0;
+    }
+    default:
+      return 0;
+  }
+}
+
+}  // namespace
+
 const RopeTable& Model::Impl::Table(int64_t seq_len) {
   const PositionEncodingSpec& spec = config.position_encoding;
-  const int64_t key = RopeIsLengthDependent() ? seq_len : 0;
+  const int64_t key = RopeIsLengthDependent() ? FrequencyKey(spec.rope, seq_len) : 0;
   if (!rope_table || rope_table_key != key) {
     rope_table = std::make_unique<RopeTable>(ComputeFrequencies(spec.rope, spec.rope_numerics, key),
                                              seq_len);
     rope_table_key = key;
+    ++rope_table_builds;
   } else {
     rope_table->Reserve(seq_len);
   }
@@ -562,6 +588,7 @@ void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision =
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
 void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
+int64_t Model::rope_table_builds() const { return impl_->rope_table_builds; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                               std::span<float> grads, float grad_scale, ThreadPool* pool,
