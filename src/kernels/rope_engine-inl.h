@@ -53,6 +53,41 @@ HWY_INLINE void RotatePairsAllHeads(D d, const HeadRows& heads, hn::Vec<D> c, hn
   }
 }
 
+// Pairs [i, i + 2 Lanes(d)) of every head: two independent rotations per head and iteration.
+template <class Io, bool kInterleaved, bool kBackward, class D>
+HWY_INLINE void RotatePairsAllHeads2(D d, const HeadRows& heads, const float* cos,
+                                     const float* sin, size_t n, size_t i) {
+  using T = typename Io::T;
+  const size_t lanes = hn::Lanes(d);
+  const auto c0 = hn::LoadU(d, cos + i), c1 = hn::LoadU(d, cos + i + lanes);
+  const auto s0 = hn::LoadU(d, sin + i), s1 = hn::LoadU(d, sin + i + lanes);
+  const T* x = static_cast<const T*>(heads.in);
+  T* y = static_cast<T*>(heads.out);
+  const int64_t xs = heads.in_head_stride, ys = heads.out_head_stride;
+  hn::Vec<D> a0, b0, a1, b1, ya0, yb0, ya1, yb1;
+  for (int64_t h = heads.num_heads; h > 0; --h, x += xs, y += ys) {
+    if constexpr (kInterleaved) {
+      Io::LoadPairs(d, x + 2 * i, a0, b0);
+      Io::LoadPairs(d, x + 2 * (i + lanes), a1, b1);
+      Rotate<kBackward>(a0, b0, c0, s0, ya0, yb0);
+      Rotate<kBackward>(a1, b1, c1, s1, ya1, yb1);
+      Io::StorePairs(d, ya0, yb0, y + 2 * i);
+      Io::StorePairs(d, ya1, yb1, y + 2 * (i + lanes));
+    } else {
+      a0 = Io::Load(d, x + i);
+      a1 = Io::Load(d, x + i + lanes);
+      b0 = Io::Load(d, x + n + i);
+      b1 = Io::Load(d, x + n + i + lanes);
+      Rotate<kBackward>(a0, b0, c0, s0, ya0, yb0);
+      Rotate<kBackward>(a1, b1, c1, s1, ya1, yb1);
+      Io::Store(d, ya0, y + i);
+      Io::Store(d, ya1, y + i + lanes);
+      Io::Store(d, yb0, y + n + i);
+      Io::Store(d, yb1, y + n + i + lanes);
+    }
+  }
+}
+
 template <class Io, bool kInterleaved, bool kBackward>
 HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const float* sin, size_t n) {
   using T = typename Io::T;
@@ -81,6 +116,11 @@ HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const flo
     }
   }
 #endif
+  if constexpr (!Io::kPacksTwo || kInterleaved) {
+    for (; i + 2 * lanes <= n; i += 2 * lanes) {
+      RotatePairsAllHeads2<Io, kInterleaved, kBackward>(d, heads, cos, sin, n, i);
+    }
+  }
   for (; i + lanes <= n; i += lanes) {
     RotatePairsAllHeads<Io, kInterleaved, kBackward>(d, heads, hn::LoadU(d, cos + i),
                                                      hn::LoadU(d, sin + i), n, i);
