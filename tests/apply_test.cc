@@ -124,6 +124,32 @@ TEST(ApplyRopeTest, SimdAgreesWithReferenceBackend) {
   }
 }
 
+// Positions past the table's largest size get rows computed by the caller of the kernel; a call
+// mixing them with table rows must give, token by token, the bits of one-token calls and agree
+// with the double reference within the bound above.
+TEST(ApplyRopeTest, PositionsPastTheTableInsideACall) {
+  const RopeTable table = MakeTable(64, 64);
+  const int64_t T = 6, H = 5, D = 64;
+  ASSERT_LT(table.max_capacity(), int64_t{1} << 30);
+  const std::vector<int64_t> pos = {5, kMaxPosition, 7, int64_t{1} << 30, 9, kMaxPosition - 2};
+  const std::vector<float> x = RandomFloats(T * H * D, 8);
+  std::vector<float> y = x, ref = x, one = x;
+  RotateOptions simd, reference;
+  simd.backend = Backend::kSimd;
+  reference.backend = Backend::kReference;
+  ApplyRopeInPlace(table, pos, ContiguousView(y.data(), DType::kF32, T, H, D), simd);
+  ApplyRopeInPlace(table, pos, ContiguousView(ref.data(), DType::kF32, T, H, D), reference);
+  for (int64_t t = 0; t < T; ++t) {
+    const std::vector<int64_t> p1 = {pos[t]};
+    ApplyRopeInPlace(table, p1, ContiguousView(one.data() + t * H * D, DType::kF32, 1, H, D), simd);
+  }
+  ASSERT_EQ(y, one);
+  for (size_t k = 0; k < y.size(); ++k) {
+    ASSERT_LE(std::abs(y[k] - ref[k]), 0x1.0p-20) << "element " << k;  // as above: 1 ulp at 8
+  }
+  EXPECT_NE(y, x);
+}
+
 TEST(ApplyRopeTest, ReferenceBackendFromEnvironment) {
   const RopeTable table = MakeTable(64, 64);
   const std::vector<int64_t> pos = Positions(8, 5);

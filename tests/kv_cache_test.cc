@@ -1,7 +1,8 @@
 // KV-cache entry points through the public API:
 //  - ApplyRopeAndAppend is bit-identical to "ApplyRope, then copy k and v into the slots" for
 //    contiguous, paged NHD and paged HND caches, every dtype, both layouts, in-place and
-//    out-of-place q, padding slots, both backends and any thread count;
+//    out-of-place q, padding slots, both backends and any thread count, with one-axis and
+//    multimodal ([A, T]) positions, rows in the table and computed past it;
 //  - ShiftKeys (context shift) agrees with rotating the unrotated keys at p + delta within the
 //    bound derived below, and never applies the attention factor twice;
 //  - RopePlan (prepared calls) is bit-identical to ApplyRope;
@@ -74,75 +75,98 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
              {CacheKind::kContiguous, CacheKind::kPagedNhd, CacheKind::kPagedHnd}) {
           for (bool in_place : {true, false}) {
             for (Backend backend : {Backend::kSimd, Backend::kReference}) {
-              const int64_t pages = 6, page = 4, slots_total = pages * page;
-              const size_t esize = DTypeSize(dtype);
-              std::vector<uint8_t> cache_k = RandomBytesOf(slots_total * Hkv * D, dtype, 1);
-              std::vector<uint8_t> cache_v = RandomBytesOf(slots_total * Hkv * D, dtype, 2);
-              std::vector<uint8_t> want_k = cache_k, want_v = cache_v;
-              KvCacheView cache;
-              KvCacheView want;
-              if (kind == CacheKind::kContiguous) {
-                cache =
-                    ContiguousKvCache(cache_k.data(), cache_v.data(), dtype, slots_total, Hkv, D);
-                want = ContiguousKvCache(want_k.data(), want_v.data(), dtype, slots_total, Hkv, D);
-              } else {
-                const bool hnd = kind == CacheKind::kPagedHnd;
-                cache =
-                    PagedKvCache(cache_k.data(), cache_v.data(), dtype, pages, page, Hkv, D, hnd);
-                want = PagedKvCache(want_k.data(), want_v.data(), dtype, pages, page, Hkv, D, hnd);
-              }
-              // Positions 5..9 of a sequence whose block table is {3, 0, 5}: slots 1, 2, 3, 20,
-              // 21; the third token is padding.
-              const std::vector<int32_t> block_table = {3, 0, 5};
-              std::vector<int64_t> slots = SlotsFromBlockTable(block_table, page, 5, T);
-              if (kind == CacheKind::kContiguous) slots = {7, 0, 3, 12, 23};
-              slots[2] = -1;
-              const std::vector<int64_t> positions = {5, 6, 7, 300, 9};
-              const std::vector<uint8_t> q0 = RandomBytesOf(T * H * D, dtype, 3);
-              const std::vector<uint8_t> k = RandomBytesOf(T * Hkv * D, dtype, 4);
-              const std::vector<uint8_t> v = RandomBytesOf(T * Hkv * D, dtype, 5);
-              RotateOptions options;
-              options.layout = layout;
-              options.backend = backend;
-              options.pool = &pool;
-
-              // Fused.
-              std::vector<uint8_t> q = q0, q_out(q0.size());
-              const TensorView q_in = ContiguousView(q.data(), dtype, T, H, D);
-              const RopeOperand q_op{
-                  q_in, in_place ? q_in : ContiguousView(q_out.data(), dtype, T, H, D)};
-              const TensorView k_view =
-                  ContiguousView(const_cast<uint8_t*>(k.data()), dtype, T, Hkv, D);
-              const TensorView v_view =
-                  ContiguousView(const_cast<uint8_t*>(v.data()), dtype, T, Hkv, D);
-              ApplyRopeAndAppend(table, PositionSpan(positions), q_op, k_view, v_view, cache, slots,
-                                 options);
-
-              // Unfused: rotate q and k, then copy k and v row by row.
-              std::vector<uint8_t> q_ref = q0, k_rot(k.size());
-              const RopeOperand ops[] = {{ContiguousView(q_ref.data(), dtype, T, H, D),
-                                          ContiguousView(q_ref.data(), dtype, T, H, D)},
-                                         {k_view, ContiguousView(k_rot.data(), dtype, T, Hkv, D)}};
-              RotateOptions plain = options;
-              ApplyRope(table, PositionSpan(positions), ops, plain);
-              for (int64_t t = 0; t < T; ++t) {
-                if (slots[t] < 0) continue;
-                for (int64_t h = 0; h < Hkv; ++h) {
-                  const int64_t dst = (want.SlotOffset(slots[t]) + h * want.head_stride) * esize;
-                  const int64_t src = (t * Hkv + h) * D * esize;
-                  std::memcpy(want_k.data() + dst, k_rot.data() + src, D * esize);
-                  std::memcpy(want_v.data() + dst, v.data() + src, D * esize);
+              for (bool multimodal : {false, true}) {
+                const int64_t pages = 6, page = 4, slots_total = pages * page;
+                const size_t esize = DTypeSize(dtype);
+                std::vector<uint8_t> cache_k = RandomBytesOf(slots_total * Hkv * D, dtype, 1);
+                std::vector<uint8_t> cache_v = RandomBytesOf(slots_total * Hkv * D, dtype, 2);
+                std::vector<uint8_t> want_k = cache_k, want_v = cache_v;
+                KvCacheView cache;
+                KvCacheView want;
+                if (kind == CacheKind::kContiguous) {
+                  cache =
+                      ContiguousKvCache(cache_k.data(), cache_v.data(), dtype, slots_total, Hkv, D);
+                  want =
+                      ContiguousKvCache(want_k.data(), want_v.data(), dtype, slots_total, Hkv, D);
+                } else {
+                  const bool hnd = kind == CacheKind::kPagedHnd;
+                  cache =
+                      PagedKvCache(cache_k.data(), cache_v.data(), dtype, pages, page, Hkv, D, hnd);
+                  want =
+                      PagedKvCache(want_k.data(), want_v.data(), dtype, pages, page, Hkv, D, hnd);
                 }
-              }
-              const std::string where =
-                  std::string(DTypeName(dtype)) + " " + std::string(LayoutName(layout)) + " kind " +
-                  std::to_string(static_cast<int>(kind)) + " D " + std::to_string(D) + " backend " +
-                  std::to_string(static_cast<int>(backend));
-              ASSERT_EQ(cache_k, want_k) << where;
-              ASSERT_EQ(cache_v, want_v) << where;
-              ASSERT_EQ(in_place ? q : q_out, q_ref) << where;
-              if (!in_place) {
-                ASSERT_EQ(q, q0) << "q input changed";
+                // Positions 5..9 of a sequence whose block table is {3, 0, 5}: slots 1, 2, 3, 20,
+                // 21; the third token is padding.
+                const std::vector<int32_t> block_table = {3, 0, 5};
+                std::vector<int64_t> slots = SlotsFromBlockTable(block_table, page, 5, T);
+                if (kind == CacheKind::kContiguous) slots = {7, 0, 3, 12, 23};
+                slots[2] = -1;
+                // 300 grows the table; 2^31 - 1 is past its largest size (a computed row).
+                const std::vector<int64_t> positions = {5, 6, 7, 300, kMaxPosition};
+                // Multimodal: three axes (chunked, Qwen2-VL style) with distinct positions.
+                const std::vector<int64_t> pos_h = {2, 6, 1, 40, 9}, pos_w = {0, 3, 7, 299, 8};
+                const PositionSpan axis_spans[] = {PositionSpan(positions), PositionSpan(pos_h),
+                                                   PositionSpan(pos_w)};
+                const AxisPositions axis_positions{axis_spans};
+                const int n = R / 2;
+                const RopeAxes axes{{n - 2 * (n / 3), n / 3, n / 3}, false};
+                const std::vector<uint8_t> q0 = RandomBytesOf(T * H * D, dtype, 3);
+                const std::vector<uint8_t> k = RandomBytesOf(T * Hkv * D, dtype, 4);
+                const std::vector<uint8_t> v = RandomBytesOf(T * Hkv * D, dtype, 5);
+                RotateOptions options;
+                options.layout = layout;
+                options.backend = backend;
+                options.pool = &pool;
+
+                // Fused.
+                std::vector<uint8_t> q = q0, q_out(q0.size());
+                const TensorView q_in = ContiguousView(q.data(), dtype, T, H, D);
+                const RopeOperand q_op{
+                    q_in, in_place ? q_in : ContiguousView(q_out.data(), dtype, T, H, D)};
+                const TensorView k_view =
+                    ContiguousView(const_cast<uint8_t*>(k.data()), dtype, T, Hkv, D);
+                const TensorView v_view =
+                    ContiguousView(const_cast<uint8_t*>(v.data()), dtype, T, Hkv, D);
+                if (multimodal) {
+                  ApplyRopeAndAppend(table, axis_positions, axes, q_op, k_view, v_view, cache,
+                                     slots, options);
+                } else {
+                  ApplyRopeAndAppend(table, PositionSpan(positions), q_op, k_view, v_view, cache,
+                                     slots, options);
+                }
+
+                // Unfused: rotate q and k, then copy k and v row by row.
+                std::vector<uint8_t> q_ref = q0, k_rot(k.size());
+                const RopeOperand ops[] = {
+                    {ContiguousView(q_ref.data(), dtype, T, H, D),
+                     ContiguousView(q_ref.data(), dtype, T, H, D)},
+                    {k_view, ContiguousView(k_rot.data(), dtype, T, Hkv, D)}};
+                RotateOptions plain = options;
+                if (multimodal) {
+                  ApplyRope(table, axis_positions, axes, ops, plain);
+                } else {
+                  ApplyRope(table, PositionSpan(positions), ops, plain);
+                }
+                for (int64_t t = 0; t < T; ++t) {
+                  if (slots[t] < 0) continue;
+                  for (int64_t h = 0; h < Hkv; ++h) {
+                    const int64_t dst = (want.SlotOffset(slots[t]) + h * want.head_stride) * esize;
+                    const int64_t src = (t * Hkv + h) * D * esize;
+                    std::memcpy(want_k.data() + dst, k_rot.data() + src, D * esize);
+                    std::memcpy(want_v.data() + dst, v.data() + src, D * esize);
+                  }
+                }
+                const std::string where =
+                    std::string(DTypeName(dtype)) + " " + std::string(LayoutName(layout)) +
+                    " kind " + std::to_string(static_cast<int>(kind)) + " D " + std::to_string(D) +
+                    " backend " + std::to_string(static_cast<int>(backend)) +
+                    (multimodal ? " axes" : "");
+                ASSERT_EQ(cache_k, want_k) << where;
+                ASSERT_EQ(cache_v, want_v) << where;
+                ASSERT_EQ(in_place ? q : q_out, q_ref) << where;
+                if (!in_place) {
+                  ASSERT_EQ(q, q0) << "q input changed";
+                }
               }
             }
           }
@@ -194,6 +218,21 @@ TEST(ApplyRopeAndAppend, ArgumentErrors) {
               ::testing::ThrowsMessage<Error>(HasSubstr("k overlaps the KV cache")));
   EXPECT_THAT(([&] { SlotsFromBlockTable(std::vector<int32_t>{0}, 4, 3, 2); }),
               ::testing::ThrowsMessage<Error>(HasSubstr("needs block_table[1]")));
+  // Multimodal positions: the axis count must match the sections, and slots are checked as for
+  // one-axis positions.
+  const PositionSpan one_axis[] = {PositionSpan(pos)};
+  const RopeAxes axes{{2, 1, 1}, false};
+  EXPECT_THAT(([&] {
+                ApplyRopeAndAppend(table, AxisPositions{one_axis}, axes, q_op, kv, vv, cache,
+                                   std::vector<int64_t>{0, 1});
+              }),
+              ::testing::ThrowsMessage<Error>(HasSubstr("positions have 1 axes")));
+  const PositionSpan three_axes[] = {PositionSpan(pos), PositionSpan(pos), PositionSpan(pos)};
+  EXPECT_THAT(([&] {
+                ApplyRopeAndAppend(table, AxisPositions{three_axes}, axes, q_op, kv, vv, cache,
+                                   std::vector<int64_t>{1, 1});
+              }),
+              ::testing::ThrowsMessage<Error>(HasSubstr("repeats an earlier slot")));
 }
 
 // Context shift: keys rotated at p, shifted by delta, against the same keys rotated at p + delta.
@@ -327,6 +366,28 @@ TEST(RopePlan, BitIdenticalToApplyRopeAndChecksPositions) {
                 ::testing::ThrowsMessage<Error>(HasSubstr("made for 1 tokens")));
     EXPECT_THAT(([&] { plan.Run(PositionSpan(negative)); }),
                 ::testing::ThrowsMessage<Error>(HasSubstr("positions[0] = -3")));
+  }
+  // Several tokens per call (prefill chunks, batched decode), on one and on two threads, with
+  // rows in the table, rows it grows to and a computed row past it.
+  for (size_t threads : {1, 2}) {
+    ThreadPool pool(threads);
+    const int64_t T = 24;
+    const std::vector<uint8_t> x0 = RandomBytesOf(T * 32 * 128, DType::kBF16, 7);
+    std::vector<uint8_t> x = x0, x2 = x0;
+    const TensorView xv = ContiguousView(x.data(), DType::kBF16, T, 32, 128);
+    const TensorView xv2 = ContiguousView(x2.data(), DType::kBF16, T, 32, 128);
+    const RopeOperand op{xv, xv}, op2{xv2, xv2};
+    RotateOptions options;
+    options.pool = &pool;
+    options.layout = Layout::kInterleaved;
+    RopePlan plan(table, std::span<const RopeOperand>(&op, 1), T, options);
+    std::vector<int64_t> pos(T);
+    for (int64_t t = 0; t < T; ++t) pos[t] = 900 + 37 * t;
+    pos[5] = kMaxPosition;
+    plan.Run(PositionSpan(pos));
+    ApplyRope(table, PositionSpan(pos), std::span<const RopeOperand>(&op2, 1), options);
+    ASSERT_EQ(x, x2) << threads << " threads";
+    ASSERT_NE(x, x0);
   }
   std::vector<float> x(4 * 128);
   const TensorView a = ContiguousView(x.data(), DType::kF32, 1, 2, 128);

@@ -181,6 +181,59 @@ TEST_P(ModelKinds, KvCacheDecodeEqualsFullRecompute) {
                Error);  // capacity exceeded
 }
 
+// Length-dependent RoPE (dynamic NTK, LongRoPE): decoding keeps one cos/sin table while the
+// length leaves the frequencies unchanged (dynamic: up to max_position_embeddings; LongRoPE: up
+// to original_max_position_embeddings, then once more for the long factors), and the cached
+// logits still equal a full recompute of each prefix (one layer, for the reason given above;
+// same tolerance).
+TEST(Model, LengthDependentRopeRebuildsTheTableOnlyWhenTheFrequenciesChange) {
+  for (RopeType type : {RopeType::kDynamic, RopeType::kLongRope}) {
+    ModelConfig c = TinyConfig(PositionEncodingKind::kRope);
+    c.num_layers = 1;
+    c.max_position_embeddings = 8;
+    RopeParams& r = c.position_encoding.rope;
+    r.type = type;
+    if (type == RopeType::kDynamic) {
+      r.factor = 2.0;
+    } else {
+      c.max_position_embeddings = 32;
+      r.original_max_position_embeddings = 8;
+      r.short_factor = {1.0, 1.5};
+      r.long_factor = {2.0, 7.0};
+    }
+    const int64_t threshold = 8, T = 14, prefill = 3;
+    Model model(c, 5);
+    const int64_t V = model.config().vocab_size;
+    const auto tokens = RandomTokens(T, 9);
+    KVCache cache(model.config(), T);
+    std::vector<float> cached(V);
+    model.ForwardCached(std::span<const int32_t>(tokens.data(), prefill), cache, cached.data(),
+                        true, nullptr);
+    ASSERT_EQ(model.rope_table_builds(), 1);
+    for (int64_t t = prefill; t < T; ++t) {
+      const int64_t before = model.rope_table_builds();
+      model.ForwardCached(std::span<const int32_t>(tokens.data() + t, 1), cache, cached.data(),
+                          true, nullptr);
+      const int64_t len = t + 1;
+      int64_t want = 0;  // rebuilds in this step
+      if (len > threshold) want = type == RopeType::kDynamic ? 1 : (len == threshold + 1);
+      ASSERT_EQ(model.rope_table_builds() - before, want)
+          << RopeTypeName(type) << " step to length " << len;
+      // Against a full recompute of the prefix (another model: its own table).
+      Model fresh(c, 5);
+      std::vector<float> full(len * V);
+      fresh.Forward(std::span<const int32_t>(tokens.data(), len), 1, len, full.data(), nullptr,
+                    nullptr, nullptr);
+      double max_abs = 1.0;
+      for (float x : full) max_abs = std::max(max_abs, double(std::abs(x)));
+      for (int64_t i = 0; i < V; ++i) {
+        ASSERT_NEAR(cached[i], full[(len - 1) * V + i], 256 * kU * max_abs)
+            << RopeTypeName(type) << " length " << len;
+      }
+    }
+  }
+}
+
 // The fused attention (default) against the unfused one inside the whole model, for every
 // encoding, at a length with two query / key tiles (T = 80 > kFlashQueryTile = 64). Per layer the
 // two attention outputs differ by at most 2 (2T + 8) u relative (the op-level budget of

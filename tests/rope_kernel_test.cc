@@ -109,16 +109,22 @@ void RunCase(const Case& c, const RopeTable& table, const std::vector<int64_t>& 
   TensorView out = in;
   out.data = out_buf.data() + c.misalign * esize;
 
-  const RopeTable::Rows rows = table.Snapshot();
+  // The kernel reads rows only: row t holds the table row of positions[t] (the caller computes
+  // rows past the table, e.g. 2^31 - 1, with the same function).
+  std::vector<float> rows(static_cast<size_t>(T * 2 * n));
+  for (int64_t t = 0; t < T; ++t) {
+    table.ComputeRow(positions[t], rows.data() + t * 2 * n, rows.data() + t * 2 * n + n);
+  }
+  std::vector<int64_t> row_index(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) row_index[t] = t;
   const RopeOperand op{in, out};
-  const PositionSpan pos(positions);
+  const PositionSpan pos(row_index);
   RotateJob job;
   job.ops = std::span<const RopeOperand>(&op, 1);
   job.positions = &pos;
-  job.rows = rows.data.get();
-  job.num_rows = rows.num_positions;
-  job.row_stride = rows.row_stride;
-  job.table = &table;
+  job.rows = rows.data();
+  job.num_rows = T;
+  job.row_stride = 2 * n;
   job.num_pairs = n;
   job.layout = c.layout;
   job.direction = c.direction;

@@ -72,6 +72,14 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
                         const TensorView& k, const TensorView& v, const KvCacheView& cache,
                         std::span<const int64_t> slots, const RotateOptions& options = {});
 
+// The same with multimodal positions ([A, T], see ApplyRope with RopeAxes in rope.h): pair i of
+// token t is rotated with positions.axes[a(i)][t] in q and k. The cache entries equal the
+// multimodal ApplyRope(k) copied into the slots, bit for bit.
+void ApplyRopeAndAppend(const RopeTable& table, const AxisPositions& positions,
+                        const RopeAxes& axes, const RopeOperand& q, const TensorView& k,
+                        const TensorView& v, const KvCacheView& cache,
+                        std::span<const int64_t> slots, const RotateOptions& options = {});
+
 // Re-rotates the keys cached at `slots` in place by `delta` positions (forward rotation by
 // delta when delta > 0, backward by -delta when delta < 0; delta = 0 leaves them untouched).
 // Only cache.k is read and written. The row of |delta| is formed like any table row but with

@@ -138,6 +138,10 @@ class Model {
   MatmulPrecision matmul_precision() const;
   void set_attention_kernel(AttentionKernel kernel);
   AttentionKernel attention_kernel() const;
+  // How many times the RoPE cos/sin table was built (diagnostics). Length-dependent scaling
+  // (dynamic NTK, LongRoPE) rebuilds it only when the length changes its frequencies, i.e. past
+  // max_position_embeddings (dynamic) or original_max_position_embeddings (LongRoPE).
+  int64_t rope_table_builds() const;
 
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty

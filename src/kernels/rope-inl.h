@@ -21,7 +21,6 @@
 #endif
 
 #include <cstring>
-#include <vector>
 
 #include "hwy/highway.h"
 #include "src/kernels/rope_kernels.h"
@@ -278,16 +277,8 @@ HWY_INLINE void RotateOperandTokenIo(const RopeOperand& op, int64_t t, const flo
 static HWY_NOINLINE void RotateTokens(const RotateJob& job, int64_t t_begin, int64_t t_end) {
   const size_t n = static_cast<size_t>(job.num_pairs);
   const bool backward = job.direction == Direction::kBackward;
-  std::vector<float> scratch(2 * n);
   for (int64_t t = t_begin; t < t_end; ++t) {
-    const int64_t pos = (*job.positions)[t];
-    const float* cos;
-    if (pos < job.num_rows) {
-      cos = job.rows + pos * job.row_stride;
-    } else {
-      job.table->ComputeRow(pos, scratch.data(), scratch.data() + n);
-      cos = scratch.data();
-    }
+    const float* cos = job.rows + (*job.positions)[t] * job.row_stride;
     const float* sin = cos + n;
     for (const RopeOperand& op : job.ops) {
       switch (op.in.dtype) {

@@ -18,22 +18,10 @@ void RotateTokensSimd(const RotateJob& job, int64_t t_begin, int64_t t_end) {
   HWY_DYNAMIC_DISPATCH(RotateTokens)(job, t_begin, t_end);
 }
 
-HWY_EXPORT(RotateTokensAxes);
-HWY_EXPORT(RotateAppendTokens);
-HWY_EXPORT(RotateSlots);
-HWY_EXPORT(RotateTokensPlanned);
+HWY_EXPORT(GetRotateHeads);
 
-void RotateTokensAxesSimd(const AxesJob& job, int64_t t_begin, int64_t t_end) {
-  HWY_DYNAMIC_DISPATCH(RotateTokensAxes)(job, t_begin, t_end);
-}
-void RotateAppendTokensSimd(const AppendJob& job, int64_t t_begin, int64_t t_end) {
-  HWY_DYNAMIC_DISPATCH(RotateAppendTokens)(job, t_begin, t_end);
-}
-void RotateSlotsSimd(const SlotRotateJob& job, int64_t s_begin, int64_t s_end) {
-  HWY_DYNAMIC_DISPATCH(RotateSlots)(job, s_begin, s_end);
-}
-void RotateTokensPlannedSimd(const RotateJob& job, int64_t t_begin, int64_t t_end) {
-  HWY_DYNAMIC_DISPATCH(RotateTokensPlanned)(job, t_begin, t_end);
+RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction) {
+  return HWY_DYNAMIC_DISPATCH(GetRotateHeads)(dtype, layout, direction);
 }
 
 std::string SimdTargetName() {

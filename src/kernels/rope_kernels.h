@@ -7,20 +7,20 @@
 #include <span>
 #include <string>
 
-#include "ropekit/kv_cache.h"
 #include "ropekit/rope.h"
 
 namespace ropekit {
 
-// Everything one rotation call needs, already validated by ApplyRope.
+// Everything one rotation call needs, already validated by the caller. The kernel reads rows
+// only: every position must be below num_rows (the caller rotates tokens at positions past the
+// table with RotateHeads and a row it computed).
 struct RotateJob {
   std::span<const RopeOperand> ops;
-  const PositionSpan* positions = nullptr;  // [T]
+  const PositionSpan* positions = nullptr;  // [T], each in [0, num_rows)
   const float* rows = nullptr;              // table rows [num_rows, row_stride]
   int64_t num_rows = 0;
   int64_t row_stride = 0;
-  const RopeTable* table = nullptr;  // computes rows for positions >= num_rows
-  int num_pairs = 0;                 // N
+  int num_pairs = 0;  // N
   Layout layout = Layout::kHalfSplit;
   Direction direction = Direction::kForward;
 };
@@ -28,45 +28,27 @@ struct RotateJob {
 // Rotates tokens [t_begin, t_end) with the best SIMD target of this CPU.
 void RotateTokensSimd(const RotateJob& job, int64_t t_begin, int64_t t_end);
 
-// ---- Engine kernels (rope_engine-inl.h) ----------------------------------------------------
+// ---- One token's heads (rope_engine-inl.h) --------------------------------------------------
 
-// Most position axes of a multimodal rotation.
-inline constexpr int kMaxPositionAxes = 8;
-
-// Multimodal rotation: base.positions is unused; pair i of token t takes the row of
-// axis_positions[pair_axis[i]][t].
-struct AxesJob {
-  RotateJob base;
-  std::span<const PositionSpan> axis_positions;  // [A][T]
-  const uint8_t* pair_axis = nullptr;            // [N]
+// The H heads of one token of one operand: head h is D elements at in + h * in_head_stride,
+// rotated into out + h * out_head_stride (out may be in: in place). Strides are in elements.
+struct HeadRows {
+  const void* in = nullptr;
+  void* out = nullptr;
+  int64_t in_head_stride = 0;
+  int64_t out_head_stride = 0;
+  int64_t num_heads = 0;  // H
+  int64_t head_dim = 0;   // D
 };
 
-// Fused rotate-and-append: base rotates the q operands; k is rotated into cache.k and v copied
-// into cache.v at slots[t] (negative: skipped).
-struct AppendJob {
-  RotateJob base;
-  TensorView k;  // [T, Hkv, D]
-  TensorView v;  // [T, Hkv, D]
-  KvCacheView cache;
-  const int64_t* slots = nullptr;  // [T]
-};
+// Rotates every head with one row: cos[0, N), sin[0, N) (the caller's table row, attention
+// factor applied). A plain function of one SIMD target, dtype, layout and direction.
+using RotateHeadsFn = void (*)(const HeadRows& heads, const float* cos, const float* sin,
+                               size_t num_pairs);
 
-// In-place rotation of cached keys at slots by one row (cos, sin).
-struct SlotRotateJob {
-  KvCacheView cache;
-  const int64_t* slots = nullptr;  // [count]
-  const float* cos = nullptr;      // [N]
-  const float* sin = nullptr;      // [N]
-  int num_pairs = 0;
-  Layout layout = Layout::kHalfSplit;
-  Direction direction = Direction::kForward;
-};
-
-void RotateTokensAxesSimd(const AxesJob& job, int64_t t_begin, int64_t t_end);
-void RotateAppendTokensSimd(const AppendJob& job, int64_t t_begin, int64_t t_end);
-void RotateSlotsSimd(const SlotRotateJob& job, int64_t s_begin, int64_t s_end);
-// RotateTokensSimd without per-call heap allocation, for prepared (planned) calls.
-void RotateTokensPlannedSimd(const RotateJob& job, int64_t t_begin, int64_t t_end);
+// The best target's RotateHeads for this CPU; resolve once, call many times. Throws nothing;
+// null only for an unknown dtype.
+RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction);
 
 }  // namespace ropekit
 

@@ -109,6 +109,7 @@ const RopeTable& Model::Impl::Table(int64_t seq_len) {
     rope_table = std::make_unique<RopeTable>(ComputeFrequencies(spec.rope, spec.rope_numerics, key),
                                              seq_len);
     rope_table_key = key;
+    ++rope_table_builds;
   } else {
     rope_table->Reserve(seq_len);
   }
@@ -564,6 +565,7 @@ void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision =
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
 void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
+int64_t Model::rope_table_builds() const { return impl_->rope_table_builds; }
 
 double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                               std::span<float> grads, float grad_scale, ThreadPool* pool,

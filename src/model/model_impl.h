@@ -59,7 +59,8 @@ struct Model::Impl {
   AttentionKernel attention = AttentionKernel::kFused;
   std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 only)
   std::unique_ptr<RopeTable> rope_table;
-  int64_t rope_table_key = -1;
+  int64_t rope_table_key = -1;  // FrequencyKey of the table's length
+  int64_t rope_table_builds = 0;
 
   void BuildLayout();
   void Init(uint64_t seed);

@@ -18,6 +18,9 @@ namespace {
 
 // Rows a single call may add to a table beyond 4 per token.
 constexpr int64_t kGrowRowsPerCall = 16384;
+// Calls rotating fewer elements run on the calling thread: waking a worker costs about as much
+// as rotating this many elements (a few microseconds), so splitting smaller calls is slower.
+constexpr int64_t kMinParallelElements = int64_t{1} << 16;
 
 bool UseReference(Backend backend) {
   if (backend == Backend::kReference) return true;
@@ -187,6 +190,45 @@ void GrowTable(const RopeTable& table, int64_t needed_rows, int64_t num_tokens) 
 
 bool UseReferenceBackend(Backend backend) { return UseReference(backend); }
 
+ThreadPool* PoolFor(ThreadPool* pool, int64_t elements) {
+  return elements >= kMinParallelElements ? pool : nullptr;
+}
+
+int64_t CallElements(std::span<const RopeOperand> ops, int64_t num_tokens) {
+  int64_t per_token = 0;
+  for (const RopeOperand& op : ops) per_token += op.in.num_heads * op.in.head_dim;
+  return per_token * num_tokens;
+}
+
+HeadRows TokenHeads(const RopeOperand& op, int64_t t) {
+  const int64_t es = static_cast<int64_t>(DTypeSize(op.in.dtype));
+  HeadRows heads;
+  heads.in = static_cast<const uint8_t*>(op.in.data) + t * op.in.token_stride * es;
+  heads.out = static_cast<uint8_t*>(op.out.data) + t * op.out.token_stride * es;
+  heads.in_head_stride = op.in.head_stride;
+  heads.out_head_stride = op.out.head_stride;
+  heads.num_heads = op.in.num_heads;
+  heads.head_dim = op.in.head_dim;
+  return heads;
+}
+
+std::vector<RotateHeadsFn> ResolveOperandFns(std::span<const RopeOperand> ops,
+                                             const RotateOptions& options) {
+  std::vector<RotateHeadsFn> fns;
+  fns.reserve(ops.size());
+  for (const RopeOperand& op : ops) {
+    fns.push_back(ResolveRotateHeads(op.in.dtype, options.layout, options.direction));
+  }
+  return fns;
+}
+
+void RotateTokenRow(std::span<const RopeOperand> ops, std::span<const RotateHeadsFn> fns, int64_t t,
+                    const float* row, int num_pairs) {
+  for (size_t k = 0; k < ops.size(); ++k) {
+    fns[k](TokenHeads(ops[k], t), row, row + num_pairs, static_cast<size_t>(num_pairs));
+  }
+}
+
 }  // namespace internal
 
 bool ElementsDistinct(std::span<const int64_t> shape, std::span<const int64_t> strides) {
@@ -244,13 +286,30 @@ void ApplyRope(const RopeTable& table, PositionSpan positions, std::span<const R
     job.rows = rows.data.get();
     job.num_rows = rows.num_positions;
     job.row_stride = rows.row_stride;
-    job.table = &table;
     job.num_pairs = n;
     job.layout = options.layout;
     job.direction = options.direction;
-    RotateTokensSimd(job, static_cast<int64_t>(begin), static_cast<int64_t>(end));
+    // Runs of tokens inside the table go to the kernel; a token past it gets its row computed
+    // here and rotated with the same arithmetic (RotateHeads).
+    std::vector<RotateHeadsFn> fns;
+    std::vector<float> scratch;
+    int64_t run = static_cast<int64_t>(begin);
+    for (int64_t t = run; t < static_cast<int64_t>(end); ++t) {
+      const int64_t p = positions[t];
+      if (p < rows.num_positions) continue;
+      if (run < t) RotateTokensSimd(job, run, t);
+      if (fns.empty()) {
+        fns = internal::ResolveOperandFns(ops, options);
+        scratch.resize(2 * static_cast<size_t>(n));
+      }
+      table.ComputeRow(p, scratch.data(), scratch.data() + n);
+      internal::RotateTokenRow(ops, fns, t, scratch.data(), n);
+      run = t + 1;
+    }
+    if (run < static_cast<int64_t>(end)) RotateTokensSimd(job, run, static_cast<int64_t>(end));
   };
-  ParallelFor(options.pool, static_cast<size_t>(num_tokens), range_fn);
+  ParallelFor(internal::PoolFor(options.pool, internal::CallElements(ops, num_tokens)),
+              static_cast<size_t>(num_tokens), range_fn);
 }
 
 void ApplyRopeInPlace(const RopeTable& table, PositionSpan positions, const TensorView& x,

@@ -7,8 +7,11 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "ropekit/rope.h"
+#include "src/kernels/rope_kernels.h"
 
 namespace ropekit::internal {
 
@@ -29,6 +32,64 @@ bool Overlap(const TensorView& a, const TensorView& b);
 void GrowTable(const RopeTable& table, int64_t needed_rows, int64_t num_tokens);
 // Backend::kReference, or kAuto with ROPEKIT_BACKEND=reference.
 bool UseReferenceBackend(Backend backend);
+// The pool to split `elements` element rotations over: null (the calling thread) when the work
+// is too small to pay for waking the workers (a decode step, a few tokens).
+ThreadPool* PoolFor(ThreadPool* pool, int64_t elements);
+// Elements a call rotates: T times the heads times D of every operand.
+int64_t CallElements(std::span<const RopeOperand> ops, int64_t num_tokens);
+
+// Table rows of one call: rows of the snapshot for positions below it, else computed into the
+// caller's scratch (2N floats). The kernels receive the row, never the table.
+class RowLookup {
+ public:
+  RowLookup(const RopeTable& table, RopeTable::Rows rows)
+      : table_(&table), rows_(std::move(rows)), n_(table.num_pairs()) {}
+  // Row of position p: cos at [0, N), sin at [N, 2N).
+  const float* Row(int64_t p, float* scratch) const {
+    if (p < rows_.num_positions) return rows_.data.get() + p * rows_.row_stride;
+    table_->ComputeRow(p, scratch, scratch + n_);
+    return scratch;
+  }
+  const RopeTable::Rows& rows() const { return rows_; }
+  int num_pairs() const { return n_; }
+
+ private:
+  const RopeTable* table_;
+  RopeTable::Rows rows_;
+  int n_;
+};
+
+// The heads of token t of an operand (in -> out).
+HeadRows TokenHeads(const RopeOperand& op, int64_t t);
+// One RotateHeads function per operand (they may differ in dtype).
+std::vector<RotateHeadsFn> ResolveOperandFns(std::span<const RopeOperand> ops,
+                                             const RotateOptions& options);
+// Rotates token t of every operand with one row.
+void RotateTokenRow(std::span<const RopeOperand> ops, std::span<const RotateHeadsFn> fns, int64_t t,
+                    const float* row, int num_pairs);
+
+// Most position axes of a multimodal rotation.
+inline constexpr int kMaxPositionAxes = 8;
+
+// Multimodal positions: as many axes as `axes` needs, T entries each, every position valid;
+// returns the table rows needed.
+int64_t CheckAxisPositions(const RopeTable& table, const AxisPositions& positions,
+                           const RopeAxes& axes);
+
+// Rows of multimodal tokens: pair i of token t takes the row of positions.axes[pair_axis[i]][t].
+// One per thread (it owns the scratch rows).
+class AxisRows {
+ public:
+  AxisRows(const RowLookup& lookup, const AxisPositions& positions, const uint8_t* pair_axis);
+  // The gathered row of token t (cos then sin), valid until the next call.
+  const float* Row(int64_t t);
+
+ private:
+  const RowLookup* lookup_;
+  AxisPositions positions_;
+  const uint8_t* pair_axis_;
+  std::vector<float> scratch_;  // [A] computed rows, then the gathered row (2N each)
+};
 
 }  // namespace ropekit::internal
 

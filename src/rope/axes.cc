@@ -9,6 +9,8 @@
 // both halves of a half-split head; for interleaved channels the pair index is the same).
 // Interleaved (Qwen3-VL, transformers `apply_interleaved_mrope`): start from axis 0 everywhere;
 // for a >= 1 the pairs a, a + A, a + 2A, ... below A * s_a take axis a.
+#include <algorithm>
+#include <array>
 #include <numeric>
 #include <string>
 
@@ -24,9 +26,9 @@ std::vector<uint8_t> RopeAxes::PairAxes(int num_pairs) const {
   std::vector<uint8_t> axis(static_cast<size_t>(std::max(num_pairs, 0)), 0);
   if (sections.empty()) return axis;
   const int num = num_axes();
-  if (num > kMaxPositionAxes) {
+  if (num > internal::kMaxPositionAxes) {
     throw Error("sections has " + std::to_string(num) + " entries; at most " +
-                std::to_string(kMaxPositionAxes) + " position axes are supported");
+                std::to_string(internal::kMaxPositionAxes) + " position axes are supported");
   }
   int64_t sum = 0;
   for (int a = 0; a < num; ++a) {
@@ -71,11 +73,10 @@ std::string RopeAxes::Describe() const {
   return out + "]";
 }
 
-void ApplyRope(const RopeTable& table, const AxisPositions& positions, const RopeAxes& axes,
-               std::span<const RopeOperand> ops, const RotateOptions& options) {
-  internal::ValidateCall(table, options);
-  const int n = table.num_pairs();
-  const std::vector<uint8_t> pair_axis = axes.PairAxes(n);
+namespace internal {
+
+int64_t CheckAxisPositions(const RopeTable& table, const AxisPositions& positions,
+                           const RopeAxes& axes) {
   const int num_axes = axes.num_axes();
   if (static_cast<int>(positions.axes.size()) != num_axes) {
     throw Error("positions have " + std::to_string(positions.axes.size()) +
@@ -93,12 +94,50 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
     needed_rows = std::max(
         needed_rows, internal::CheckPositions(table, p, "positions[" + std::to_string(a) + "]"));
   }
+  return needed_rows;
+}
+
+AxisRows::AxisRows(const RowLookup& lookup, const AxisPositions& positions,
+                   const uint8_t* pair_axis)
+    : lookup_(&lookup),
+      positions_(positions),
+      pair_axis_(pair_axis),
+      scratch_(2 * static_cast<size_t>(lookup.num_pairs()) * (positions.axes.size() + 1)) {}
+
+const float* AxisRows::Row(int64_t t) {
+  const size_t n = static_cast<size_t>(lookup_->num_pairs());
+  const size_t num_axes = positions_.axes.size();
+  float* gathered = scratch_.data() + 2 * n * num_axes;
+  std::array<const float*, kMaxPositionAxes> axis_rows{};
+  for (size_t a = 0; a < num_axes; ++a) {
+    axis_rows[a] = lookup_->Row(positions_.axes[a][t], scratch_.data() + 2 * n * a);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const float* row = axis_rows[pair_axis_[i]];
+    gathered[i] = row[i];
+    gathered[n + i] = row[n + i];
+  }
+  return gathered;
+}
+
+}  // namespace internal
+
+void ApplyRope(const RopeTable& table, const AxisPositions& positions, const RopeAxes& axes,
+               std::span<const RopeOperand> ops, const RotateOptions& options) {
+  internal::ValidateCall(table, options);
+  const int n = table.num_pairs();
+  const std::vector<uint8_t> pair_axis = axes.PairAxes(n);
+  const int num_axes = axes.num_axes();
+  const int64_t needed_rows = internal::CheckAxisPositions(table, positions, axes);
+  const int64_t num_tokens = positions.num_tokens();
   internal::ValidateOperands(ops, num_tokens, table.rotary_dim());
   if (num_tokens == 0) return;
   internal::GrowTable(table, needed_rows, num_tokens);
-  const RopeTable::Rows rows = table.Snapshot();
+  const internal::RowLookup lookup(table, table.Snapshot());
+  const bool reference = internal::UseReferenceBackend(options.backend);
+  const std::vector<RotateHeadsFn> fns = internal::ResolveOperandFns(ops, options);
   const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {
-    if (internal::UseReferenceBackend(options.backend)) {
+    if (reference) {
       std::vector<float> axis_cos(static_cast<size_t>(n) * num_axes);
       std::vector<float> axis_sin(axis_cos.size());
       reference::ApplyRopeTokens(ops, n, options.layout, options.direction,
@@ -115,20 +154,16 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
                                  });
       return;
     }
-    AxesJob job;
-    job.base.ops = ops;
-    job.base.rows = rows.data.get();
-    job.base.num_rows = rows.num_positions;
-    job.base.row_stride = rows.row_stride;
-    job.base.table = &table;
-    job.base.num_pairs = n;
-    job.base.layout = options.layout;
-    job.base.direction = options.direction;
-    job.axis_positions = positions.axes;
-    job.pair_axis = pair_axis.data();
-    RotateTokensAxesSimd(job, static_cast<int64_t>(begin), static_cast<int64_t>(end));
+    // Pair i of token t takes the row of its axis' position; the gathered row is rotated like
+    // any table row, so equal positions on every axis give the one-axis bits.
+    internal::AxisRows rows(lookup, positions, pair_axis.data());
+    for (size_t t = begin; t < end; ++t) {
+      internal::RotateTokenRow(ops, fns, static_cast<int64_t>(t), rows.Row(static_cast<int64_t>(t)),
+                               n);
+    }
   };
-  ParallelFor(options.pool, static_cast<size_t>(num_tokens), range_fn);
+  ParallelFor(internal::PoolFor(options.pool, internal::CallElements(ops, num_tokens)),
+              static_cast<size_t>(num_tokens), range_fn);
 }
 
 }  // namespace ropekit

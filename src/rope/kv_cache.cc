@@ -156,12 +156,13 @@ std::vector<int64_t> SlotsFromBlockTable(std::span<const int32_t> block_table, i
   return slots;
 }
 
-void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const RopeOperand& q,
-                        const TensorView& k, const TensorView& v, const KvCacheView& cache,
-                        std::span<const int64_t> slots, const RotateOptions& options) {
+namespace {
+
+// Checks of a fused append of `num_tokens` tokens (positions are checked by the caller).
+void ValidateAppend(const RopeTable& table, int64_t num_tokens, const RopeOperand& q,
+                    const TensorView& k, const TensorView& v, const KvCacheView& cache,
+                    std::span<const int64_t> slots, const RotateOptions& options) {
   internal::ValidateCall(table, options);
-  const int64_t num_tokens = positions.size();
-  const int64_t needed_rows = internal::CheckPositions(table, positions, "positions");
   internal::ValidateOperands(std::span<const RopeOperand>(&q, 1), num_tokens, table.rotary_dim());
   ValidateCache(cache, table.rotary_dim(), /*need_v=*/true);
   internal::ValidateTensor(k, "k", num_tokens, table.rotary_dim());
@@ -183,10 +184,7 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
                 std::to_string(num_tokens) + " positions");
   }
   CheckSlots(slots, cache.num_slots);
-  if (num_tokens == 0 || cache.num_slots == 0) {
-    if (num_tokens > 0) ApplyRope(table, positions, std::span<const RopeOperand>(&q, 1), options);
-    return;
-  }
+  if (num_tokens == 0 || cache.num_slots == 0) return;
   // The cache must not share memory with the inputs or with q's output (conservative: whole
   // buffers).
   const TensorView cache_k = CacheExtent(cache, cache.k), cache_v = CacheExtent(cache, cache.v);
@@ -199,64 +197,151 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
     }
   }
   if (internal::Overlap(cache_k, cache_v)) throw Error("cache.k and cache.v overlap");
+}
 
-  internal::GrowTable(table, needed_rows, num_tokens);
-  const RopeTable::Rows rows = table.Snapshot();
-  const int n = table.num_pairs();
-  const auto range_fn = [&](size_t begin, size_t end, size_t /*worker*/) {
-    AppendJob job;
-    job.base.ops = std::span<const RopeOperand>(&q, 1);
-    job.base.positions = &positions;
-    job.base.rows = rows.data.get();
-    job.base.num_rows = rows.num_positions;
-    job.base.row_stride = rows.row_stride;
-    job.base.table = &table;
-    job.base.num_pairs = n;
-    job.base.layout = options.layout;
-    job.base.direction = options.direction;
-    job.k = k;
-    job.v = v;
-    job.cache = cache;
-    job.slots = slots.data();
-    RotateAppendTokensSimd(job, static_cast<int64_t>(begin), static_cast<int64_t>(end));
-  };
-  if (internal::UseReferenceBackend(options.backend)) {
-    // Reference composition: rotate q and k, then copy k and v into the slots.
-    ApplyRope(table, positions, std::span<const RopeOperand>(&q, 1), options);
-    const int64_t esize = static_cast<int64_t>(DTypeSize(cache.dtype));
-    std::vector<uint8_t> token(static_cast<size_t>(cache.num_heads * cache.head_dim * esize));
-    for (int64_t t = 0; t < num_tokens; ++t) {
-      if (slots[t] < 0) continue;
-      const int64_t pos = positions[t];
-      const std::vector<int64_t> one{pos};
-      for (int pass = 0; pass < 2; ++pass) {
-        const TensorView& src = pass == 0 ? k : v;
-        void* base = pass == 0 ? cache.k : cache.v;
-        TensorView in = src;
-        in.data = static_cast<uint8_t*>(src.data) + t * src.token_stride * esize;
-        in.num_tokens = 1;
-        TensorView out =
-            ContiguousView(token.data(), cache.dtype, 1, cache.num_heads, cache.head_dim);
-        if (pass == 0) {
-          const RopeOperand op{in, out};
-          ApplyRope(table, PositionSpan(one), std::span<const RopeOperand>(&op, 1), options);
-        } else {
-          for (int64_t h = 0; h < cache.num_heads; ++h) {
-            std::memcpy(token.data() + h * cache.head_dim * esize,
-                        static_cast<uint8_t*>(in.data) + h * in.head_stride * esize,
-                        cache.head_dim * esize);
-          }
-        }
-        uint8_t* dst = static_cast<uint8_t*>(base) + cache.SlotOffset(slots[t]) * esize;
-        for (int64_t h = 0; h < cache.num_heads; ++h) {
-          std::memcpy(dst + h * cache.head_stride * esize,
-                      token.data() + h * cache.head_dim * esize, cache.head_dim * esize);
-        }
+// One validated fused append: per token, rotate q, rotate k into its cache slot and copy v
+// beside it, so that k and v are read once and the cache rows written once.
+struct AppendCall {
+  const RopeOperand& q;
+  const TensorView& k;
+  const TensorView& v;
+  const KvCacheView& cache;
+  std::span<const int64_t> slots;
+  RotateHeadsFn fn;  // q and k share dtype, layout and direction
+  int num_pairs;
+
+  // row_of(t) gives token t's row (cos then sin).
+  template <class RowOf>
+  void Tokens(int64_t begin, int64_t end, RowOf&& row_of) const {
+    const size_t n = static_cast<size_t>(num_pairs);
+    const int64_t es = static_cast<int64_t>(DTypeSize(cache.dtype));
+    const int64_t D = cache.head_dim, H = cache.num_heads;
+    // v rows of a token and of a slot are one block each when their heads are adjacent.
+    const bool v_block = (H == 1 || (v.head_stride == D && cache.head_stride == D));
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = row_of(t);
+      fn(internal::TokenHeads(q, t), row, row + n, n);
+      const int64_t slot = slots[t];
+      if (slot < 0) continue;  // padding token: nothing is written to the cache
+      const int64_t slot_offset = cache.SlotOffset(slot) * es;
+      HeadRows kh;
+      kh.in = static_cast<const uint8_t*>(k.data) + t * k.token_stride * es;
+      kh.out = static_cast<uint8_t*>(cache.k) + slot_offset;
+      kh.in_head_stride = k.head_stride;
+      kh.out_head_stride = cache.head_stride;
+      kh.num_heads = H;
+      kh.head_dim = D;
+      fn(kh, row, row + n, n);
+      const uint8_t* v_in = static_cast<const uint8_t*>(v.data) + t * v.token_stride * es;
+      uint8_t* v_out = static_cast<uint8_t*>(cache.v) + slot_offset;
+      if (v_block) {
+        std::memcpy(v_out, v_in, static_cast<size_t>(H * D * es));
+        continue;
       }
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(v_out + h * cache.head_stride * es, v_in + h * v.head_stride * es,
+                    static_cast<size_t>(D * es));
+      }
+    }
+  }
+};
+
+// The reference composition: rotate(ops) rotates q in place (or into q.out) and k into a
+// [T, Hkv, D] scratch with the reference backend; then k and v are copied into the slots.
+template <class Rotate>
+void AppendReference(const AppendCall& c, int64_t num_tokens, Rotate&& rotate) {
+  const KvCacheView& cache = c.cache;
+  const int64_t es = static_cast<int64_t>(DTypeSize(cache.dtype));
+  const int64_t row = cache.num_heads * cache.head_dim;
+  std::vector<uint8_t> k_rot(static_cast<size_t>(num_tokens * row * es));
+  const RopeOperand ops[] = {c.q,
+                             {c.k, ContiguousView(k_rot.data(), cache.dtype, num_tokens,
+                                                  cache.num_heads, cache.head_dim)}};
+  rotate(std::span<const RopeOperand>(ops));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (c.slots[t] < 0) continue;
+    const int64_t dst = cache.SlotOffset(c.slots[t]) * es;
+    for (int64_t h = 0; h < cache.num_heads; ++h) {
+      const int64_t d_off = dst + h * cache.head_stride * es;
+      std::memcpy(static_cast<uint8_t*>(cache.k) + d_off,
+                  k_rot.data() + (t * row + h * cache.head_dim) * es, cache.head_dim * es);
+      std::memcpy(
+          static_cast<uint8_t*>(cache.v) + d_off,
+          static_cast<const uint8_t*>(c.v.data) + (t * c.v.token_stride + h * c.v.head_stride) * es,
+          cache.head_dim * es);
+    }
+  }
+}
+
+}  // namespace
+
+void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const RopeOperand& q,
+                        const TensorView& k, const TensorView& v, const KvCacheView& cache,
+                        std::span<const int64_t> slots, const RotateOptions& options) {
+  const int64_t num_tokens = positions.size();
+  const int64_t needed_rows = internal::CheckPositions(table, positions, "positions");
+  ValidateAppend(table, num_tokens, q, k, v, cache, slots, options);
+  if (num_tokens == 0 || cache.num_slots == 0) {
+    if (num_tokens > 0) ApplyRope(table, positions, std::span<const RopeOperand>(&q, 1), options);
+    return;
+  }
+  const int n = table.num_pairs();
+  const AppendCall call{
+      q, k, v, cache, slots, ResolveRotateHeads(cache.dtype, options.layout, options.direction), n};
+  if (internal::UseReferenceBackend(options.backend)) {
+    AppendReference(call, num_tokens, [&](std::span<const RopeOperand> ops) {
+      ApplyRope(table, positions, ops, options);
+    });
+    return;
+  }
+  internal::GrowTable(table, needed_rows, num_tokens);
+  const internal::RowLookup lookup(table, table.Snapshot());
+  const int64_t elements = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim;
+  if (num_tokens == 1 || internal::PoolFor(options.pool, elements) == nullptr) {
+    std::vector<float> scratch(2 * static_cast<size_t>(n));
+    call.Tokens(0, num_tokens, [&](int64_t t) { return lookup.Row(positions[t], scratch.data()); });
+    return;
+  }
+  ParallelFor(options.pool, static_cast<size_t>(num_tokens),
+              [&](size_t begin, size_t end, size_t /*worker*/) {
+                std::vector<float> scratch(2 * static_cast<size_t>(n));
+                call.Tokens(static_cast<int64_t>(begin), static_cast<int64_t>(end),
+                            [&](int64_t t) { return lookup.Row(positions[t], scratch.data()); });
+              });
+}
+
+void ApplyRopeAndAppend(const RopeTable& table, const AxisPositions& positions,
+                        const RopeAxes& axes, const RopeOperand& q, const TensorView& k,
+                        const TensorView& v, const KvCacheView& cache,
+                        std::span<const int64_t> slots, const RotateOptions& options) {
+  const int n = table.num_pairs();
+  const std::vector<uint8_t> pair_axis = axes.PairAxes(n);
+  const int64_t needed_rows = internal::CheckAxisPositions(table, positions, axes);
+  const int64_t num_tokens = positions.num_tokens();
+  ValidateAppend(table, num_tokens, q, k, v, cache, slots, options);
+  if (num_tokens == 0 || cache.num_slots == 0) {
+    if (num_tokens > 0) {
+      ApplyRope(table, positions, axes, std::span<const RopeOperand>(&q, 1), options);
     }
     return;
   }
-  ParallelFor(options.pool, static_cast<size_t>(num_tokens), range_fn);
+  const AppendCall call{
+      q, k, v, cache, slots, ResolveRotateHeads(cache.dtype, options.layout, options.direction), n};
+  if (internal::UseReferenceBackend(options.backend)) {
+    AppendReference(call, num_tokens, [&](std::span<const RopeOperand> ops) {
+      ApplyRope(table, positions, axes, ops, options);
+    });
+    return;
+  }
+  internal::GrowTable(table, needed_rows, num_tokens);
+  const internal::RowLookup lookup(table, table.Snapshot());
+  const int64_t elements = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim;
+  ParallelFor(internal::PoolFor(options.pool, elements), static_cast<size_t>(num_tokens),
+              [&](size_t begin, size_t end, size_t /*worker*/) {
+                internal::AxisRows rows(lookup, positions, pair_axis.data());
+                call.Tokens(static_cast<int64_t>(begin), static_cast<int64_t>(end),
+                            [&](int64_t t) { return rows.Row(t); });
+              });
 }
 
 namespace {
@@ -295,36 +380,44 @@ void ShiftKeys(const RopeTable& table, const KvCacheView& cache, std::span<const
   const std::vector<float> row = ShiftRow(table, delta);
   if (delta == 0 || slots.empty()) return;
   const int n = table.num_pairs();
-  SlotRotateJob job;
-  job.cache = cache;
-  job.slots = slots.data();
-  job.cos = row.data();
-  job.sin = row.data() + n;
-  job.num_pairs = n;
-  job.layout = options.layout;
-  job.direction = delta > 0 ? Direction::kForward : Direction::kBackward;
+  const Direction direction = delta > 0 ? Direction::kForward : Direction::kBackward;
+  const RotateHeadsFn fn = ResolveRotateHeads(cache.dtype, options.layout, direction);
   const bool reference = internal::UseReferenceBackend(options.backend);
-  ParallelFor(options.pool, slots.size(), [&](size_t begin, size_t end, size_t /*worker*/) {
-    if (!reference) {
-      RotateSlotsSimd(job, static_cast<int64_t>(begin), static_cast<int64_t>(end));
-      return;
-    }
-    std::vector<double> x(cache.head_dim), y(cache.head_dim);
-    for (size_t s = begin; s < end; ++s) {
-      if (slots[s] < 0) continue;
-      for (int64_t h = 0; h < cache.num_heads; ++h) {
-        const int64_t off = cache.SlotOffset(slots[s]) + h * cache.head_stride;
-        for (int64_t c = 0; c < cache.head_dim; ++c) {
-          x[c] = reference::LoadAsDouble(cache.k, cache.dtype, off + c);
-        }
-        reference::RotateHead(x.data(), y.data(), job.cos, job.sin, n,
-                              static_cast<int>(cache.head_dim), options.layout, job.direction);
-        for (int64_t c = 0; c < cache.head_dim; ++c) {
-          reference::StoreFromDouble(cache.k, cache.dtype, off + c, y[c]);
-        }
-      }
-    }
-  });
+  const int64_t es = static_cast<int64_t>(DTypeSize(cache.dtype));
+  const int64_t elements = static_cast<int64_t>(slots.size()) * cache.num_heads * cache.head_dim;
+  ParallelFor(internal::PoolFor(options.pool, elements), slots.size(),
+              [&](size_t begin, size_t end, size_t /*worker*/) {
+                if (!reference) {
+                  // Every key takes the same row: R(p + delta) = R(delta) R(p).
+                  for (size_t s = begin; s < end; ++s) {
+                    if (slots[s] < 0) continue;
+                    HeadRows heads;
+                    heads.out = static_cast<uint8_t*>(cache.k) + cache.SlotOffset(slots[s]) * es;
+                    heads.in = heads.out;
+                    heads.in_head_stride = heads.out_head_stride = cache.head_stride;
+                    heads.num_heads = cache.num_heads;
+                    heads.head_dim = cache.head_dim;
+                    fn(heads, row.data(), row.data() + n, static_cast<size_t>(n));
+                  }
+                  return;
+                }
+                std::vector<double> x(cache.head_dim), y(cache.head_dim);
+                for (size_t s = begin; s < end; ++s) {
+                  if (slots[s] < 0) continue;
+                  for (int64_t h = 0; h < cache.num_heads; ++h) {
+                    const int64_t off = cache.SlotOffset(slots[s]) + h * cache.head_stride;
+                    for (int64_t c = 0; c < cache.head_dim; ++c) {
+                      x[c] = reference::LoadAsDouble(cache.k, cache.dtype, off + c);
+                    }
+                    reference::RotateHead(x.data(), y.data(), row.data(), row.data() + n, n,
+                                          static_cast<int>(cache.head_dim), options.layout,
+                                          direction);
+                    for (int64_t c = 0; c < cache.head_dim; ++c) {
+                      reference::StoreFromDouble(cache.k, cache.dtype, off + c, y[c]);
+                    }
+                  }
+                }
+              });
 }
 
 void ShiftKeys(const RopeTable& table, const TensorView& keys, int64_t delta,
@@ -340,7 +433,8 @@ void ShiftKeys(const RopeTable& table, const TensorView& keys, int64_t delta,
   const RopeOperand op{keys, keys};
   const Direction direction = delta > 0 ? Direction::kForward : Direction::kBackward;
   const bool reference = internal::UseReferenceBackend(options.backend);
-  ParallelFor(options.pool, static_cast<size_t>(keys.num_tokens),
+  const int64_t elements = keys.num_tokens * keys.num_heads * keys.head_dim;
+  ParallelFor(internal::PoolFor(options.pool, elements), static_cast<size_t>(keys.num_tokens),
               [&](size_t begin, size_t end, size_t /*worker*/) {
                 if (reference) {
                   reference::ApplyRopeTokens(std::span<const RopeOperand>(&op, 1), n,
@@ -358,7 +452,6 @@ void ShiftKeys(const RopeTable& table, const TensorView& keys, int64_t delta,
                 job.rows = row.data();
                 job.num_rows = 1;
                 job.row_stride = 2 * n;
-                job.table = nullptr;  // never read: every position is 0 < num_rows
                 job.num_pairs = n;
                 job.layout = options.layout;
                 job.direction = direction;
