@@ -29,7 +29,10 @@ int RunGenerate(const GenerateArgs& a) {
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
   Model model = LoadModel(a.model, lo);
-  if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
+  if (a.bf16) {
+    model.set_matmul_precision(MatmulPrecision::kBf16);
+    std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
+  }
   if (!a.prompt.empty() && !a.prompt_file.empty()) {
     throw Error("--prompt and --prompt-file cannot be combined");
   }
@@ -85,7 +88,9 @@ const CommandRegistration kGenerate{
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
       AddRopeOverrideOptions(sub, a->rope);
       sub->add_flag("--bf16", a->bf16,
-                    "bfloat16 matmul operands (float32 accumulation; numerics only, no speed-up)");
+                    "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
+                    "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +
+                        Bf16MatmulSupport());
       sub->add_flag("--context-shift", a->context_shift,
                     "keep generating past the context: drop the oldest non-sink tokens and "
                     "re-rotate the cached keys of the rest (llama.cpp context shift)");
