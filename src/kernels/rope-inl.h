@@ -104,8 +104,13 @@ struct Half16Io {
   static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
     const hn::Rebind<uint32_t, D> d32;
     const auto w = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(p));
-    a = Conv::ToFloat(d, hn::And(w, hn::Set(d32, 0xFFFFu)));
-    b = Conv::ToFloat(d, hn::ShiftRight<16>(w));
+    if constexpr (Conv::kHighHalf) {  // bf16: a float32 is the bf16 bits in its high half
+      a = hn::BitCast(d, hn::ShiftLeft<16>(w));
+      b = hn::BitCast(d, hn::And(w, hn::Set(d32, 0xFFFF0000u)));
+    } else {
+      a = Conv::ToFloat(d, hn::And(w, hn::Set(d32, 0xFFFFu)));
+      b = Conv::ToFloat(d, hn::ShiftRight<16>(w));
+    }
   }
   template <class D>
   static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
@@ -305,6 +310,11 @@ HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const flo
     if constexpr (Io::kPacksTwo && !kInterleaved) {
       for (; i + 2 * lanes <= n; i += 2 * lanes) {
         RotateStepTwo<Io, kBackward>(d, x, y, cos, sin, n, i);
+      }
+    } else if constexpr (Io::kPacksTwo) {  // 16-bit interleaved: two independent steps
+      for (; i + 2 * lanes <= n; i += 2 * lanes) {
+        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i);
+        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i + lanes);
       }
     }
 #endif
