@@ -7,6 +7,8 @@
 # Usage: bench/run_bf16_train.sh [BUILD_DIR] [CORPUS_DIR]
 #   CORPUS_DIR holds the Austen novels of scripts/get_corpus.sh (default data/austen).
 # Environment: STEPS=300, THREADS=1, REPEATS=5 (speed runs of 5 steps each).
+# Exits 1 when the curves are further apart than the tolerance: 0.05 in any step's loss, or 0.01
+# in the mean loss of the last 50 steps.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build/release}
@@ -48,4 +50,7 @@ print(f"loss over {len(a)} steps: max |bf16 - fp32| {max(d):.4f}, mean {statisti
 print(f"mean loss of the last 50 steps: fp32 {last(a):.4f}, bf16 {last(b):.4f}, "
       f"difference {last(b) - last(a):+.4f}")
 print(f"final validation loss: fp32 {val(a):.4f}, bf16 {val(b):.4f}")
+ok = max(d) <= 0.05 and abs(last(b) - last(a)) <= 0.01
+print("within tolerance (0.05 per step, 0.01 on the last-50 mean):", "yes" if ok else "NO")
+sys.exit(0 if ok else 1)
 EOF
