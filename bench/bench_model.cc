@@ -99,6 +99,7 @@ int main(int argc, char** argv) {
     tc.batch_size = batch;
     tc.seq_len = seq_len;
     tc.eval_interval = 0;
+    tc.bf16 = bf16;  // Train sets the model's matmul precision from its config
     ropekit::OptimizerState state;
     ropekit::Train(model, state, tc, text, {}, &pool);
     std::vector<double> runs;

@@ -243,6 +243,39 @@ void TestConversionsRoundToNearestEven() {
     ASSERT_EQ(f16[k], FloatToF16(values[k])) << "float " << values[k];
     ASSERT_EQ(bf16[k], FloatToBf16(values[k])) << "float " << values[k];
   }
+  // The interleaved layout's pair paths (StorePairs / LoadPairs): the same rules. Pair i is
+  // (values[i], values[P + i]); every 16-bit pattern is widened as both halves of a pair.
+  const size_t P = values.size() / 2;
+  for (DType dtype : {DType::kF16, DType::kBF16}) {
+    const bool is_f16 = dtype == DType::kF16;
+    std::vector<uint16_t> packed(2 * P);
+    ConvertFloatPairsTo16(dtype, values.data(), values.data() + P, packed.data(), P);
+    for (size_t i = 0; i < 2 * P; ++i) {
+      const float v = values[i % 2 == 0 ? i / 2 : P + i / 2];
+      const float got = is_f16 ? F16ToFloat(packed[i]) : Bf16ToFloat(packed[i]);
+      if (std::isnan(v)) {
+        ASSERT_TRUE(std::isnan(got));
+        continue;
+      }
+      ASSERT_EQ(packed[i], is_f16 ? FloatToF16(v) : FloatToBf16(v)) << "pair path, float " << v;
+    }
+    std::vector<uint16_t> all(2 * 65536);
+    for (uint32_t h = 0; h < 65536; ++h) {
+      all[2 * h] = static_cast<uint16_t>(h);
+      all[2 * h + 1] = static_cast<uint16_t>(65535 - h);
+    }
+    std::vector<float> a(65536), b(65536);
+    Convert16PairsToFloats(dtype, all.data(), a.data(), b.data(), 65536);
+    for (uint32_t i = 0; i < 2 * 65536; ++i) {
+      const float got = i % 2 == 0 ? a[i / 2] : b[i / 2];
+      const float want = is_f16 ? F16ToFloat(all[i]) : Bf16ToFloat(all[i]);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(got)) << i;
+      } else {
+        ASSERT_EQ(std::memcmp(&want, &got, 4), 0) << "pair path, 16-bit pattern " << all[i];
+      }
+    }
+  }
 }
 
 }  // namespace HWY_NAMESPACE

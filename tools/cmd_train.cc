@@ -290,6 +290,7 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
                  std::string(PositionEncodingKindName(c.position_encoding.kind)).c_str(),
                  static_cast<long long>(model->num_parameters()), all.size(), val.size(),
                  static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
+    if (a.tc.bf16) std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
   }
   struct Stop {};
   std::vector<TrainLogEntry> log;
@@ -492,9 +493,11 @@ const CommandRegistration kTrain{
           ->group(t)
           ->capture_default_str();
       sub->add_flag("--bf16", a->tc.bf16,
-                    "Mixed precision numerics: bfloat16 matmul operands, float32 accumulation "
-                    "and master weights. The products still run through the float32 sgemm on "
-                    "every CPU (no bf16 kernel yet), so this is not faster than float32")
+                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and "
+                    "master weights. Faster than float32 on CPUs with AVX512-BF16; elsewhere "
+                    "the products fall back to float32 sgemm on the rounded operands (same "
+                    "numerics, no speed-up). Here: " +
+                        Bf16MatmulSupport())
           ->group(t);
       sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
           ->group(t)

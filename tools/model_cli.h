@@ -4,6 +4,7 @@
 #define ROPEKIT_TOOLS_MODEL_CLI_H_
 
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -72,7 +73,10 @@ inline Model LoadCliModel(const std::string& dir, const RopeOverrideArgs& rope, 
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), rope);
   Model model = LoadModel(dir, lo);
-  if (bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
+  if (bf16) {
+    model.set_matmul_precision(MatmulPrecision::kBf16);
+    std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
+  }
   return model;
 }
 

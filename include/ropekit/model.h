@@ -105,8 +105,14 @@ class KVCache;
 // inputs of every projection / head matmul (weights, activations and, in the backward, output
 // gradients) are rounded to bfloat16 (round to nearest even); products are exact in float32 and
 // accumulate in float32; master weights, optimizer state, norms, softmax and attention scores
-// stay float32. Numerics only: the products still run through float32 sgemm.
+// stay float32. On CPUs with AVX512-BF16 the products run on a bf16 kernel (VDPBF16PS, weights
+// packed once per forward pass); elsewhere, or with the environment variable
+// ROPEKIT_BF16_MATMUL=off, they run through float32 sgemm on the rounded operands (the same
+// numerics up to float32 summation order, no speed-up). Bf16MatmulSupport() says which.
 enum class MatmulPrecision { kF32, kBf16 };
+
+// One line naming the path MatmulPrecision::kBf16 takes on this machine and why.
+std::string Bf16MatmulSupport();
 
 // Causal attention of the model: kFused (default) tiles queries and keys in the FlashAttention-2
 // manner and keeps only a per-row log-sum-exp for the backward (O(T) memory); kUnfused computes

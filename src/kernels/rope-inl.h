@@ -4,7 +4,8 @@
 //   forward:  y_a = x_a c - x_b s,  y_b = x_b c + x_a s     (RoFormer eq. 34)
 //   backward: y_a = x_a c + x_b s,  y_b = x_b c - x_a s     (the transpose, R(p)^T = R(-p))
 // with one FMA and one multiply per output, in float32 whatever the storage type. bf16/fp16 are
-// widened to float32 on load and rounded to nearest-even on store with integer operations
+// widened to float32 on load and rounded to nearest-even on store: fp16 with the native F16C
+// conversions on x86 targets that have them (AVX2, AVX-512), otherwise with integer operations
 // (Highway 1.0.3's DemoteTo truncates bf16 and, on targets without F16C, fp16).
 // Tails (N not a multiple of the vector length) run the same code with a one-lane tag, so no
 // masked loads are needed and every element uses the same formula.
@@ -102,8 +103,13 @@ struct Half16Io {
   static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
     const hn::Rebind<uint32_t, D> d32;
     const auto w = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(p));
-    a = Conv::ToFloat(d, hn::And(w, hn::Set(d32, 0xFFFFu)));
-    b = Conv::ToFloat(d, hn::ShiftRight<16>(w));
+    if constexpr (Conv::kHighHalf) {  // bf16: a float32 is the bf16 bits in its high half
+      a = hn::BitCast(d, hn::ShiftLeft<16>(w));
+      b = hn::BitCast(d, hn::And(w, hn::Set(d32, 0xFFFF0000u)));
+    } else {
+      a = Conv::ToFloat(d, hn::And(w, hn::Set(d32, 0xFFFFu)));
+      b = Conv::ToFloat(d, hn::ShiftRight<16>(w));
+    }
   }
   template <class D>
   static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
@@ -178,7 +184,58 @@ struct F16Conv {
 };
 
 using Bf16Io = Half16Io<Bf16Conv>;
+
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2 && !defined(HWY_DISABLE_F16C)
+// fp16 on x86 targets with F16C (AVX2, AVX-512): Highway's PromoteTo / DemoteTo are the native
+// VCVTPH2PS / VCVTPS2PH (rounding immediate 0: round to nearest even, subnormals kept), one
+// instruction per vector instead of F16Conv's integer sequence. Identical bits to F16Conv for
+// every non-NaN value (a NaN stays a NaN; VCVTPS2PH keeps the payload's top mantissa bits where
+// F16Conv writes the canonical quiet NaN).
+struct F16Io {
+  using T = uint16_t;
+  static constexpr bool kPacksTwo = true;
+  template <class D>
+  static HWY_INLINE hn::Vec<D> Load(D d, const T* p) {
+    const hn::Rebind<hwy::float16_t, D> dh;
+    return hn::PromoteTo(d, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(p)));
+  }
+  template <class D>
+  static HWY_INLINE void Store(D d, hn::Vec<D> v, T* p) {
+    const hn::Rebind<hwy::float16_t, D> dh;
+    hn::StoreU(hn::DemoteTo(dh, v), dh, reinterpret_cast<hwy::float16_t*>(p));
+  }
+  template <class D>
+  static HWY_INLINE void StoreTwo(D d, hn::Vec<D> v0, hn::Vec<D> v1, T* p) {
+    Store(d, v0, p);
+    Store(d, v1, p + hn::Lanes(d));
+  }
+  // An interleaved pair (a, b) is one little-endian uint32: a in the low half, b in the high.
+  template <class D>
+  static HWY_INLINE void LoadPairs(D d, const T* p, hn::Vec<D>& a, hn::Vec<D>& b) {
+    const hn::Rebind<uint32_t, D> d32;
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<int32_t, D> di32;
+    const hn::Rebind<hwy::float16_t, D> dh;
+    const auto w = hn::LoadU(d32, reinterpret_cast<const uint32_t*>(p));
+    // The saturating demotions of the low / high halves are exact (each fits 16 bits).
+    const auto lo = hn::DemoteTo(d16, hn::BitCast(di32, hn::And(w, hn::Set(d32, 0xFFFFu))));
+    const auto hi = hn::DemoteTo(d16, hn::BitCast(di32, hn::ShiftRight<16>(w)));
+    a = hn::PromoteTo(d, hn::BitCast(dh, lo));
+    b = hn::PromoteTo(d, hn::BitCast(dh, hi));
+  }
+  template <class D>
+  static HWY_INLINE void StorePairs(D d, hn::Vec<D> a, hn::Vec<D> b, T* p) {
+    const hn::Rebind<uint32_t, D> d32;
+    const hn::Rebind<uint16_t, D> d16;
+    const hn::Rebind<hwy::float16_t, D> dh;
+    const auto ha = hn::PromoteTo(d32, hn::BitCast(d16, hn::DemoteTo(dh, a)));
+    const auto hb = hn::PromoteTo(d32, hn::BitCast(d16, hn::DemoteTo(dh, b)));
+    hn::StoreU(hn::Or(ha, hn::ShiftLeft<16>(hb)), d32, reinterpret_cast<uint32_t*>(p));
+  }
+};
+#else
 using F16Io = Half16Io<F16Conv>;
+#endif
 
 // ---- The rotation -------------------------------------------------------------------------
 
@@ -253,6 +310,11 @@ HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const flo
       for (; i + 2 * lanes <= n; i += 2 * lanes) {
         RotateStepTwo<Io, kBackward>(d, x, y, cos, sin, n, i);
       }
+    } else if constexpr (Io::kPacksTwo) {  // 16-bit interleaved: two independent steps
+      for (; i + 2 * lanes <= n; i += 2 * lanes) {
+        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i);
+        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i + lanes);
+      }
     }
 #endif
     for (; i + lanes <= n; i += lanes)
@@ -321,6 +383,48 @@ HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToBf16(const float* in, ui
 HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatToF16(const float* in, uint16_t* out,
                                                             size_t count) {
   ConvertFloatTo16<F16Io>(in, out, count);
+}
+// The interleaved layout's paths: pair i = (a[i], b[i]) as out[2i], out[2i + 1] (StorePairs),
+// and back (LoadPairs); full vectors, then one lane.
+template <class Io>
+HWY_INLINE void ConvertPairsTo16(const float* a, const float* b, uint16_t* out, size_t pairs) {
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  size_t k = 0;
+  for (; k + hn::Lanes(d) <= pairs; k += hn::Lanes(d)) {
+    Io::StorePairs(d, hn::LoadU(d, a + k), hn::LoadU(d, b + k), out + 2 * k);
+  }
+  for (; k < pairs; ++k)
+    Io::StorePairs(d1, hn::LoadU(d1, a + k), hn::LoadU(d1, b + k), out + 2 * k);
+}
+template <class Io>
+HWY_INLINE void Convert16PairsToFloat(const uint16_t* in, float* a, float* b, size_t pairs) {
+  const hn::ScalableTag<float> d;
+  const hn::CappedTag<float, 1> d1;
+  size_t k = 0;
+  hn::Vec<decltype(d)> va, vb;
+  for (; k + hn::Lanes(d) <= pairs; k += hn::Lanes(d)) {
+    Io::LoadPairs(d, in + 2 * k, va, vb);
+    hn::StoreU(va, d, a + k);
+    hn::StoreU(vb, d, b + k);
+  }
+  hn::Vec<decltype(d1)> va1, vb1;
+  for (; k < pairs; ++k) {
+    Io::LoadPairs(d1, in + 2 * k, va1, vb1);
+    hn::StoreU(va1, d1, a + k);
+    hn::StoreU(vb1, d1, b + k);
+  }
+}
+HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertFloatPairsTo16(DType dtype, const float* a,
+                                                                const float* b, uint16_t* out,
+                                                                size_t pairs) {
+  dtype == DType::kBF16 ? ConvertPairsTo16<Bf16Io>(a, b, out, pairs)
+                        : ConvertPairsTo16<F16Io>(a, b, out, pairs);
+}
+HWY_MAYBE_UNUSED static HWY_NOINLINE void Convert16PairsToFloats(DType dtype, const uint16_t* in,
+                                                                 float* a, float* b, size_t pairs) {
+  dtype == DType::kBF16 ? Convert16PairsToFloat<Bf16Io>(in, a, b, pairs)
+                        : Convert16PairsToFloat<F16Io>(in, a, b, pairs);
 }
 HWY_MAYBE_UNUSED static HWY_NOINLINE void ConvertF16ToFloat(const uint16_t* in, float* out,
                                                             size_t count) {

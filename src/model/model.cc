@@ -180,6 +180,55 @@ void Model::Impl::Prepare(int64_t batch, int64_t seq_len, int64_t tk, bool train
   w.unfused = unfused;
 }
 
+void Model::Impl::PrepareLowPrecisionWeights(bool train, ThreadPool* pool) {
+  bf16_kernel = precision == MatmulPrecision::kBf16 && ops::Bf16MatmulAvailable();
+  if (precision != MatmulPrecision::kBf16) return;
+  if (!bf16_kernel) {
+    lowp_params.resize(params.size());
+    for (size_t i = 0; i < params.size(); ++i) {
+      lowp_params[i] = Bf16ToFloat(FloatToBf16(params[i]));
+    }
+    return;
+  }
+  OpTimer timer("bf16 weight packing");
+  const ModelConfig& c = config;
+  const int64_t d = c.hidden_size, hq = int64_t{c.num_heads} * c.head_dim;
+  const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, F = c.intermediate_size;
+  auto pack = [&](int64_t offset, int64_t n, int64_t k) {
+    ops::PackBf16Weight(params.data() + offset, n, k, train, &bf16_weights[offset], pool);
+  };
+  for (const LayerOffsets& o : layers) {
+    pack(o.q, hq, d);
+    pack(o.k, hk, d);
+    pack(o.v, hk, d);
+    pack(o.o, d, hq);
+    pack(o.gate, F, d);
+    pack(o.up, F, d);
+    pack(o.down, d, F);
+  }
+  pack(head, c.vocab_size, d);
+}
+
+void Model::Impl::Project(const float* x, int64_t w, float* y, int64_t m, int64_t k, int64_t n,
+                          ThreadPool* pool, bool accumulate) const {
+  if (bf16_kernel) return ops::MatMulBf16(x, bf16_weights.at(w), y, m, pool, accumulate);
+  ops::MatMul(x, MatmulWeights() + w, y, m, k, n, pool, accumulate);
+}
+
+void Model::Impl::ProjectBackwardInput(const float* dy, int64_t w, float* dx, int64_t m, int64_t k,
+                                       int64_t n, ThreadPool* pool, bool accumulate) const {
+  if (bf16_kernel) {
+    return ops::MatMulBackwardInputBf16(dy, bf16_weights.at(w), dx, m, pool, accumulate);
+  }
+  ops::MatMulBackwardInput(dy, MatmulWeights() + w, dx, m, k, n, pool, accumulate);
+}
+
+void Model::Impl::ProjectBackwardWeight(const float* dy, const float* x, float* dw, int64_t m,
+                                        int64_t k, int64_t n, ThreadPool* pool) const {
+  if (bf16_kernel) return ops::MatMulBackwardWeightBf16(dy, x, dw, m, k, n, pool);
+  ops::MatMulBackwardWeight(dy, x, dw, m, k, n, pool);
+}
+
 void Model::Impl::RoundOperand(float* x, int64_t n) const {
   if (precision != MatmulPrecision::kBf16) return;
   for (int64_t i = 0; i < n; ++i) x[i] = Bf16ToFloat(FloatToBf16(x[i]));
@@ -206,12 +255,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   }
   Prepare(batch, seq_len, cache ? tk : seq_len, train);
   Workspace& w = ws;
-  if (precision == MatmulPrecision::kBf16) {
-    lowp_params.resize(params.size());
-    for (size_t i = 0; i < params.size(); ++i) {
-      lowp_params[i] = Bf16ToFloat(FloatToBf16(params[i]));
-    }
-  }
+  PrepareLowPrecisionWeights(train, pool);
   positions.resize(M);
   q_positions.resize(seq_len);
   k_positions.resize(tk);
@@ -239,7 +283,6 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     Workspace::Layer& A = w.layers[train ? l : 0];
     const LayerOffsets& o = layers[l];
     const float* P = params.data();
-    const float* W = MatmulWeights();
     float* xin = train ? w.resid[l] : w.resid[l % 2];
     float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
     A.resid_in = xin;
@@ -250,9 +293,9 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     }
     {
       OpTimer timer("fwd matmul qkv");
-      ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
-      ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
-      ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
+      Project(A.xn1, o.q, A.q, M, d, hq, pool);
+      Project(A.xn1, o.k, A.k, M, d, hk, pool);
+      Project(A.xn1, o.v, A.v, M, d, hk, pool);
     }
     OpTimer rope_timer("fwd rope");
     const float* keys = A.k;
@@ -331,7 +374,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul o");
       std::memcpy(A.mid, xin, sizeof(float) * M * d);
-      ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+      Project(A.ao, o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
     }
     {
       OpTimer timer("fwd rmsnorm");
@@ -340,8 +383,8 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     }
     {
       OpTimer timer("fwd matmul mlp");
-      ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
-      ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
+      Project(A.xn2, o.gate, A.g, M, d, F, pool);
+      Project(A.xn2, o.up, A.u, M, d, F, pool);
     }
     {
       OpTimer timer("fwd swiglu");
@@ -351,7 +394,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul mlp");
       std::memcpy(xout, A.mid, sizeof(float) * M * d);
-      ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+      Project(A.h, o.down, xout, M, F, d, pool, /*accumulate=*/true);
     }
   }
   OpTimer timer("fwd rmsnorm");
@@ -363,8 +406,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
   OpTimer timer("fwd matmul head");
-  ops::MatMul(ws.xf, MatmulWeights() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
-              pool);
+  Project(ws.xf, head, ws.logits, rows, config.hidden_size, config.vocab_size, pool);
 }
 
 void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
@@ -375,13 +417,12 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
   const float* P = params.data();
-  const float* W = MatmulWeights();
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
   {
     OpTimer timer("bwd matmul head");
     RoundOperand(w.logits, M * V);
-    ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
-    ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
+    ProjectBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
+    ProjectBackwardInput(w.logits, head, w.dxn, M, d, V, pool);
   }
   {
     OpTimer timer("bwd rmsnorm");
@@ -410,8 +451,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       OpTimer timer("bwd matmul mlp");
       std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
       RoundOperand(w.dx, M * d);
-      ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
-      ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
+      ProjectBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
+      ProjectBackwardInput(w.dx, o.down, w.dh, M, F, d, pool);
     }
     {
       OpTimer timer("bwd swiglu");
@@ -421,10 +462,10 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     }
     {
       OpTimer timer("bwd matmul mlp");
-      ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
-      ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
-      ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
-      ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+      ProjectBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
+      ProjectBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
+      ProjectBackwardInput(w.dg, o.gate, w.dxn, M, d, F, pool);
+      ProjectBackwardInput(w.du, o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
     }
     {
       OpTimer timer("bwd rmsnorm");
@@ -436,8 +477,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       OpTimer timer("bwd matmul o");
       std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
       RoundOperand(w.dmid, M * d);
-      ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
-      ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
+      ProjectBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
+      ProjectBackwardInput(w.dmid, o.o, w.dao, M, hq, d, pool);
     }
     ops::AttentionArgs args;
     args.batch = batch;
@@ -485,12 +526,12 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       RoundOperand(w.dq, M * hq);
       RoundOperand(w.dk, M * hk);
       RoundOperand(w.dv, M * hk);
-      ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
-      ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
-      ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
-      ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
-      ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
-      ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
+      ProjectBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
+      ProjectBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
+      ProjectBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
+      ProjectBackwardInput(w.dq, o.q, w.dxn, M, d, hq, pool);
+      ProjectBackwardInput(w.dk, o.k, w.dxn, M, d, hk, pool, true);
+      ProjectBackwardInput(w.dv, o.v, w.dxn, M, d, hk, pool, true);
     }
     {
       OpTimer timer("bwd rmsnorm");
@@ -561,6 +602,8 @@ void Model::SetRopeParams(const RopeParams& params) {
   impl_->rope_table_key = -1;
 }
 
+std::string Bf16MatmulSupport() { return ops::Bf16MatmulDescription(); }
+
 void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
 void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
@@ -630,7 +673,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
-    ops::MatMul(I.ws.xf + (n - 1) * d, I.MatmulWeights() + I.head, I.ws.logits, 1, d, V, pool);
+    I.Project(I.ws.xf + (n - 1) * d, I.head, I.ws.logits, 1, d, V, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * V);
   } else {
     I.Logits(n, pool);

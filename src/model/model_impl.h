@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "ropekit/model.h"
+#include "src/ops/bf16_matmul.h"
 
 namespace ropekit {
 
@@ -57,9 +59,13 @@ struct Model::Impl {
   std::vector<int32_t> inputs, targets;
   MatmulPrecision precision = MatmulPrecision::kF32;
   AttentionKernel attention = AttentionKernel::kFused;
-  std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 only)
+  std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 without the kernel)
+  // kBf16 with the AVX512-BF16 kernel (ops::Bf16MatmulAvailable()): every matmul weight packed
+  // as bf16 pairs, keyed by its offset in params (refreshed by RunForward).
+  bool bf16_kernel = false;
+  std::unordered_map<int64_t, ops::Bf16Weight> bf16_weights;
   std::unique_ptr<RopeTable> rope_table;
-  int64_t rope_table_key = -1;  // FrequencyKey of the table's length
+  int64_t rope_table_key = -1;  // FrequencySeqLen of the table's length
   int64_t rope_table_builds = 0;
 
   void BuildLayout();
@@ -78,6 +84,17 @@ struct Model::Impl {
   const float* MatmulWeights() const {
     return precision == MatmulPrecision::kBf16 ? lowp_params.data() : params.data();
   }
+  // Refreshes the matmul weights of kBf16 (the packed bf16 weights, or lowp_params where the
+  // kernel is not available); `train` also packs the layouts of the backward.
+  void PrepareLowPrecisionWeights(bool train, ThreadPool* pool);
+  // The model's matrix products with the weight matrix at params offset `w` ([n, k]): float32
+  // sgemm (kF32, or kBf16 on bf16-rounded operands), or the bf16 kernel.
+  void Project(const float* x, int64_t w, float* y, int64_t m, int64_t k, int64_t n,
+               ThreadPool* pool, bool accumulate = false) const;
+  void ProjectBackwardInput(const float* dy, int64_t w, float* dx, int64_t m, int64_t k, int64_t n,
+                            ThreadPool* pool, bool accumulate = false) const;
+  void ProjectBackwardWeight(const float* dy, const float* x, float* dw, int64_t m, int64_t k,
+                             int64_t n, ThreadPool* pool) const;
   // Rounds a matmul operand in place when precision is kBf16.
   void RoundOperand(float* x, int64_t n) const;
   std::span<const float> PeParams() const {
