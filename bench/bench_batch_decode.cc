@@ -3,7 +3,9 @@
 // the default model, without HTTP: aggregate tokens/s at B = 1, 8, 32 sequences and the ratio to
 // the single-sequence path, measured in the same run (medians of --repeats).
 //
-// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R]
+// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R] [--profile 1]
+// --profile 1 adds one more B = 32 run with the per-op profile on (ropekit/profile.h) and prints
+// each op's time per step, the sampler's included.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -13,6 +15,7 @@
 #include <vector>
 
 #include "ropekit/model.h"
+#include "ropekit/profile.h"
 
 namespace {
 
@@ -42,7 +45,8 @@ double SingleRate(ropekit::Model& model, int64_t tokens, ropekit::ThreadPool* po
 }
 
 // B sequences decoded together: one BatchDecoder::Step per token position.
-double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::ThreadPool* pool) {
+double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::ThreadPool* pool,
+                 double& sample_seconds) {
   const int64_t V = model.config().vocab_size;
   std::vector<std::unique_ptr<ropekit::KVCache>> caches;
   std::vector<ropekit::KVCache*> ptrs;
@@ -60,9 +64,11 @@ double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::
   const double t0 = Now();
   for (int64_t i = 0; i < tokens; ++i) {
     decoder.Step(ptrs, next, logits.data(), pool);
+    const double s0 = Now();
     for (int64_t b = 0; b < batch; ++b) {
       next[b] = sampler.Sample(std::span<const float>(logits.data() + b * V, V));
     }
+    sample_seconds += Now() - s0;
   }
   return static_cast<double>(batch * tokens) / (Now() - t0);
 }
@@ -72,12 +78,15 @@ double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::
 int main(int argc, char** argv) {
   int threads = 1;
   int64_t tokens = 200, repeats = 5;
+  bool profile = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--threads") {
       threads = std::atoi(argv[i + 1]);
     } else if (k == "--tokens") {
       tokens = std::atoll(argv[i + 1]);
+    } else if (k == "--profile") {
+      profile = std::atoi(argv[i + 1]) != 0;
     } else if (k == "--repeats") {
       repeats = std::max(1LL, std::atoll(argv[i + 1]));
     } else {
@@ -90,19 +99,47 @@ int main(int argc, char** argv) {
     config.max_position_embeddings = 512;
     ropekit::Model model(config, 1);
     ropekit::ThreadPool pool(threads);
+    // The repeats are interleaved (one-at-a-time, B = 1, 8, 32, then again), so that a change
+    // in the load of a shared machine touches every configuration alike.
+    const std::vector<int64_t> batches = {1, 8, 32};
     std::vector<double> single;
-    for (int64_t r = 0; r < repeats; ++r) single.push_back(SingleRate(model, tokens, &pool));
+    std::vector<std::vector<double>> rates(batches.size());
+    for (int64_t r = 0; r < repeats; ++r) {
+      single.push_back(SingleRate(model, tokens, &pool));
+      for (size_t i = 0; i < batches.size(); ++i) {
+        double sample_seconds = 0.0;
+        rates[i].push_back(BatchRate(model, batches[i], tokens, &pool, sample_seconds));
+      }
+    }
     const double base = Median(single);
     std::printf("threads %d, %lld new tokens per sequence, medians of %lld\n", threads,
                 static_cast<long long>(tokens), static_cast<long long>(repeats));
     std::printf("%-28s %12s %8s\n", "decoding", "tokens/s", "ratio");
     std::printf("%-28s %12.0f %7.2fx\n", "one at a time (generate)", base, 1.0);
-    for (int64_t b : {1, 8, 32}) {
-      std::vector<double> rates;
-      for (int64_t r = 0; r < repeats; ++r) rates.push_back(BatchRate(model, b, tokens, &pool));
-      const double rate = Median(rates);
-      std::printf("batched, %2lld sequences %14.0f %7.2fx\n", static_cast<long long>(b), rate,
-                  rate / base);
+    for (size_t i = 0; i < batches.size(); ++i) {
+      const double rate = Median(rates[i]);
+      std::printf("batched, %2lld sequences %14.0f %7.2fx\n", static_cast<long long>(batches[i]),
+                  rate, rate / base);
+    }
+    if (profile) {
+      constexpr int64_t kBatch = 32;
+      double sample_seconds = 0.0;
+      ropekit::ResetOpProfile();
+      ropekit::SetOpProfiling(true);
+      const double t0 = Now();
+      BatchRate(model, kBatch, tokens, &pool, sample_seconds);
+      const double total = Now() - t0;
+      ropekit::SetOpProfiling(false);
+      std::printf(
+          "\nprofile at B = %lld: microseconds per step (%lld steps; prefill included "
+          "in the total)\n",
+          static_cast<long long>(kBatch), static_cast<long long>(tokens));
+      const double per = 1e6 / static_cast<double>(tokens);
+      for (const ropekit::OpTime& op : ropekit::OpProfile()) {
+        std::printf("  %-22s %10.1f\n", op.name.c_str(), op.seconds * per);
+      }
+      std::printf("  %-22s %10.1f\n", "sampler", sample_seconds * per);
+      std::printf("  %-22s %10.1f\n", "total", total * per);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_batch_decode: %s\n", e.what());

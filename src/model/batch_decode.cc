@@ -17,6 +17,7 @@
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/ops/rowwise_matmul.h"
+#include "src/util/profile.h"
 
 namespace ropekit {
 
@@ -25,6 +26,7 @@ struct BatchDecoder::Scratch {
   std::vector<float> x, xn, q, k, v, ao, mid, g, u, h, inv;  // [B, ...] rows
   std::vector<int64_t> positions;                            // [B]
   std::vector<int64_t> key_positions;                        // 0, 1, ..., max Tk - 1
+  std::vector<std::vector<float>> scores;                    // [workers][max Tk]
 
   void Resize(const ModelConfig& c, int64_t b) {
     if (batch == b) return;
@@ -94,6 +96,11 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
     s.positions[b] = cache->size_;
     max_tk = std::max(max_tk, cache->size_ + 1);
   }
+  const size_t workers = pool != nullptr ? pool->num_threads() : 1;
+  if (s.scores.size() < workers) s.scores.resize(workers);
+  for (std::vector<float>& w : s.scores) {
+    if (static_cast<int64_t>(w.size()) < max_tk) w.resize(max_tk);
+  }
   if (static_cast<int64_t>(s.key_positions.size()) < max_tk) {
     s.key_positions.resize(max_tk);
     std::iota(s.key_positions.begin(), s.key_positions.end(), int64_t{0});
@@ -115,12 +122,19 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
 
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerOffsets& o = I.layers[l];
-    ops::RmsNorm(s.x.data(), P + o.input_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
-                 pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.q, s.q.data(), B, d, hq, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.k, s.k.data(), B, d, hk, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.v, s.v.data(), B, d, hk, pool);
+    {
+      OpTimer timer("dec rmsnorm");
+      ops::RmsNorm(s.x.data(), P + o.input_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                   pool);
+    }
+    {
+      OpTimer timer("dec matmul qkv");
+      ops::MatMulRowwise(s.xn.data(), W + o.q, s.q.data(), B, d, hq, pool);
+      ops::MatMulRowwise(s.xn.data(), W + o.k, s.k.data(), B, d, hk, pool);
+      ops::MatMulRowwise(s.xn.data(), W + o.v, s.v.data(), B, d, hk, pool);
+    }
     if (rope) {
+      OpTimer timer("dec rope");
       std::vector<RopeOperand> opsv = {{ContiguousView(s.q.data(), DType::kF32, B, H, D),
                                         ContiguousView(s.q.data(), DType::kF32, B, H, D)},
                                        {ContiguousView(s.k.data(), DType::kF32, B, Hkv, D),
@@ -128,8 +142,10 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
       ApplyRope(*table, pos_span, opsv, rot);
     }
     // Append each sequence's key and value, then attend over its own cache (one task each).
+    OpTimer attention_timer("dec attention");
     ParallelFor(B * max_tk * hq < (int64_t{1} << 15) ? nullptr : pool, static_cast<size_t>(B),
-                [&](size_t begin, size_t end, size_t) {
+                [&](size_t begin, size_t end, size_t worker) {
+                  std::vector<float>& scores = s.scores[worker];
                   for (size_t bi = begin; bi < end; ++bi) {
                     const int64_t b = static_cast<int64_t>(bi);
                     KVCache& cache = *caches[b];
@@ -161,21 +177,43 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     args.scale = scale;
                     args.logit_bias = I.pe.get();
                     args.bias_params = I.PeParams();
-                    ops::AttentionForward(args, nullptr);
+                    ops::DecodeAttention(args, scores);
                   }
                 });
-    std::memcpy(s.mid.data(), s.x.data(), sizeof(float) * B * d);
-    ops::MatMulRowwise(s.ao.data(), W + o.o, s.mid.data(), B, hq, d, pool, /*accumulate=*/true);
-    ops::RmsNorm(s.mid.data(), P + o.post_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
-                 pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.gate, s.g.data(), B, d, F, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.up, s.u.data(), B, d, F, pool);
-    ops::SwiGlu(s.g.data(), s.u.data(), s.h.data(), B * F, pool);
-    std::memcpy(s.x.data(), s.mid.data(), sizeof(float) * B * d);
-    ops::MatMulRowwise(s.h.data(), W + o.down, s.x.data(), B, F, d, pool, /*accumulate=*/true);
+    attention_timer.Stop();
+    {
+      OpTimer timer("dec matmul o");
+      std::memcpy(s.mid.data(), s.x.data(), sizeof(float) * B * d);
+      ops::MatMulRowwise(s.ao.data(), W + o.o, s.mid.data(), B, hq, d, pool, /*accumulate=*/true);
+    }
+    {
+      OpTimer timer("dec rmsnorm");
+      ops::RmsNorm(s.mid.data(), P + o.post_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                   pool);
+    }
+    {
+      OpTimer timer("dec matmul mlp");
+      ops::MatMulRowwise(s.xn.data(), W + o.gate, s.g.data(), B, d, F, pool);
+      ops::MatMulRowwise(s.xn.data(), W + o.up, s.u.data(), B, d, F, pool);
+    }
+    {
+      OpTimer timer("dec swiglu");
+      ops::SwiGlu(s.g.data(), s.u.data(), s.h.data(), B * F, pool);
+    }
+    {
+      OpTimer timer("dec matmul mlp");
+      std::memcpy(s.x.data(), s.mid.data(), sizeof(float) * B * d);
+      ops::MatMulRowwise(s.h.data(), W + o.down, s.x.data(), B, F, d, pool, /*accumulate=*/true);
+    }
   }
-  ops::RmsNorm(s.x.data(), P + I.final_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps, pool);
+  {
+    OpTimer timer("dec rmsnorm");
+    ops::RmsNorm(s.x.data(), P + I.final_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                 pool);
+  }
+  OpTimer timer("dec matmul head");
   ops::MatMulRowwise(s.xn.data(), W + I.head, logits, B, d, V, pool);
+  timer.Stop();
   for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
 }
 
