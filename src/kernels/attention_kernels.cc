@@ -57,41 +57,46 @@ void SoftmaxGradRow(const float* p, float* dp, int64_t n, float delta) {
 // chains per row instead of two on 16-lane targets, and a shorter lane reduction.
 using DecodeTag = hn::CappedTag<float, 8>;
 
-// The dot product of one key row: lane-wise partial sums in ascending d, SumOfLanes, then the
-// D % lanes tail added in ascending d. Inlined into a loop over 4 keys at a time, whose chains
-// are independent; every key gets exactly this sequence of operations.
-HWY_INLINE float DotRow(const float* HWY_RESTRICT q, const float* HWY_RESTRICT kj, int64_t body,
-                        int64_t D) {
-  const DecodeTag d;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
-  auto acc = hn::Zero(d);
-  for (int64_t c = 0; c < body; c += N) {
-    acc = hn::MulAdd(hn::LoadU(d, q + c), hn::LoadU(d, kj + c), acc);
-  }
-  float dot = hn::GetLane(hn::SumOfLanes(d, acc));
-  for (int64_t c = body; c < D; ++c) dot += q[c] * kj[c];
-  return dot;
-}
-
-// s[j] = scale * (q . k_j) for the n rows k_j = k + j * stride of D floats.
+// s[j] = scale * (q . k_j) for the n rows k_j = k + j * stride of D floats. Each dot product:
+// lane-wise partial sums in ascending d, SumOfLanes, then the D % lanes tail added in ascending
+// d. Keys go four at a time (four independent chains, the same operations for each key).
 void ScoreRow(const float* HWY_RESTRICT q, const float* HWY_RESTRICT k, int64_t stride, int64_t n,
               int64_t D, float scale, float* HWY_RESTRICT s) {
   const DecodeTag d;
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   const int64_t body = D / N * N;
+  auto finish = [&](decltype(hn::Zero(d)) acc, const float* kj) {
+    float dot = hn::GetLane(hn::SumOfLanes(d, acc));
+    for (int64_t c = body; c < D; ++c) dot += q[c] * kj[c];
+    return scale * dot;
+  };
   int64_t j = 0;
   for (; j + 4 <= n; j += 4) {
-    const float* kj = k + j * stride;
-    const float s0 = DotRow(q, kj, body, D);
-    const float s1 = DotRow(q, kj + stride, body, D);
-    const float s2 = DotRow(q, kj + 2 * stride, body, D);
-    const float s3 = DotRow(q, kj + 3 * stride, body, D);
-    s[j] = scale * s0;
-    s[j + 1] = scale * s1;
-    s[j + 2] = scale * s2;
-    s[j + 3] = scale * s3;
+    const float* k0 = k + j * stride;
+    const float* k1 = k0 + stride;
+    const float* k2 = k1 + stride;
+    const float* k3 = k2 + stride;
+    auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
+    for (int64_t c = 0; c < body; c += N) {
+      const auto qv = hn::LoadU(d, q + c);
+      a0 = hn::MulAdd(qv, hn::LoadU(d, k0 + c), a0);
+      a1 = hn::MulAdd(qv, hn::LoadU(d, k1 + c), a1);
+      a2 = hn::MulAdd(qv, hn::LoadU(d, k2 + c), a2);
+      a3 = hn::MulAdd(qv, hn::LoadU(d, k3 + c), a3);
+    }
+    s[j] = finish(a0, k0);
+    s[j + 1] = finish(a1, k1);
+    s[j + 2] = finish(a2, k2);
+    s[j + 3] = finish(a3, k3);
   }
-  for (; j < n; ++j) s[j] = scale * DotRow(q, k + j * stride, body, D);
+  for (; j < n; ++j) {
+    const float* kj = k + j * stride;
+    auto a0 = hn::Zero(d);
+    for (int64_t c = 0; c < body; c += N) {
+      a0 = hn::MulAdd(hn::LoadU(d, q + c), hn::LoadU(d, kj + c), a0);
+    }
+    s[j] = finish(a0, kj);
+  }
 }
 
 // out[c] = inv * sum_j p[j] v_j[c] over the n rows v_j = v + j * stride (ascending j, one
