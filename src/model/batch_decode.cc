@@ -20,13 +20,25 @@
 #include "src/util/profile.h"
 
 namespace ropekit {
+namespace {
+
+// [B, heads, D] rows of `row_stride` floats (q or k inside a q | k | v row).
+TensorView RowView(float* data, int64_t tokens, int64_t heads, int64_t head_dim,
+                   int64_t row_stride) {
+  TensorView v = ContiguousView(data, DType::kF32, tokens, heads, head_dim);
+  v.token_stride = row_stride;
+  return v;
+}
+
+}  // namespace
 
 struct BatchDecoder::Scratch {
   int64_t batch = -1;
-  std::vector<float> x, xn, q, k, v, ao, mid, g, u, h, inv;  // [B, ...] rows
-  std::vector<int64_t> positions;                            // [B]
-  std::vector<int64_t> key_positions;                        // 0, 1, ..., max Tk - 1
-  std::vector<std::vector<float>> scores;                    // [workers][max Tk]
+  // [B, ...] rows; qkv: q | k | v per row (hq + 2 hk), gu: gate | up per row (2 F).
+  std::vector<float> x, xn, qkv, ao, mid, gu, h, inv;
+  std::vector<int64_t> positions;          // [B]
+  std::vector<int64_t> key_positions;      // 0, 1, ..., max Tk - 1
+  std::vector<std::vector<float>> scores;  // [workers][max Tk]
 
   void Resize(const ModelConfig& c, int64_t b) {
     if (batch == b) return;
@@ -35,12 +47,9 @@ struct BatchDecoder::Scratch {
     x.assign(b * d, 0.0f);
     xn.assign(b * d, 0.0f);
     mid.assign(b * d, 0.0f);
-    q.assign(b * hq, 0.0f);
+    qkv.assign(b * (hq + 2 * hk), 0.0f);
     ao.assign(b * hq, 0.0f);
-    k.assign(b * hk, 0.0f);
-    v.assign(b * hk, 0.0f);
-    g.assign(b * F, 0.0f);
-    u.assign(b * F, 0.0f);
+    gu.assign(b * 2 * F, 0.0f);
     h.assign(b * F, 0.0f);
     inv.assign(b, 0.0f);
     positions.assign(b, 0);
@@ -119,6 +128,9 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   rot.layout = c.position_encoding.rope_layout;
   rot.pool = pool;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const int64_t wqkv = hq + 2 * hk;  // row width of s.qkv
+  float* const qk_k = s.qkv.data() + hq;
+  float* const qk_v = s.qkv.data() + hq + hk;
 
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerOffsets& o = I.layers[l];
@@ -129,16 +141,15 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
     }
     {
       OpTimer timer("dec matmul qkv");
-      ops::MatMulRowwise(s.xn.data(), W + o.q, s.q.data(), B, d, hq, pool);
-      ops::MatMulRowwise(s.xn.data(), W + o.k, s.k.data(), B, d, hk, pool);
-      ops::MatMulRowwise(s.xn.data(), W + o.v, s.v.data(), B, d, hk, pool);
+      const ops::RowwiseOutput outs[] = {
+          {W + o.q, hq, s.qkv.data()}, {W + o.k, hk, qk_k}, {W + o.v, hk, qk_v}};
+      ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, wqkv, pool);
     }
     if (rope) {
       OpTimer timer("dec rope");
-      std::vector<RopeOperand> opsv = {{ContiguousView(s.q.data(), DType::kF32, B, H, D),
-                                        ContiguousView(s.q.data(), DType::kF32, B, H, D)},
-                                       {ContiguousView(s.k.data(), DType::kF32, B, Hkv, D),
-                                        ContiguousView(s.k.data(), DType::kF32, B, Hkv, D)}};
+      const TensorView qv = RowView(s.qkv.data(), B, H, D, wqkv);
+      const TensorView kv = RowView(qk_k, B, Hkv, D, wqkv);
+      const RopeOperand opsv[] = {{qv, qv}, {kv, kv}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
     // Append each sequence's key and value, then attend over its own cache (one task each).
@@ -152,8 +163,8 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     const int64_t pos = s.positions[b];
                     float* ck = cache.k_.data() + (l * cache.capacity_) * hk;
                     float* cv = cache.v_.data() + (l * cache.capacity_) * hk;
-                    std::memcpy(ck + pos * hk, s.k.data() + b * hk, sizeof(float) * hk);
-                    std::memcpy(cv + pos * hk, s.v.data() + b * hk, sizeof(float) * hk);
+                    std::memcpy(ck + pos * hk, qk_k + b * wqkv, sizeof(float) * hk);
+                    std::memcpy(cv + pos * hk, qk_v + b * wqkv, sizeof(float) * hk);
                     ops::AttentionArgs args;
                     args.batch = 1;
                     args.tq = 1;
@@ -161,9 +172,9 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     args.heads = H;
                     args.kv_heads = Hkv;
                     args.head_dim = D;
-                    args.q = s.q.data() + b * hq;
-                    args.q_row_stride = hq;
-                    args.q_batch_stride = hq;
+                    args.q = s.qkv.data() + b * wqkv;
+                    args.q_row_stride = wqkv;
+                    args.q_batch_stride = wqkv;
                     args.k = ck;
                     args.v = cv;
                     args.kv_row_stride = hk;
@@ -193,12 +204,16 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
     }
     {
       OpTimer timer("dec matmul mlp");
-      ops::MatMulRowwise(s.xn.data(), W + o.gate, s.g.data(), B, d, F, pool);
-      ops::MatMulRowwise(s.xn.data(), W + o.up, s.u.data(), B, d, F, pool);
+      const ops::RowwiseOutput outs[] = {{W + o.gate, F, s.gu.data()},
+                                         {W + o.up, F, s.gu.data() + F}};
+      ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, 2 * F, pool);
     }
     {
       OpTimer timer("dec swiglu");
-      ops::SwiGlu(s.g.data(), s.u.data(), s.h.data(), B * F, pool);
+      for (int64_t b = 0; b < B; ++b) {
+        ops::SwiGlu(s.gu.data() + b * 2 * F, s.gu.data() + b * 2 * F + F, s.h.data() + b * F, F,
+                    nullptr);
+      }
     }
     {
       OpTimer timer("dec matmul mlp");
