@@ -244,12 +244,17 @@ struct Server::Impl {
   }
 
   void CheckPromptLength(size_t tokens) const {
-    if (static_cast<int64_t>(tokens) >= context) {
-      throw ApiError{400,
-                     "This model's maximum context length is " + std::to_string(context) +
-                         " tokens. However, your prompt has " + std::to_string(tokens) +
-                         " tokens (at least one token must be left for the completion).",
-                     "invalid_request_error", "messages", "context_length_exceeded"};
+    // With a context shift the prompt may fill the context; without, one token must be left.
+    if (static_cast<int64_t>(tokens) > context ||
+        (!options.context_shift && static_cast<int64_t>(tokens) == context)) {
+      throw ApiError{
+          400,
+          "This model's maximum context length is " + std::to_string(context) +
+              " tokens. However, your prompt has " + std::to_string(tokens) + " tokens" +
+              (options.context_shift ? std::string(".")
+                                     : std::string(" (at least one token must be left for the "
+                                                   "completion).")),
+          "invalid_request_error", "messages", "context_length_exceeded"};
     }
     if (tokens == 0) throw BadRequest("prompt", "the prompt must hold at least one token");
   }
@@ -808,12 +813,18 @@ Server::Server(Model model, const ServeOptions& options)
                 " exceeds the learned position table (" +
                 std::to_string(c.position_encoding.max_positions) + " positions)");
   }
-  I.max_tokens_cap = o.max_tokens > 0 ? std::min(o.max_tokens, I.context) : I.context;
+  // Without a context shift no sequence can outgrow the context; with one, --max-tokens may.
+  I.max_tokens_cap = o.max_tokens == 0 ? I.context
+                     : o.context_shift ? o.max_tokens
+                                       : std::min(o.max_tokens, I.context);
   I.pool = std::make_unique<ThreadPool>(static_cast<size_t>(std::max(o.threads, 0)));
   EngineOptions eo;
   eo.context = I.context;
   eo.max_batch = o.max_batch;
   eo.max_queue = o.max_queue;
+  eo.context_shift = o.context_shift;
+  eo.n_keep = o.n_keep;
+  eo.n_discard = o.n_discard;
   I.engine = std::make_unique<Engine>(I.model, eo, I.pool.get());
   // One HTTP worker per request that can be in flight, plus a few for health checks and
   // rejections: a streaming response holds its worker until the last token.
