@@ -1,12 +1,16 @@
 // The HTTP layer of ropekit serve (ropekit/serve.h): cpp-httplib routes, OpenAI request
 // validation, response and Server-Sent Events formatting. Generation runs in the Engine.
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <httplib.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <ctime>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -199,6 +203,66 @@ void WidenListenBacklog(int port) {
   }
 }
 
+// How often a non-streaming request checks whether its client is still connected.
+constexpr auto kDisconnectPoll = std::chrono::milliseconds(100);
+
+// The port of a socket address (IPv4 or IPv6) and its address as text; -1 for other families.
+int PortAndAddress(const sockaddr_storage& addr, std::string* text) {
+  char buf[INET6_ADDRSTRLEN] = {};
+  if (addr.ss_family == AF_INET) {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&addr);
+    inet_ntop(AF_INET, &a->sin_addr, buf, sizeof(buf));
+    *text = buf;
+    return ntohs(a->sin_port);
+  }
+  if (addr.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&addr);
+    inet_ntop(AF_INET6, &a->sin6_addr, buf, sizeof(buf));
+    *text = buf;
+    return ntohs(a->sin6_port);
+  }
+  return -1;
+}
+
+// The connection socket of a request, or -1. cpp-httplib 0.11 (Debian 12) does not hand it to
+// handlers (later versions have Request::is_connection_closed), so look among this process's
+// descriptors for the one whose local port and peer address and port are the request's: one
+// connected socket at most has them, and it stays open while its handler runs.
+int FindConnectionSocket(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (dir == nullptr) return -1;
+  int found = -1;
+  while (const dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+    sockaddr_storage local{}, peer{};
+    socklen_t llen = sizeof(local), plen = sizeof(peer);
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&local), &llen) != 0 ||
+        getpeername(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&peer), &plen) != 0) {
+      continue;
+    }
+    std::string local_addr, peer_addr;
+    if (PortAndAddress(local, &local_addr) == req.local_port &&
+        PortAndAddress(peer, &peer_addr) == req.remote_port && peer_addr == req.remote_addr) {
+      found = static_cast<int>(fd);
+      break;
+    }
+  }
+  closedir(dir);
+  return found;
+}
+
+// True when the peer closed the connection: the socket is readable and a peek reads end of file
+// (a pipelined next request would read bytes instead). The test of later cpp-httplib versions.
+bool PeerClosed(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  if (poll(&p, 1, 0) <= 0) return false;
+  if (p.revents & (POLLERR | POLLHUP | POLLNVAL)) return true;
+  char byte = 0;
+  return recv(fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -297,10 +361,21 @@ struct Server::Impl {
     }
   }
 
-  // Waits until every generation finished; false when a generation failed (res holds the error).
-  bool Wait(Job& job, httplib::Response& res) {
+  // Waits until every generation finished; false when a generation failed (res holds the error)
+  // or the client went away meanwhile (checked every kDisconnectPoll; the job is then cancelled,
+  // which frees its slots at the next step).
+  bool Wait(Job& job, const httplib::Request& req, httplib::Response& res) {
     std::unique_lock<std::mutex> lock(job.mu);
-    job.cv.wait(lock, [&] { return job.AllFinished(); });
+    int fd = -2;  // -2: not looked up yet, -1: not found
+    while (!job.cv.wait_for(lock, kDisconnectPoll, [&] { return job.AllFinished(); })) {
+      if (job.cancelled.load()) continue;
+      if (fd == -2) fd = FindConnectionSocket(req);
+      if (fd >= 0 && PeerClosed(fd)) job.cancelled = true;
+    }
+    if (job.cancelled.load()) {
+      SendError(res, ApiError{499, "the client closed the connection", "server_error", "", ""});
+      return false;
+    }
     for (const auto& g : job.gens) {
       if (!g->error.empty()) {
         SendError(res, ApiError{500, "generation failed: " + g->error, "server_error", "", ""});
@@ -422,7 +497,7 @@ struct Server::Impl {
 
   // ---- endpoints ----------------------------------------------------------------------------
 
-  void Completions(const json& body, httplib::Response& res) {
+  void Completions(const httplib::Request& req, const json& body, httplib::Response& res) {
     CheckModel(body);
     const json* p = Field(body, "prompt");
     if (!p) throw BadRequest("prompt", "'prompt' is required");
@@ -506,7 +581,7 @@ struct Server::Impl {
       Stream(job, res, chunk, usage, s.include_usage);
       return;
     }
-    if (!Wait(*job, res)) return;
+    if (!Wait(*job, req, res)) return;
     json choices = json::array();
     for (size_t i = 0; i < job->gens.size(); ++i) {
       const Generation& g = *job->gens[i];
@@ -551,7 +626,7 @@ struct Server::Impl {
     res.set_content(Dump(out), "application/json");
   }
 
-  void ChatCompletions(const json& body, httplib::Response& res) {
+  void ChatCompletions(const httplib::Request& req, const json& body, httplib::Response& res) {
     CheckModel(body);
     const json* m = Field(body, "messages");
     if (!m || !m->is_array() || m->empty()) {
@@ -633,7 +708,7 @@ struct Server::Impl {
       Stream(job, res, chunk, usage, s.include_usage);
       return;
     }
-    if (!Wait(*job, res)) return;
+    if (!Wait(*job, req, res)) return;
     json choices = json::array();
     for (size_t i = 0; i < job->gens.size(); ++i) {
       const Generation& g = *job->gens[i];
@@ -671,7 +746,7 @@ struct Server::Impl {
     res.set_content(Dump(out), "application/json");
   }
 
-  void Tokenize(const json& body, httplib::Response& res) {
+  void Tokenize(const httplib::Request&, const json& body, httplib::Response& res) {
     const json* c = Field(body, "content");
     if (!c || !c->is_string()) throw BadRequest("content", "'content' must be a string");
     const bool pieces = BoolField(body, "with_pieces", false);
@@ -687,7 +762,7 @@ struct Server::Impl {
     res.set_content(Dump(json{{"tokens", tokens}}), "application/json");
   }
 
-  void Detokenize(const json& body, httplib::Response& res) {
+  void Detokenize(const httplib::Request&, const json& body, httplib::Response& res) {
     const json* t = Field(body, "tokens");
     if (!t || !t->is_array()) throw BadRequest("tokens", "'tokens' must be an array of token ids");
     std::vector<int32_t> ids;
@@ -717,13 +792,14 @@ struct Server::Impl {
   }
 
   // Wraps a JSON POST handler: parses the body, turns ApiError / Error into error responses.
-  httplib::Server::Handler Post(void (Impl::*handler)(const json&, httplib::Response&)) {
+  httplib::Server::Handler Post(void (Impl::*handler)(const httplib::Request&, const json&,
+                                                      httplib::Response&)) {
     return [this, handler](const httplib::Request& req, httplib::Response& res) {
       try {
         json body = json::parse(req.body, nullptr, /*allow_exceptions=*/false);
         if (body.is_discarded()) throw BadRequest("", "the request body is not valid JSON");
         if (!body.is_object()) throw BadRequest("", "the request body must be a JSON object");
-        (this->*handler)(body, res);
+        (this->*handler)(req, body, res);
       } catch (const ApiError& e) {
         SendError(res, e);
       } catch (const std::exception& e) {

@@ -347,3 +347,27 @@ def test_context_shift_matches_ropekit_generate(model):
         r = subprocess.run([CLI, "serve", "--model", model, "--port", "0", "--ctx-size", "24",
                             "--context-shift", *bad], capture_output=True, text=True, timeout=60)
         assert r.returncode != 0 and what in r.stderr, r.stderr
+
+
+def test_non_streaming_client_disconnect_cancels(model):
+    import socket
+    with Server(model, "--max-batch", "1", "--max-queue", "4", "--ctx-size", "20000") as s:
+        body = json.dumps({"model": "tiny", "prompt": "the ", "max_tokens": 19990}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        while s.request("GET", "/health")[2]["running"] != 1:
+            assert time.monotonic() - t0 < 10, "the request never started"
+            time.sleep(0.02)
+        steps = s.request("GET", "/health")[2]["steps"]
+        sock.close()  # gone without reading a byte
+        t0 = time.monotonic()
+        while s.request("GET", "/health")[2]["running"] != 0:
+            assert time.monotonic() - t0 < 3, "the disconnected request kept generating"
+            time.sleep(0.02)
+        # It stopped long before its 19990 tokens, and the server still answers.
+        assert s.request("GET", "/health")[2]["steps"] - steps < 19990
+        assert complete(s, prompt="a", max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert s.proc.returncode == 0
