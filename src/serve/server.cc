@@ -46,6 +46,33 @@ std::string Dump(const json& j) {
   return j.dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
+// One Server-Sent Events frame holding a JSON object.
+std::string SseData(const json& j) { return "data: " + Dump(j) + "\n\n"; }
+
+// The fields every response object of one request begins with, in the OpenAI order: id, object,
+// created, model, (chat only) system_fingerprint, then the choices.
+struct Envelope {
+  std::string id, model;
+  int64_t created = 0;
+  bool fingerprint = false;
+
+  json With(const char* object, json choices) const {
+    json j{{"id", id}, {"object", object}, {"created", created}, {"model", model}};
+    if (fingerprint) j["system_fingerprint"] = nullptr;
+    j["choices"] = std::move(choices);
+    return j;
+  }
+};
+
+// One streamed choice: {"index", <field>: value, "logprobs": null, "finish_reason"} where the
+// finish reason is null until the choice ends; field is "text" (completions) or "delta" (chat).
+json StreamChoice(size_t index, const char* field, json value, const std::string& finish) {
+  return json{{"index", index},
+              {field, std::move(value)},
+              {"logprobs", nullptr},
+              {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}};
+}
+
 json ErrorBody(const ApiError& e) {
   json err;
   err["message"] = e.message;
@@ -414,10 +441,25 @@ struct Server::Impl {
                 {"total_tokens", prompt_tokens + completion}};
   }
 
-  // Streams the job as SSE. make_chunk(index, text, finish_reason or "", first) builds one frame.
-  template <typename MakeChunk, typename MakeUsage>
-  void Stream(const std::shared_ptr<Job>& job, httplib::Response& res, MakeChunk make_chunk,
-              MakeUsage make_usage, bool include_usage) {
+  // Streams the job as SSE: objects `object` in the envelope env, one choice each, built by
+  // make_choice(index, text, finish_reason or "", first); with include_usage every chunk has
+  // "usage": null and a last chunk without choices carries the usage and timings.
+  template <typename MakeChoice>
+  void Stream(const std::shared_ptr<Job>& job, httplib::Response& res, const Envelope& env,
+              const char* object, MakeChoice make_choice, bool include_usage,
+              int64_t prompt_tokens) {
+    auto make_chunk = [=](size_t i, const std::string& text, const std::string& finish,
+                          bool first) {
+      json j = env.With(object, json::array({make_choice(i, text, finish, first)}));
+      if (include_usage) j["usage"] = nullptr;
+      return SseData(j);
+    };
+    auto make_usage = [=]() {
+      json j = env.With(object, json::array());
+      j["usage"] = Usage(*job, prompt_tokens);
+      j["timings"] = Timings(*job);
+      return SseData(j);
+    };
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
@@ -467,10 +509,8 @@ struct Server::Impl {
               }
             }
             if (!error.empty()) {
-              send("data: " +
-                   Dump(ErrorBody(
-                       ApiError{500, "generation failed: " + error, "server_error", "", ""})) +
-                   "\n\n");
+              send(SseData(
+                  ErrorBody(ApiError{500, "generation failed: " + error, "server_error", "", ""})));
               job->cancelled = true;
               sink.done();
               return true;
@@ -548,37 +588,16 @@ struct Server::Impl {
     int64_t prompt_tokens = 0;
     for (const auto& pr : prompts) prompt_tokens += static_cast<int64_t>(pr.size()) * s.n;
     Submit(job, res);
-    const std::string id = RandomId("cmpl-");
-    const int64_t created = std::time(nullptr);
-    const std::string model_id = options.model_id;
+    const Envelope env{RandomId("cmpl-"), options.model_id, std::time(nullptr), false};
     std::vector<std::string> prompt_text;
     for (const auto& pr : prompts) prompt_text.push_back(tokenizer.Decode(pr));
     const int64_t n = s.n;
     if (s.stream) {
-      auto chunk = [=](size_t i, const std::string& text, const std::string& finish, bool first) {
-        json c{{"index", i},
-               {"text", (first && echo ? prompt_text[i / n] : std::string()) + text},
-               {"logprobs", nullptr},
-               {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}};
-        json j{{"id", id},
-               {"object", "text_completion"},
-               {"created", created},
-               {"model", model_id},
-               {"choices", json::array({c})}};
-        if (s.include_usage) j["usage"] = nullptr;
-        return "data: " + Dump(j) + "\n\n";
+      auto choice = [=](size_t i, const std::string& text, const std::string& finish, bool first) {
+        return StreamChoice(i, "text", (first && echo ? prompt_text[i / n] : std::string()) + text,
+                            finish);
       };
-      auto usage = [=]() {
-        json j{{"id", id},
-               {"object", "text_completion"},
-               {"created", created},
-               {"model", model_id},
-               {"choices", json::array()},
-               {"usage", Usage(*job, prompt_tokens)},
-               {"timings", Timings(*job)}};
-        return "data: " + Dump(j) + "\n\n";
-      };
-      Stream(job, res, chunk, usage, s.include_usage);
+      Stream(job, res, env, "text_completion", choice, s.include_usage, prompt_tokens);
       return;
     }
     if (!Wait(*job, req, res)) return;
@@ -616,13 +635,9 @@ struct Server::Impl {
                              {"logprobs", lp},
                              {"finish_reason", g.finish_reason}});
     }
-    json out{{"id", id},
-             {"object", "text_completion"},
-             {"created", created},
-             {"model", model_id},
-             {"choices", choices},
-             {"usage", Usage(*job, prompt_tokens)},
-             {"timings", Timings(*job)}};
+    json out = env.With("text_completion", choices);
+    out["usage"] = Usage(*job, prompt_tokens);
+    out["timings"] = Timings(*job);
     res.set_content(Dump(out), "application/json");
   }
 
@@ -673,39 +688,15 @@ struct Server::Impl {
     auto job = MakeJob({prompt}, s, logprobs ? top : -1, false);
     const int64_t prompt_tokens = static_cast<int64_t>(prompt.size()) * s.n;
     Submit(job, res);
-    const std::string id = RandomId("chatcmpl-");
-    const int64_t created = std::time(nullptr);
-    const std::string model_id = options.model_id;
+    const Envelope env{RandomId("chatcmpl-"), options.model_id, std::time(nullptr), true};
     if (s.stream) {
-      auto chunk = [=](size_t i, const std::string& text, const std::string& finish, bool first) {
+      auto choice = [=](size_t i, const std::string& text, const std::string& finish, bool first) {
         json delta = json::object();
         if (first) delta["role"] = "assistant";
         if (first || !text.empty()) delta["content"] = text;
-        json c{{"index", i},
-               {"delta", delta},
-               {"logprobs", nullptr},
-               {"finish_reason", finish.empty() ? json(nullptr) : json(finish)}};
-        json j{{"id", id},
-               {"object", "chat.completion.chunk"},
-               {"created", created},
-               {"model", model_id},
-               {"system_fingerprint", nullptr},
-               {"choices", json::array({c})}};
-        if (s.include_usage) j["usage"] = nullptr;
-        return "data: " + Dump(j) + "\n\n";
+        return StreamChoice(i, "delta", delta, finish);
       };
-      auto usage = [=]() {
-        json j{{"id", id},
-               {"object", "chat.completion.chunk"},
-               {"created", created},
-               {"model", model_id},
-               {"system_fingerprint", nullptr},
-               {"choices", json::array()},
-               {"usage", Usage(*job, prompt_tokens)},
-               {"timings", Timings(*job)}};
-        return "data: " + Dump(j) + "\n\n";
-      };
-      Stream(job, res, chunk, usage, s.include_usage);
+      Stream(job, res, env, "chat.completion.chunk", choice, s.include_usage, prompt_tokens);
       return;
     }
     if (!Wait(*job, req, res)) return;
@@ -735,14 +726,9 @@ struct Server::Impl {
                {"logprobs", lp},
                {"finish_reason", g.finish_reason}});
     }
-    json out{{"id", id},
-             {"object", "chat.completion"},
-             {"created", created},
-             {"model", model_id},
-             {"system_fingerprint", nullptr},
-             {"choices", choices},
-             {"usage", Usage(*job, prompt_tokens)},
-             {"timings", Timings(*job)}};
+    json out = env.With("chat.completion", choices);
+    out["usage"] = Usage(*job, prompt_tokens);
+    out["timings"] = Timings(*job);
     res.set_content(Dump(out), "application/json");
   }
 
