@@ -1,10 +1,12 @@
 // Batched decoding for continuous batching (BatchDecoder in ropekit/model.h): one token for each
 // of B sequences at their own positions, through the layers of model.cc's forward
 //   xn1 = RMSNorm(x) w_in; q, k, v = xn1 Wq^T, Wk^T, Wv^T; q, k <- RoPE; append k, v;
-//   ao = softmax(q K^T / sqrt(D) + bias) V (per sequence, over its own cache);
+//   ao = softmax(q K^T / sqrt(D) + bias) V (per sequence, over its own cache, with
+//        ops::DecodeAttention);
 //   mid = x + ao Wo^T; h = silu(RMSNorm(mid) Wg^T) * (RMSNorm(mid) Wu^T); x' = mid + h Wd^T
-// with every projection a [B, K] x [K, N] product (ops::MatMulRowwise) whose rows do not
-// influence each other, so a sequence's logits are the same in any batch.
+// with every projection a [B, K] x [K, N] product (ops::MatMulRowwise; q | k | v and gate | up
+// each as one MatMulRowwiseMulti call) whose rows do not influence each other, so a sequence's
+// logits are the same in any batch.
 //
 // Dimension legend: B = sequences in the step, V = vocab, d = hidden, H / Hkv = heads / kv heads,
 // D = head_dim, F = intermediate, L = layers, Tk_b = keys of sequence b (its cache size + 1).
