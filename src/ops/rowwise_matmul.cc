@@ -12,8 +12,6 @@
 #include <algorithm>
 #include <limits>
 #include <string>
-#include <utility>
-#include <vector>
 
 #include "ropekit/error.h"
 #include "src/ops/rowwise_matmul.h"
@@ -37,26 +35,32 @@ void CheckDims(int64_t m, int64_t k, int64_t n) {
   }
 }
 
-// Column blocks of all outputs as one task list; ldy = 0: each output's own width.
+// Column blocks of all outputs as one task list (task t: output o's block t - blocks before o);
+// ldy = 0: each output's own width. No allocation: decoding calls this several times a step.
 void RunRowwise(const float* x, std::span<const RowwiseOutput> outputs, int64_t m, int64_t k,
                 int64_t ldy, ThreadPool* pool, bool accumulate) {
-  std::vector<std::pair<size_t, int64_t>> tasks;  // (output, first column)
-  int64_t work = 0;
-  for (size_t o = 0; o < outputs.size(); ++o) {
-    CheckDims(m, k, outputs[o].n);
-    if (ldy != 0 && outputs[o].n > ldy) {
-      throw Error("MatMulRowwiseMulti: an output of " + std::to_string(outputs[o].n) +
+  int64_t tasks = 0, work = 0;
+  for (const RowwiseOutput& out : outputs) {
+    CheckDims(m, k, out.n);
+    if (ldy != 0 && out.n > ldy) {
+      throw Error("MatMulRowwiseMulti: an output of " + std::to_string(out.n) +
                   " columns is wider than the row stride " + std::to_string(ldy));
     }
-    for (int64_t c0 = 0; c0 < outputs[o].n; c0 += kBlockCols) tasks.emplace_back(o, c0);
-    work += m * outputs[o].n * k;
+    tasks += (out.n + kBlockCols - 1) / kBlockCols;
+    work += m * out.n * k;
   }
-  if (m == 0 || tasks.empty()) return;
+  if (m == 0 || tasks == 0) return;
   ThreadPool* p = work < kMinParallelWork ? nullptr : pool;
-  ParallelFor(p, tasks.size(), [&](size_t begin, size_t end, size_t) {
+  ParallelFor(p, static_cast<size_t>(tasks), [&](size_t begin, size_t end, size_t) {
     for (size_t t = begin; t < end; ++t) {
-      const RowwiseOutput& out = outputs[tasks[t].first];
-      const int64_t c0 = tasks[t].second;
+      int64_t block = static_cast<int64_t>(t);
+      size_t o = 0;
+      while (block >= (outputs[o].n + kBlockCols - 1) / kBlockCols) {
+        block -= (outputs[o].n + kBlockCols - 1) / kBlockCols;
+        ++o;
+      }
+      const RowwiseOutput& out = outputs[o];
+      const int64_t c0 = block * kBlockCols;
       HWY_DYNAMIC_DISPATCH(RowwiseBlock)
       (x, out.w, out.y, k, ldy != 0 ? ldy : out.n, 0, m, c0, std::min(out.n, c0 + kBlockCols),
        accumulate);

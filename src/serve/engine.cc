@@ -264,8 +264,9 @@ void Engine::Loop() {
   std::vector<KVCache*> caches;
   std::vector<int32_t> tokens;
   std::vector<float> logits;
+  std::vector<Active> admitted;
   for (;;) {
-    std::vector<Active> admitted;
+    admitted.clear();
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
@@ -284,8 +285,9 @@ void Engine::Loop() {
       }
     }
     // Drop what finished at admission; cancel / time out the rest before the step.
+    // (Compacted in place: no allocation per step.)
     const auto now = Clock::now();
-    std::vector<Active> live;
+    size_t kept = 0;
     for (Active& a : running_) {
       if (a.gen->finished) continue;
       if (a.job->cancelled.load()) {
@@ -295,13 +297,14 @@ void Engine::Loop() {
       } else {
         try {
           ShiftIfFull(*a.gen);
-          live.push_back(a);
+          if (&running_[kept] != &a) running_[kept] = std::move(a);
+          ++kept;
         } catch (const std::exception& e) {
           Finish(a, "", e.what());
         }
       }
     }
-    running_ = std::move(live);
+    running_.resize(kept);
     running_count_.store(static_cast<int64_t>(running_.size()));
     if (running_.empty()) continue;
     caches.clear();
