@@ -3,22 +3,47 @@
 // the default model, without HTTP: aggregate tokens/s at B = 1, 8, 32 sequences and the ratio to
 // the single-sequence path, measured in the same run (medians of --repeats).
 //
-// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R]
+// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R] [--profile 1]
+// --profile 1 adds one more B = 32 run with the per-op profile on (ropekit/profile.h) and prints
+// each op's time per step, the sampler's included.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <ctime>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "ropekit/model.h"
+#include "ropekit/profile.h"
 
 namespace {
 
 double Now() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
+
+// CPU seconds of the whole process (all threads): on a shared machine, time spent waiting for a
+// core does not count, so tokens per CPU second varies less with the load than tokens per second.
+double CpuNow() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
+}
+
+// Tokens per wall-clock second and per CPU second.
+struct Rate {
+  double wall = 0.0, cpu = 0.0;
+};
+
+struct Timer {
+  double wall0 = Now(), cpu0 = CpuNow();
+  Rate Of(int64_t tokens) const {
+    const double n = static_cast<double>(tokens);
+    return {n / (Now() - wall0), n / (CpuNow() - cpu0)};
+  }
+};
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -28,21 +53,22 @@ double Median(std::vector<double> v) {
 const std::vector<int32_t> kPrompt = {'t', 'h', 'e', ' ', 'q', 'u', 'i', 'c', 'k', ' '};
 
 // One sequence at a time: prefill, then one ForwardCached per token (greedy).
-double SingleRate(ropekit::Model& model, int64_t tokens, ropekit::ThreadPool* pool) {
+Rate SingleRate(ropekit::Model& model, int64_t tokens, ropekit::ThreadPool* pool) {
   ropekit::KVCache cache(model.config(), static_cast<int64_t>(kPrompt.size()) + tokens);
   std::vector<float> logits(model.config().vocab_size);
   ropekit::Sampler sampler({});
   model.ForwardCached(kPrompt, cache, logits.data(), true, pool);
-  const double t0 = Now();
+  const Timer timer;
   for (int64_t i = 0; i < tokens; ++i) {
     const int32_t next = sampler.Sample(logits);
     model.ForwardCached(std::span<const int32_t>(&next, 1), cache, logits.data(), true, pool);
   }
-  return static_cast<double>(tokens) / (Now() - t0);
+  return timer.Of(tokens);
 }
 
 // B sequences decoded together: one BatchDecoder::Step per token position.
-double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::ThreadPool* pool) {
+Rate BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::ThreadPool* pool,
+               double& sample_seconds) {
   const int64_t V = model.config().vocab_size;
   std::vector<std::unique_ptr<ropekit::KVCache>> caches;
   std::vector<ropekit::KVCache*> ptrs;
@@ -57,14 +83,16 @@ double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::
     next[b] = sampler.Sample(std::span<const float>(logits.data(), V));
   }
   ropekit::BatchDecoder decoder(model);
-  const double t0 = Now();
+  const Timer timer;
   for (int64_t i = 0; i < tokens; ++i) {
     decoder.Step(ptrs, next, logits.data(), pool);
+    const double s0 = Now();
     for (int64_t b = 0; b < batch; ++b) {
       next[b] = sampler.Sample(std::span<const float>(logits.data() + b * V, V));
     }
+    sample_seconds += Now() - s0;
   }
-  return static_cast<double>(batch * tokens) / (Now() - t0);
+  return timer.Of(batch * tokens);
 }
 
 }  // namespace
@@ -72,12 +100,15 @@ double BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::
 int main(int argc, char** argv) {
   int threads = 1;
   int64_t tokens = 200, repeats = 5;
+  bool profile = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
     if (k == "--threads") {
       threads = std::atoi(argv[i + 1]);
     } else if (k == "--tokens") {
       tokens = std::atoll(argv[i + 1]);
+    } else if (k == "--profile") {
+      profile = std::atoi(argv[i + 1]) != 0;
     } else if (k == "--repeats") {
       repeats = std::max(1LL, std::atoll(argv[i + 1]));
     } else {
@@ -90,19 +121,58 @@ int main(int argc, char** argv) {
     config.max_position_embeddings = 512;
     ropekit::Model model(config, 1);
     ropekit::ThreadPool pool(threads);
-    std::vector<double> single;
-    for (int64_t r = 0; r < repeats; ++r) single.push_back(SingleRate(model, tokens, &pool));
-    const double base = Median(single);
+    // The repeats are interleaved (one-at-a-time, B = 1, 8, 32, then again), so that a change
+    // in the load of a shared machine touches every configuration alike.
+    const std::vector<int64_t> batches = {1, 8, 32};
+    // rows[0]: one at a time; rows[1 + i]: batches[i]. Each holds the repeats' wall and CPU
+    // rates.
+    std::vector<std::vector<double>> wall(batches.size() + 1), cpu(batches.size() + 1);
+    auto add = [&](size_t row, Rate r) {
+      wall[row].push_back(r.wall);
+      cpu[row].push_back(r.cpu);
+    };
+    for (int64_t r = 0; r < repeats; ++r) {
+      add(0, SingleRate(model, tokens, &pool));
+      for (size_t i = 0; i < batches.size(); ++i) {
+        double sample_seconds = 0.0;
+        add(1 + i, BatchRate(model, batches[i], tokens, &pool, sample_seconds));
+      }
+    }
+    const double base = Median(wall[0]), base_cpu = Median(cpu[0]);
     std::printf("threads %d, %lld new tokens per sequence, medians of %lld\n", threads,
                 static_cast<long long>(tokens), static_cast<long long>(repeats));
-    std::printf("%-28s %12s %8s\n", "decoding", "tokens/s", "ratio");
-    std::printf("%-28s %12.0f %7.2fx\n", "one at a time (generate)", base, 1.0);
-    for (int64_t b : {1, 8, 32}) {
-      std::vector<double> rates;
-      for (int64_t r = 0; r < repeats; ++r) rates.push_back(BatchRate(model, b, tokens, &pool));
-      const double rate = Median(rates);
-      std::printf("batched, %2lld sequences %14.0f %7.2fx\n", static_cast<long long>(b), rate,
-                  rate / base);
+    std::printf("%-26s %10s %7s %14s %7s\n", "decoding", "tokens/s", "ratio", "tokens/CPU-s",
+                "ratio");
+    for (size_t row = 0; row <= batches.size(); ++row) {
+      char name[64];
+      if (row == 0) {
+        std::snprintf(name, sizeof(name), "one at a time (generate)");
+      } else {
+        std::snprintf(name, sizeof(name), "batched, %lld sequences",
+                      static_cast<long long>(batches[row - 1]));
+      }
+      const double w = Median(wall[row]), c = Median(cpu[row]);
+      std::printf("%-26s %10.0f %6.2fx %14.0f %6.2fx\n", name, w, w / base, c, c / base_cpu);
+    }
+    if (profile) {
+      constexpr int64_t kBatch = 32;
+      double sample_seconds = 0.0;
+      ropekit::ResetOpProfile();
+      ropekit::SetOpProfiling(true);
+      const double t0 = Now();
+      BatchRate(model, kBatch, tokens, &pool, sample_seconds);
+      const double total = Now() - t0;  // wall time, as the op totals
+      ropekit::SetOpProfiling(false);
+      std::printf(
+          "\nprofile at B = %lld: microseconds per step (%lld steps; prefill included "
+          "in the total)\n",
+          static_cast<long long>(kBatch), static_cast<long long>(tokens));
+      const double per = 1e6 / static_cast<double>(tokens);
+      for (const ropekit::OpTime& op : ropekit::OpProfile()) {
+        std::printf("  %-22s %10.1f\n", op.name.c_str(), op.seconds * per);
+      }
+      std::printf("  %-22s %10.1f\n", "sampler", sample_seconds * per);
+      std::printf("  %-22s %10.1f\n", "total", total * per);
     }
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_batch_decode: %s\n", e.what());

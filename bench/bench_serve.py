@@ -8,9 +8,10 @@ concurrent sequences against the same model decoding one sequence at a time with
 
 The model is initialised (one training step, seconds) with the default tiny-LLaMA shape unless
 told otherwise. Single sequence: `ropekit generate --stats` prints new tokens / seconds of one
-prefill + decode; the median of --repeats runs. Batched: C requests with max_tokens = --tokens
+prefill + decode. Batched: C requests with max_tokens = --tokens
 (sampling, distinct seeds, no stop strings) sent together to the server; aggregate rate = all
-generated tokens / wall time from sending to the last response; the median of --repeats waves.
+generated tokens / wall time from sending to the last response. Medians of --repeats, the repeats
+interleaved across the configurations.
 """
 
 import argparse
@@ -39,15 +40,12 @@ def train(cli, out, args):
     return model
 
 
-def generate_rate(cli, model, args):
-    rates = []
-    for r in range(args.repeats):
-        p = subprocess.run([cli, "generate", "--model", model, "--prompt", "the quick ",
-                            "--max-new-tokens", str(args.tokens), "--temperature", "0.8",
-                            "--seed", str(r), "--threads", str(args.threads), "--stats"],
-                           check=True, capture_output=True)
-        rates.append(float(re.search(rb"\(([\d.]+) tokens/s\)", p.stderr).group(1)))
-    return statistics.median(rates)
+def generate_rate(cli, model, args, r):
+    p = subprocess.run([cli, "generate", "--model", model, "--prompt", "the quick ",
+                        "--max-new-tokens", str(args.tokens), "--temperature", "0.8",
+                        "--seed", str(r), "--threads", str(args.threads), "--stats"],
+                       check=True, capture_output=True)
+    return float(re.search(rb"\(([\d.]+) tokens/s\)", p.stderr).group(1))
 
 
 def post(url, body):
@@ -57,18 +55,14 @@ def post(url, body):
         return json.loads(res.read())
 
 
-def batched_rate(url, concurrency, args):
-    rates = []
+def batched_rate(url, concurrency, args, r):
     with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for r in range(args.repeats):
-            bodies = [{"prompt": "the quick ", "max_tokens": args.tokens, "temperature": 0.8,
-                       "seed": 1000 * r + i} for i in range(concurrency)]
-            t0 = time.monotonic()
-            outs = list(pool.map(lambda b: post(url + "/v1/completions", b), bodies))
-            wall = time.monotonic() - t0
-            tokens = sum(o["usage"]["completion_tokens"] for o in outs)
-            rates.append(tokens / wall)
-    return statistics.median(rates)
+        bodies = [{"prompt": "the quick ", "max_tokens": args.tokens, "temperature": 0.8,
+                   "seed": 1000 * r + i} for i in range(concurrency)]
+        t0 = time.monotonic()
+        outs = list(pool.map(lambda b: post(url + "/v1/completions", b), bodies))
+        wall = time.monotonic() - t0
+        return sum(o["usage"]["completion_tokens"] for o in outs) / wall
 
 
 def main():
@@ -87,7 +81,6 @@ def main():
                 if line.startswith("model name")), "unknown CPU")
     with tempfile.TemporaryDirectory() as tmp:
         model = train(args.cli, tmp, args)
-        single = generate_rate(args.cli, model, args)
         proc = subprocess.Popen([args.cli, "serve", "--model", model, "--port", "0",
                                  "--threads", str(args.threads), "--max-batch", "32",
                                  "--ctx-size", str(args.tokens + 16)],
@@ -98,11 +91,20 @@ def main():
                   f"{args.threads}; d={args.hidden_size} L={args.layers} "
                   f"F={args.intermediate_size}; {args.tokens} new tokens per sequence; "
                   f"medians of {args.repeats}")
+            # Repeats interleaved (generate, then 1, 8 and 32 concurrent, then again), so that a
+            # change in the load of a shared machine touches every configuration alike.
+            levels = (1, 8, 32)
+            single, waves = [], {c: [] for c in levels}
+            for r in range(args.repeats):
+                single.append(generate_rate(args.cli, model, args, r))
+                for c in levels:
+                    waves[c].append(batched_rate(url, c, args, r))
+            base = statistics.median(single)
             print(f"{'sequences':>10} {'tokens/s':>10} {'vs ropekit generate':>20}")
-            print(f"{'generate':>10} {single:10.0f} {1.0:19.2f}x")
-            for c in (1, 8, 32):
-                rate = batched_rate(url, c, args)
-                print(f"{c:>10} {rate:10.0f} {rate / single:19.2f}x")
+            print(f"{'generate':>10} {base:10.0f} {1.0:19.2f}x")
+            for c in levels:
+                rate = statistics.median(waves[c])
+                print(f"{c:>10} {rate:10.0f} {rate / base:19.2f}x")
         finally:
             proc.terminate()
             proc.wait()

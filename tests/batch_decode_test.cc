@@ -87,6 +87,37 @@ TEST(MatMulRowwise, EveryRowIsBitwiseIndependentOfTheOthers) {
   }
 }
 
+// Several outputs in one call (q | k | v in one row): each column range bitwise equal to its own
+// MatMulRowwise, with or without a pool; the columns between outputs are left alone.
+TEST(MatMulRowwise, MultiEqualsSeparateProductsBitwise) {
+  const int64_t m = 19, k = 40, n0 = 70, n1 = 13, n2 = 64, ldy = n0 + n1 + n2 + 3;
+  const auto x = RandomFloats(m * k, 6), w0 = RandomFloats(n0 * k, 7), w1 = RandomFloats(n1 * k, 8),
+             w2 = RandomFloats(n2 * k, 9);
+  ThreadPool pool(2);
+  for (ThreadPool* p : {static_cast<ThreadPool*>(nullptr), &pool}) {
+    std::vector<float> y(m * ldy, -7.0f);
+    const ops::RowwiseOutput outs[] = {{w0.data(), n0, y.data()},
+                                       {w1.data(), n1, y.data() + n0},
+                                       {w2.data(), n2, y.data() + n0 + n1}};
+    ops::MatMulRowwiseMulti(x.data(), outs, m, k, ldy, p);
+    int64_t col = 0;
+    for (const auto& [w, n] : {std::pair{&w0, n0}, {&w1, n1}, {&w2, n2}}) {
+      std::vector<float> ref(m * n);
+      ops::MatMulRowwise(x.data(), w->data(), ref.data(), m, k, n, nullptr);
+      for (int64_t r = 0; r < m; ++r) {
+        ASSERT_TRUE(SameBits(ref.data() + r * n, y.data() + r * ldy + col, n)) << r;
+      }
+      col += n;
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      for (int64_t c = col; c < ldy; ++c) ASSERT_EQ(y[r * ldy + c], -7.0f);
+    }
+  }
+  std::vector<float> y(m * ldy);
+  const ops::RowwiseOutput wide[] = {{w0.data(), n0, y.data()}};
+  EXPECT_THROW(ops::MatMulRowwiseMulti(x.data(), wide, m, k, n0 - 1, nullptr), Error);
+}
+
 ModelConfig DecodeConfig(PositionEncodingKind kind, RopeType type = RopeType::kDefault,
                          Layout layout = Layout::kHalfSplit, int rotary_dim = 0) {
   ModelConfig c;

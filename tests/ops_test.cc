@@ -535,5 +535,112 @@ INSTANTIATE_TEST_SUITE_P(
                       FlashCase{"strided_alibi", PositionEncodingKind::kAlibi, 2, 1, 80, 80, 2}),
     [](const auto& info) { return std::string(info.param.name); });
 
+struct DecodeCase {
+  const char* name;
+  PositionEncodingKind kind;
+  int64_t heads, kv_heads, tk, head_dim;
+  int64_t key_stride = 1;  // key j at position key_stride * j + (key_stride - 1)
+  int64_t query_key = -1;  // the query sits at key query_key's position (-1: the last key)
+};
+
+class OpsDecodeAttention : public ::testing::TestWithParam<DecodeCase> {};
+
+// DecodeAttention (one query, no BLAS) against the float64 reference and AttentionForward, for
+// every logit hook, masked keys (a query before the last key), head_dim with and without a
+// vector tail; then bitwise: the result does not depend on the scratch's old contents or on
+// where the query and output rows sit.
+TEST_P(OpsDecodeAttention, MatchesReferenceAndUnfused) {
+  const DecodeCase tc = GetParam();
+  const int64_t H = tc.heads, Hkv = tc.kv_heads, Tk = tc.tk, D = tc.head_dim;
+  PositionEncodingSpec spec;
+  spec.kind = tc.kind;
+  spec.num_heads = static_cast<int>(H);
+  spec.num_buckets = 8;
+  spec.max_distance = 64;
+  PositionEncoding pe(spec);
+  std::vector<float> bias_params(pe.num_parameters());
+  pe.InitParameters(7, bias_params);
+  for (float& b : bias_params) b *= 50.0f;  // make the bias matter
+  auto q = Random(H * D, 40), k = Random(Tk * Hkv * D, 41), v = Random(Tk * Hkv * D, 42);
+  std::vector<int64_t> kpos(Tk), qpos(1);
+  for (int64_t j = 0; j < Tk; ++j) kpos[j] = tc.key_stride * j + (tc.key_stride - 1);
+  qpos[0] = kpos[tc.query_key < 0 ? Tk - 1 : tc.query_key];
+  ops::AttentionArgs a;
+  a.tq = 1;
+  a.tk = Tk;
+  a.heads = H;
+  a.kv_heads = Hkv;
+  a.head_dim = D;
+  a.q = q.data();
+  a.q_row_stride = a.q_batch_stride = H * D;
+  a.k = k.data();
+  a.v = v.data();
+  a.kv_row_stride = Hkv * D;
+  a.kv_batch_stride = Tk * Hkv * D;
+  a.out_row_stride = a.out_batch_stride = H * D;
+  a.q_positions = qpos;
+  a.k_positions = kpos;
+  a.scale = static_cast<float>(1.0 / std::sqrt(double(D)));
+  a.logit_bias = &pe;
+  a.bias_params = bias_params;
+  std::vector<float> out(H * D), out_u(H * D), scratch(Tk, 0.0f);
+  a.out = out_u.data();
+  ops::AttentionForward(a, nullptr);
+  a.out = out.data();
+  ops::DecodeAttention(a, scratch);
+
+  // Error budget as for the fused attention above (|q|, |k|, |v| <= 1, u = 2^-24):
+  //  logits: a D-term dot product, the scale and the bias add: e_s <= kSlack (D + 2) u S with
+  //    S = scale D + max|bias|;
+  //  p_j = exp(s_j - max) / l: relative error eps_p <= 2 e_s + kSlack (Tk + 4) u (float32 exp,
+  //    the float32 sum l of <= Tk terms, the division);
+  //  out = sum_j p_j v_j (convex, |v| <= 1): tol_out = eps_p + kSlack Tk u.
+  double max_bias = 0.0;
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < Tk; ++j)
+      if (kpos[j] <= qpos[0])
+        max_bias = std::max(max_bias, std::abs(reference::LogitBias(&pe, bias_params, qpos[0],
+                                                                    kpos[j], static_cast<int>(h))));
+  const double e_s = kSlack * (D + 2) * kU * (a.scale * D + max_bias);
+  const double eps_p = 2 * e_s + kSlack * (Tk + 4) * kU;
+  const double tol_out = eps_p + kSlack * Tk * kU;
+  std::vector<double> o_ref(H * D);
+  const auto qd = ToDouble(q), kd = ToDouble(k), vd = ToDouble(v);
+  reference::Attention(qd.data(), kd.data(), vd.data(), o_ref.data(), 1, Tk, H, Hkv, D, qpos, kpos,
+                       a.scale, &pe, bias_params);
+  for (int64_t i = 0; i < H * D; ++i) {
+    ASSERT_NEAR(out[i], o_ref[i], tol_out) << "out " << i;
+    // AttentionForward obeys the same budget: the two differ by at most twice of it.
+    ASSERT_NEAR(out[i], out_u[i], 2 * tol_out) << "out vs unfused " << i;
+  }
+
+  // Bitwise: dirty scratch, query and output rows moved by one float (another alignment).
+  std::vector<float> q2(H * D + 1), out2(H * D + 1), dirty(Tk + 5, 1e30f);
+  std::copy(q.begin(), q.end(), q2.begin() + 1);
+  a.q = q2.data() + 1;
+  a.out = out2.data() + 1;
+  ops::DecodeAttention(a, dirty);
+  EXPECT_TRUE(std::equal(out.begin(), out.end(), out2.begin() + 1));
+
+  // Too little scratch, or more than one query, is an Error.
+  std::vector<float> small(Tk - 1);
+  EXPECT_THROW(ops::DecodeAttention(a, small), Error);
+  a.tq = 2;
+  EXPECT_THROW(ops::DecodeAttention(a, scratch), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, OpsDecodeAttention,
+    ::testing::Values(
+        DecodeCase{"one_key", PositionEncodingKind::kNone, 2, 2, 1, 32},
+        DecodeCase{"gqa_none", PositionEncodingKind::kNone, 4, 2, 130, 32},
+        DecodeCase{"mha_tail_dims", PositionEncodingKind::kNone, 2, 2, 7, 12},
+        DecodeCase{"gqa_alibi", PositionEncodingKind::kAlibi, 4, 2, 61, 32},
+        DecodeCase{"mqa_t5_long", PositionEncodingKind::kT5, 4, 1, 300, 20},
+        DecodeCase{"masked_prefix", PositionEncodingKind::kAlibi, 2, 1, 50, 16, 1, 30},
+        DecodeCase{"strided_t5_masked", PositionEncodingKind::kT5, 2, 2, 90, 16, 3, 60},
+        DecodeCase{"strided_first_key", PositionEncodingKind::kNone, 2, 1, 9, 16, 2, 0}),
+    [](const auto& info) { return std::string(info.param.name); });
+
 }  // namespace
 }  // namespace ropekit

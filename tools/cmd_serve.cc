@@ -104,6 +104,14 @@ const CommandRegistration kServe{
       sub->add_option("--max-body-bytes", o.max_body_bytes,
                       "Largest request body; larger ones get 413")
           ->capture_default_str();
+      sub->add_flag("--context-shift", o.context_shift,
+                    "keep generating past --ctx-size: drop the oldest non-sink tokens and "
+                    "re-rotate the cached keys of the rest (llama.cpp context shift)");
+      sub->add_option("--n-keep", o.n_keep, "sink tokens kept at the start with --context-shift")
+          ->capture_default_str();
+      sub->add_option("--n-discard", o.n_discard,
+                      "tokens dropped per shift (0 = half of the non-sink tokens)")
+          ->capture_default_str();
       AddRopeOverrideOptions(sub, a->rope);
       return [a] { return RunServe(*a); };
     }};

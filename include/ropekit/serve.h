@@ -44,6 +44,13 @@ struct ServeOptions {
   int64_t max_tokens = 0;    // cap on a request's max_tokens; 0 = the context
   double timeout_s = 300.0;  // per request, queueing included; then finish_reason "length"
   int64_t max_body_bytes = 1 << 20;
+  // Context shift, as `ropekit generate --context-shift`: a sequence whose context is full drops
+  // n_discard tokens after the n_keep sink tokens (0 = half of the rest) and goes on; a prompt
+  // may then fill the whole context. max_tokens still caps each request (raise it to generate
+  // past the context).
+  bool context_shift = false;
+  int64_t n_keep = 4;
+  int64_t n_discard = 0;
 };
 
 // Renders chat messages (role, content) with the template above.

@@ -1,7 +1,7 @@
 // Plain declarations of the row kernels of the fused causal attention (src/ops/attention.cc);
 // the per-target code and the dispatch table are in attention_kernels.cc.
 //
-// Dimension legend: n = keys in one row of a score tile.
+// Dimension legend: n = keys in one row of a score tile, D = head_dim.
 #ifndef ROPEKIT_SRC_KERNELS_ATTENTION_KERNELS_H_
 #define ROPEKIT_SRC_KERNELS_ATTENTION_KERNELS_H_
 
@@ -16,6 +16,15 @@ float ExpShiftSumSimd(float* x, int64_t n, float shift);
 
 // dp[i] = p[i] * (dp[i] - delta): the softmax gradient dS = P o (dP - rowsum(dO o O)).
 void SoftmaxGradRowSimd(const float* p, float* dp, int64_t n, float delta);
+
+// One query against n keys (decoding): s[j] = scale * (q . k_j) for the rows k_j = k + j * stride
+// of D floats (lane-wise partial sums in ascending d, one fixed lane reduction).
+void ScoreRowSimd(const float* q, const float* k, int64_t stride, int64_t n, int64_t head_dim,
+                  float scale, float* s);
+
+// out[c] = inv * sum_j p[j] v_j[c] for the rows v_j = v + j * stride of D floats (ascending j).
+void WeightedRowSumSimd(const float* p, const float* v, int64_t stride, int64_t n, int64_t head_dim,
+                        float inv, float* out);
 
 }  // namespace ropekit
 

@@ -1,10 +1,12 @@
 // Batched decoding for continuous batching (BatchDecoder in ropekit/model.h): one token for each
 // of B sequences at their own positions, through the layers of model.cc's forward
 //   xn1 = RMSNorm(x) w_in; q, k, v = xn1 Wq^T, Wk^T, Wv^T; q, k <- RoPE; append k, v;
-//   ao = softmax(q K^T / sqrt(D) + bias) V (per sequence, over its own cache);
+//   ao = softmax(q K^T / sqrt(D) + bias) V (per sequence, over its own cache, with
+//        ops::DecodeAttention);
 //   mid = x + ao Wo^T; h = silu(RMSNorm(mid) Wg^T) * (RMSNorm(mid) Wu^T); x' = mid + h Wd^T
-// with every projection a [B, K] x [K, N] product (ops::MatMulRowwise) whose rows do not
-// influence each other, so a sequence's logits are the same in any batch.
+// with every projection a [B, K] x [K, N] product (ops::MatMulRowwise; q | k | v and gate | up
+// each as one MatMulRowwiseMulti call) whose rows do not influence each other, so a sequence's
+// logits are the same in any batch.
 //
 // Dimension legend: B = sequences in the step, V = vocab, d = hidden, H / Hkv = heads / kv heads,
 // D = head_dim, F = intermediate, L = layers, Tk_b = keys of sequence b (its cache size + 1).
@@ -17,14 +19,28 @@
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/ops/rowwise_matmul.h"
+#include "src/util/profile.h"
 
 namespace ropekit {
+namespace {
+
+// [B, heads, D] rows of `row_stride` floats (q or k inside a q | k | v row).
+TensorView RowView(float* data, int64_t tokens, int64_t heads, int64_t head_dim,
+                   int64_t row_stride) {
+  TensorView v = ContiguousView(data, DType::kF32, tokens, heads, head_dim);
+  v.token_stride = row_stride;
+  return v;
+}
+
+}  // namespace
 
 struct BatchDecoder::Scratch {
   int64_t batch = -1;
-  std::vector<float> x, xn, q, k, v, ao, mid, g, u, h, inv;  // [B, ...] rows
-  std::vector<int64_t> positions;                            // [B]
-  std::vector<int64_t> key_positions;                        // 0, 1, ..., max Tk - 1
+  // [B, ...] rows; qkv: q | k | v per row (hq + 2 hk), gu: gate | up per row (2 F).
+  std::vector<float> x, xn, qkv, ao, mid, gu, h, inv;
+  std::vector<int64_t> positions;          // [B]
+  std::vector<int64_t> key_positions;      // 0, 1, ..., max Tk - 1
+  std::vector<std::vector<float>> scores;  // [workers][max Tk]
 
   void Resize(const ModelConfig& c, int64_t b) {
     if (batch == b) return;
@@ -33,12 +49,9 @@ struct BatchDecoder::Scratch {
     x.assign(b * d, 0.0f);
     xn.assign(b * d, 0.0f);
     mid.assign(b * d, 0.0f);
-    q.assign(b * hq, 0.0f);
+    qkv.assign(b * (hq + 2 * hk), 0.0f);
     ao.assign(b * hq, 0.0f);
-    k.assign(b * hk, 0.0f);
-    v.assign(b * hk, 0.0f);
-    g.assign(b * F, 0.0f);
-    u.assign(b * F, 0.0f);
+    gu.assign(b * 2 * F, 0.0f);
     h.assign(b * F, 0.0f);
     inv.assign(b, 0.0f);
     positions.assign(b, 0);
@@ -94,6 +107,11 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
     s.positions[b] = cache->size_;
     max_tk = std::max(max_tk, cache->size_ + 1);
   }
+  const size_t workers = pool != nullptr ? pool->num_threads() : 1;
+  if (s.scores.size() < workers) s.scores.resize(workers);
+  for (std::vector<float>& w : s.scores) {
+    if (static_cast<int64_t>(w.size()) < max_tk) w.resize(max_tk);
+  }
   if (static_cast<int64_t>(s.key_positions.size()) < max_tk) {
     s.key_positions.resize(max_tk);
     std::iota(s.key_positions.begin(), s.key_positions.end(), int64_t{0});
@@ -112,32 +130,43 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   rot.layout = c.position_encoding.rope_layout;
   rot.pool = pool;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const int64_t wqkv = hq + 2 * hk;  // row width of s.qkv
+  float* const qk_k = s.qkv.data() + hq;
+  float* const qk_v = s.qkv.data() + hq + hk;
 
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerOffsets& o = I.layers[l];
-    ops::RmsNorm(s.x.data(), P + o.input_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
-                 pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.q, s.q.data(), B, d, hq, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.k, s.k.data(), B, d, hk, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.v, s.v.data(), B, d, hk, pool);
+    {
+      OpTimer timer("dec rmsnorm");
+      ops::RmsNorm(s.x.data(), P + o.input_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                   pool);
+    }
+    {
+      OpTimer timer("dec matmul qkv");
+      const ops::RowwiseOutput outs[] = {
+          {W + o.q, hq, s.qkv.data()}, {W + o.k, hk, qk_k}, {W + o.v, hk, qk_v}};
+      ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, wqkv, pool);
+    }
     if (rope) {
-      std::vector<RopeOperand> opsv = {{ContiguousView(s.q.data(), DType::kF32, B, H, D),
-                                        ContiguousView(s.q.data(), DType::kF32, B, H, D)},
-                                       {ContiguousView(s.k.data(), DType::kF32, B, Hkv, D),
-                                        ContiguousView(s.k.data(), DType::kF32, B, Hkv, D)}};
+      OpTimer timer("dec rope");
+      const TensorView qv = RowView(s.qkv.data(), B, H, D, wqkv);
+      const TensorView kv = RowView(qk_k, B, Hkv, D, wqkv);
+      const RopeOperand opsv[] = {{qv, qv}, {kv, kv}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
     // Append each sequence's key and value, then attend over its own cache (one task each).
+    OpTimer attention_timer("dec attention");
     ParallelFor(B * max_tk * hq < (int64_t{1} << 15) ? nullptr : pool, static_cast<size_t>(B),
-                [&](size_t begin, size_t end, size_t) {
+                [&](size_t begin, size_t end, size_t worker) {
+                  std::vector<float>& scores = s.scores[worker];
                   for (size_t bi = begin; bi < end; ++bi) {
                     const int64_t b = static_cast<int64_t>(bi);
                     KVCache& cache = *caches[b];
                     const int64_t pos = s.positions[b];
                     float* ck = cache.k_.data() + (l * cache.capacity_) * hk;
                     float* cv = cache.v_.data() + (l * cache.capacity_) * hk;
-                    std::memcpy(ck + pos * hk, s.k.data() + b * hk, sizeof(float) * hk);
-                    std::memcpy(cv + pos * hk, s.v.data() + b * hk, sizeof(float) * hk);
+                    std::memcpy(ck + pos * hk, qk_k + b * wqkv, sizeof(float) * hk);
+                    std::memcpy(cv + pos * hk, qk_v + b * wqkv, sizeof(float) * hk);
                     ops::AttentionArgs args;
                     args.batch = 1;
                     args.tq = 1;
@@ -145,9 +174,9 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     args.heads = H;
                     args.kv_heads = Hkv;
                     args.head_dim = D;
-                    args.q = s.q.data() + b * hq;
-                    args.q_row_stride = hq;
-                    args.q_batch_stride = hq;
+                    args.q = s.qkv.data() + b * wqkv;
+                    args.q_row_stride = wqkv;
+                    args.q_batch_stride = wqkv;
                     args.k = ck;
                     args.v = cv;
                     args.kv_row_stride = hk;
@@ -161,21 +190,47 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     args.scale = scale;
                     args.logit_bias = I.pe.get();
                     args.bias_params = I.PeParams();
-                    ops::AttentionForward(args, nullptr);
+                    ops::DecodeAttention(args, scores);
                   }
                 });
-    std::memcpy(s.mid.data(), s.x.data(), sizeof(float) * B * d);
-    ops::MatMulRowwise(s.ao.data(), W + o.o, s.mid.data(), B, hq, d, pool, /*accumulate=*/true);
-    ops::RmsNorm(s.mid.data(), P + o.post_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
-                 pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.gate, s.g.data(), B, d, F, pool);
-    ops::MatMulRowwise(s.xn.data(), W + o.up, s.u.data(), B, d, F, pool);
-    ops::SwiGlu(s.g.data(), s.u.data(), s.h.data(), B * F, pool);
-    std::memcpy(s.x.data(), s.mid.data(), sizeof(float) * B * d);
-    ops::MatMulRowwise(s.h.data(), W + o.down, s.x.data(), B, F, d, pool, /*accumulate=*/true);
+    attention_timer.Stop();
+    {
+      OpTimer timer("dec matmul o");
+      std::memcpy(s.mid.data(), s.x.data(), sizeof(float) * B * d);
+      ops::MatMulRowwise(s.ao.data(), W + o.o, s.mid.data(), B, hq, d, pool, /*accumulate=*/true);
+    }
+    {
+      OpTimer timer("dec rmsnorm");
+      ops::RmsNorm(s.mid.data(), P + o.post_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                   pool);
+    }
+    {
+      OpTimer timer("dec matmul mlp");
+      const ops::RowwiseOutput outs[] = {{W + o.gate, F, s.gu.data()},
+                                         {W + o.up, F, s.gu.data() + F}};
+      ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, 2 * F, pool);
+    }
+    {
+      OpTimer timer("dec swiglu");
+      for (int64_t b = 0; b < B; ++b) {
+        ops::SwiGlu(s.gu.data() + b * 2 * F, s.gu.data() + b * 2 * F + F, s.h.data() + b * F, F,
+                    nullptr);
+      }
+    }
+    {
+      OpTimer timer("dec matmul mlp");
+      std::memcpy(s.x.data(), s.mid.data(), sizeof(float) * B * d);
+      ops::MatMulRowwise(s.h.data(), W + o.down, s.x.data(), B, F, d, pool, /*accumulate=*/true);
+    }
   }
-  ops::RmsNorm(s.x.data(), P + I.final_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps, pool);
+  {
+    OpTimer timer("dec rmsnorm");
+    ops::RmsNorm(s.x.data(), P + I.final_norm, s.xn.data(), s.inv.data(), B, d, c.rms_norm_eps,
+                 pool);
+  }
+  OpTimer timer("dec matmul head");
   ops::MatMulRowwise(s.xn.data(), W + I.head, logits, B, d, V, pool);
+  timer.Stop();
   for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
 }
 

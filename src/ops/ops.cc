@@ -592,6 +592,44 @@ void FlashForwardTile(const FlashPlan& P, int64_t b, int64_t h, int64_t i0, int6
 
 }  // namespace
 
+void DecodeAttention(const AttentionArgs& a, std::span<float> scratch) {
+  CheckAttention(a);
+  if (a.batch != 1 || a.tq != 1) throw Error("DecodeAttention: needs batch = 1 and Tq = 1");
+  const int64_t D = a.head_dim, Tk = a.tk, group = a.heads / a.kv_heads;
+  if (static_cast<int64_t>(scratch.size()) < Tk) {
+    throw Error("DecodeAttention: scratch holds " + std::to_string(scratch.size()) +
+                " floats, needs Tk = " + std::to_string(Tk));
+  }
+  const int64_t qp = a.q_positions[0];
+  const bool contiguous = ContiguousKeys(a);
+  // Keys at positions <= qp: a prefix when contiguous, else a mask.
+  const int64_t visible = contiguous ? VisibleKeys(qp, a.k_positions[0], Tk) : Tk;
+  float* s = scratch.data();
+  for (int64_t h = 0; h < a.heads; ++h) {
+    const int64_t g = h / group;
+    float* o = a.out + h * D;
+    ScoreRowSimd(a.q + h * D, a.k + g * D, a.kv_row_stride, visible, D, a.scale, s);
+    if (HasBias(a) && visible > 0) {
+      if (contiguous) {
+        a.logit_bias->AddLogitBias(qp, a.k_positions[0], visible, int(h), a.bias_params, s);
+      } else {
+        a.logit_bias->AddLogitBias(qp, PositionSpan(a.k_positions), int(h), a.bias_params, s);
+      }
+    }
+    float mx = kNegInf;
+    for (int64_t j = 0; j < visible; ++j) {
+      if (!contiguous && a.k_positions[j] > qp) s[j] = kNegInf;
+      mx = std::max(mx, s[j]);
+    }
+    if (mx == kNegInf) {  // no visible key
+      std::fill(o, o + D, 0.0f);
+      continue;
+    }
+    const float sum = ExpShiftSumSimd(s, visible, mx);
+    WeightedRowSumSimd(s, a.v + g * D, a.kv_row_stride, visible, D, 1.0f / sum, o);
+  }
+}
+
 void FlashAttentionForward(const AttentionArgs& a, float* lse, ThreadPool* pool) {
   CheckAttention(a);
   SetBlasSingleThreaded();

@@ -91,6 +91,13 @@ struct AttentionArgs {
   float* probs = nullptr;
 };
 void AttentionForward(const AttentionArgs& args, ThreadPool* pool);
+// One decoding query per call (args.batch = 1, args.tq = 1), run on the calling thread without
+// BLAS, for batched decoding where every sequence attends over its own cache: the contract of
+// AttentionForward for that case (masking, GQA, logit-bias hooks), with scores from Highway dot
+// products (ScoreRowSimd), float32 probabilities exp(s - max) (ExpShiftSumSimd, <= 1 ulp each)
+// and out = (sum_j p_j v_j) / sum_j p_j summed in ascending j. The bits depend on the inputs and
+// the SIMD target only. scratch: at least Tk floats. args.probs is ignored.
+void DecodeAttention(const AttentionArgs& args, std::span<float> scratch);
 // Gradients from dout (laid out like out): dq (like q, written), dk and dv (like k / v,
 // written), grad_bias_params += (T5 table; summed over the batch in ascending order).
 // args.probs must hold the forward's probabilities.

@@ -19,6 +19,7 @@
 #define ROPEKIT_SRC_OPS_ROWWISE_MATMUL_H_
 
 #include <cstdint>
+#include <span>
 
 #include "ropekit/thread_pool.h"
 
@@ -27,6 +28,17 @@ namespace ropekit::ops {
 // y[M, N] = x[M, K] w[N, K]^T (+ y when accumulate). w is row-major [out, in] as in PyTorch.
 void MatMulRowwise(const float* x, const float* w, float* y, int64_t m, int64_t k, int64_t n,
                    ThreadPool* pool, bool accumulate = false);
+
+// Several products of the same x at once, as one parallel loop over all their column blocks: for
+// each output o, y_o[M, n_o] = x[M, K] w_o[n_o, K]^T written with row stride ldy (outputs may be
+// column ranges of one [M, ldy] buffer, e.g. q | k | v). Every element has the arithmetic above.
+struct RowwiseOutput {
+  const float* w;  // [n, K]
+  int64_t n;
+  float* y;  // [M rows of stride ldy]
+};
+void MatMulRowwiseMulti(const float* x, std::span<const RowwiseOutput> outputs, int64_t m,
+                        int64_t k, int64_t ldy, ThreadPool* pool);
 
 // Lanes L of the dispatched SIMD target (the partial sums of the contract above).
 int64_t MatMulRowwiseLanes();

@@ -84,6 +84,23 @@ Engine::Engine(Model& model, const EngineOptions& options, ThreadPool* pool)
   if (options.max_queue < 0 || options.max_queue > 1000000) {
     throw Error("--max-queue " + std::to_string(options.max_queue) + " is outside [0, 1000000]");
   }
+  if (options.context_shift) {
+    if (model.config().position_encoding.kind == PositionEncodingKind::kSinusoidal ||
+        model.config().position_encoding.kind == PositionEncodingKind::kLearned) {
+      throw Error(
+          "--context-shift: the model's position encoding is added to the token embeddings, so "
+          "cached keys cannot move to new positions (use rope, alibi, t5 or none)");
+    }
+    if (options.n_keep < 0 || options.context < options.n_keep + 2) {
+      throw Error("--n-keep " + std::to_string(options.n_keep) +
+                  " must be in [0, context - 2 = " + std::to_string(options.context - 2) + "]");
+    }
+    if (options.n_discard < 0 || options.n_discard >= options.context - options.n_keep) {
+      throw Error("--n-discard " + std::to_string(options.n_discard) +
+                  " must be in [0, context - n_keep) = [0, " +
+                  std::to_string(options.context - options.n_keep) + ") (0 = half)");
+    }
+  }
   for (int64_t i = 0; i < options.max_batch; ++i) {
     slots_.push_back(std::make_unique<KVCache>(model.config(), options.context));
   }
@@ -136,6 +153,16 @@ void Engine::ReleaseSlot(Generation* gen) {
     free_slots_.push_back(gen->cache);
     gen->cache = nullptr;
   }
+}
+
+void Engine::ShiftIfFull(Generation& g) {
+  KVCache& cache = *g.cache;
+  if (cache.size() < cache.capacity()) return;
+  // The rule of ropekit generate --context-shift (Generate in src/model/generate.cc).
+  const int64_t n_discard = options_.n_discard > 0
+                                ? options_.n_discard
+                                : std::max<int64_t>(1, (cache.size() - options_.n_keep) / 2);
+  model_.ContextShift(cache, options_.n_keep, n_discard, pool_);
 }
 
 void Engine::Finish(Active& a, const std::string& reason, const std::string& error) {
@@ -191,7 +218,8 @@ void Engine::Accept(Active& a, const float* logits) {
   if (a.job->streaming) a.job->cv.notify_all();
   if (stopped) {
     Finish(a, "stop");
-  } else if (g.completion_tokens >= g.max_tokens || g.cache->size() >= g.cache->capacity()) {
+  } else if (g.completion_tokens >= g.max_tokens ||
+             (!options_.context_shift && g.cache->size() >= g.cache->capacity())) {
     Finish(a, "length");
   }
 }
@@ -201,7 +229,8 @@ void Engine::Admit(Active a) {
   if (a.job->cancelled.load()) return Finish(a, "", "cancelled");
   if (Clock::now() > a.job->deadline) return Finish(a, "length");
   if (g.max_tokens == 0) return Finish(a, "length");
-  if (static_cast<int64_t>(g.prompt.size()) >= options_.context || g.prompt.empty()) {
+  const int64_t room = options_.context_shift ? options_.context + 1 : options_.context;
+  if (static_cast<int64_t>(g.prompt.size()) >= room || g.prompt.empty()) {
     return Finish(a, "", "the prompt does not fit the context");
   }
   {
@@ -235,8 +264,9 @@ void Engine::Loop() {
   std::vector<KVCache*> caches;
   std::vector<int32_t> tokens;
   std::vector<float> logits;
+  std::vector<Active> admitted;
   for (;;) {
-    std::vector<Active> admitted;
+    admitted.clear();
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
@@ -255,8 +285,9 @@ void Engine::Loop() {
       }
     }
     // Drop what finished at admission; cancel / time out the rest before the step.
+    // (Compacted in place: no allocation per step.)
     const auto now = Clock::now();
-    std::vector<Active> live;
+    size_t kept = 0;
     for (Active& a : running_) {
       if (a.gen->finished) continue;
       if (a.job->cancelled.load()) {
@@ -264,10 +295,16 @@ void Engine::Loop() {
       } else if (now > a.job->deadline) {
         Finish(a, "length");
       } else {
-        live.push_back(a);
+        try {
+          ShiftIfFull(*a.gen);
+          if (&running_[kept] != &a) running_[kept] = std::move(a);
+          ++kept;
+        } catch (const std::exception& e) {
+          Finish(a, "", e.what());
+        }
       }
     }
-    running_ = std::move(live);
+    running_.resize(kept);
     running_count_.store(static_cast<int64_t>(running_.size()));
     if (running_.empty()) continue;
     caches.clear();

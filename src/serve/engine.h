@@ -5,8 +5,11 @@
 // prefills each newcomer's prompt into a free KV-cache slot (a KVCache of `context` tokens owned
 // by the engine; max_batch slots in all, allocated once), then advances every running generation
 // by one token with one BatchDecoder::Step. A generation that finishes (token limit, stop string,
-// context full, time limit, cancellation) returns its slot at once. Sampling uses each
-// generation's own Sampler (seeded from the request), so its tokens do not depend on the others.
+// context full, time limit, cancellation) returns its slot at once. With context_shift a full
+// slot is not the end: before the next step its oldest non-sink tokens are dropped
+// (Model::ContextShift, as `ropekit generate --context-shift` does) and decoding continues.
+// Sampling uses each generation's own Sampler (seeded from the request), so its tokens do not
+// depend on the others.
 //
 // Text: tokens are bytes (ByteTokenizer). Released text never ends inside a possible stop string
 // or an incomplete UTF-8 sequence; at the end everything up to the stop string is released.
@@ -85,6 +88,11 @@ struct EngineOptions {
   int64_t context = 0;     // KV-cache capacity per slot (tokens)
   int64_t max_batch = 32;  // running generations (= slots)
   int64_t max_queue = 64;  // generations waiting for a free slot
+  // Context shift (llama.cpp; StreamingLLM, Xiao et al. 2023, arXiv:2309.17453): when a slot is
+  // full, drop n_discard tokens after the n_keep sink tokens (0 = half of the non-sink ones).
+  bool context_shift = false;
+  int64_t n_keep = 4;
+  int64_t n_discard = 0;
 };
 
 struct EngineStats {
@@ -115,6 +123,8 @@ class Engine {
   void Accept(Active& a, const float* logits);
   void Finish(Active& a, const std::string& reason, const std::string& error = "");
   void ReleaseSlot(Generation* gen);
+  // Makes room for one more token in a full slot (context shift).
+  void ShiftIfFull(Generation& gen);
 
   Model& model_;
   EngineOptions options_;

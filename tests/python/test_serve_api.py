@@ -307,3 +307,67 @@ def test_full_queue_time_limit_and_disconnect(model):
         assert out["usage"]["completion_tokens"] < 19990
         assert time.monotonic() - t0 < 15
     assert s.proc.returncode == 0
+
+
+def test_context_shift_matches_ropekit_generate(model):
+    # A 24-token context, 60 new tokens after a 10-token prompt: several shifts per sequence.
+    with Server(model, "--ctx-size", "24", "--context-shift", "--n-keep", "2", "--max-tokens",
+                "100", "--threads", "2") as s:
+        out = complete(s, prompt="the quick ", max_tokens=60, temperature=0)
+        (choice,) = out["choices"]
+        assert choice["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 60
+        ref = subprocess.run([CLI, "generate", "--model", model, "--prompt", "the quick ",
+                              "--max-new-tokens", "60", "--temperature", "0", "--context-shift",
+                              "--context", "24", "--n-keep", "2"], check=True,
+                             capture_output=True).stdout
+        assert choice["text"].encode() == ref[len(b"the quick "):-1]
+        # Shifted sequences are still the same alone or batched.
+        bodies = [{"prompt": p, "max_tokens": 50, "temperature": 0.9, "seed": 7 + i}
+                  for i, p in enumerate(["the ", "fox jumps ", "lazy ", "over the quick "])]
+        solo = [complete(s, **b)["choices"][0]["text"] for b in bodies]
+        barrier = threading.Barrier(len(bodies))
+
+        def together_one(b):
+            barrier.wait()
+            return complete(s, **b)["choices"][0]["text"]
+
+        assert run_threads(together_one, [(b,) for b in bodies]) == solo
+        # The prompt may fill the context, not more.
+        assert complete(s, prompt="x" * 24, max_tokens=5)["usage"]["completion_tokens"] == 5
+        status, _, out = s.post("/v1/completions", {"prompt": "x" * 25})
+        assert_error(status, out, 400, code="context_length_exceeded")
+    with Server(model, "--ctx-size", "24") as s:  # without the shift: one token must be left
+        status, _, out = s.post("/v1/completions", {"prompt": "x" * 24})
+        assert_error(status, out, 400, code="context_length_exceeded")
+        out = complete(s, prompt="the quick ", max_tokens=60, temperature=0)
+        assert out["usage"]["completion_tokens"] == 15  # the last token needs no cache row
+        assert out["choices"][0]["finish_reason"] == "length"
+    for bad, what in ((["--n-keep", "23"], "--n-keep 23"),
+                      (["--n-keep", "4", "--n-discard", "20"], "--n-discard 20")):
+        r = subprocess.run([CLI, "serve", "--model", model, "--port", "0", "--ctx-size", "24",
+                            "--context-shift", *bad], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and what in r.stderr, r.stderr
+
+
+def test_non_streaming_client_disconnect_cancels(model):
+    import socket
+    with Server(model, "--max-batch", "1", "--max-queue", "4", "--ctx-size", "20000") as s:
+        body = json.dumps({"model": "tiny", "prompt": "the ", "max_tokens": 19990}).encode()
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=30)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                     b"\r\n\r\n" + body)
+        t0 = time.monotonic()
+        while s.request("GET", "/health")[2]["running"] != 1:
+            assert time.monotonic() - t0 < 10, "the request never started"
+            time.sleep(0.02)
+        steps = s.request("GET", "/health")[2]["steps"]
+        sock.close()  # gone without reading a byte
+        t0 = time.monotonic()
+        while s.request("GET", "/health")[2]["running"] != 0:
+            assert time.monotonic() - t0 < 3, "the disconnected request kept generating"
+            time.sleep(0.02)
+        # It stopped long before its 19990 tokens, and the server still answers.
+        assert s.request("GET", "/health")[2]["steps"] - steps < 19990
+        assert complete(s, prompt="a", max_tokens=2)["usage"]["completion_tokens"] == 2
+    assert s.proc.returncode == 0
