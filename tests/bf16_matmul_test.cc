@@ -22,7 +22,7 @@
 #include "ropekit/error.h"
 #include "ropekit/thread_pool.h"
 #include "src/reference/ops.h"
-#include "src/util/half.h"
+#include "ropekit/half.h"
 
 namespace ropekit {
 namespace {

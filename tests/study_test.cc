@@ -317,8 +317,18 @@ TEST(StudyScaling, FactorsFollowThePublishedFormulas) {
 }
 
 TEST(StudyPreset, KnownNamesOnly) {
-  for (const char* n : {"micro", "quick", "full"}) {
+  for (const char* n : {"micro", "quick", "full", "paper"}) {
     const StudyPreset p = GetStudyPreset(n);
+    for (const std::string& e : p.experiments) {
+      if (e == "pi-cutoff") continue;
+      const ModelConfig m = StudyExperimentModel(p, e);  // a valid model
+      if (e == "alibi-heads") {
+        EXPECT_EQ(m.num_heads, p.alibi_heads) << n;
+        EXPECT_EQ(m.head_dim * m.num_heads, m.hidden_size) << n;
+      } else {
+        EXPECT_EQ(m.position_encoding.max_distance, p.train.seq_len / 4) << n;
+      }
+    }
     EXPECT_EQ(p.encodings.size(), 6u);
     EXPECT_EQ(p.finetune.seq_len, p.extension_factor * p.train.seq_len);
     EXPECT_EQ(p.finetune.batch_size * p.finetune.seq_len, p.train.batch_size * p.train.seq_len);
@@ -329,6 +339,27 @@ TEST(StudyPreset, KnownNamesOnly) {
   EXPECT_EQ(full.train.seq_len, 128);
   EXPECT_EQ(full.model.hidden_size, 128);
   EXPECT_THROW(GetStudyPreset("huge"), Error);
+}
+
+TEST(StudyPartialPi, KeepsTheHighestFrequencyPairsAndInterpolatesTheRest) {
+  RopeParams base;
+  base.head_dim = base.rotary_dim = 16;
+  base.max_position_embeddings = 64;
+  const int n = 8;
+  const double s = 4;
+  const auto plain = ComputeFrequencies(ScaledRope(base, "none", 1, 64), Numerics::kExact, 256);
+  for (int keep : {0, 3, n}) {
+    const auto f = ComputeFrequencies(PartialPi(base, keep, s, 64), Numerics::kExact, 256);
+    EXPECT_EQ(f.attention_factor, 1.0);
+    for (int j = 0; j < n; ++j) {
+      // theta_j = base^(-2j/R) (pair 0 has the highest frequency); PI divides it by s.
+      const double theta = std::pow(10000.0, -2.0 * j / 16);
+      const double want = j < keep ? theta : theta / s;
+      EXPECT_NEAR(f.inv_freq[j], want, 1e-15 * theta) << keep << " " << j;
+      if (j < keep) EXPECT_EQ(f.inv_freq[j], plain.inv_freq[j]);
+    }
+  }
+  EXPECT_THROW(PartialPi(base, n + 1, s, 64), Error);
 }
 
 }  // namespace

@@ -15,9 +15,13 @@ namespace ropekit::cli {
 namespace {
 
 // --report-only: the tables and report.html from what --out holds; nothing is trained.
-int RewriteReportOf(const std::string& out) {
+int RewriteReportOf(const std::string& out, bool markdown) {
   study::StudyPreset preset;
   const study::StudyResult r = study::RewriteReport(out, &preset);
+  if (markdown) {
+    std::printf("%s", study::MarkdownTables(preset, r.records).c_str());
+    return 0;
+  }
   std::printf("%s", study::SummaryTables(preset, r.records).c_str());
   std::printf("\nreport:  %s/report.html (rewritten from %s/results.json)\n", out.c_str(),
               out.c_str());
@@ -62,7 +66,7 @@ const CommandRegistration kStudy{
       auto o = std::make_shared<study::StudyOptions>();
       sub->add_option("--preset", o->preset,
                       "micro (seconds, for tests), quick (~10 min on 2 cores), full (the "
-                      "protocol, ~100 min; resumable)")
+                      "protocol; resumable), paper (8 heads, L = 256, ~1 h)")
           ->capture_default_str();
       sub->add_option("--corpus", o->corpus,
                       "Text files to use instead of the Austen novels: the last file is held out "
@@ -85,10 +89,15 @@ const CommandRegistration kStudy{
       sub->add_flag("--report-only", *report_only,
                     "Rewrite the tables and report.html from --out's results.json; train "
                     "nothing");
+      auto markdown = std::make_shared<bool>(false);
+      sub->add_flag("--markdown", *markdown,
+                    "With --report-only: print the tables in Markdown (as the docs show them)");
       sub->add_flag(
           "--quiet", [o](int64_t) { o->verbose = false; }, "No progress lines");
-      return
-          [o, report_only] { return *report_only ? RewriteReportOf(o->out) : RunStudyCommand(*o); };
+      return [o, report_only, markdown] {
+        if (*markdown && !*report_only) throw Error("--markdown: only with --report-only");
+        return *report_only ? RewriteReportOf(o->out, *markdown) : RunStudyCommand(*o);
+      };
     }};
 
 const CommandRegistration kCorpus{

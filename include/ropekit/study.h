@@ -136,7 +136,8 @@ struct StudyPreset {
   std::string description;
 };
 
-// "micro" (test suite, seconds), "quick" (about 10 minutes on 2 cores), "full" (the protocol).
+// "micro" (test suite, seconds), "quick" (about 10 minutes on 2 cores), "full" (the protocol),
+// "paper" (more heads, L = 256, twice the tokens: about an hour on 2 cores, estimated).
 StudyPreset GetStudyPreset(std::string_view name);
 
 // The model the study trains with `encoding` (learned, sinusoidal, none, rope, alibi, t5) at the
@@ -237,8 +238,10 @@ std::string RecordsToJson(const std::vector<StudyRecord>& records);
 std::vector<StudyRecord> RecordsFromJson(std::string_view json, const std::string& name);
 std::string RecordsToCsv(const std::vector<StudyRecord>& records);
 
-// Summary tables (plain text) for the terminal.
+// Summary tables (plain text) for the terminal, and the same tables in Markdown for the docs
+// (`ropekit study --report-only --markdown`).
 std::string SummaryTables(const StudyPreset& preset, const std::vector<StudyRecord>& records);
+std::string MarkdownTables(const StudyPreset& preset, const std::vector<StudyRecord>& records);
 
 // The self-contained report page (inline SVG, no scripts).
 std::string ReportHtml(const StudyPreset& preset, const StudyResult& result,

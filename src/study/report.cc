@@ -273,6 +273,23 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
 
 }  // namespace
 
+std::string MarkdownTables(const StudyPreset& preset, const std::vector<StudyRecord>& records) {
+  std::string s;
+  for (const Table& t : BuildTables(preset, AggregateSeeds(records))) {
+    s += "\n" + t.title + ":\n\n|";
+    for (const std::string& h : t.header) s += " " + h + " |";
+    s += "\n|";
+    for (size_t c = 0; c < t.header.size(); ++c) s += c == 0 ? " --- |" : " ---: |";
+    s += "\n";
+    for (const auto& row : t.rows) {
+      s += "|";
+      for (const std::string& v : row) s += " " + v + " |";
+      s += "\n";
+    }
+  }
+  return s;
+}
+
 std::string SummaryTables(const StudyPreset& preset, const std::vector<StudyRecord>& records) {
   std::string s;
   for (const Table& t : BuildTables(preset, AggregateSeeds(records))) {
