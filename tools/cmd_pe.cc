@@ -206,14 +206,34 @@ nlohmann::json ActsOn(PositionEncodingKind kind) {
   return sites;
 }
 
-int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
+// The options of one call and which of them were given.
+struct PeArgs {
+  const PeOptions& o;
+  const std::map<std::string, bool>& given;
+  std::string kind_name;
+
+  bool Has(const char* option) const { return given.at(option); }
+  void Require(const char* option) const {
+    if (!Has(option)) throw Error(std::string(option) + ": required for --kind " + kind_name);
+  }
+  int64_t SeqLen() const { return ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1); }
+};
+
+// A kind's table, its name in the output ("table", "slopes", "bias", "buckets") and the fields
+// it adds to the JSON description.
+struct PeTable {
+  Table table;
+  std::string name = "table";
+  nlohmann::json info = nlohmann::json::object();
+};
+
+PositionEncodingKind CheckedKind(const PeOptions& o, const std::map<std::string, bool>& given) {
   PositionEncodingKind kind;
   try {
     kind = ParsePositionEncodingKind(o.kind);
   } catch (const Error& e) {
     throw Error(std::string("--kind: ") + e.what());
   }
-  const std::string kind_name(PositionEncodingKindName(kind));
   // Options each kind accepts; any other given option is an error rather than silently ignored.
   static const std::map<PositionEncodingKind, std::set<std::string>> kAccepted = {
       {PositionEncodingKind::kNone, {}},
@@ -226,218 +246,266 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
   };
   for (const auto& [option, present] : given) {
     if (present && !kAccepted.at(kind).count(option)) {
-      throw Error(option + ": does not apply to --kind " + kind_name);
+      throw Error(option + ": does not apply to --kind " +
+                  std::string(PositionEncodingKindName(kind)));
     }
   }
-  auto require = [&](const char* option) {
-    if (!given.at(option)) throw Error(std::string(option) + ": required for --kind " + kind_name);
-  };
+  return kind;
+}
 
-  nlohmann::json info;
-  info["kind"] = kind_name;
-  info["acts_on"] = ActsOn(kind);
-  Table table;
-  std::string table_name;
-
-  switch (kind) {
-    case PositionEncodingKind::kNone:
-      if (!o.output.empty()) throw Error("--output: kind none has no table to write");
-      if (o.json) {
-        std::printf("%s\n", info.dump().c_str());
-      } else {
-        std::printf("none: no position information; attention relies on the causal mask only\n");
-      }
-      return 0;
-    case PositionEncodingKind::kSinusoidal:
-    case PositionEncodingKind::kLearned: {
-      require("--seq-len");
-      require("--dim");
-      const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
-      const int64_t dim = ParseInt("--dim", o.dim, 1, 1 << 20);
-      table.Allocate("--seq-len", NpyDType::kF32, {seq_len, dim});
-      info["seq_len"] = seq_len;
-      info["dim"] = dim;
-      std::vector<float> values;
-      if (kind == PositionEncodingKind::kSinusoidal) {
-        const double base = given.at("--base") ? ParseNumber("--base", o.base) : 10000.0;
-        if (!(base > 1.0)) throw Error("--base: " + o.base + " must be > 1");
-        values = SinusoidalTable(seq_len, static_cast<int>(dim), base);
-        info["base"] = base;
-        table_name = "table";
-      } else {
-        PositionEncodingSpec spec;
-        spec.kind = kind;
-        spec.dim = static_cast<int>(dim);
-        spec.max_positions = seq_len;
-        if (given.at("--init-std")) {
-          spec.init_std = ParseNumber("--init-std", o.init_std);
-          if (spec.init_std < 0) throw Error("--init-std: " + o.init_std + " must be >= 0");
-        }
-        const uint64_t seed = given.at("--seed")
-                                  ? static_cast<uint64_t>(ParseInt(
-                                        "--seed", o.seed, 0, std::numeric_limits<int64_t>::max()))
-                                  : 0;
-        const PositionEncoding pe(spec);
-        values.resize(pe.num_parameters());
-        pe.InitParameters(seed, values);
-        info["seed"] = seed;
-        info["init_std"] = spec.init_std;
-        table_name = "table";
-      }
-      table.Push(values.data(), values.size());
-      break;
+// sinusoidal and learned: [T, d] embedding tables.
+PeTable EmbeddingTable(const PeArgs& a, PositionEncodingKind kind) {
+  a.Require("--seq-len");
+  a.Require("--dim");
+  const int64_t seq_len = a.SeqLen();
+  const int64_t dim = ParseInt("--dim", a.o.dim, 1, 1 << 20);
+  PeTable t;
+  t.table.Allocate("--seq-len", NpyDType::kF32, {seq_len, dim});
+  t.info["seq_len"] = seq_len;
+  t.info["dim"] = dim;
+  std::vector<float> values;
+  if (kind == PositionEncodingKind::kSinusoidal) {
+    const double base = a.Has("--base") ? ParseNumber("--base", a.o.base) : 10000.0;
+    if (!(base > 1.0)) throw Error("--base: " + a.o.base + " must be > 1");
+    values = SinusoidalTable(seq_len, static_cast<int>(dim), base);
+    t.info["base"] = base;
+  } else {
+    PositionEncodingSpec spec;
+    spec.kind = kind;
+    spec.dim = static_cast<int>(dim);
+    spec.max_positions = seq_len;
+    if (a.Has("--init-std")) {
+      spec.init_std = ParseNumber("--init-std", a.o.init_std);
+      if (spec.init_std < 0) throw Error("--init-std: " + a.o.init_std + " must be >= 0");
     }
-    case PositionEncodingKind::kAlibi: {
-      require("--heads");
-      const int heads = static_cast<int>(ParseInt("--heads", o.heads, 1, 1 << 20));
-      const std::vector<double> slopes = AlibiSlopes(heads);
-      info["heads"] = heads;
-      info["slopes"] = slopes;
-      if (!given.at("--seq-len")) {
-        table.Allocate("--heads", NpyDType::kF64, {heads});
-        for (double s : slopes) table.Push(s);
-        table_name = "slopes";
-        break;
-      }
-      const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
-      table.Allocate("--seq-len", NpyDType::kF32, {heads, seq_len, seq_len});
-      info["seq_len"] = seq_len;
-      PositionEncodingSpec spec;
-      spec.kind = kind;
-      spec.num_heads = heads;
-      const PositionEncoding pe(spec);
-      std::vector<int64_t> keys(seq_len);
-      for (int64_t j = 0; j < seq_len; ++j) keys[j] = j;
-      std::vector<float> row(seq_len);
-      for (int h = 0; h < heads; ++h) {
-        for (int64_t i = 0; i < seq_len; ++i) {
-          std::fill(row.begin(), row.end(), 0.0f);
-          pe.AddLogitBias(i, keys, h, {}, row.data());
-          table.Push(row.data(), row.size());
-        }
-      }
-      table_name = "bias";
-      break;
-    }
-    case PositionEncodingKind::kT5: {
-      require("--seq-len");
-      const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
-      const int buckets =
-          given.at("--num-buckets")
-              ? static_cast<int>(ParseInt("--num-buckets", o.num_buckets, 1, 1 << 20))
-              : 32;
-      const int max_distance =
-          given.at("--max-distance")
-              ? static_cast<int>(ParseInt("--max-distance", o.max_distance, 1, kMaxPosition))
-              : 128;
-      table.Allocate("--seq-len", NpyDType::kI64, {seq_len, seq_len});
-      PositionEncodingSpec spec;
-      spec.kind = kind;
-      spec.num_heads = 1;
-      spec.num_buckets = buckets;
-      spec.max_distance = max_distance;
-      spec.bidirectional = o.bidirectional;
-      try {
-        spec.Validate();
-      } catch (const Error& e) {
-        // Name the command-line option rather than the struct field.
-        const std::string what = e.what();
-        throw Error((what.rfind("max_distance", 0) == 0 ? "--max-distance (" : "--num-buckets (") +
-                    what + ")");
-      }
-      const PositionEncoding pe(spec);
-      for (int64_t i = 0; i < seq_len; ++i) {
-        for (int64_t j = 0; j < seq_len; ++j) table.Push(pe.Bucket(j - i));
-      }
-      info["seq_len"] = seq_len;
-      info["num_buckets"] = buckets;
-      info["max_distance"] = max_distance;
-      info["bidirectional"] = o.bidirectional;
-      table_name = "buckets";
-      break;
-    }
-    case PositionEncodingKind::kRope: {
-      require("--seq-len");
-      const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
-      RopeParams params;
-      if (given.at("--config")) {
-        for (const char* option : {"--dim", "--base"}) {
-          if (given.at(option)) {
-            throw Error(std::string(option) +
-                        ": does not apply with --config (the config sets it)");
-          }
-        }
-        params = LoadHfConfig(o.config).params;
-        info["config"] = o.config;
-        info["rope_type"] = std::string(RopeTypeName(params.type));
-      } else {
-        require("--dim");
-        params.head_dim = static_cast<int>(ParseInt("--dim", o.dim, 2, 1 << 20));
-        if (params.head_dim % 2 != 0) throw Error("--dim: " + o.dim + " must be even for rope");
-        params.rotary_dim = params.head_dim;
-        if (given.at("--base")) params.base = ParseNumber("--base", o.base);
-        if (!(params.base > 1.0)) throw Error("--base: " + o.base + " must be > 1");
-        params.max_position_embeddings = seq_len;
-      }
-      // seq_len selects the length-dependent frequencies (dynamic NTK, LongRoPE long factors).
-      const RopeTable rope(ComputeFrequencies(params, Numerics::kExact, seq_len));
-      const int n = rope.num_pairs();
-      table.Allocate("--seq-len", NpyDType::kF32, {seq_len, 2 * n});
-      std::vector<float> cos(n), sin(n);
-      for (int64_t p = 0; p < seq_len; ++p) {
-        rope.ComputeRow(p, cos.data(), sin.data());
-        table.Push(cos.data(), cos.size());
-        table.Push(sin.data(), sin.size());
-      }
-      info["attention_factor"] = rope.frequencies().attention_factor;
-      info["seq_len"] = seq_len;
-      info["dim"] = params.head_dim;
-      info["rotary_dim"] = params.rotary_dim;
-      info["base"] = params.base;
-      info["row_layout"] = "[cos_0..cos_{N-1} | sin_0..sin_{N-1}]";
-      table_name = "table";
-      break;
-    }
-    case PositionEncodingKind::kSentinel:
-      break;
+    const uint64_t seed = a.Has("--seed")
+                              ? static_cast<uint64_t>(ParseInt("--seed", a.o.seed, 0,
+                                                               std::numeric_limits<int64_t>::max()))
+                              : 0;
+    const PositionEncoding pe(spec);
+    values.resize(pe.num_parameters());
+    pe.InitParameters(seed, values);
+    t.info["seed"] = seed;
+    t.info["init_std"] = spec.init_std;
   }
+  t.table.Push(values.data(), values.size());
+  return t;
+}
 
-  info["shape"] = table.shape();
-  info["dtype"] = NpyDTypeName(table.dtype());
-  if (!o.output.empty()) {
-    WriteNpy(o.output, table.array());
-    info["output"] = o.output;
-    info["content"] = table_name;
-    if (o.json) {
-      std::printf("%s\n", info.dump().c_str());
-    } else {
-      std::printf("%s: wrote %s %s to %s\n", kind_name.c_str(), table_name.c_str(),
-                  info["shape"].dump().c_str(), o.output.c_str());
-    }
-    return 0;
+// alibi: slopes [H], or with --seq-len the bias [H, T, T].
+PeTable AlibiTable(const PeArgs& a) {
+  a.Require("--heads");
+  const int heads = static_cast<int>(ParseInt("--heads", a.o.heads, 1, 1 << 20));
+  const std::vector<double> slopes = AlibiSlopes(heads);
+  PeTable t;
+  t.info["heads"] = heads;
+  t.info["slopes"] = slopes;
+  if (!a.Has("--seq-len")) {
+    t.table.Allocate("--heads", NpyDType::kF64, {heads});
+    for (double s : slopes) t.table.Push(s);
+    t.name = "slopes";
+    return t;
   }
+  const int64_t seq_len = a.SeqLen();
+  t.table.Allocate("--seq-len", NpyDType::kF32, {heads, seq_len, seq_len});
+  t.info["seq_len"] = seq_len;
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kAlibi;
+  spec.num_heads = heads;
+  const PositionEncoding pe(spec);
+  std::vector<int64_t> keys(seq_len);
+  for (int64_t j = 0; j < seq_len; ++j) keys[j] = j;
+  std::vector<float> row(seq_len);
+  for (int h = 0; h < heads; ++h) {
+    for (int64_t i = 0; i < seq_len; ++i) {
+      std::fill(row.begin(), row.end(), 0.0f);
+      pe.AddLogitBias(i, keys, h, {}, row.data());
+      t.table.Push(row.data(), row.size());
+    }
+  }
+  t.name = "bias";
+  return t;
+}
+
+// The T5 options; Validate's errors name the command-line option rather than the struct field.
+PositionEncodingSpec T5Spec(const PeArgs& a) {
+  PositionEncodingSpec spec;
+  spec.kind = PositionEncodingKind::kT5;
+  spec.num_heads = 1;
+  spec.num_buckets = a.Has("--num-buckets")
+                         ? static_cast<int>(ParseInt("--num-buckets", a.o.num_buckets, 1, 1 << 20))
+                         : 32;
+  spec.max_distance =
+      a.Has("--max-distance")
+          ? static_cast<int>(ParseInt("--max-distance", a.o.max_distance, 1, kMaxPosition))
+          : 128;
+  spec.bidirectional = a.o.bidirectional;
+  return spec;
+}
+
+void ValidateT5Spec(const PositionEncodingSpec& spec) {
+  try {
+    spec.Validate();
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    throw Error((what.rfind("max_distance", 0) == 0 ? "--max-distance (" : "--num-buckets (") +
+                what + ")");
+  }
+}
+
+// t5: relative buckets [T, T] (bucket of j - i).
+PeTable T5Table(const PeArgs& a) {
+  a.Require("--seq-len");
+  const int64_t seq_len = a.SeqLen();
+  const PositionEncodingSpec spec = T5Spec(a);
+  PeTable t;
+  t.table.Allocate("--seq-len", NpyDType::kI64, {seq_len, seq_len});
+  ValidateT5Spec(spec);
+  const PositionEncoding pe(spec);
+  for (int64_t i = 0; i < seq_len; ++i) {
+    for (int64_t j = 0; j < seq_len; ++j) t.table.Push(pe.Bucket(j - i));
+  }
+  t.info["seq_len"] = seq_len;
+  t.info["num_buckets"] = spec.num_buckets;
+  t.info["max_distance"] = spec.max_distance;
+  t.info["bidirectional"] = a.o.bidirectional;
+  t.name = "buckets";
+  return t;
+}
+
+// The RoPE parameters from --config, or the default type from --dim / --base.
+RopeParams RopeParamsArg(const PeArgs& a, int64_t seq_len, nlohmann::json& info) {
+  RopeParams params;
+  if (a.Has("--config")) {
+    for (const char* option : {"--dim", "--base"}) {
+      if (a.Has(option)) {
+        throw Error(std::string(option) + ": does not apply with --config (the config sets it)");
+      }
+    }
+    params = LoadHfConfig(a.o.config).params;
+    info["config"] = a.o.config;
+    info["rope_type"] = std::string(RopeTypeName(params.type));
+    return params;
+  }
+  a.Require("--dim");
+  params.head_dim = static_cast<int>(ParseInt("--dim", a.o.dim, 2, 1 << 20));
+  if (params.head_dim % 2 != 0) throw Error("--dim: " + a.o.dim + " must be even for rope");
+  params.rotary_dim = params.head_dim;
+  if (a.Has("--base")) params.base = ParseNumber("--base", a.o.base);
+  if (!(params.base > 1.0)) throw Error("--base: " + a.o.base + " must be > 1");
+  params.max_position_embeddings = seq_len;
+  return params;
+}
+
+// rope: the cos/sin table rows [T, 2N] (RopeTable's row layout).
+PeTable RopeTableRows(const PeArgs& a) {
+  a.Require("--seq-len");
+  const int64_t seq_len = a.SeqLen();
+  PeTable t;
+  const RopeParams params = RopeParamsArg(a, seq_len, t.info);
+  // seq_len selects the length-dependent frequencies (dynamic NTK, LongRoPE long factors).
+  const RopeTable rope(ComputeFrequencies(params, Numerics::kExact, seq_len));
+  const int n = rope.num_pairs();
+  t.table.Allocate("--seq-len", NpyDType::kF32, {seq_len, 2 * n});
+  std::vector<float> cos(n), sin(n);
+  for (int64_t p = 0; p < seq_len; ++p) {
+    rope.ComputeRow(p, cos.data(), sin.data());
+    t.table.Push(cos.data(), cos.size());
+    t.table.Push(sin.data(), sin.size());
+  }
+  t.info["attention_factor"] = rope.frequencies().attention_factor;
+  t.info["seq_len"] = seq_len;
+  t.info["dim"] = params.head_dim;
+  t.info["rotary_dim"] = params.rotary_dim;
+  t.info["base"] = params.base;
+  t.info["row_layout"] = "[cos_0..cos_{N-1} | sin_0..sin_{N-1}]";
+  return t;
+}
+
+int RunNone(const PeOptions& o, const nlohmann::json& info) {
+  if (!o.output.empty()) throw Error("--output: kind none has no table to write");
   if (o.json) {
-    if (static_cast<int64_t>(table.size()) > kMaxJsonValues) {
-      throw Error("--json: the table has " + std::to_string(table.size()) +
-                  " values, more than the " + std::to_string(kMaxJsonValues) +
-                  " that JSON output holds; use --output FILE.npy");
-    }
-    size_t offset = 0;
-    info[table_name] = ToJson(table, 0, offset);
     std::printf("%s\n", info.dump().c_str());
-    return 0;
+  } else {
+    std::printf("none: no position information; attention relies on the causal mask only\n");
   }
+  return 0;
+}
+
+// --output: the table as .npy, and one line (or the JSON description) saying so.
+void WriteTable(const PeOptions& o, const std::string& kind_name, const PeTable& t,
+                nlohmann::json& info) {
+  WriteNpy(o.output, t.table.array());
+  info["output"] = o.output;
+  info["content"] = t.name;
+  if (o.json) {
+    std::printf("%s\n", info.dump().c_str());
+  } else {
+    std::printf("%s: wrote %s %s to %s\n", kind_name.c_str(), t.name.c_str(),
+                info["shape"].dump().c_str(), o.output.c_str());
+  }
+}
+
+void PrintJson(const PeTable& t, nlohmann::json& info) {
+  if (static_cast<int64_t>(t.table.size()) > kMaxJsonValues) {
+    throw Error("--json: the table has " + std::to_string(t.table.size()) +
+                " values, more than the " + std::to_string(kMaxJsonValues) +
+                " that JSON output holds; use --output FILE.npy");
+  }
+  size_t offset = 0;
+  info[t.name] = ToJson(t.table, 0, offset);
+  std::printf("%s\n", info.dump().c_str());
+}
+
+void PrintText(PositionEncodingKind kind, const std::string& kind_name, const PeTable& t,
+               const nlohmann::json& info) {
   std::printf("kind: %s (acts on: %s)\n", kind_name.c_str(),
               info["acts_on"].empty() ? "nothing" : info["acts_on"][0].get<std::string>().c_str());
-  if (kind == PositionEncodingKind::kAlibi && table_name == "bias") {
+  if (kind == PositionEncodingKind::kAlibi && t.name == "bias") {
     std::string line = "slopes:";
     for (double s : info["slopes"]) {
       line += ' ';
-      line += FormatValue(table, s);
+      line += FormatValue(t.table, s);
     }
     std::printf("%s\n", line.c_str());
   }
-  PrintTable(table_name, table);
+  PrintTable(t.name, t.table);
+}
+
+int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
+  const PositionEncodingKind kind = CheckedKind(o, given);
+  const PeArgs args{o, given, std::string(PositionEncodingKindName(kind))};
+  nlohmann::json info;
+  info["kind"] = args.kind_name;
+  info["acts_on"] = ActsOn(kind);
+  PeTable t;
+  switch (kind) {
+    case PositionEncodingKind::kSinusoidal:
+    case PositionEncodingKind::kLearned:
+      t = EmbeddingTable(args, kind);
+      break;
+    case PositionEncodingKind::kAlibi:
+      t = AlibiTable(args);
+      break;
+    case PositionEncodingKind::kT5:
+      t = T5Table(args);
+      break;
+    case PositionEncodingKind::kRope:
+      t = RopeTableRows(args);
+      break;
+    default:
+      return RunNone(o, info);
+  }
+  info.update(t.info);
+  info["shape"] = t.table.shape();
+  info["dtype"] = NpyDTypeName(t.table.dtype());
+  if (!o.output.empty()) {
+    WriteTable(o, args.kind_name, t, info);
+  } else if (o.json) {
+    PrintJson(t, info);
+  } else {
+    PrintText(kind, args.kind_name, t, info);
+  }
   return 0;
 }
 
