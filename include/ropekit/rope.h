@@ -285,12 +285,13 @@ struct AxisPositions {
 void ApplyRope(const RopeTable& table, const AxisPositions& positions, const RopeAxes& axes,
                std::span<const RopeOperand> ops, const RotateOptions& options = {});
 
-// A prepared call for decode loops: the operands (buffers, shapes, strides), the token count,
-// the options and the table are validated once; Run() then only checks the positions and
-// rotates. The plan keeps a snapshot of the table's rows and refreshes it when a position needs
-// rows the table can still grow to. The plan refers to `table` and to the operands' buffers:
-// both must outlive it. Run() is not safe to call concurrently on one plan (make one per
-// thread); results are bit-identical to ApplyRope with the same arguments.
+// A prepared call for decode loops: the operands (buffers, shapes, strides), the token count, the
+// options and the table are validated once, and each operand's SIMD kernel is chosen once; Run()
+// then only checks the positions and rotates (one token: a row lookup and one kernel call per
+// operand; more tokens: split over options.pool when large). The plan keeps a snapshot of the
+// table's rows and refreshes it when a position needs rows the table can still grow to. It refers
+// to `table` and to the operands' buffers: both must outlive it. Run() is not safe to call
+// concurrently on one plan (make one per thread); results are bit-identical to ApplyRope.
 class RopePlan {
  public:
   RopePlan(const RopeTable& table, std::span<const RopeOperand> ops, int64_t num_tokens,
