@@ -19,6 +19,7 @@ struct GenerateArgs {
   bool stats = false;
   RopeOverrideArgs rope;
   bool bf16 = false;
+  AdapterArgs adapter;
   bool context_shift = false;
   ContextShiftConfig shift;
 };
@@ -29,6 +30,7 @@ int RunGenerate(const GenerateArgs& a) {
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
   Model model = LoadModel(a.model, lo);
+  ApplyAdapterArgs(model, a.adapter);
   if (a.bf16) model.set_matmul_precision(MatmulPrecision::kBf16);
   if (!a.prompt.empty() && !a.prompt_file.empty()) {
     throw Error("--prompt and --prompt-file cannot be combined");
@@ -84,6 +86,7 @@ const CommandRegistration kGenerate{
           ->capture_default_str();
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
       AddRopeOverrideOptions(sub, a->rope);
+      AddAdapterOptions(sub, a->adapter);
       sub->add_flag("--bf16", a->bf16,
                     "bfloat16 matmul operands (float32 accumulation; numerics only, no speed-up)");
       sub->add_flag("--context-shift", a->context_shift,

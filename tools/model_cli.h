@@ -65,6 +65,30 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   }
 }
 
+// --adapter / --qlora of eval and generate: a PEFT LoRA adapter on top of --model.
+struct AdapterArgs {
+  std::string dir;
+  bool qlora = false;
+};
+
+inline void AddAdapterOptions(CLI::App* sub, AdapterArgs& args) {
+  sub->add_option("--adapter", args.dir,
+                  "A LoRA adapter directory (PEFT layout: adapter_config.json + "
+                  "adapter_model.safetensors, e.g. the --out of train --lora-rank) applied to "
+                  "--model without merging");
+  sub->add_flag("--qlora", args.qlora,
+                "With --adapter: run the base projections as NF4 (4-bit NormalFloat, double "
+                "quantized), as the adapter was trained with train --qlora");
+}
+
+inline void ApplyAdapterArgs(Model& model, const AdapterArgs& args) {
+  if (args.dir.empty()) {
+    if (args.qlora) throw Error("--qlora: needs --adapter");
+    return;
+  }
+  LoadLoraAdapter(model, args.dir, args.qlora);
+}
+
 inline std::unique_ptr<ThreadPool> MakePool(int threads) {
   if (threads < 0 || threads > static_cast<int>(kMaxThreads)) {
     throw Error("--threads " + std::to_string(threads) + " is outside [0, " +

@@ -202,6 +202,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     }
   }
   Prepare(batch, seq_len, cache ? tk : seq_len, train);
+  if (lora) PrepareLora(M, train);
   Workspace& w = ws;
   if (precision == MatmulPrecision::kBf16) {
     lowp_params.resize(params.size());
@@ -219,7 +220,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   // Embedding lookup and the absolute position hook.
   OpTimer embed_timer("fwd embedding");
   float* x = w.resid[0];
-  const float* E = params.data() + embed;
+  const float* E = Embed();
   for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
   const PositionSpan pos_span(positions);
   if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
@@ -234,22 +235,24 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
 
   for (int l = 0; l < c.num_layers; ++l) {
     Workspace::Layer& A = w.layers[train ? l : 0];
-    const LayerOffsets& o = layers[l];
-    const float* P = params.data();
-    const float* W = MatmulWeights();
     float* xin = train ? w.resid[l] : w.resid[l % 2];
     float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
     A.resid_in = xin;
     {
       OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
+      ops::RmsNorm(xin, Norm(l, false), A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
       RoundOperand(A.xn1, M * d);
     }
     {
       OpTimer timer("fwd matmul qkv");
-      ops::MatMul(A.xn1, W + o.q, A.q, M, d, hq, pool);
-      ops::MatMul(A.xn1, W + o.k, A.k, M, d, hk, pool);
-      ops::MatMul(A.xn1, W + o.v, A.v, M, d, hk, pool);
+      ops::MatMul(A.xn1, Proj(l, 0, pool), A.q, M, d, hq, pool);
+      ops::MatMul(A.xn1, Proj(l, 1, pool), A.k, M, d, hk, pool);
+      ops::MatMul(A.xn1, Proj(l, 2, pool), A.v, M, d, hk, pool);
+      if (lora) {
+        for (int m = 0; m < 3; ++m) {
+          LoraForward(l, m, A.xn1, m == 0 ? A.q : m == 1 ? A.k : A.v, M, train, pool);
+        }
+      }
     }
     OpTimer rope_timer("fwd rope");
     const float* keys = A.k;
@@ -328,17 +331,22 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul o");
       std::memcpy(A.mid, xin, sizeof(float) * M * d);
-      ops::MatMul(A.ao, W + o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+      ops::MatMul(A.ao, Proj(l, 3, pool), A.mid, M, hq, d, pool, /*accumulate=*/true);
+      if (lora) LoraForward(l, 3, A.ao, A.mid, M, train, pool);
     }
     {
       OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
+      ops::RmsNorm(A.mid, Norm(l, true), A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
       RoundOperand(A.xn2, M * d);
     }
     {
       OpTimer timer("fwd matmul mlp");
-      ops::MatMul(A.xn2, W + o.gate, A.g, M, d, F, pool);
-      ops::MatMul(A.xn2, W + o.up, A.u, M, d, F, pool);
+      ops::MatMul(A.xn2, Proj(l, 4, pool), A.g, M, d, F, pool);
+      ops::MatMul(A.xn2, Proj(l, 5, pool), A.u, M, d, F, pool);
+      if (lora) {
+        LoraForward(l, 4, A.xn2, A.g, M, train, pool);
+        LoraForward(l, 5, A.xn2, A.u, M, train, pool);
+      }
     }
     {
       OpTimer timer("fwd swiglu");
@@ -348,20 +356,20 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul mlp");
       std::memcpy(xout, A.mid, sizeof(float) * M * d);
-      ops::MatMul(A.h, W + o.down, xout, M, F, d, pool, /*accumulate=*/true);
+      ops::MatMul(A.h, Proj(l, 6, pool), xout, M, F, d, pool, /*accumulate=*/true);
+      if (lora) LoraForward(l, 6, A.h, xout, M, train, pool);
     }
   }
   OpTimer timer("fwd rmsnorm");
   float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
-  ops::RmsNorm(xl, params.data() + final_norm, w.xf, w.invf, M, d, c.rms_norm_eps, pool);
+  ops::RmsNorm(xl, FinalNorm(), w.xf, w.invf, M, d, c.rms_norm_eps, pool);
   RoundOperand(w.xf, M * d);
   if (cache) cache->size_ = tk;
 }
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
   OpTimer timer("fwd matmul head");
-  ops::MatMul(ws.xf, MatmulWeights() + head, ws.logits, rows, config.hidden_size, config.vocab_size,
-              pool);
+  ops::MatMul(ws.xf, Head(), ws.logits, rows, config.hidden_size, config.vocab_size, pool);
 }
 
 void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
@@ -371,24 +379,32 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  const float* P = params.data();
-  const float* W = MatmulWeights();
+  // With an adapter G is its trainable buffer: frozen weights get no gradient (nullptr: the
+  // weight-gradient product is skipped).
+  const LoraState* ad = lora.get();
+  auto grad = [&](int64_t full_offset, int64_t adapter_offset) -> float* {
+    if (!ad) return G + full_offset;
+    return adapter_offset >= 0 ? G + adapter_offset : nullptr;
+  };
+  auto weight_grad = [&](const float* dy, const float* x, float* dw, int64_t k, int64_t n) {
+    if (dw) ops::MatMulBackwardWeight(dy, x, dw, M, k, n, pool);
+  };
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
   {
     OpTimer timer("bwd matmul head");
     RoundOperand(w.logits, M * V);
-    ops::MatMulBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
-    ops::MatMulBackwardInput(w.logits, W + head, w.dxn, M, d, V, pool);
+    weight_grad(w.logits, w.xf, grad(head, c.tie_word_embeddings && ad ? ad->embed : -1), d, V);
+    ops::MatMulBackwardInput(w.logits, Head(), w.dxn, M, d, V, pool);
   }
   {
     OpTimer timer("bwd rmsnorm");
-    ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
-                         M, d, pool);
+    ops::RmsNormBackward(w.resid[c.num_layers], FinalNorm(), w.invf, w.dxn, w.dx,
+                         grad(final_norm, ad ? ad->final_norm : -1), M, d, pool);
   }
   // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
   const int64_t num_params = static_cast<int64_t>(params.size());
   auto ready = [&](int64_t begin, int64_t end) {
-    if (on_ready && begin < end) on_ready(begin, end);
+    if (on_ready && begin < end && !ad) on_ready(begin, end);
   };
   ready(final_norm, pe_params);  // the final norm and an untied head
   const bool rope = pe->acts_on_query_key();
@@ -398,7 +414,9 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   rot.direction = Direction::kBackward;
   rot.pool = pool;
   const PositionSpan pos_span(positions);
-  std::span<float> grad_pe(G + pe_params, static_cast<size_t>(pe_size));
+  // Position tables (learned, T5) are frozen under an adapter.
+  std::span<float> grad_pe =
+      ad ? std::span<float>() : std::span<float>(G + pe_params, static_cast<size_t>(pe_size));
   for (int l = c.num_layers - 1; l >= 0; --l) {
     const Workspace::Layer& A = w.layers[l];
     const LayerOffsets& o = layers[l];
@@ -407,8 +425,9 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       OpTimer timer("bwd matmul mlp");
       std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
       RoundOperand(w.dx, M * d);
-      ops::MatMulBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
-      ops::MatMulBackwardInput(w.dx, W + o.down, w.dh, M, F, d, pool);
+      weight_grad(w.dx, A.h, grad(o.down, -1), F, d);
+      ops::MatMulBackwardInput(w.dx, Proj(l, 6, pool), w.dh, M, F, d, pool);
+      if (ad) LoraBackward(l, 6, A.h, w.dx, w.dh, M, G, pool);
     }
     {
       OpTimer timer("bwd swiglu");
@@ -418,23 +437,29 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     }
     {
       OpTimer timer("bwd matmul mlp");
-      ops::MatMulBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
-      ops::MatMulBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
-      ops::MatMulBackwardInput(w.dg, W + o.gate, w.dxn, M, d, F, pool);
-      ops::MatMulBackwardInput(w.du, W + o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+      weight_grad(w.dg, A.xn2, grad(o.gate, -1), d, F);
+      weight_grad(w.du, A.xn2, grad(o.up, -1), d, F);
+      ops::MatMulBackwardInput(w.dg, Proj(l, 4, pool), w.dxn, M, d, F, pool);
+      ops::MatMulBackwardInput(w.du, Proj(l, 5, pool), w.dxn, M, d, F, pool, /*accumulate=*/true);
+      if (ad) {
+        LoraBackward(l, 4, A.xn2, w.dg, w.dxn, M, G, pool);
+        LoraBackward(l, 5, A.xn2, w.du, w.dxn, M, G, pool);
+      }
     }
     {
       OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d,
-                           pool, /*accumulate=*/true);
+      ops::RmsNormBackward(A.mid, Norm(l, true), A.inv2, w.dxn, w.dmid,
+                           grad(o.post_norm, ad ? ad->layers[l].post_norm : -1), M, d, pool,
+                           /*accumulate=*/true);
     }
     // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
     {
       OpTimer timer("bwd matmul o");
       std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
       RoundOperand(w.dmid, M * d);
-      ops::MatMulBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
-      ops::MatMulBackwardInput(w.dmid, W + o.o, w.dao, M, hq, d, pool);
+      weight_grad(w.dmid, A.ao, grad(o.o, -1), hq, d);
+      ops::MatMulBackwardInput(w.dmid, Proj(l, 3, pool), w.dao, M, hq, d, pool);
+      if (ad) LoraBackward(l, 3, A.ao, w.dmid, w.dao, M, G, pool);
     }
     ops::AttentionArgs args;
     args.batch = batch;
@@ -482,31 +507,39 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       RoundOperand(w.dq, M * hq);
       RoundOperand(w.dk, M * hk);
       RoundOperand(w.dv, M * hk);
-      ops::MatMulBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
-      ops::MatMulBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
-      ops::MatMulBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
-      ops::MatMulBackwardInput(w.dq, W + o.q, w.dxn, M, d, hq, pool);
-      ops::MatMulBackwardInput(w.dk, W + o.k, w.dxn, M, d, hk, pool, true);
-      ops::MatMulBackwardInput(w.dv, W + o.v, w.dxn, M, d, hk, pool, true);
+      weight_grad(w.dq, A.xn1, grad(o.q, -1), d, hq);
+      weight_grad(w.dk, A.xn1, grad(o.k, -1), d, hk);
+      weight_grad(w.dv, A.xn1, grad(o.v, -1), d, hk);
+      ops::MatMulBackwardInput(w.dq, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
+      ops::MatMulBackwardInput(w.dk, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
+      ops::MatMulBackwardInput(w.dv, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
+      if (ad) {
+        LoraBackward(l, 0, A.xn1, w.dq, w.dxn, M, G, pool);
+        LoraBackward(l, 1, A.xn1, w.dk, w.dxn, M, G, pool);
+        LoraBackward(l, 2, A.xn1, w.dv, w.dxn, M, G, pool);
+      }
     }
     {
       OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M,
-                           d, pool, /*accumulate=*/true);
+      ops::RmsNormBackward(w.resid[l], Norm(l, false), A.inv1, w.dxn, w.dx,
+                           grad(o.input_norm, ad ? ad->layers[l].input_norm : -1), M, d, pool,
+                           /*accumulate=*/true);
     }
     ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
   OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
-  if (pe->acts_on_embeddings()) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
-  float* dE = G + embed;
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = dE + int64_t{tokens[m]} * d;
-    const float* src = w.dx + m * d;
-    for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+  if (pe->acts_on_embeddings() && !ad) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
+  if (float* dE = grad(embed, ad ? ad->embed : -1)) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = dE + int64_t{tokens[m]} * d;
+      const float* src = w.dx + m * d;
+      for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+    }
   }
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
+  if (ad && on_ready && !ad->params.empty()) on_ready(0, static_cast<int64_t>(ad->params.size()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -558,7 +591,12 @@ void Model::SetRopeParams(const RopeParams& params) {
   impl_->rope_table_key = -1;
 }
 
-void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
+void Model::set_matmul_precision(MatmulPrecision precision) {
+  if (impl_->lora && precision == MatmulPrecision::kBf16) {
+    throw Error("--bf16: bf16 matmul precision is not supported with a LoRA / QLoRA adapter");
+  }
+  impl_->precision = precision;
+}
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
 void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
@@ -574,8 +612,10 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
                 std::to_string(tokens.size()));
   }
   const bool backward = !grads.empty();
-  if (backward && grads.size() != I.params.size()) {
-    throw Error("ForwardBackward: grads must have " + std::to_string(I.params.size()) + " floats");
+  const size_t trainable = I.lora ? I.lora->params.size() : I.params.size();
+  if (backward && grads.size() != trainable) {
+    throw Error("ForwardBackward: grads must have " + std::to_string(trainable) +
+                " floats (the trainable parameters)");
   }
   const int64_t M = batch * seq_len;
   I.inputs.resize(M);
@@ -626,7 +666,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
-    ops::MatMul(I.ws.xf + (n - 1) * d, I.MatmulWeights() + I.head, I.ws.logits, 1, d, V, pool);
+    ops::MatMul(I.ws.xf + (n - 1) * d, I.Head(), I.ws.logits, 1, d, V, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * V);
   } else {
     I.Logits(n, pool);

@@ -6,12 +6,14 @@
 #ifndef ROPEKIT_SRC_MODEL_MODEL_IMPL_H_
 #define ROPEKIT_SRC_MODEL_MODEL_IMPL_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "ropekit/model.h"
+#include "src/ops/nf4.h"
 
 namespace ropekit {
 
@@ -42,6 +44,26 @@ struct Workspace {
   float* k_rot;
 };
 
+// A LoRA / QLoRA adapter (src/model/lora.cc). Offsets are in floats into `params`, -1 = absent.
+struct LoraState {
+  LoraConfig config;
+  float scaling = 1.0f;             // alpha / r
+  std::vector<TensorInfo> tensors;  // PEFT names
+  std::vector<float> params;        // the trainable buffer
+  struct Layer {
+    std::array<int64_t, 7> a, b;  // lora_A [r, in], lora_B [out, r] per kLoraModules entry
+    int64_t input_norm = -1, post_norm = -1;
+  };
+  std::vector<Layer> layers;
+  int64_t embed = -1, final_norm = -1;
+  uint64_t dropout_seed = 0;
+  // Activations: u holds s * dropout(x) A^T, [L][7][M, r] when training, [M, r] otherwise.
+  std::vector<float> u, xd, dx, du;
+  // QLoRA: the frozen projections as NF4 ([L][7]) and one dequantized matrix.
+  std::vector<std::array<ops::Nf4Tensor, 7>> nf4;
+  std::vector<float> wbuf;
+};
+
 struct Model::Impl {
   ModelConfig config;
   std::vector<TensorInfo> tensors;
@@ -60,6 +82,7 @@ struct Model::Impl {
   std::vector<float> lowp_params;  // bf16-rounded copy of params (kBf16 only)
   std::unique_ptr<RopeTable> rope_table;
   int64_t rope_table_key = -1;
+  std::unique_ptr<LoraState> lora;
 
   void BuildLayout();
   void Init(uint64_t seed);
@@ -79,6 +102,21 @@ struct Model::Impl {
   }
   // Rounds a matmul operand in place when precision is kBf16.
   void RoundOperand(float* x, int64_t n) const;
+  // Weights as the forward reads them: the adapter's trainable copies of the embeddings and norm
+  // gains when it trains them, the NF4 projections dequantized into lora->wbuf under QLoRA (valid
+  // until the next Proj call).
+  const float* Proj(int layer, int module, ThreadPool* pool);
+  const float* Embed() const;
+  const float* Head() const;
+  const float* Norm(int layer, bool post) const;
+  const float* FinalNorm() const;
+  // LoRA on projection `module` of `layer`: y[M, out] += s (dropout(x) A^T) B^T; x [M, in].
+  void LoraForward(int layer, int module, const float* x, float* y, int64_t m, bool train,
+                   ThreadPool* pool);
+  // Its backward: gradients of A and B into G, dx[M, in] += d/dx.
+  void LoraBackward(int layer, int module, const float* x, const float* dy, float* dx, int64_t m,
+                    float* G, ThreadPool* pool);
+  void PrepareLora(int64_t m, bool train);
   std::span<const float> PeParams() const {
     return {params.data() + pe_params, static_cast<size_t>(pe_size)};
   }
