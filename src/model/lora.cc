@@ -185,7 +185,15 @@ void Model::Impl::LoraBackward(int layer, int module, const float* x, const floa
   float* du = s.du.data();
   ops::MatMulBackwardInput(dy, s.params.data() + b, du, m, r, out, pool);
   for (int64_t i = 0; i < m * r; ++i) du[i] *= s.scaling;
-  if (s.config.dropout > 0) {
+  if (dx == nullptr) {  // the input's gradient is not needed (layer 0, frozen embeddings)
+    const float* xd = x;
+    if (s.config.dropout > 0) {
+      Dropout(x, s.xd.data(), m * in, s.config.dropout,
+              Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module));
+      xd = s.xd.data();
+    }
+    ops::MatMulBackwardWeight(du, xd, G + a, m, in, r, pool);
+  } else if (s.config.dropout > 0) {
     const uint64_t seed = Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module);
     Dropout(x, s.xd.data(), m * in, s.config.dropout, seed);
     ops::MatMulBackwardWeight(du, s.xd.data(), G + a, m, in, r, pool);

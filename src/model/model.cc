@@ -502,6 +502,9 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
            ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
+    // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
+    // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
+    const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
     {
       OpTimer timer("bwd matmul qkv");
       RoundOperand(w.dq, M * hq);
@@ -510,16 +513,19 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       weight_grad(w.dq, A.xn1, grad(o.q, -1), d, hq);
       weight_grad(w.dk, A.xn1, grad(o.k, -1), d, hk);
       weight_grad(w.dv, A.xn1, grad(o.v, -1), d, hk);
-      ops::MatMulBackwardInput(w.dq, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
-      ops::MatMulBackwardInput(w.dk, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
-      ops::MatMulBackwardInput(w.dv, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
+      if (input_grad) {
+        ops::MatMulBackwardInput(w.dq, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
+        ops::MatMulBackwardInput(w.dk, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
+        ops::MatMulBackwardInput(w.dv, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
+      }
       if (ad) {
-        LoraBackward(l, 0, A.xn1, w.dq, w.dxn, M, G, pool);
-        LoraBackward(l, 1, A.xn1, w.dk, w.dxn, M, G, pool);
-        LoraBackward(l, 2, A.xn1, w.dv, w.dxn, M, G, pool);
+        float* dx = input_grad ? w.dxn : nullptr;
+        LoraBackward(l, 0, A.xn1, w.dq, dx, M, G, pool);
+        LoraBackward(l, 1, A.xn1, w.dk, dx, M, G, pool);
+        LoraBackward(l, 2, A.xn1, w.dv, dx, M, G, pool);
       }
     }
-    {
+    if (input_grad) {
       OpTimer timer("bwd rmsnorm");
       ops::RmsNormBackward(w.resid[l], Norm(l, false), A.inv1, w.dxn, w.dx,
                            grad(o.input_norm, ad ? ad->layers[l].input_norm : -1), M, d, pool,
@@ -530,6 +536,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
   if (pe->acts_on_embeddings() && !ad) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
+  // (With an adapter the scatter below runs only when it trains the embeddings, and then w.dx
+  // holds layer 0's input gradient.)
   if (float* dE = grad(embed, ad ? ad->embed : -1)) {
     for (int64_t m = 0; m < M; ++m) {
       float* row = dE + int64_t{tokens[m]} * d;

@@ -113,7 +113,7 @@ struct Model::Impl {
   // LoRA on projection `module` of `layer`: y[M, out] += s (dropout(x) A^T) B^T; x [M, in].
   void LoraForward(int layer, int module, const float* x, float* y, int64_t m, bool train,
                    ThreadPool* pool);
-  // Its backward: gradients of A and B into G, dx[M, in] += d/dx.
+  // Its backward: gradients of A and B into G, dx[M, in] += d/dx (skipped when dx is null).
   void LoraBackward(int layer, int module, const float* x, const float* dy, float* dx, int64_t m,
                     float* G, ThreadPool* pool);
   void PrepareLora(int64_t m, bool train);
