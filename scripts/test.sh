@@ -6,7 +6,7 @@
 #   scalar   - Highway compiled for its portable SCALAR target only, C++ and Python tests
 #              (not the npm client, MPI or fault-injection tests, which do not depend on the
 #              SIMD target)
-#   fuzz     - clang libFuzzer targets of the file readers (ASan + UBSan), 40 s each, two at a
+#   fuzz     - clang libFuzzer targets of the file readers (ASan + UBSan), 60 s each, two at a
 #              time (scripts/fuzz.sh; run it with more seconds for longer campaigns)
 # Exits non-zero on the first failure.
 set -euo pipefail
@@ -29,6 +29,6 @@ build_and_test asan "python|package" -DCMAKE_BUILD_TYPE=Debug -DROPEKIT_SANITIZE
   -DROPEKIT_BUILD_PYTHON=OFF -DROPEKIT_BUILD_BENCH=OFF
 build_and_test scalar "package|npm|mpi|faults" -DCMAKE_BUILD_TYPE=Release -DROPEKIT_SCALAR_ONLY=ON \
   -DROPEKIT_BUILD_BENCH=OFF
-echo "=== ropekit: fuzz (libFuzzer, 40 s per target)"
-scripts/fuzz.sh 40
+echo "=== ropekit: fuzz (libFuzzer, 60 s per target)"
+scripts/fuzz.sh 60
 echo "=== ropekit: all test configurations passed"

@@ -41,8 +41,13 @@
 namespace ropekit::cli {
 namespace {
 
-// Largest table the command produces (elements); 2^28 float32 is 1 GiB.
-constexpr int64_t kMaxElements = int64_t{1} << 28;
+// Largest table the command produces, in bytes of its output dtype (2^28 = 256 MiB). The table
+// is built directly in its output bytes and written without another copy, so the command's peak
+// memory is at most twice this (the sinusoidal and learned tables also hold one float32 copy
+// while they are converted), plus the process's baseline.
+constexpr int64_t kMaxTableBytes = int64_t{1} << 28;
+// Largest table printed as JSON (values): a JSON tree and its text take ~40 bytes per value.
+constexpr int64_t kMaxJsonValues = int64_t{1} << 22;
 // Rows printed in human-readable output before eliding.
 constexpr int64_t kMaxPrintedRows = 32;
 
@@ -76,55 +81,79 @@ double ParseNumber(const std::string& option, const std::string& text) {
   return value;
 }
 
-// A table to print or write: float32, float64 or int64 values with a shape.
-struct Table {
-  NpyDType dtype = NpyDType::kF32;
-  std::vector<int64_t> shape;
-  std::vector<double> values;  // every float32/int64 value is exact in double here
-};
-
-void CheckSize(const std::string& option, const std::vector<int64_t>& shape) {
-  long double count = 1;
-  for (int64_t d : shape) count *= static_cast<long double>(d);
-  if (count > static_cast<long double>(kMaxElements)) {
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "%.0Lf", count);
-    throw Error(option + ": the table would have " + buf + " elements (limit " +
-                std::to_string(kMaxElements) + ")");
-  }
-}
-
-NpyArray ToNpy(const Table& table) {
-  NpyArray array;
-  array.dtype = table.dtype;
-  array.shape = table.shape;
-  array.bytes.resize(table.values.size() * array.ItemSize());
-  for (size_t k = 0; k < table.values.size(); ++k) {
-    uint8_t* dst = array.bytes.data() + k * array.ItemSize();
-    if (table.dtype == NpyDType::kF32) {
-      const float v = static_cast<float>(table.values[k]);
-      std::memcpy(dst, &v, sizeof(v));
-    } else if (table.dtype == NpyDType::kF64) {
-      std::memcpy(dst, &table.values[k], sizeof(double));
-    } else {
-      const int64_t v = static_cast<int64_t>(table.values[k]);
-      std::memcpy(dst, &v, sizeof(v));
+// A table to print or write: float32, float64 or int64 values with a shape, held as the .npy
+// payload itself and filled in order with Push.
+class Table {
+ public:
+  // Checks the size against kMaxTableBytes (the error names `option`) and allocates the payload.
+  void Allocate(const std::string& option, NpyDType dtype, std::vector<int64_t> shape) {
+    array_.dtype = dtype;
+    long double bytes = static_cast<long double>(array_.ItemSize());
+    for (int64_t d : shape) bytes *= static_cast<long double>(d);
+    if (bytes > static_cast<long double>(kMaxTableBytes)) {
+      char buf[64];
+      std::snprintf(buf, sizeof(buf), "%.0Lf", bytes);
+      throw Error(option + ": the table would take " + buf + " bytes as " + NpyDTypeName(dtype) +
+                  " (limit " + std::to_string(kMaxTableBytes) + " bytes, 256 MiB)");
     }
+    array_.shape = std::move(shape);
+    array_.bytes.assign(static_cast<size_t>(bytes), 0);
+    size_ = 0;
   }
-  return array;
-}
+  void Push(double v) {
+    uint8_t* dst = array_.bytes.data() + size_ * array_.ItemSize();
+    if (array_.dtype == NpyDType::kF32) {
+      const float f = static_cast<float>(v);
+      std::memcpy(dst, &f, sizeof(f));
+    } else if (array_.dtype == NpyDType::kF64) {
+      std::memcpy(dst, &v, sizeof(v));
+    } else {
+      const int64_t i = static_cast<int64_t>(v);
+      std::memcpy(dst, &i, sizeof(i));
+    }
+    ++size_;
+  }
+  void Push(const float* values, size_t n) {
+    for (size_t k = 0; k < n; ++k) Push(values[k]);
+  }
+  // Every float32/int64 value of a table is exact in double.
+  double Get(size_t k) const {
+    const uint8_t* src = array_.bytes.data() + k * array_.ItemSize();
+    if (array_.dtype == NpyDType::kF32) {
+      float f;
+      std::memcpy(&f, src, sizeof(f));
+      return f;
+    }
+    if (array_.dtype == NpyDType::kF64) {
+      double d;
+      std::memcpy(&d, src, sizeof(d));
+      return d;
+    }
+    int64_t i;
+    std::memcpy(&i, src, sizeof(i));
+    return static_cast<double>(i);
+  }
+  size_t size() const { return size_; }
+  NpyDType dtype() const { return array_.dtype; }
+  const std::vector<int64_t>& shape() const { return array_.shape; }
+  const NpyArray& array() const { return array_; }
+
+ private:
+  NpyArray array_;
+  size_t size_ = 0;  // values pushed so far
+};
 
 // Nested JSON arrays in C order.
 nlohmann::json ToJson(const Table& table, size_t dim, size_t& offset) {
   nlohmann::json out = nlohmann::json::array();
-  const int64_t n = table.shape.empty() ? 1 : table.shape[dim];
+  const int64_t n = table.shape().empty() ? 1 : table.shape()[dim];
   for (int64_t k = 0; k < n; ++k) {
-    if (dim + 1 < table.shape.size()) {
+    if (dim + 1 < table.shape().size()) {
       out.push_back(ToJson(table, dim + 1, offset));
-    } else if (table.dtype == NpyDType::kI64) {
-      out.push_back(static_cast<int64_t>(table.values[offset++]));
+    } else if (table.dtype() == NpyDType::kI64) {
+      out.push_back(static_cast<int64_t>(table.Get(offset++)));
     } else {
-      out.push_back(table.values[offset++]);
+      out.push_back(table.Get(offset++));
     }
   }
   return out;
@@ -132,7 +161,7 @@ nlohmann::json ToJson(const Table& table, size_t dim, size_t& offset) {
 
 std::string FormatValue(const Table& table, double v) {
   char buf[40];
-  if (table.dtype == NpyDType::kI64) {
+  if (table.dtype() == NpyDType::kI64) {
     std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
   } else {
     std::snprintf(buf, sizeof(buf), "%.9g", v);
@@ -143,23 +172,23 @@ std::string FormatValue(const Table& table, double v) {
 // Prints the last dimension as rows, with leading indices, eliding rows beyond kMaxPrintedRows.
 void PrintTable(const std::string& name, const Table& table) {
   std::string shape;
-  for (size_t d = 0; d < table.shape.size(); ++d) {
-    shape += (d ? ", " : "") + std::to_string(table.shape[d]);
+  for (size_t d = 0; d < table.shape().size(); ++d) {
+    shape += (d ? ", " : "") + std::to_string(table.shape()[d]);
   }
-  std::printf("%s: %s [%s]\n", name.c_str(), NpyDTypeName(table.dtype).c_str(), shape.c_str());
-  const int64_t cols = table.shape.back();
-  const int64_t rows = cols == 0 ? 0 : static_cast<int64_t>(table.values.size()) / cols;
+  std::printf("%s: %s [%s]\n", name.c_str(), NpyDTypeName(table.dtype()).c_str(), shape.c_str());
+  const int64_t cols = table.shape().back();
+  const int64_t rows = cols == 0 ? 0 : static_cast<int64_t>(table.size()) / cols;
   for (int64_t r = 0; r < rows && r < kMaxPrintedRows; ++r) {
     std::string index;
     int64_t rest = r;
-    for (int d = static_cast<int>(table.shape.size()) - 2; d >= 0; --d) {
-      index = std::to_string(rest % table.shape[d]) + (index.empty() ? "" : ", ") + index;
-      rest /= table.shape[d];
+    for (int d = static_cast<int>(table.shape().size()) - 2; d >= 0; --d) {
+      index = std::to_string(rest % table.shape()[d]) + (index.empty() ? "" : ", ") + index;
+      rest /= table.shape()[d];
     }
-    std::string line = table.shape.size() > 1 ? "  [" + index + "]" : " ";
+    std::string line = table.shape().size() > 1 ? "  [" + index + "]" : " ";
     for (int64_t c = 0; c < cols; ++c) {
       line += ' ';
-      line += FormatValue(table, table.values[r * cols + c]);
+      line += FormatValue(table, table.Get(r * cols + c));
     }
     std::printf("%s\n", line.c_str());
   }
@@ -225,8 +254,7 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       require("--dim");
       const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
       const int64_t dim = ParseInt("--dim", o.dim, 1, 1 << 20);
-      table.shape = {seq_len, dim};
-      CheckSize("--seq-len", table.shape);
+      table.Allocate("--seq-len", NpyDType::kF32, {seq_len, dim});
       info["seq_len"] = seq_len;
       info["dim"] = dim;
       std::vector<float> values;
@@ -256,7 +284,7 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
         info["init_std"] = spec.init_std;
         table_name = "table";
       }
-      table.values.assign(values.begin(), values.end());
+      table.Push(values.data(), values.size());
       break;
     }
     case PositionEncodingKind::kAlibi: {
@@ -266,15 +294,13 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       info["heads"] = heads;
       info["slopes"] = slopes;
       if (!given.at("--seq-len")) {
-        table.dtype = NpyDType::kF64;
-        table.shape = {heads};
-        table.values = slopes;
+        table.Allocate("--heads", NpyDType::kF64, {heads});
+        for (double s : slopes) table.Push(s);
         table_name = "slopes";
         break;
       }
       const int64_t seq_len = ParseInt("--seq-len", o.seq_len, 1, kMaxPosition + 1);
-      table.shape = {heads, seq_len, seq_len};
-      CheckSize("--seq-len", table.shape);
+      table.Allocate("--seq-len", NpyDType::kF32, {heads, seq_len, seq_len});
       info["seq_len"] = seq_len;
       PositionEncodingSpec spec;
       spec.kind = kind;
@@ -283,12 +309,11 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       std::vector<int64_t> keys(seq_len);
       for (int64_t j = 0; j < seq_len; ++j) keys[j] = j;
       std::vector<float> row(seq_len);
-      table.values.reserve(heads * seq_len * seq_len);
       for (int h = 0; h < heads; ++h) {
         for (int64_t i = 0; i < seq_len; ++i) {
           std::fill(row.begin(), row.end(), 0.0f);
           pe.AddLogitBias(i, keys, h, {}, row.data());
-          table.values.insert(table.values.end(), row.begin(), row.end());
+          table.Push(row.data(), row.size());
         }
       }
       table_name = "bias";
@@ -305,9 +330,7 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
           given.at("--max-distance")
               ? static_cast<int>(ParseInt("--max-distance", o.max_distance, 1, kMaxPosition))
               : 128;
-      table.dtype = NpyDType::kI64;
-      table.shape = {seq_len, seq_len};
-      CheckSize("--seq-len", table.shape);
+      table.Allocate("--seq-len", NpyDType::kI64, {seq_len, seq_len});
       PositionEncodingSpec spec;
       spec.kind = kind;
       spec.num_heads = 1;
@@ -323,9 +346,8 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
                     what + ")");
       }
       const PositionEncoding pe(spec);
-      table.values.reserve(seq_len * seq_len);
       for (int64_t i = 0; i < seq_len; ++i) {
-        for (int64_t j = 0; j < seq_len; ++j) table.values.push_back(pe.Bucket(j - i));
+        for (int64_t j = 0; j < seq_len; ++j) table.Push(pe.Bucket(j - i));
       }
       info["seq_len"] = seq_len;
       info["num_buckets"] = buckets;
@@ -360,14 +382,12 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       // seq_len selects the length-dependent frequencies (dynamic NTK, LongRoPE long factors).
       const RopeTable rope(ComputeFrequencies(params, Numerics::kExact, seq_len));
       const int n = rope.num_pairs();
-      table.shape = {seq_len, 2 * n};
-      CheckSize("--seq-len", table.shape);
+      table.Allocate("--seq-len", NpyDType::kF32, {seq_len, 2 * n});
       std::vector<float> cos(n), sin(n);
-      table.values.reserve(seq_len * 2 * n);
       for (int64_t p = 0; p < seq_len; ++p) {
         rope.ComputeRow(p, cos.data(), sin.data());
-        table.values.insert(table.values.end(), cos.begin(), cos.end());
-        table.values.insert(table.values.end(), sin.begin(), sin.end());
+        table.Push(cos.data(), cos.size());
+        table.Push(sin.data(), sin.size());
       }
       info["attention_factor"] = rope.frequencies().attention_factor;
       info["seq_len"] = seq_len;
@@ -382,10 +402,10 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
       break;
   }
 
-  info["shape"] = table.shape;
-  info["dtype"] = NpyDTypeName(table.dtype);
+  info["shape"] = table.shape();
+  info["dtype"] = NpyDTypeName(table.dtype());
   if (!o.output.empty()) {
-    WriteNpy(o.output, ToNpy(table));
+    WriteNpy(o.output, table.array());
     info["output"] = o.output;
     info["content"] = table_name;
     if (o.json) {
@@ -397,6 +417,11 @@ int RunPe(const PeOptions& o, const std::map<std::string, bool>& given) {
     return 0;
   }
   if (o.json) {
+    if (static_cast<int64_t>(table.size()) > kMaxJsonValues) {
+      throw Error("--json: the table has " + std::to_string(table.size()) +
+                  " values, more than the " + std::to_string(kMaxJsonValues) +
+                  " that JSON output holds; use --output FILE.npy");
+    }
     size_t offset = 0;
     info[table_name] = ToJson(table, 0, offset);
     std::printf("%s\n", info.dump().c_str());

@@ -82,6 +82,27 @@ std::string ReadFileToString(const std::string& path, uint64_t max_bytes) {
 }
 
 void WriteFileAtomic(const std::string& path, const void* data, size_t size) {
+  WriteFilePiecesAtomic(path, {std::string_view(static_cast<const char*>(data), size)});
+}
+
+namespace {
+
+// Writes all of `data` to `fd`; returns 0 or the errno of the failure.
+int WriteAll(int fd, std::string_view data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    const ssize_t put = ::write(fd, data.data() + done, data.size() - done);
+    if (put < 0 && errno == EINTR) continue;
+    if (put <= 0) return put < 0 ? errno : EIO;
+    done += static_cast<size_t>(put);
+  }
+  return 0;
+}
+
+}  // namespace
+
+void WriteFilePiecesAtomic(const std::string& path,
+                           std::initializer_list<std::string_view> pieces) {
   // The temporary file lives next to the destination (rename is atomic only within a file
   // system); O_EXCL never clobbers an existing file, mode 0666 lets the umask decide as for a
   // plain create.
@@ -94,19 +115,14 @@ void WriteFileAtomic(const std::string& path, const void* data, size_t size) {
     if (fd < 0 && errno != EEXIST) err = errno;
   }
   if (fd < 0) throw Error(path + ": cannot open for writing: " + std::strerror(err ? err : EEXIST));
-  const auto* p = static_cast<const uint8_t*>(data);
-  size_t done = 0;
   err = FaultPoint("write", tmp);
   // A simulated full disk writes part of the data first, as a real one would.
-  if (err != 0 && size > 1) (void)!::write(fd, p, size / 2);
-  while (err == 0 && done < size) {
-    const ssize_t put = ::write(fd, p + done, size - done);
-    if (put < 0 && errno == EINTR) continue;
-    if (put <= 0) {
-      err = put < 0 ? errno : EIO;
-      break;
-    }
-    done += static_cast<size_t>(put);
+  if (err != 0 && pieces.size() > 0) {
+    const std::string_view first = *pieces.begin();
+    (void)!::write(fd, first.data(), first.size() / 2);
+  }
+  for (auto piece = pieces.begin(); err == 0 && piece != pieces.end(); ++piece) {
+    err = WriteAll(fd, *piece);
   }
   if (err == 0) err = FaultPoint("fsync", tmp);
   if (err == 0 && ::fsync(fd) != 0) err = errno;

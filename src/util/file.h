@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <string_view>
 
@@ -23,6 +24,9 @@ void WriteFileAtomic(const std::string& path, const void* data, size_t size);
 inline void WriteFileAtomic(const std::string& path, std::string_view data) {
   WriteFileAtomic(path, data.data(), data.size());
 }
+// The same for the concatenation of `pieces`, written one after another without joining them in
+// memory first (a header and a large payload cost no extra copy of the payload).
+void WriteFilePiecesAtomic(const std::string& path, std::initializer_list<std::string_view> pieces);
 
 // fsync of a directory, so that renames and new entries in it survive a power loss.
 void SyncDirectory(const std::string& dir);

@@ -223,7 +223,7 @@ NpyArray ReadNpy(const std::string& path) {
   return ParseNpy(std::vector<uint8_t>(file.begin(), file.end()), path);
 }
 
-std::vector<uint8_t> SerializeNpy(const NpyArray& array) {
+std::string NpyHeader(const NpyArray& array) {
   std::string header = "{'descr': '" + std::string(Info(array.dtype).descr) +
                        "', 'fortran_order': False, 'shape': (";
   for (size_t k = 0; k < array.shape.size(); ++k) {
@@ -239,14 +239,19 @@ std::vector<uint8_t> SerializeNpy(const NpyArray& array) {
   const size_t unpadded = prefix + header.size() + 1;
   header.append((64 - unpadded % 64) % 64, ' ');
   header += '\n';
-  std::vector<uint8_t> out(kMagic, kMagic + kMagicSize);
-  out.push_back(v2 ? 2 : 1);
+  std::string out(kMagic, kMagicSize);
+  out.push_back(static_cast<char>(v2 ? 2 : 1));
   out.push_back(0);
   const size_t len_bytes = v2 ? 4 : 2;
   for (size_t b = 0; b < len_bytes; ++b) {
-    out.push_back(static_cast<uint8_t>((header.size() >> (8 * b)) & 0xff));
+    out.push_back(static_cast<char>((header.size() >> (8 * b)) & 0xff));
   }
-  out.insert(out.end(), header.begin(), header.end());
+  return out + header;
+}
+
+std::vector<uint8_t> SerializeNpy(const NpyArray& array) {
+  const std::string header = NpyHeader(array);
+  std::vector<uint8_t> out(header.begin(), header.end());
   out.insert(out.end(), array.bytes.begin(), array.bytes.end());
   return out;
 }
@@ -255,8 +260,10 @@ void WriteNpy(const std::string& path, const NpyArray& array) {
   if (static_cast<size_t>(array.NumElements()) * array.ItemSize() != array.bytes.size()) {
     throw Error(path + ": internal error: payload size does not match shape");
   }
-  const std::vector<uint8_t> bytes = SerializeNpy(array);
-  WriteFileAtomic(path, bytes.data(), bytes.size());
+  // The payload is written in place after the header: no second copy of a large array.
+  WriteFilePiecesAtomic(
+      path, {NpyHeader(array), std::string_view(reinterpret_cast<const char*>(array.bytes.data()),
+                                                array.bytes.size())});
 }
 
 }  // namespace ropekit

@@ -31,6 +31,8 @@ std::string NpyDTypeName(NpyDType dtype);  // "float32", "float64", "float16", "
 // Parses .npy bytes; `name` is used in error messages.
 NpyArray ParseNpy(const std::vector<uint8_t>& file_bytes, const std::string& name);
 NpyArray ReadNpy(const std::string& path);
+// The magic string, version, header length and padded header dictionary that precede the payload.
+std::string NpyHeader(const NpyArray& array);
 std::vector<uint8_t> SerializeNpy(const NpyArray& array);
 // Writes atomically (temporary file + rename); on failure the destination is untouched.
 void WriteNpy(const std::string& path, const NpyArray& array);

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -340,3 +341,49 @@ def test_bad_options_are_one_line_errors(tmp_path, args, option):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and option in lines[0], proc.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+# The table limit is 2^28 bytes in the output dtype (256 MiB); the command builds the table in
+# its output bytes and writes it without another copy, so its peak memory is the table plus the
+# process baseline, and at most twice the table for sinusoidal/learned (one float32 copy while
+# converting). The slack covers the baseline (the binary, its libraries, the heap's bookkeeping).
+TABLE_LIMIT = 1 << 28
+BASELINE_SLACK = 64 << 20
+
+
+# A child's ru_maxrss includes the memory of the process it was forked from before its exec, so
+# the command runs as the grandchild of a small Python process, which reports the command's peak.
+RSS_PROBE = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print("probe", os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
+def peak_rss_bytes(args, cwd):
+    proc = subprocess.run([sys.executable, "-c", RSS_PROBE, CLI, "pe", *args], cwd=cwd,
+                          capture_output=True, text=True)
+    _, code, kilobytes = proc.stdout.strip().splitlines()[-1].split()
+    assert code == "0", proc.stderr
+    return int(kilobytes) * 1024  # Linux reports kilobytes
+
+
+@pytest.mark.parametrize("kind,copies", [("rope", 1), ("sinusoidal", 2)])
+def test_table_at_the_limit_stays_within_its_stated_memory(tmp_path, kind, copies):
+    # 131072 positions x 512 float32 values = exactly 2^28 bytes.
+    args = ["--kind", kind, "--seq-len", "131072", "--dim", "512", "--output", "t.npy"]
+    peak = peak_rss_bytes(args, tmp_path)
+    assert peak <= copies * TABLE_LIMIT + BASELINE_SLACK, peak
+    table = np.load(tmp_path / "t.npy", mmap_mode="r")
+    assert table.shape == (131072, 512) and table.nbytes == TABLE_LIMIT
+
+
+def test_table_over_the_limit_and_json_over_its_limit_are_refused(tmp_path):
+    over = subprocess.run([CLI, "pe", "--kind", "rope", "--seq-len", "131073", "--dim", "512"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert over.returncode == 1 and "--seq-len" in over.stderr and "268435456" in over.stderr
+    json_big = subprocess.run([CLI, "pe", "--kind", "t5", "--seq-len", "2049", "--json"],
+                              capture_output=True, text=True, cwd=tmp_path)
+    assert json_big.returncode == 1 and "--json" in json_big.stderr, json_big.stderr
