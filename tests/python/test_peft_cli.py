@@ -189,3 +189,24 @@ def test_qlora_trains_and_reports_its_bits_and_errors_name_the_option():
                                 os.path.join(tmp, "e"), "--steps", "1", *shape, *args],
                                capture_output=True, text=True)
             assert r.returncode != 0 and needle in r.stderr, (args, r.stderr)
+
+
+def test_adapter_resume_is_bit_exact_and_outputs_are_not_replaced_silently():
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = corpus_file(tmp)
+        base = os.path.join(tmp, "base")
+        shape = ["--batch-size", "2", "--seq-len", "12", "--quiet"]
+        run("train", "--corpus", corpus, "--out", base, "--steps", "2", "--hidden-size", "32",
+            "--layers", "1", "--heads", "4", "--kv-heads", "2", "--intermediate-size", "40", *shape)
+        lora = ["--corpus", corpus, "--init", base, "--steps", "4", "--checkpoint-interval", "2",
+                "--lora-rank", "2", "--lora-dropout", "0.1", "--lora-train-norms", *shape]
+        full, part = os.path.join(tmp, "full"), os.path.join(tmp, "part")
+        run("train", "--out", full, *lora)
+        run("train", "--out", part, "--stop-after", "2", *lora)
+        run("train", "--out", part, "--resume", "--corpus", corpus, "--quiet")
+        for f in ("adapter_model.safetensors", "optimizer.safetensors", "adapter_config.json"):
+            assert open(os.path.join(full, f), "rb").read() == open(os.path.join(part, f),
+                                                                    "rb").read(), f
+        r = subprocess.run([CLI, "train", "--out", full, *lora], capture_output=True, text=True)
+        assert r.returncode != 0 and "--overwrite" in r.stderr
+        run("train", "--out", full, "--overwrite", *lora)
