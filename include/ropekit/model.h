@@ -171,11 +171,13 @@ class Model {
 
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
-  // (size of parameters()), accumulates grad_scale * d(sum of losses)/d(params) into it.
+  // (size of trainable_parameters()), accumulates grad_scale * d(sum of losses)/d(params) into
+  // it.
   // `on_grad_ready` (optional) is called during the backward, on the calling thread, with each
   // flat range [begin, end) of parameters() whose gradient is final: the head and final norm
   // first, then the layers from last to first, then the embedding tables. The ranges cover
   // parameters() exactly once, in the same order for every call (data-parallel bucketing).
+  // With an adapter there is one range, the whole trainable buffer, at the end.
   using GradReadyFn = std::function<void(int64_t begin, int64_t end)>;
   double ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                          std::span<float> grads, float grad_scale, ThreadPool* pool,
