@@ -29,6 +29,7 @@ struct EvalArgs {
   bool json = false;
   RopeOverrideArgs rope;
   bool bf16 = false;
+  AdapterArgs adapter;
   std::string dump_tokens, dump_logits, dump_grads;
 };
 
@@ -69,7 +70,7 @@ int RunDump(const EvalArgs& a, Model& model, ThreadPool* pool) {
   int64_t B = 0, L = 0;
   const std::vector<int32_t> tokens = ReadTokens(a.dump_tokens, B, L);
   const int64_t T = L - 1, V = model.config().vocab_size;
-  std::vector<float> grads(model.parameters().size(), 0.0f);
+  std::vector<float> grads(model.trainable_parameters().size(), 0.0f);
   const double loss =
       model.ForwardBackward(tokens, B, T, grads, 1.0f / static_cast<float>(B * T), pool);
   if (!a.dump_logits.empty()) {
@@ -86,7 +87,7 @@ int RunDump(const EvalArgs& a, Model& model, ThreadPool* pool) {
   }
   if (!a.dump_grads.empty()) {
     std::vector<SafeTensor> tensors;
-    for (const TensorInfo& t : model.tensors()) {
+    for (const TensorInfo& t : model.trainable_tensors()) {
       tensors.push_back(
           {t.name, t.shape,
            std::vector<float>(grads.begin() + t.offset, grads.begin() + t.offset + t.size)});
@@ -99,7 +100,7 @@ int RunDump(const EvalArgs& a, Model& model, ThreadPool* pool) {
 
 int RunEval(const EvalArgs& a) {
   auto pool = MakePool(a.threads);
-  Model model = LoadCliModel(a.model, a.rope, a.bf16);
+  Model model = LoadCliModel(a.model, a.rope, a.bf16, a.adapter);
   if (!a.dump_tokens.empty()) return RunDump(a, model, pool.get());
   if (!a.dump_logits.empty() || !a.dump_grads.empty()) {
     throw Error("--dump-logits / --dump-grads need --dump-tokens");
@@ -183,6 +184,7 @@ const CommandRegistration kEval{
           ->capture_default_str();
       sub->add_flag("--json", a->json, "Print the results as JSON");
       AddRopeOverrideOptions(sub, a->rope);
+      AddAdapterOptions(sub, a->adapter);
       sub->add_flag("--bf16", a->bf16,
                     "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
                     "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +

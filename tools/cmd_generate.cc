@@ -19,13 +19,14 @@ struct GenerateArgs {
   bool stats = false;
   RopeOverrideArgs rope;
   bool bf16 = false;
+  AdapterArgs adapter;
   bool context_shift = false;
   ContextShiftConfig shift;
 };
 
 int RunGenerate(const GenerateArgs& a) {
   auto pool = MakePool(a.threads);
-  Model model = LoadCliModel(a.model, a.rope, a.bf16);
+  Model model = LoadCliModel(a.model, a.rope, a.bf16, a.adapter);
   if (!a.prompt.empty() && !a.prompt_file.empty()) {
     throw Error("--prompt and --prompt-file cannot be combined");
   }
@@ -80,6 +81,7 @@ const CommandRegistration kGenerate{
           ->capture_default_str();
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
       AddRopeOverrideOptions(sub, a->rope);
+      AddAdapterOptions(sub, a->adapter);
       sub->add_flag("--bf16", a->bf16,
                     "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
                     "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +

@@ -47,6 +47,11 @@ struct TrainArgs {
   double init_std = 0.02;
   double rms_norm_eps = 1e-5;
   RopeOverrideArgs rope;
+  // Parameter-efficient fine-tuning (with --init).
+  int lora_rank = 0;  // 0 = full fine-tuning
+  double lora_alpha = 8.0, lora_dropout = 0.0;
+  std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
+  bool lora_train_embeddings = false, lora_train_norms = false, qlora = false;
   // Training.
   TrainConfig tc;
   std::string schedule = "cosine";
@@ -167,10 +172,49 @@ int RunTrain(TrainArgs& a, CLI::App* sub) {
   return 1;
 }
 
+// The LoRA options given on the command line (nullopt without --lora-rank); checks that they
+// come with --init and not with --resume.
+std::optional<LoraConfig> LoraFromArgs(const TrainArgs& a, CLI::App* sub) {
+  const char* others[] = {"--lora-alpha",       "--lora-dropout",
+                          "--lora-targets",     "--lora-train-embeddings",
+                          "--lora-train-norms", "--qlora"};
+  if (sub->count("--lora-rank") == 0) {
+    for (const char* o : others) {
+      if (sub->count(o) > 0) throw Error(std::string(o) + ": needs --lora-rank");
+    }
+    return std::nullopt;
+  }
+  if (a.resume) {
+    throw Error(
+        "--lora-rank: --resume continues the adapter saved in --out with its own "
+        "config; omit the --lora-* options");
+  }
+  if (a.init.empty()) {
+    throw Error("--lora-rank: LoRA fine-tunes an existing model; give its checkpoint with --init");
+  }
+  std::error_code ec;
+  if (std::filesystem::exists(a.out, ec) && std::filesystem::equivalent(a.out, a.init, ec)) {
+    throw Error("--out " + a.out +
+                " is the --init checkpoint; the adapter needs its own directory "
+                "(the base checkpoint is never modified)");
+  }
+  LoraConfig c;
+  c.rank = a.lora_rank;
+  c.alpha = a.lora_alpha;
+  c.dropout = a.lora_dropout;
+  c.target_modules = a.lora_targets;
+  c.train_embeddings = a.lora_train_embeddings;
+  c.train_norms = a.lora_train_norms;
+  c.qlora = a.qlora;
+  c.base_model = std::filesystem::absolute(a.init).lexically_normal().string();
+  return c;
+}
+
 int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   const bool lead = comm.rank() == 0;  // prints, writes the log and the checkpoints
   if (!lead) a.quiet = true;
   if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
+  const std::optional<LoraConfig> lora = LoraFromArgs(a, sub);
   if (a.resume && a.overwrite) throw Error("--resume and --overwrite cannot be combined");
   if (!(a.val_fraction >= 0.0 && a.val_fraction < 1.0)) {
     throw Error("--val-fraction " + std::to_string(a.val_fraction) + " must be in [0, 1)");
@@ -255,6 +299,11 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
     lo.rope_override =
         RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
     model = std::make_unique<Model>(LoadModel(a.init, lo));
+    if (lora) {
+      if (a.tc.bf16) throw Error("--bf16 cannot be combined with --lora-rank / --qlora");
+      lora->Validate(model->config());
+      model->AddLora(*lora, a.seed);
+    }
   } else {
     model = std::make_unique<Model>(BuildConfig(a), a.seed);
   }
@@ -291,6 +340,15 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
                  static_cast<long long>(model->num_parameters()), all.size(), val.size(),
                  static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
     if (a.tc.bf16) std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
+    if (const LoraConfig* lc = model->lora_config()) {
+      std::fprintf(stderr,
+                   "%s: r=%d alpha=%g dropout=%g, %zu trainable parameters; frozen projections "
+                   "%.3f bits per parameter\n",
+                   lc->qlora ? "QLoRA" : "LoRA", lc->rank, lc->alpha, lc->dropout,
+                   model->trainable_parameters().size(),
+                   8.0 * static_cast<double>(model->projection_bytes()) /
+                       static_cast<double>(model->projection_parameters()));
+    }
   }
   struct Stop {};
   std::vector<TrainLogEntry> log;
@@ -448,6 +506,32 @@ const CommandRegistration kTrain{
       sub->add_option("--t5-max-distance", a->t5_max_distance, "T5 max distance (0 = --seq-len)")
           ->group(p);
       AddRopeOverrideOptions(sub, a->rope);
+      auto* f = "Parameter-efficient fine-tuning (with --init; --out receives a PEFT adapter)";
+      sub->add_option("--lora-rank", a->lora_rank,
+                      "LoRA rank r: freeze --init and train a LoRA adapter (Hu et al. 2021)")
+          ->group(f);
+      sub->add_option("--lora-alpha", a->lora_alpha, "LoRA alpha (scaling alpha / r)")
+          ->group(f)
+          ->capture_default_str();
+      sub->add_option("--lora-dropout", a->lora_dropout, "Dropout on the LoRA input, in [0, 1)")
+          ->group(f)
+          ->capture_default_str();
+      sub->add_option(
+             "--lora-targets", a->lora_targets,
+             "Adapted projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+          ->group(f)
+          ->delimiter(',')
+          ->capture_default_str();
+      sub->add_flag("--lora-train-embeddings", a->lora_train_embeddings,
+                    "Also train the token embeddings (LongLoRA's LoRA+)")
+          ->group(f);
+      sub->add_flag("--lora-train-norms", a->lora_train_norms,
+                    "Also train the RMSNorm gains (LongLoRA's LoRA+)")
+          ->group(f);
+      sub->add_flag("--qlora", a->qlora,
+                    "QLoRA: keep the frozen projections as NF4 with double-quantized scales "
+                    "(Dettmers et al. 2023), dequantized inside every product")
+          ->group(f);
       auto* t = "Training";
       sub->add_option("--steps", a->tc.steps, "Optimizer steps")->group(t)->capture_default_str();
       sub->add_option("--batch-size", a->tc.batch_size, "Sequences per micro-batch")

@@ -66,13 +66,39 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   }
 }
 
-// Loads the model directory `dir` with the --rope override (checked against its config.json)
-// and, with --bf16, bf16 matrix products.
-inline Model LoadCliModel(const std::string& dir, const RopeOverrideArgs& rope, bool bf16) {
+// --adapter / --qlora of eval and generate: a PEFT LoRA adapter on top of --model.
+struct AdapterArgs {
+  std::string dir;
+  bool qlora = false;
+};
+
+inline void AddAdapterOptions(CLI::App* sub, AdapterArgs& args) {
+  sub->add_option("--adapter", args.dir,
+                  "A LoRA adapter directory (PEFT layout: adapter_config.json + "
+                  "adapter_model.safetensors, e.g. the --out of train --lora-rank) applied to "
+                  "--model without merging");
+  sub->add_flag("--qlora", args.qlora,
+                "With --adapter: run the base projections as NF4 (4-bit NormalFloat, double "
+                "quantized), as the adapter was trained with train --qlora");
+}
+
+inline void ApplyAdapterArgs(Model& model, const AdapterArgs& args) {
+  if (args.dir.empty()) {
+    if (args.qlora) throw Error("--qlora: needs --adapter");
+    return;
+  }
+  LoadLoraAdapter(model, args.dir, args.qlora);
+}
+
+// Loads the model directory `dir` with the --rope override (checked against its config.json),
+// the --adapter (if any) and, with --bf16, bf16 matrix products.
+inline Model LoadCliModel(const std::string& dir, const RopeOverrideArgs& rope, bool bf16,
+                          const AdapterArgs& adapter = {}) {
   const std::string cfg_path = dir + "/config.json";
   LoadOptions lo;
   lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), rope);
   Model model = LoadModel(dir, lo);
+  ApplyAdapterArgs(model, adapter);
   if (bf16) {
     model.set_matmul_precision(MatmulPrecision::kBf16);
     std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());

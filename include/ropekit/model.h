@@ -99,6 +99,36 @@ struct TensorInfo {
   bool weight_decay = false;   // true for matrices (AdamW decays only these)
 };
 
+// ---------------------------------------------------------------------------------------------
+// Parameter-efficient fine-tuning: LoRA (Hu et al. 2021, arXiv:2106.09685) and QLoRA (Dettmers
+// et al. 2023, arXiv:2305.14314), with the arithmetic and file layout of Hugging Face PEFT.
+//
+// A LoRA adapter adds to a projection y = x W^T (W: [out, in], frozen) the low-rank update
+// y += (alpha / r) * (dropout(x) A^T) B^T with A: [r, in], B: [out, r] (peft: tuners/lora/layer.py,
+// LoraLayer.update_layer and Linear.forward). A starts Kaiming-uniform as torch's nn.Linear
+// (kaiming_uniform_(a = sqrt(5)): gain sqrt(2 / (1 + a^2)) = sqrt(1/3), bound gain * sqrt(3 /
+// fan_in) = 1 / sqrt(in)), so A ~ U(-1/sqrt(in), 1/sqrt(in)); B starts at 0, so an untrained
+// adapter leaves the model's outputs bit for bit unchanged. LongLoRA's "LoRA+" (Chen et al. 2023,
+// arXiv:2309.12307) also trains the token embeddings and the RMSNorm gains; PEFT saves those as
+// modules_to_save. QLoRA keeps the frozen projection matrices as 4-bit NormalFloat (see nf4.h).
+struct LoraConfig {
+  int rank = 8;                                                    // r, in [1, min(in, out)]
+  double alpha = 8.0;                                              // scaling = alpha / r
+  double dropout = 0.0;                                            // on the input of A, in [0, 1)
+  std::vector<std::string> target_modules = {"q_proj", "v_proj"};  // PEFT's llama default
+  bool train_embeddings = false;  // embed_tokens (and the tied head) trainable
+  bool train_norms = false;       // every RMSNorm gain trainable
+  bool qlora = false;             // frozen projections stored as NF4 + double quantization
+  std::string base_model;         // base_model_name_or_path: the base checkpoint's directory
+
+  // Throws Error naming the option (--lora-rank, --lora-targets, ...) and the accepted range.
+  void Validate(const ModelConfig& model) const;
+};
+
+// The seven projections of a layer, in PEFT's module names.
+inline constexpr const char* kLoraModules[7] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                "gate_proj", "up_proj", "down_proj"};
+
 class KVCache;
 
 // Precision of the matrix-product operands. kBf16 is mixed precision as in bf16 autocast: the
@@ -151,11 +181,13 @@ class Model {
 
   // Training step core. tokens: [B, T + 1] row-major; inputs are the first T of each row,
   // targets the last T. Returns the mean loss over the B*T targets; when `grads` is non-empty
-  // (size of parameters()), accumulates grad_scale * d(sum of losses)/d(params) into it.
+  // (size of trainable_parameters()), accumulates grad_scale * d(sum of losses)/d(params) into
+  // it.
   // `on_grad_ready` (optional) is called during the backward, on the calling thread, with each
   // flat range [begin, end) of parameters() whose gradient is final: the head and final norm
   // first, then the layers from last to first, then the embedding tables. The ranges cover
   // parameters() exactly once, in the same order for every call (data-parallel bucketing).
+  // With an adapter there is one range, the whole trainable buffer, at the end.
   using GradReadyFn = std::function<void(int64_t begin, int64_t end)>;
   double ForwardBackward(std::span<const int32_t> tokens, int64_t batch, int64_t seq_len,
                          std::span<float> grads, float grad_scale, ThreadPool* pool,
@@ -178,6 +210,31 @@ class Model {
   // at position size(). Values are moved, never changed. Length-dependent RoPE types (dynamic,
   // longrope) keep unrotated keys in the cache and need no re-rotation.
   void ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool);
+
+  // Parameter-efficient fine-tuning. AddLora freezes the model's weights and adds a LoRA adapter
+  // (A from `seed`, B = 0); with config.qlora the projection matrices are quantized to NF4 and
+  // their float copies released. From then on trainable_parameters() is the adapter's own flat
+  // buffer (the LoRA matrices, then the embeddings and norm gains it trains), ForwardBackward's
+  // gradients have its size, and no gradient of a frozen matrix is computed. Throws Error for
+  // a bad config or when an adapter is already present.
+  void AddLora(const LoraConfig& config, uint64_t seed);
+  const LoraConfig* lora_config() const;  // nullptr without an adapter
+  // Trainable parameters: parameters() without an adapter, else the adapter's buffer. The
+  // tensors carry PEFT's saved names ("base_model.model.model.layers.0.self_attn.q_proj.lora_A
+  // .weight", "base_model.model.model.embed_tokens.weight", ...).
+  std::span<float> trainable_parameters();
+  std::span<const float> trainable_parameters() const;
+  const std::vector<TensorInfo>& trainable_tensors() const;
+  // Seeds the LoRA dropout masks of the next ForwardBackward (the trainer passes a pure function
+  // of (data_seed, step, micro-batch), so a resumed run draws the same masks).
+  void set_dropout_seed(uint64_t seed);
+  // Folds the adapter into the weights (W += (alpha / r) B A, in double, rounded once to float)
+  // and removes it: an ordinary model again. Refused for QLoRA (its base has no float weights).
+  void MergeLora();
+  // Bytes that hold the frozen projection matrices (float32, or NF4 codes + double-quantized
+  // block scales under QLoRA) and their element count.
+  int64_t projection_bytes() const;
+  int64_t projection_parameters() const;
 
   struct Impl;
 
@@ -403,6 +460,20 @@ struct TrainingCheckpoint {
   TrainConfig train_config;
 };
 TrainingCheckpoint LoadCheckpoint(const std::string& dir);
+
+// PEFT adapters (peft: PeftModel.save_pretrained): with a LoRA adapter, SaveCheckpoint writes
+// adapter_config.json (peft_type "LORA", r, lora_alpha, lora_dropout, target_modules,
+// modules_to_save, bias "none", task_type "CAUSAL_LM", base_model_name_or_path, ...; sorted keys)
+// and adapter_model.safetensors (the trainable tensors under PEFT's names) in place of
+// config.json and model.safetensors, in the same committed step directories; trainer_state.json
+// also records the QLoRA flag and the base config the adapter was trained on (RoPE scaling
+// included), which LoadCheckpoint reapplies to the base named by base_model_name_or_path.
+std::string LoraConfigToPeftJson(const LoraConfig& config);
+LoraConfig LoraConfigFromPeftJson(std::string_view json_text, const std::string& name);
+// Adds the LoRA adapter saved in `dir` (a committed training directory or a plain PEFT adapter
+// directory) to `model`; qlora quantizes the base first. Throws Error naming the tensor when the
+// adapter was saved for another base shape, and for adapter types other than LORA.
+void LoadLoraAdapter(Model& model, const std::string& dir, bool qlora = false);
 
 // Reads optimizer.safetensors + trainer_state.json; throws Error naming the file if absent.
 OptimizerState LoadOptimizerState(const std::string& dir, const Model& model);

@@ -67,6 +67,9 @@ BatchDecoder::BatchDecoder(Model& model) : model_(model), scratch_(std::make_uni
                 " depends on the sequence length; use a length-independent type (default, "
                 "linear, yarn, llama3, ntk)");
   }
+  if (I.lora) {
+    throw Error("batched decoding: the model has a LoRA adapter; merge it first (ropekit merge)");
+  }
 }
 BatchDecoder::~BatchDecoder() = default;
 

@@ -42,8 +42,11 @@ static_assert(std::endian::native == std::endian::little, "little-endian hosts o
 
 constexpr const char* kCurrent = "current";
 constexpr const char* kManifest = "manifest.json";
-constexpr const char* kCheckpointFiles[] = {"config.json", "model.safetensors",
+constexpr const char* kCheckpointFiles[] = {"config.json",           "model.safetensors",
+                                            "adapter_config.json",   "adapter_model.safetensors",
                                             "optimizer.safetensors", "trainer_state.json"};
+constexpr const char* kAdapterConfig = "adapter_config.json";
+constexpr const char* kAdapterWeights = "adapter_model.safetensors";
 
 uint64_t Fnv1a64(const uint8_t* data, size_t size) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -411,9 +414,10 @@ OptimizerState LoadOptimizerFrom(const Resolved& r, const Model& model,
     else if (t.name == "adam.v")
       state.v = std::move(t.data);
   }
-  if (state.m.size() != model.parameters().size() || state.v.size() != state.m.size()) {
+  if (state.m.size() != model.trainable_parameters().size() || state.v.size() != state.m.size()) {
     throw Error(path + ": adam.m / adam.v must each hold " +
-                std::to_string(model.parameters().size()) + " floats for this model");
+                std::to_string(model.trainable_parameters().size()) +
+                " floats for this model's trainable parameters");
   }
   state.step = ParseTrainerState(r)["step"].get<int64_t>();
   RequireStep(state.step, state_path, opt_step, path);
@@ -426,6 +430,95 @@ TrainConfig LoadTrainConfigFrom(const Resolved& r) {
   const std::string path = Join(r.dir, "trainer_state.json");
   if (!j.contains("train_config")) throw Error(path + ": no train_config recorded");
   return TrainConfigFromJson(j["train_config"].dump(), path);
+}
+
+// Adds the adapter of `r` (adapter_config.json as `config`, adapter_model.safetensors) to
+// `model` and loads its tensors.
+void ApplyAdapter(const Resolved& r, Model& model, const LoraConfig& config,
+                  std::optional<int64_t>* step) {
+  const std::string path = Join(r.dir, kAdapterWeights);
+  const std::string bytes = ReadPart(r, kAdapterWeights);
+  const ParsedSafetensors parsed = ParseSafetensorsWithMetadata(bytes, path);
+  VerifyPart(r, kAdapterWeights, bytes);
+  *step = RecordedStep(parsed, path);
+  RequireStep(r.step, Join(r.dir, kManifest), *step, path);
+  model.AddLora(config, 0);
+  const std::vector<TensorInfo>& infos = model.trainable_tensors();
+  std::span<float> params = model.trainable_parameters();
+  std::vector<bool> seen(infos.size(), false);
+  const ModelConfig& c = model.config();
+  const std::string base = "the base model (hidden_size " + std::to_string(c.hidden_size) + ", " +
+                           std::to_string(c.num_layers) + " layers, intermediate_size " +
+                           std::to_string(c.intermediate_size) + ", vocab " +
+                           std::to_string(c.vocab_size) + ")";
+  for (const SafeTensor& t : parsed.tensors) {
+    size_t index = infos.size();
+    for (size_t i = 0; i < infos.size(); ++i) {
+      if (infos[i].name == t.name) index = i;
+    }
+    if (index == infos.size()) {
+      throw Error(path + ": tensor " + t.name + " has no place in " + base + " with " +
+                  kAdapterConfig + "'s targets: the adapter was saved for another base or config");
+    }
+    const TensorInfo& info = infos[index];
+    if (t.shape != info.shape) {
+      std::string want, got;
+      for (int64_t v : info.shape) want += std::to_string(v) + " ";
+      for (int64_t v : t.shape) got += std::to_string(v) + " ";
+      throw Error(path + ": tensor " + t.name + " has shape [ " + got + "], " + base +
+                  " with r = " + std::to_string(config.rank) + " needs [ " + want +
+                  "]: the adapter was saved for another base shape");
+    }
+    std::copy(t.data.begin(), t.data.end(), params.begin() + info.offset);
+    seen[index] = true;
+  }
+  for (size_t i = 0; i < seen.size(); ++i) {
+    if (!seen[i]) throw Error(path + ": tensor " + infos[i].name + " is missing");
+  }
+}
+
+LoraConfig ReadAdapterConfig(const Resolved& r) {
+  const std::string path = Join(r.dir, kAdapterConfig);
+  const std::string text = ReadPart(r, kAdapterConfig);
+  LoraConfig config = LoraConfigFromPeftJson(text, path);
+  VerifyPart(r, kAdapterConfig, text);
+  return config;
+}
+
+bool HasAdapter(const Resolved& r) {
+  std::error_code ec;
+  return fs::exists(Join(r.dir, kAdapterConfig), ec);
+}
+
+// A training directory with an adapter: the base it names (with the base config recorded at
+// training, RoPE scaling included), quantized again for QLoRA, plus the adapter.
+Model LoadAdapterCheckpointModel(const Resolved& r, std::optional<int64_t>* step) {
+  const Json state = ParseTrainerState(r);
+  const std::string state_path = Join(r.dir, "trainer_state.json");
+  if (!state.contains("adapter") || !state["adapter"].is_object() ||
+      !state["adapter"].contains("base_config") || !state["adapter"].contains("qlora") ||
+      !state["adapter"]["qlora"].is_boolean()) {
+    throw Error(state_path + ": an adapter checkpoint needs adapter.qlora and adapter.base_config");
+  }
+  LoraConfig config = ReadAdapterConfig(r);
+  config.qlora = state["adapter"]["qlora"].get<bool>();
+  const std::string recorded = state["adapter"]["base_config"].dump();
+  const ModelConfig trained = ModelConfigFromJson(recorded, state_path + " adapter.base_config");
+  LoadOptions lo;
+  if (trained.position_encoding.kind == PositionEncodingKind::kRope) {
+    lo.rope_override = trained.position_encoding.rope;
+  }
+  if (config.base_model.empty()) {
+    throw Error(Join(r.dir, kAdapterConfig) + ": base_model_name_or_path is not set");
+  }
+  Model model = LoadModel(config.base_model, lo);
+  if (ModelConfigToJson(model.config()) != ModelConfigToJson(trained.Resolved())) {
+    throw Error("base model " + config.base_model +
+                " no longer matches the config the adapter in " + r.dir + " was trained on (" +
+                state_path + " adapter.base_config)");
+  }
+  ApplyAdapter(r, model, config, step);
+  return model;
 }
 
 // Runs `load` on the resolved checkpoint; if it fails because a concurrent save switched
@@ -531,16 +624,20 @@ void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerS
     records[file] = {bytes.size(),
                      Hex(Fnv1a64(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()))};
   };
-  WriteFileAtomic(Join(step_dir, "config.json"), ModelConfigToJson(model.config()));
-  record("config.json");
+  const LoraConfig* lora = model.lora_config();
+  const std::string config_file = lora ? kAdapterConfig : "config.json";
+  const std::string weights_file = lora ? kAdapterWeights : "model.safetensors";
+  WriteFileAtomic(Join(step_dir, config_file),
+                  lora ? LoraConfigToPeftJson(*lora) : ModelConfigToJson(model.config()));
+  record(config_file);
   std::vector<SafeTensor> tensors;
-  const std::span<const float> p = model.parameters();
-  for (const TensorInfo& t : model.tensors()) {
+  const std::span<const float> p = model.trainable_parameters();
+  for (const TensorInfo& t : model.trainable_tensors()) {
     tensors.push_back(
         {t.name, t.shape, std::vector<float>(p.begin() + t.offset, p.begin() + t.offset + t.size)});
   }
-  WriteSafetensors(Join(step_dir, "model.safetensors"), tensors, {{"ropekit.step", step}});
-  record("model.safetensors");
+  WriteSafetensors(Join(step_dir, weights_file), tensors, {{"ropekit.step", step}});
+  record(weights_file);
   if (optimizer) {
     const int64_t P = static_cast<int64_t>(optimizer->m.size());
     WriteSafetensors(Join(step_dir, "optimizer.safetensors"),
@@ -550,6 +647,10 @@ void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerS
     Json state;
     state["step"] = optimizer->step;
     if (train_config) state["train_config"] = Json::parse(TrainConfigToJson(*train_config));
+    if (lora) {
+      state["adapter"] = {{"qlora", lora->qlora},
+                          {"base_config", Json::parse(ModelConfigToJson(model.config()))}};
+    }
     WriteFileAtomic(Join(step_dir, "trainer_state.json"), state.dump(2) + "\n");
     record("trainer_state.json");
   }
@@ -633,7 +734,8 @@ Model LoadModel(const std::string& dir, const LoadOptions& options) {
 TrainingCheckpoint LoadCheckpoint(const std::string& dir) {
   return WithResolved(dir, [&](const Resolved& r) {
     std::optional<int64_t> model_step;
-    Model model = LoadModelFrom(r, {}, &model_step);
+    Model model = HasAdapter(r) ? LoadAdapterCheckpointModel(r, &model_step)
+                                : LoadModelFrom(r, {}, &model_step);
     OptimizerState state = LoadOptimizerFrom(r, model, model_step);
     TrainConfig config = LoadTrainConfigFrom(r);
     return TrainingCheckpoint{std::move(model), std::move(state), std::move(config)};
@@ -647,6 +749,109 @@ OptimizerState LoadOptimizerState(const std::string& dir, const Model& model) {
 
 TrainConfig LoadTrainConfig(const std::string& dir) {
   return WithResolved(dir, [&](const Resolved& r) { return LoadTrainConfigFrom(r); });
+}
+
+}  // namespace ropekit
+
+namespace ropekit {
+
+std::string LoraConfigToPeftJson(const LoraConfig& c) {
+  // peft LoraConfig fields (tuners/lora/config.py) with their defaults where ropekit has no
+  // counterpart; nlohmann::json keeps keys sorted, as PEFT's sort_keys=True.
+  nlohmann::json j;
+  j["peft_type"] = "LORA";
+  j["task_type"] = "CAUSAL_LM";
+  j["base_model_name_or_path"] = c.base_model;
+  j["revision"] = nullptr;
+  j["inference_mode"] = true;
+  j["r"] = c.rank;
+  j["lora_alpha"] = c.alpha;
+  j["lora_dropout"] = c.dropout;
+  j["target_modules"] = c.target_modules;
+  j["bias"] = "none";
+  j["fan_in_fan_out"] = false;
+  j["use_rslora"] = false;
+  j["use_dora"] = false;
+  j["init_lora_weights"] = true;
+  j["layers_to_transform"] = nullptr;
+  j["layers_pattern"] = nullptr;
+  j["rank_pattern"] = nlohmann::json::object();
+  j["alpha_pattern"] = nlohmann::json::object();
+  std::vector<std::string> save;
+  if (c.train_embeddings) save.push_back("embed_tokens");
+  if (c.train_norms) {
+    for (const char* n : {"input_layernorm", "post_attention_layernorm", "norm"}) save.push_back(n);
+  }
+  j["modules_to_save"] = save.empty() ? nlohmann::json(nullptr) : nlohmann::json(save);
+  return j.dump(2) + "\n";
+}
+
+LoraConfig LoraConfigFromPeftJson(std::string_view text, const std::string& name) {
+  CheckJsonLimits(text, name);
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error(name + ": not valid JSON (" + e.what() + ")");
+  }
+  LoraConfig c;
+  try {
+    if (!j.is_object()) throw Error("the top level must be a JSON object");
+    const std::string type = j.value("peft_type", std::string());
+    if (type != "LORA") {
+      throw Error("peft_type is '" + type + "'; only LORA adapters are supported");
+    }
+    c.rank = j.at("r").get<int>();
+    c.alpha = j.value("lora_alpha", 8.0);
+    c.dropout = j.value("lora_dropout", 0.0);
+    if (j.value("bias", std::string("none")) != "none") throw Error("bias must be \"none\"");
+    if (j.value("use_dora", false) || j.value("use_rslora", false) ||
+        j.value("fan_in_fan_out", false)) {
+      throw Error("use_dora, use_rslora and fan_in_fan_out are not supported");
+    }
+    const nlohmann::json& t = j.at("target_modules");
+    c.target_modules.clear();
+    if (t.is_string()) {
+      throw Error("target_modules as a regular expression is not supported; give a list");
+    }
+    for (const nlohmann::json& m : t) c.target_modules.push_back(m.get<std::string>());
+    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null()) {
+      for (const nlohmann::json& m : j["modules_to_save"]) {
+        const std::string n = m.get<std::string>();
+        if (n == "embed_tokens") {
+          c.train_embeddings = true;
+        } else if (n == "input_layernorm" || n == "post_attention_layernorm" || n == "norm") {
+          c.train_norms = true;
+        } else {
+          throw Error("modules_to_save entry '" + n +
+                      "' is not supported (embed_tokens, input_layernorm, "
+                      "post_attention_layernorm, norm)");
+        }
+      }
+    }
+    if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
+      c.base_model = j["base_model_name_or_path"].get<std::string>();
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(name + ": " + e.what());
+  } catch (const Error& e) {
+    throw Error(name + ": " + e.what());
+  }
+  return c;
+}
+
+void LoadLoraAdapter(Model& model, const std::string& dir, bool qlora) {
+  std::error_code ec;
+  if (!fs::exists(Join(dir, kAdapterConfig), ec)) {
+    throw Error("--adapter " + dir + ": no " + kAdapterConfig + " (not a PEFT adapter directory)");
+  }
+  WithResolved(dir, [&](const Resolved& r) {
+    LoraConfig config = ReadAdapterConfig(r);
+    config.qlora = qlora;
+    std::optional<int64_t> step;
+    ApplyAdapter(r, model, config, &step);
+    return 0;
+  });
 }
 
 }  // namespace ropekit

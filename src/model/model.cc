@@ -18,10 +18,10 @@
 #include <cmath>
 #include <cstring>
 
+#include "ropekit/half.h"
 #include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
-#include "ropekit/half.h"
 #include "src/util/profile.h"
 #include "src/util/rng.h"
 
@@ -209,18 +209,19 @@ void Model::Impl::PrepareLowPrecisionWeights(bool train, ThreadPool* pool) {
   pack(head, c.vocab_size, d);
 }
 
-void Model::Impl::Project(const float* x, int64_t w, float* y, int64_t m, int64_t k, int64_t n,
-                          ThreadPool* pool, bool accumulate) const {
+void Model::Impl::Project(const float* x, int64_t w, const float* weights, float* y, int64_t m,
+                          int64_t k, int64_t n, ThreadPool* pool, bool accumulate) const {
   if (bf16_kernel) return ops::MatMulBf16(x, bf16_weights.at(w), y, m, pool, accumulate);
-  ops::MatMul(x, MatmulWeights() + w, y, m, k, n, pool, accumulate);
+  ops::MatMul(x, weights, y, m, k, n, pool, accumulate);
 }
 
-void Model::Impl::ProjectBackwardInput(const float* dy, int64_t w, float* dx, int64_t m, int64_t k,
-                                       int64_t n, ThreadPool* pool, bool accumulate) const {
+void Model::Impl::ProjectBackwardInput(const float* dy, int64_t w, const float* weights, float* dx,
+                                       int64_t m, int64_t k, int64_t n, ThreadPool* pool,
+                                       bool accumulate) const {
   if (bf16_kernel) {
     return ops::MatMulBackwardInputBf16(dy, bf16_weights.at(w), dx, m, pool, accumulate);
   }
-  ops::MatMulBackwardInput(dy, MatmulWeights() + w, dx, m, k, n, pool, accumulate);
+  ops::MatMulBackwardInput(dy, weights, dx, m, k, n, pool, accumulate);
 }
 
 void Model::Impl::ProjectBackwardWeight(const float* dy, const float* x, float* dw, int64_t m,
@@ -254,6 +255,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     }
   }
   Prepare(batch, seq_len, cache ? tk : seq_len, train);
+  if (lora) PrepareLora(M, train);
   Workspace& w = ws;
   PrepareLowPrecisionWeights(train, pool);
   positions.resize(M);
@@ -266,7 +268,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   // Embedding lookup and the absolute position hook.
   OpTimer embed_timer("fwd embedding");
   float* x = w.resid[0];
-  const float* E = params.data() + embed;
+  const float* E = Embed();
   for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
   const PositionSpan pos_span(positions);
   if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
@@ -282,20 +284,24 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   for (int l = 0; l < c.num_layers; ++l) {
     Workspace::Layer& A = w.layers[train ? l : 0];
     const LayerOffsets& o = layers[l];
-    const float* P = params.data();
     float* xin = train ? w.resid[l] : w.resid[l % 2];
     float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
     A.resid_in = xin;
     {
       OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(xin, P + o.input_norm, A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
+      ops::RmsNorm(xin, Norm(l, false), A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
       RoundOperand(A.xn1, M * d);
     }
     {
       OpTimer timer("fwd matmul qkv");
-      Project(A.xn1, o.q, A.q, M, d, hq, pool);
-      Project(A.xn1, o.k, A.k, M, d, hk, pool);
-      Project(A.xn1, o.v, A.v, M, d, hk, pool);
+      Project(A.xn1, o.q, Proj(l, 0, pool), A.q, M, d, hq, pool);
+      Project(A.xn1, o.k, Proj(l, 1, pool), A.k, M, d, hk, pool);
+      Project(A.xn1, o.v, Proj(l, 2, pool), A.v, M, d, hk, pool);
+      if (lora) {
+        for (int m = 0; m < 3; ++m) {
+          LoraForward(l, m, A.xn1, m == 0 ? A.q : m == 1 ? A.k : A.v, M, train, pool);
+        }
+      }
     }
     OpTimer rope_timer("fwd rope");
     const float* keys = A.k;
@@ -374,17 +380,22 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul o");
       std::memcpy(A.mid, xin, sizeof(float) * M * d);
-      Project(A.ao, o.o, A.mid, M, hq, d, pool, /*accumulate=*/true);
+      Project(A.ao, o.o, Proj(l, 3, pool), A.mid, M, hq, d, pool, /*accumulate=*/true);
+      if (lora) LoraForward(l, 3, A.ao, A.mid, M, train, pool);
     }
     {
       OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(A.mid, P + o.post_norm, A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
+      ops::RmsNorm(A.mid, Norm(l, true), A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
       RoundOperand(A.xn2, M * d);
     }
     {
       OpTimer timer("fwd matmul mlp");
-      Project(A.xn2, o.gate, A.g, M, d, F, pool);
-      Project(A.xn2, o.up, A.u, M, d, F, pool);
+      Project(A.xn2, o.gate, Proj(l, 4, pool), A.g, M, d, F, pool);
+      Project(A.xn2, o.up, Proj(l, 5, pool), A.u, M, d, F, pool);
+      if (lora) {
+        LoraForward(l, 4, A.xn2, A.g, M, train, pool);
+        LoraForward(l, 5, A.xn2, A.u, M, train, pool);
+      }
     }
     {
       OpTimer timer("fwd swiglu");
@@ -394,19 +405,20 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     {
       OpTimer timer("fwd matmul mlp");
       std::memcpy(xout, A.mid, sizeof(float) * M * d);
-      Project(A.h, o.down, xout, M, F, d, pool, /*accumulate=*/true);
+      Project(A.h, o.down, Proj(l, 6, pool), xout, M, F, d, pool, /*accumulate=*/true);
+      if (lora) LoraForward(l, 6, A.h, xout, M, train, pool);
     }
   }
   OpTimer timer("fwd rmsnorm");
   float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
-  ops::RmsNorm(xl, params.data() + final_norm, w.xf, w.invf, M, d, c.rms_norm_eps, pool);
+  ops::RmsNorm(xl, FinalNorm(), w.xf, w.invf, M, d, c.rms_norm_eps, pool);
   RoundOperand(w.xf, M * d);
   if (cache) cache->size_ = tk;
 }
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
   OpTimer timer("fwd matmul head");
-  Project(ws.xf, head, ws.logits, rows, config.hidden_size, config.vocab_size, pool);
+  Project(ws.xf, head, Head(), ws.logits, rows, config.hidden_size, config.vocab_size, pool);
 }
 
 void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
@@ -416,23 +428,32 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  const float* P = params.data();
+  // With an adapter G is its trainable buffer: frozen weights get no gradient (nullptr: the
+  // weight-gradient product is skipped).
+  const LoraState* ad = lora.get();
+  auto grad = [&](int64_t full_offset, int64_t adapter_offset) -> float* {
+    if (!ad) return G + full_offset;
+    return adapter_offset >= 0 ? G + adapter_offset : nullptr;
+  };
+  auto weight_grad = [&](const float* dy, const float* x, float* dw, int64_t k, int64_t n) {
+    if (dw) ProjectBackwardWeight(dy, x, dw, M, k, n, pool);
+  };
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
   {
     OpTimer timer("bwd matmul head");
     RoundOperand(w.logits, M * V);
-    ProjectBackwardWeight(w.logits, w.xf, G + head, M, d, V, pool);
-    ProjectBackwardInput(w.logits, head, w.dxn, M, d, V, pool);
+    weight_grad(w.logits, w.xf, grad(head, c.tie_word_embeddings && ad ? ad->embed : -1), d, V);
+    ProjectBackwardInput(w.logits, head, Head(), w.dxn, M, d, V, pool);
   }
   {
     OpTimer timer("bwd rmsnorm");
-    ops::RmsNormBackward(w.resid[c.num_layers], P + final_norm, w.invf, w.dxn, w.dx, G + final_norm,
-                         M, d, pool);
+    ops::RmsNormBackward(w.resid[c.num_layers], FinalNorm(), w.invf, w.dxn, w.dx,
+                         grad(final_norm, ad ? ad->final_norm : -1), M, d, pool);
   }
   // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
   const int64_t num_params = static_cast<int64_t>(params.size());
   auto ready = [&](int64_t begin, int64_t end) {
-    if (on_ready && begin < end) on_ready(begin, end);
+    if (on_ready && begin < end && !ad) on_ready(begin, end);
   };
   ready(final_norm, pe_params);  // the final norm and an untied head
   const bool rope = pe->acts_on_query_key();
@@ -442,7 +463,9 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   rot.direction = Direction::kBackward;
   rot.pool = pool;
   const PositionSpan pos_span(positions);
-  std::span<float> grad_pe(G + pe_params, static_cast<size_t>(pe_size));
+  // Position tables (learned, T5) are frozen under an adapter.
+  std::span<float> grad_pe =
+      ad ? std::span<float>() : std::span<float>(G + pe_params, static_cast<size_t>(pe_size));
   for (int l = c.num_layers - 1; l >= 0; --l) {
     const Workspace::Layer& A = w.layers[l];
     const LayerOffsets& o = layers[l];
@@ -451,8 +474,9 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       OpTimer timer("bwd matmul mlp");
       std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
       RoundOperand(w.dx, M * d);
-      ProjectBackwardWeight(w.dx, A.h, G + o.down, M, F, d, pool);
-      ProjectBackwardInput(w.dx, o.down, w.dh, M, F, d, pool);
+      weight_grad(w.dx, A.h, grad(o.down, -1), F, d);
+      ProjectBackwardInput(w.dx, o.down, Proj(l, 6, pool), w.dh, M, F, d, pool);
+      if (ad) LoraBackward(l, 6, A.h, w.dx, w.dh, M, G, pool);
     }
     {
       OpTimer timer("bwd swiglu");
@@ -462,23 +486,30 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     }
     {
       OpTimer timer("bwd matmul mlp");
-      ProjectBackwardWeight(w.dg, A.xn2, G + o.gate, M, d, F, pool);
-      ProjectBackwardWeight(w.du, A.xn2, G + o.up, M, d, F, pool);
-      ProjectBackwardInput(w.dg, o.gate, w.dxn, M, d, F, pool);
-      ProjectBackwardInput(w.du, o.up, w.dxn, M, d, F, pool, /*accumulate=*/true);
+      weight_grad(w.dg, A.xn2, grad(o.gate, -1), d, F);
+      weight_grad(w.du, A.xn2, grad(o.up, -1), d, F);
+      ProjectBackwardInput(w.dg, o.gate, Proj(l, 4, pool), w.dxn, M, d, F, pool);
+      ProjectBackwardInput(w.du, o.up, Proj(l, 5, pool), w.dxn, M, d, F, pool,
+                           /*accumulate=*/true);
+      if (ad) {
+        LoraBackward(l, 4, A.xn2, w.dg, w.dxn, M, G, pool);
+        LoraBackward(l, 5, A.xn2, w.du, w.dxn, M, G, pool);
+      }
     }
     {
       OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(A.mid, P + o.post_norm, A.inv2, w.dxn, w.dmid, G + o.post_norm, M, d,
-                           pool, /*accumulate=*/true);
+      ops::RmsNormBackward(A.mid, Norm(l, true), A.inv2, w.dxn, w.dmid,
+                           grad(o.post_norm, ad ? ad->layers[l].post_norm : -1), M, d, pool,
+                           /*accumulate=*/true);
     }
     // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
     {
       OpTimer timer("bwd matmul o");
       std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
       RoundOperand(w.dmid, M * d);
-      ProjectBackwardWeight(w.dmid, A.ao, G + o.o, M, hq, d, pool);
-      ProjectBackwardInput(w.dmid, o.o, w.dao, M, hq, d, pool);
+      weight_grad(w.dmid, A.ao, grad(o.o, -1), hq, d);
+      ProjectBackwardInput(w.dmid, o.o, Proj(l, 3, pool), w.dao, M, hq, d, pool);
+      if (ad) LoraBackward(l, 3, A.ao, w.dmid, w.dao, M, G, pool);
     }
     ops::AttentionArgs args;
     args.batch = batch;
@@ -521,36 +552,52 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
            ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
       ApplyRope(*table, pos_span, opsv, rot);
     }
+    // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
+    // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
+    const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
     {
       OpTimer timer("bwd matmul qkv");
       RoundOperand(w.dq, M * hq);
       RoundOperand(w.dk, M * hk);
       RoundOperand(w.dv, M * hk);
-      ProjectBackwardWeight(w.dq, A.xn1, G + o.q, M, d, hq, pool);
-      ProjectBackwardWeight(w.dk, A.xn1, G + o.k, M, d, hk, pool);
-      ProjectBackwardWeight(w.dv, A.xn1, G + o.v, M, d, hk, pool);
-      ProjectBackwardInput(w.dq, o.q, w.dxn, M, d, hq, pool);
-      ProjectBackwardInput(w.dk, o.k, w.dxn, M, d, hk, pool, true);
-      ProjectBackwardInput(w.dv, o.v, w.dxn, M, d, hk, pool, true);
+      weight_grad(w.dq, A.xn1, grad(o.q, -1), d, hq);
+      weight_grad(w.dk, A.xn1, grad(o.k, -1), d, hk);
+      weight_grad(w.dv, A.xn1, grad(o.v, -1), d, hk);
+      if (input_grad) {
+        ProjectBackwardInput(w.dq, o.q, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
+        ProjectBackwardInput(w.dk, o.k, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
+        ProjectBackwardInput(w.dv, o.v, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
+      }
+      if (ad) {
+        float* dx = input_grad ? w.dxn : nullptr;
+        LoraBackward(l, 0, A.xn1, w.dq, dx, M, G, pool);
+        LoraBackward(l, 1, A.xn1, w.dk, dx, M, G, pool);
+        LoraBackward(l, 2, A.xn1, w.dv, dx, M, G, pool);
+      }
     }
-    {
+    if (input_grad) {
       OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(w.resid[l], P + o.input_norm, A.inv1, w.dxn, w.dx, G + o.input_norm, M,
-                           d, pool, /*accumulate=*/true);
+      ops::RmsNormBackward(w.resid[l], Norm(l, false), A.inv1, w.dxn, w.dx,
+                           grad(o.input_norm, ad ? ad->layers[l].input_norm : -1), M, d, pool,
+                           /*accumulate=*/true);
     }
     ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
   OpTimer timer("bwd embedding");
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
-  if (pe->acts_on_embeddings()) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
-  float* dE = G + embed;
-  for (int64_t m = 0; m < M; ++m) {
-    float* row = dE + int64_t{tokens[m]} * d;
-    const float* src = w.dx + m * d;
-    for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+  if (pe->acts_on_embeddings() && !ad) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
+  // (With an adapter the scatter below runs only when it trains the embeddings, and then w.dx
+  // holds layer 0's input gradient.)
+  if (float* dE = grad(embed, ad ? ad->embed : -1)) {
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = dE + int64_t{tokens[m]} * d;
+      const float* src = w.dx + m * d;
+      for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+    }
   }
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
+  if (ad && on_ready && !ad->params.empty()) on_ready(0, static_cast<int64_t>(ad->params.size()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -604,7 +651,12 @@ void Model::SetRopeParams(const RopeParams& params) {
 
 std::string Bf16MatmulSupport() { return ops::Bf16MatmulDescription(); }
 
-void Model::set_matmul_precision(MatmulPrecision precision) { impl_->precision = precision; }
+void Model::set_matmul_precision(MatmulPrecision precision) {
+  if (impl_->lora && precision == MatmulPrecision::kBf16) {
+    throw Error("--bf16: bf16 matmul precision is not supported with a LoRA / QLoRA adapter");
+  }
+  impl_->precision = precision;
+}
 MatmulPrecision Model::matmul_precision() const { return impl_->precision; }
 void Model::set_attention_kernel(AttentionKernel kernel) { impl_->attention = kernel; }
 AttentionKernel Model::attention_kernel() const { return impl_->attention; }
@@ -621,8 +673,10 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
                 std::to_string(tokens.size()));
   }
   const bool backward = !grads.empty();
-  if (backward && grads.size() != I.params.size()) {
-    throw Error("ForwardBackward: grads must have " + std::to_string(I.params.size()) + " floats");
+  const size_t trainable = I.lora ? I.lora->params.size() : I.params.size();
+  if (backward && grads.size() != trainable) {
+    throw Error("ForwardBackward: grads must have " + std::to_string(trainable) +
+                " floats (the trainable parameters)");
   }
   const int64_t M = batch * seq_len;
   I.inputs.resize(M);
@@ -673,7 +727,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
-    I.Project(I.ws.xf + (n - 1) * d, I.head, I.ws.logits, 1, d, V, pool);
+    I.Project(I.ws.xf + (n - 1) * d, I.head, I.Head(), I.ws.logits, 1, d, V, pool);
     if (logits) std::memcpy(logits, I.ws.logits, sizeof(float) * V);
   } else {
     I.Logits(n, pool);

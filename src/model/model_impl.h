@@ -6,6 +6,7 @@
 #ifndef ROPEKIT_SRC_MODEL_MODEL_IMPL_H_
 #define ROPEKIT_SRC_MODEL_MODEL_IMPL_H_
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -14,6 +15,7 @@
 
 #include "ropekit/model.h"
 #include "src/ops/bf16_matmul.h"
+#include "src/ops/nf4.h"
 
 namespace ropekit {
 
@@ -44,6 +46,26 @@ struct Workspace {
   float* k_rot;
 };
 
+// A LoRA / QLoRA adapter (src/model/lora.cc). Offsets are in floats into `params`, -1 = absent.
+struct LoraState {
+  LoraConfig config;
+  float scaling = 1.0f;             // alpha / r
+  std::vector<TensorInfo> tensors;  // PEFT names
+  std::vector<float> params;        // the trainable buffer
+  struct Layer {
+    std::array<int64_t, 7> a, b;  // lora_A [r, in], lora_B [out, r] per kLoraModules entry
+    int64_t input_norm = -1, post_norm = -1;
+  };
+  std::vector<Layer> layers;
+  int64_t embed = -1, final_norm = -1;
+  uint64_t dropout_seed = 0;
+  // Activations: u holds s * dropout(x) A^T, [L][7][M, r] when training, [M, r] otherwise.
+  std::vector<float> u, xd, dx, du;
+  // QLoRA: the frozen projections as NF4 ([L][7]) and one dequantized matrix.
+  std::vector<std::array<ops::Nf4Tensor, 7>> nf4;
+  std::vector<float> wbuf;
+};
+
 struct Model::Impl {
   ModelConfig config;
   std::vector<TensorInfo> tensors;
@@ -67,6 +89,7 @@ struct Model::Impl {
   std::unique_ptr<RopeTable> rope_table;
   int64_t rope_table_key = -1;  // FrequencySeqLen of the table's length
   int64_t rope_table_builds = 0;
+  std::unique_ptr<LoraState> lora;
 
   void BuildLayout();
   void Init(uint64_t seed);
@@ -87,16 +110,32 @@ struct Model::Impl {
   // Refreshes the matmul weights of kBf16 (the packed bf16 weights, or lowp_params where the
   // kernel is not available); `train` also packs the layouts of the backward.
   void PrepareLowPrecisionWeights(bool train, ThreadPool* pool);
-  // The model's matrix products with the weight matrix at params offset `w` ([n, k]): float32
-  // sgemm (kF32, or kBf16 on bf16-rounded operands), or the bf16 kernel.
-  void Project(const float* x, int64_t w, float* y, int64_t m, int64_t k, int64_t n,
-               ThreadPool* pool, bool accumulate = false) const;
-  void ProjectBackwardInput(const float* dy, int64_t w, float* dx, int64_t m, int64_t k, int64_t n,
-                            ThreadPool* pool, bool accumulate = false) const;
+  // The model's matrix products with the weight matrix at params offset `w` ([n, k]): the bf16
+  // kernel when it is on, else float32 sgemm on `weights` (the matrix as the forward reads it:
+  // MatmulWeights() + w, or Proj/Head under an adapter).
+  void Project(const float* x, int64_t w, const float* weights, float* y, int64_t m, int64_t k,
+               int64_t n, ThreadPool* pool, bool accumulate = false) const;
+  void ProjectBackwardInput(const float* dy, int64_t w, const float* weights, float* dx, int64_t m,
+                            int64_t k, int64_t n, ThreadPool* pool, bool accumulate = false) const;
   void ProjectBackwardWeight(const float* dy, const float* x, float* dw, int64_t m, int64_t k,
                              int64_t n, ThreadPool* pool) const;
   // Rounds a matmul operand in place when precision is kBf16.
   void RoundOperand(float* x, int64_t n) const;
+  // Weights as the forward reads them: the adapter's trainable copies of the embeddings and norm
+  // gains when it trains them, the NF4 projections dequantized into lora->wbuf under QLoRA (valid
+  // until the next Proj call).
+  const float* Proj(int layer, int module, ThreadPool* pool);
+  const float* Embed() const;
+  const float* Head() const;
+  const float* Norm(int layer, bool post) const;
+  const float* FinalNorm() const;
+  // LoRA on projection `module` of `layer`: y[M, out] += s (dropout(x) A^T) B^T; x [M, in].
+  void LoraForward(int layer, int module, const float* x, float* y, int64_t m, bool train,
+                   ThreadPool* pool);
+  // Its backward: gradients of A and B into G, dx[M, in] += d/dx (skipped when dx is null).
+  void LoraBackward(int layer, int module, const float* x, const float* dy, float* dx, int64_t m,
+                    float* G, ThreadPool* pool);
+  void PrepareLora(int64_t m, bool train);
   std::span<const float> PeParams() const {
     return {params.data() + pe_params, static_cast<size_t>(pe_size)};
   }

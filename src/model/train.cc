@@ -261,7 +261,8 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
                 ", a multiple of the rank count to balance them");
   }
   model.set_matmul_precision(config.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kF32);
-  std::span<float> params = model.parameters();
+  // With an adapter only its own buffer trains (the base stays frozen and is never copied).
+  std::span<float> params = model.trainable_parameters();
   const int64_t P = static_cast<int64_t>(params.size());
   if (state.m.empty() && state.v.empty() && state.step == 0) {
     state.m.assign(P, 0.0f);
@@ -287,7 +288,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
   std::vector<float>& m = N > 1 ? m_shard : state.m;
   std::vector<float>& v = N > 1 ? v_shard : state.v;
   std::vector<uint8_t> decay(S, 0);  // padding is never decayed; its gradient stays 0
-  for (const TensorInfo& t : model.tensors()) {
+  for (const TensorInfo& t : model.trainable_tensors()) {
     const int64_t b = std::max(t.offset, s0), e = std::min(t.offset + t.size, s0 + S);
     if (t.weight_decay && b < e) std::fill(decay.begin() + (b - s0), decay.begin() + (e - s0), 1);
   }
@@ -350,6 +351,9 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
           post_s += seconds(r0, Clock::now());
         };
       }
+      // LoRA dropout masks: a pure function of (data seed, step, micro-batch), like the crops.
+      model.set_dropout_seed(Hash(config.data_seed ^ 0x4c6f5241ull, static_cast<uint64_t>(s),
+                                  static_cast<uint64_t>(micro), 0));
       shared[my_block + (micro - micro0)] =
           model.ForwardBackward(batch, B, T, g, grad_scale, pool, ready);
       if (into_scratch && micro + 1 < micro1) {
