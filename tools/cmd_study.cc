@@ -14,6 +14,16 @@
 namespace ropekit::cli {
 namespace {
 
+// --report-only: the tables and report.html from what --out holds; nothing is trained.
+int RewriteReportOf(const std::string& out) {
+  study::StudyPreset preset;
+  const study::StudyResult r = study::RewriteReport(out, &preset);
+  std::printf("%s", study::SummaryTables(preset, r.records).c_str());
+  std::printf("\nreport:  %s/report.html (rewritten from %s/results.json)\n", out.c_str(),
+              out.c_str());
+  return 0;
+}
+
 int RunStudyOn(const study::StudyOptions& o) {
   const study::StudyResult r = study::RunStudy(o);
   if (o.comm && o.comm->rank() != 0) return 0;  // rank 0 reports
@@ -67,9 +77,18 @@ const CommandRegistration kStudy{
           ->capture_default_str();
       sub->add_option("--seed", o->seed, "Initialisation and data-order seed")
           ->capture_default_str();
+      sub->add_option("--seeds", o->seeds,
+                      "Seeds per configuration (seed, seed + 1, ...): tables show mean ± sd, "
+                      "results.json keeps every seed and the aggregates")
+          ->capture_default_str();
+      auto report_only = std::make_shared<bool>(false);
+      sub->add_flag("--report-only", *report_only,
+                    "Rewrite the tables and report.html from --out's results.json; train "
+                    "nothing");
       sub->add_flag(
           "--quiet", [o](int64_t) { o->verbose = false; }, "No progress lines");
-      return [o] { return RunStudyCommand(*o); };
+      return
+          [o, report_only] { return *report_only ? RewriteReportOf(o->out) : RunStudyCommand(*o); };
     }};
 
 const CommandRegistration kCorpus{

@@ -124,11 +124,30 @@ struct StudyPreset {
   std::vector<std::string> finetune_scalings;  // fine-tuned at extension_factor * L
   TrainConfig finetune;                        // seq_len = extension_factor * L
   std::vector<int64_t> finetune_steps;         // evaluation points, ascending; last = total
+  // Experiments that test the study's deviations from the papers (each adds units):
+  //  "t5-published": T5 bias with max_distance = L / 4, the ratio of Raffel et al. (128 at
+  //                  512) that Press et al. 2022 trained with, beside max_distance = L;
+  //  "alibi-heads":  ALiBi with `alibi_heads` heads (slopes 2^-8h/H; Press et al. used 8+);
+  //  "pi-cutoff":    position interpolation applied only to the pairs below a frequency
+  //                  cut-off: the k highest-frequency pairs keep their frequency, for k = 0
+  //                  (PI), 1, 2, 4, ..., N (plain extrapolation); evaluation only.
+  std::vector<std::string> experiments;
+  int alibi_heads = 8;
   std::string description;
 };
 
 // "micro" (test suite, seconds), "quick" (about 10 minutes on 2 cores), "full" (the protocol).
 StudyPreset GetStudyPreset(std::string_view name);
+
+// The model the study trains with `encoding` (learned, sinusoidal, none, rope, alibi, t5) at the
+// preset's training length L.
+ModelConfig StudyModel(const StudyPreset& preset, const std::string& encoding);
+// The model of a training experiment ("t5-published", "alibi-heads"; see StudyPreset).
+ModelConfig StudyExperimentModel(const StudyPreset& preset, const std::string& experiment);
+
+// Position interpolation by s on every pair except the `keep` highest-frequency ones (j < keep),
+// which keep their frequency; keep = 0 is PI, keep = N plain RoPE. Attention factor 1.
+RopeParams PartialPi(const RopeParams& base, int keep, double s, int64_t train_length);
 
 // RoPE parameters of scaling `scaling` ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 // with factor s for a model trained at `train_length`; `base` is the model's RoPE params.
@@ -152,7 +171,25 @@ struct StudyRecord {
   uint64_t seed = 0;
   int64_t bucket_size = 16;
   std::vector<double> position_loss;  // non-overlapping windows, per bucket of positions
+  // An experiment's setting ("" for the main study): "max_distance=<d>" (T5), "heads=<h>"
+  // (ALiBi), "pi_keep=<k>" (PI on all but the k highest-frequency pairs).
+  std::string variant;
+  // An aggregate over seeds (AggregateSeeds) has seeds > 1: the losses above are means over the
+  // seeds (seed = the first one), with the sample standard deviations and the half-width of the
+  // 95% confidence interval of the mean tail loss (Student's t with seeds - 1 degrees of freedom).
+  int64_t seeds = 1;
+  double tail_loss_sd = 0;
+  double window_loss_sd = 0;
+  double tail_loss_ci95 = 0;
 };
+
+// One record per configuration (encoding, scaling, factor, fine-tuning steps, lengths): a
+// configuration with one record keeps it; several (one per seed) become their aggregate. Input
+// records must be per-seed records (seeds == 1).
+std::vector<StudyRecord> AggregateSeeds(const std::vector<StudyRecord>& per_seed);
+
+// Two-sided 95% quantile of Student's t distribution with `dof` >= 1 degrees of freedom.
+double StudentT95(int64_t dof);
 
 struct TrainCurve {
   std::string name;                                  // unit name
@@ -167,6 +204,10 @@ struct StudyOptions {
   std::string out = "study";
   int threads = 1;
   uint64_t seed = 1;
+  // Seeds per configuration: seed, seed + 1, ..., seed + seeds - 1 (the weight initialisation
+  // and the data order vary together). The first seed's runs live in <out>/runs/, seed s's in
+  // <out>/runs/seed-<s>/, so a single-seed study is the first seed of a larger one.
+  int seeds = 1;
   bool verbose = true;  // progress lines on stderr
   // Ranks that share the study (mpirun -np N ropekit study): the units are spread over them,
   // fine-tunes wait for their base model, rank 0 writes the results. nullptr: this process.
@@ -183,9 +224,14 @@ struct StudyResult {
   double compute_seconds = 0;  // sum of the wall times of every unit, reused ones included
 };
 
-// Runs (or resumes) the whole study and writes results.json, results.csv, curves.json and
-// report.html into options.out.
+// Runs (or resumes) the whole study and writes results.json (every per-seed record, then the
+// aggregate records when seeds > 1), results.csv (per-seed records), curves.json (the first
+// seed's training curves), study.json (preset, seeds, corpus) and report.html into options.out.
 StudyResult RunStudy(const StudyOptions& options);
+
+// Rewrites report.html in `out` from its results.json, curves.json and study.json, without
+// training or evaluating anything; returns the study (records and curves) it read.
+StudyResult RewriteReport(const std::string& out, StudyPreset* preset);
 
 std::string RecordsToJson(const std::vector<StudyRecord>& records);
 std::vector<StudyRecord> RecordsFromJson(std::string_view json, const std::string& name);

@@ -5,6 +5,7 @@
 #include <complex>
 #include <cstdio>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "ropekit/study.h"
 #include "src/util/json_limits.h"
@@ -81,6 +82,7 @@ StudyPreset GetStudyPreset(std::string_view name) {
     p.finetune.eval_interval = 50;
     p.finetune.checkpoint_interval = 50;
     p.finetune_steps = {50, 100, 200};
+    p.experiments = {"t5-published", "alibi-heads", "pi-cutoff"};
     p.description =
         "protocol model (d 128, 4 layers, 4/2 heads, head_dim 32), L = 128, "
         "1000 steps x 2048 tokens; fine-tune 200 steps at 512";
@@ -131,10 +133,72 @@ StudyPreset GetStudyPreset(std::string_view name) {
     p.finetune.eval_interval = 5;
     p.finetune.checkpoint_interval = 5;
     p.finetune_steps = {5, 10};
+    p.experiments = {"t5-published", "alibi-heads", "pi-cutoff"};
+    p.alibi_heads = 4;
     p.description = "test-suite model (d 32, 1 layer, 2/1 heads, head_dim 16), L = 16, 100 steps";
   } else {
     throw Error("--preset '" + std::string(name) + "' is not one of micro, quick, full");
   }
+  return p;
+}
+
+ModelConfig StudyModel(const StudyPreset& preset, const std::string& encoding) {
+  ModelConfig c = preset.model;
+  const int64_t L = preset.train.seq_len;
+  c.max_position_embeddings = L;
+  PositionEncodingSpec& pe = c.position_encoding;
+  pe.kind = ParsePositionEncodingKind(encoding);
+  const bool absolute =
+      pe.kind == PositionEncodingKind::kSinusoidal || pe.kind == PositionEncodingKind::kLearned;
+  // Sec. 3.1 pitfall: embeddings (std 0.02) are scaled by sqrt(d) before an absolute encoding
+  // of amplitude ~1 is added (Vaswani et al. sec. 3.4; fairseq).
+  pe.embedding_scale = absolute ? EmbeddingScale::kSqrtDim : EmbeddingScale::kNone;
+  pe.max_positions = 0;  // learned: 8 L rows (Resolved); rows >= L are never trained
+  // T5 (sec. 3.1): 32 buckets, max_distance L (fewer buckets when L is tiny: max_distance must
+  // exceed the num_buckets / 2 exact buckets).
+  pe.num_buckets = static_cast<int>(std::min<int64_t>(32, L));
+  pe.max_distance = static_cast<int>(L);
+  return c.Resolved();
+}
+
+ModelConfig StudyExperimentModel(const StudyPreset& preset, const std::string& experiment) {
+  ModelConfig c = StudyModel(preset, experiment == "t5-published" ? "t5" : "alibi");
+  PositionEncodingSpec& pe = c.position_encoding;
+  if (experiment == "t5-published") {
+    pe.max_distance = static_cast<int>(std::max<int64_t>(2, preset.train.seq_len / 4));
+    pe.num_buckets = std::min(32, pe.max_distance);
+  } else if (experiment == "alibi-heads") {
+    const int heads = preset.alibi_heads;
+    if (heads < 1 || c.hidden_size % heads != 0) {
+      throw Error("alibi_heads " + std::to_string(heads) + " must divide hidden_size " +
+                  std::to_string(c.hidden_size));
+    }
+    c.num_heads = heads;
+    c.num_kv_heads =
+        std::max(1, heads * c.num_kv_heads / preset.model.num_heads);  // same GQA ratio
+    c.head_dim = c.hidden_size / heads;
+  } else {
+    throw Error("study experiment '" + experiment + "' trains no model of its own");
+  }
+  return c.Resolved();
+}
+
+RopeParams PartialPi(const RopeParams& base, int keep, double s, int64_t train_length) {
+  RopeParams p = ScaledRope(base, "none", 1.0, train_length);
+  const int n = base.rotary_dim / 2;
+  if (keep < 0 || keep > n) {
+    throw Error("pi_keep " + std::to_string(keep) + " is outside [0, " + std::to_string(n) + "]");
+  }
+  if (s == 1.0 || keep == n) return p;
+  // LongRoPE's per-pair factors express it exactly: theta_j / f_j with f_j = 1 for the k
+  // highest-frequency pairs (j < k) and s for the others; attention factor 1, as PI.
+  p.type = RopeType::kLongRope;
+  p.original_max_position_embeddings = train_length;
+  p.short_factor.assign(n, s);
+  for (int j = 0; j < keep; ++j) p.short_factor[j] = 1.0;
+  p.long_factor = p.short_factor;
+  p.attention_factor = 1.0;
+  p.Validate();
   return p;
 }
 
@@ -279,6 +343,13 @@ std::string RecordsToJson(const std::vector<StudyRecord>& records) {
     j["seed"] = r.seed;
     j["bucket_size"] = r.bucket_size;
     j["position_loss"] = r.position_loss;
+    if (!r.variant.empty()) j["variant"] = r.variant;
+    if (r.seeds > 1) {
+      j["seeds"] = r.seeds;
+      j["tail_loss_sd"] = r.tail_loss_sd;
+      j["window_loss_sd"] = r.window_loss_sd;
+      j["tail_loss_ci95"] = r.tail_loss_ci95;
+    }
     a.push_back(std::move(j));
   }
   return a.dump(1) + "\n";
@@ -303,6 +374,14 @@ std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::strin
       r.seed = j.at("seed").get<uint64_t>();
       r.bucket_size = j.at("bucket_size").get<int64_t>();
       r.position_loss = j.at("position_loss").get<std::vector<double>>();
+      if (j.contains("variant")) r.variant = j.at("variant").get<std::string>();
+      if (j.contains("seeds")) {
+        r.seeds = j.at("seeds").get<int64_t>();
+        if (r.seeds < 2) throw Error("an aggregate record needs seeds >= 2");
+        r.tail_loss_sd = j.at("tail_loss_sd").get<double>();
+        r.window_loss_sd = j.at("window_loss_sd").get<double>();
+        r.tail_loss_ci95 = j.at("tail_loss_ci95").get<double>();
+      }
       out.push_back(std::move(r));
     }
   } catch (const nlohmann::json::exception& e) {
@@ -313,17 +392,88 @@ std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::strin
   return out;
 }
 
+double StudentT95(int64_t dof) {
+  // Two-sided 95% points t_{0.975, dof} of Student's t distribution (standard tables, e.g.
+  // Abramowitz & Stegun, Table 26.10); 1.960 is the normal limit.
+  static constexpr double kT[] = {12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306,
+                                  2.262,  2.228, 2.201, 2.179, 2.160, 2.145, 2.131, 2.120,
+                                  2.110,  2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+                                  2.060,  2.056, 2.052, 2.048, 2.045, 2.042};
+  if (dof < 1) throw Error("Student's t: degrees of freedom must be >= 1");
+  if (dof <= 30) return kT[dof - 1];
+  return dof <= 60 ? 2.000 : dof <= 120 ? 1.980 : 1.960;
+}
+
+namespace {
+
+bool SameConfiguration(const StudyRecord& a, const StudyRecord& b) {
+  return a.encoding == b.encoding && a.scaling == b.scaling && a.variant == b.variant &&
+         a.scaling_factor == b.scaling_factor && a.finetune_steps == b.finetune_steps &&
+         a.train_length == b.train_length && a.eval_length == b.eval_length;
+}
+
+// Mean and sample standard deviation (n - 1 in the denominator) of `values` (n >= 2).
+std::pair<double, double> MeanSd(const std::vector<double>& values) {
+  double mean = 0;
+  for (double v : values) mean += v;
+  mean /= static_cast<double>(values.size());
+  double ss = 0;
+  for (double v : values) ss += (v - mean) * (v - mean);
+  return {mean, std::sqrt(ss / static_cast<double>(values.size() - 1))};
+}
+
+StudyRecord Aggregate(const std::vector<const StudyRecord*>& group) {
+  StudyRecord out = *group[0];
+  const size_t n = group.size();
+  std::vector<double> tail, window;
+  for (const StudyRecord* r : group) {
+    tail.push_back(r->tail_loss);
+    window.push_back(r->window_loss);
+  }
+  std::tie(out.tail_loss, out.tail_loss_sd) = MeanSd(tail);
+  std::tie(out.window_loss, out.window_loss_sd) = MeanSd(window);
+  out.seeds = static_cast<int64_t>(n);
+  out.tail_loss_ci95 =
+      StudentT95(out.seeds - 1) * out.tail_loss_sd / std::sqrt(static_cast<double>(n));
+  for (size_t b = 0; b < out.position_loss.size(); ++b) {
+    double sum = 0;
+    for (const StudyRecord* r : group) sum += b < r->position_loss.size() ? r->position_loss[b] : 0;
+    out.position_loss[b] = sum / static_cast<double>(n);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<StudyRecord> AggregateSeeds(const std::vector<StudyRecord>& per_seed) {
+  std::vector<StudyRecord> out;
+  std::vector<bool> used(per_seed.size(), false);
+  for (size_t i = 0; i < per_seed.size(); ++i) {
+    if (used[i]) continue;
+    if (per_seed[i].seeds != 1) throw Error("AggregateSeeds: an input record is an aggregate");
+    std::vector<const StudyRecord*> group;
+    for (size_t k = i; k < per_seed.size(); ++k) {
+      if (!used[k] && SameConfiguration(per_seed[i], per_seed[k])) {
+        used[k] = true;
+        group.push_back(&per_seed[k]);
+      }
+    }
+    out.push_back(group.size() == 1 ? *group[0] : Aggregate(group));
+  }
+  return out;
+}
+
 std::string RecordsToCsv(const std::vector<StudyRecord>& records) {
   std::string s =
       "encoding,scaling,scaling_factor,finetune_steps,train_length,eval_length,tail_loss,"
-      "window_loss,seed\n";
+      "window_loss,seed,variant\n";
   char buf[512];
   for (const StudyRecord& r : records) {
-    std::snprintf(buf, sizeof(buf), "%s,%s,%.17g,%lld,%lld,%lld,%.17g,%.17g,%llu\n",
+    std::snprintf(buf, sizeof(buf), "%s,%s,%.17g,%lld,%lld,%lld,%.17g,%.17g,%llu,%s\n",
                   r.encoding.c_str(), r.scaling.c_str(), r.scaling_factor,
                   static_cast<long long>(r.finetune_steps), static_cast<long long>(r.train_length),
                   static_cast<long long>(r.eval_length), r.tail_loss, r.window_loss,
-                  static_cast<unsigned long long>(r.seed));
+                  static_cast<unsigned long long>(r.seed), r.variant.c_str());
     s += buf;
   }
   return s;

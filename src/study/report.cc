@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <map>
 #include <set>
@@ -38,7 +39,7 @@ const StudyRecord* Find(const std::vector<StudyRecord>& records, const std::stri
                         const std::string& scaling, int64_t finetune_steps, int64_t eval_length) {
   for (const StudyRecord& r : records) {
     if (r.encoding == encoding && r.scaling == scaling && r.finetune_steps == finetune_steps &&
-        r.eval_length == eval_length) {
+        r.eval_length == eval_length && r.variant.empty()) {
       return &r;
     }
   }
@@ -104,13 +105,85 @@ struct Table {
   std::vector<std::vector<std::string>> rows;
 };
 
+// A loss; over several seeds, mean ± sample standard deviation.
 std::string Cell(const StudyRecord* r, bool tail) {
   if (!r) return "-";
-  return Fmt("%.3f", tail ? r->tail_loss : r->window_loss);
+  std::string s = Fmt("%.3f", tail ? r->tail_loss : r->window_loss);
+  if (r->seeds > 1) s += " ± " + Fmt("%.3f", tail ? r->tail_loss_sd : r->window_loss_sd);
+  return s;
 }
 std::string Delta(const StudyRecord* r, const StudyRecord* base) {
   if (!r || !base) return "-";
   return Fmt("%+.3f", r->tail_loss - base->tail_loss);
+}
+
+// The record of an experiment's variant (see StudyRecord::variant).
+const StudyRecord* FindVariant(const std::vector<StudyRecord>& records, const std::string& encoding,
+                               const std::string& variant, int64_t eval_length) {
+  for (const StudyRecord& r : records) {
+    if (r.encoding == encoding && r.variant == variant && r.eval_length == eval_length) return &r;
+  }
+  return nullptr;
+}
+
+// A row of tail losses at every length, then the changes from 1x.
+std::vector<std::string> LossRow(const std::string& label, const std::vector<int64_t>& lengths,
+                                 const std::function<const StudyRecord*(int64_t)>& find) {
+  std::vector<std::string> row = {label};
+  for (int64_t c : lengths) row.push_back(Cell(find(c), true));
+  for (size_t i = 1; i < lengths.size(); ++i)
+    row.push_back(Delta(find(lengths[i]), find(lengths[0])));
+  return row;
+}
+
+// The experiments that test the deviations from the papers: T5's max_distance, ALiBi's heads,
+// and PI applied below a frequency cut-off.
+void AddExperimentTables(const StudyPreset& p, const std::vector<StudyRecord>& rec,
+                         std::vector<Table>& tables) {
+  const std::vector<int64_t> lengths = Lengths(p);
+  std::vector<std::string> header = {"setting"};
+  for (int64_t c : lengths) header.push_back(std::to_string(c));
+  for (size_t i = 1; i < lengths.size(); ++i) {
+    header.push_back("d" + std::to_string(lengths[i] / p.train.seq_len) + "x");
+  }
+  Table published{"Published settings beside the study's: tail loss", header, {}};
+  for (const char* kind : {"t5", "alibi"}) {
+    const std::string enc = kind;
+    std::set<std::string> variants;
+    for (const StudyRecord& r : rec) {
+      if (r.encoding == enc && !r.variant.empty()) variants.insert(r.variant);
+    }
+    if (variants.empty()) continue;
+    const ModelConfig m = StudyModel(p, enc);
+    const std::string ours =
+        enc == "t5" ? "max_distance=" + std::to_string(m.position_encoding.max_distance)
+                    : "heads=" + std::to_string(m.num_heads);
+    published.rows.push_back(LossRow(EncodingLabel(enc) + " " + ours + " (study)", lengths,
+                                     [&](int64_t c) { return Find(rec, enc, "none", 0, c); }));
+    for (const std::string& v : variants) {
+      published.rows.push_back(LossRow(EncodingLabel(enc) + " " + v, lengths,
+                                       [&](int64_t c) { return FindVariant(rec, enc, v, c); }));
+    }
+  }
+  if (!published.rows.empty()) tables.push_back(published);
+  Table cutoff{
+      "PI on all but the k highest-frequency pairs (no fine-tuning; k = 0 is PI, k = N "
+      "plain RoPE): tail loss",
+      header,
+      {}};
+  std::vector<std::pair<int, std::string>> keeps;
+  for (const StudyRecord& r : rec) {
+    if (r.encoding == "rope" && r.variant.rfind("pi_keep=", 0) == 0 &&
+        r.eval_length == lengths[0]) {
+      keeps.emplace_back(std::stoi(r.variant.substr(8)), r.variant);
+    }
+  }
+  std::sort(keeps.begin(), keeps.end());
+  for (const auto& [k, v] : keeps) {
+    cutoff.rows.push_back(LossRow("k = " + std::to_string(k), lengths,
+                                  [&](int64_t c) { return FindVariant(rec, "rope", v, c); }));
+  }
+  if (!cutoff.rows.empty()) tables.push_back(cutoff);
 }
 
 std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyRecord>& rec) {
@@ -194,6 +267,7 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
     }
     tables.push_back(f);
   }
+  AddExperimentTables(p, rec, tables);
   return tables;
 }
 
@@ -201,7 +275,7 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
 
 std::string SummaryTables(const StudyPreset& preset, const std::vector<StudyRecord>& records) {
   std::string s;
-  for (const Table& t : BuildTables(preset, records)) {
+  for (const Table& t : BuildTables(preset, AggregateSeeds(records))) {
     std::vector<std::string> header = t.header;
     s += "\n" + t.title + "\n" + TextTable(header, t.rows);
   }
@@ -215,7 +289,7 @@ namespace {
 struct ReportPage {
   const StudyPreset& p;
   const StudyResult& result;
-  const std::vector<StudyRecord>& rec;
+  const std::vector<StudyRecord> rec;  // one per configuration: means over the seeds
   std::vector<int64_t> lengths;
   int64_t L;
   std::vector<double> xt;                            // x ticks at the evaluation lengths
@@ -225,7 +299,11 @@ struct ReportPage {
   std::ostringstream body;
 
   ReportPage(const StudyPreset& preset, const StudyResult& r)
-      : p(preset), result(r), rec(r.records), lengths(Lengths(preset)), L(preset.train.seq_len) {
+      : p(preset),
+        result(r),
+        rec(AggregateSeeds(r.records)),
+        lengths(Lengths(preset)),
+        L(preset.train.seq_len) {
     xt.assign(lengths.begin(), lengths.end());
     at_L = {{static_cast<double>(L), "L"}};
     double base_max = 0;  // largest 1x loss; used to clip exploding curves
@@ -512,6 +590,15 @@ void Introduction(const StudyPreset& p, const StudyResult& result,
        << " runs computed now, " << result.reused_units.size() << " reused from earlier runs; "
        << "compute time of all runs " << Fmt("%.0f", result.compute_seconds) << " s, this "
        << "invocation " << Fmt("%.0f", result.seconds) << " s.</p>\n";
+  std::set<uint64_t> seeds;
+  for (const StudyRecord& r : result.records) seeds.insert(r.seed);
+  if (seeds.size() > 1) {
+    html << "<p>Every configuration ran with " << seeds.size()
+         << " seeds (weight initialisation and data order vary together). Tables show the mean "
+            "&plusmn; the sample standard deviation over the seeds, plots the means; "
+            "results.json also holds each seed's record and the 95% confidence interval of "
+            "each mean (Student's t).</p>\n";
+  }
   // Rows of the learned table at positions >= L get no gradient (their Adam moments stay 0), so
   // AdamW only applies the decoupled decay p <- p (1 - lr_t wd) to them.
   double shrink = 1.0;

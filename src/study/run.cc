@@ -70,8 +70,17 @@ std::string Fmt(const char* format, double v) {
 
 class Runner {
  public:
-  Runner(const StudyOptions& options, const StudyPreset& preset, const StudyCorpus& corpus)
-      : o_(options), p_(preset), corpus_(corpus), pool_(static_cast<size_t>(options.threads)) {
+  // The runs of one seed; the first seed's live in <out>/runs/, seed s's in <out>/runs/seed-<s>/.
+  Runner(const StudyOptions& options, const StudyPreset& preset, const StudyCorpus& corpus,
+         uint64_t seed)
+      : o_(options),
+        p_(preset),
+        corpus_(corpus),
+        pool_(static_cast<size_t>(options.threads)),
+        seed_(seed),
+        runs_(seed == options.seed
+                  ? fs::path(options.out) / "runs"
+                  : fs::path(options.out) / "runs" / ("seed-" + std::to_string(seed))) {
     L_ = p_.train.seq_len;
     int64_t max_mult = 1;
     for (int64_t m : p_.eval_multipliers) max_mult = std::max(max_mult, m);
@@ -80,7 +89,7 @@ class Runner {
     Json base;
     base["study_format"] = 1;  // bump when the meaning of a unit's results changes
     base["preset"] = p_.name;
-    base["seed"] = o_.seed;
+    base["seed"] = seed_;
     base["corpus"] = {{"train_bytes", corpus_.train.size()},
                       {"held_out_bytes", corpus_.held_out.size()},
                       {"fnv1a", corpus_.content_hash}};
@@ -97,13 +106,25 @@ class Runner {
       total_units_ += static_cast<int>(p_.scalings.size() +
                                        p_.finetune_scalings.size() * p_.finetune_steps.size());
     }
+    for (const std::string& e : p_.experiments) {
+      total_units_ += e == "pi-cutoff" ? static_cast<int>(PiKeeps().size()) : 1;
+    }
   }
 
-  // This rank's share of the study (rank r of N runs jobs r, r + N, ...; a job is a pretraining,
-  // an extension, or one scaling's chain of fine-tunes). Jobs that start from the RoPE model
-  // wait until its unit is finished with this configuration (its DONE marker), which another
-  // rank may be writing; the directory is shared.
-  void RunShare(int rank, int ranks) {
+  // The k of the "pi-cutoff" experiment: 0, 1, 2, 4, ..., N (N = the RoPE model's pairs).
+  std::vector<int> PiKeeps() const {
+    const int n = RopeBase().rotary_dim / 2;
+    std::vector<int> keeps = {0};
+    for (int k = 1; k < n; k *= 2) keeps.push_back(k);
+    keeps.push_back(n);
+    return keeps;
+  }
+
+  // The study's independent jobs (a pretraining, an extension, or one scaling's chain of
+  // fine-tunes), for ranks to share. Jobs that start from the RoPE model wait until its unit is
+  // finished with this configuration (its DONE marker), which another rank may be writing; the
+  // directory is shared.
+  std::vector<std::function<void()>> Jobs() {
     std::vector<std::function<void()>> jobs;
     for (const std::string& enc : p_.encodings) jobs.push_back([this, enc] { Pretrain(enc); });
     if (std::find(p_.encodings.begin(), p_.encodings.end(), "rope") != p_.encodings.end()) {
@@ -120,39 +141,33 @@ class Runner {
         });
       }
     }
-    for (size_t j = static_cast<size_t>(rank); j < jobs.size(); j += static_cast<size_t>(ranks)) {
-      jobs[j]();
+    for (const std::string& e : p_.experiments) {
+      if (e != "pi-cutoff") {
+        jobs.push_back([this, e] { PretrainExperiment(e); });
+        continue;
+      }
+      for (int keep : PiKeeps()) {
+        jobs.push_back([this, keep] {
+          WaitForPretrainedRope();
+          ExtendPartialPi(keep);
+        });
+      }
     }
+    return jobs;
   }
 
+  // Every job in order, in this process.
   StudyResult Run() {
     const auto t0 = Clock::now();
-    for (const std::string& enc : p_.encodings) Pretrain(enc);
-    if (std::find(p_.encodings.begin(), p_.encodings.end(), "rope") != p_.encodings.end()) {
-      for (const std::string& s : p_.scalings) Extend(s);
-      for (const std::string& s : p_.finetune_scalings) Finetune(s);
-    }
+    for (const auto& job : Jobs()) job();
     result_.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     return std::move(result_);
   }
 
-  ModelConfig ModelFor(const std::string& encoding) const {
-    ModelConfig c = p_.model;
-    c.max_position_embeddings = L_;
-    PositionEncodingSpec& pe = c.position_encoding;
-    pe.kind = ParsePositionEncodingKind(encoding);
-    const bool absolute =
-        pe.kind == PositionEncodingKind::kSinusoidal || pe.kind == PositionEncodingKind::kLearned;
-    // Sec. 3.1 pitfall: embeddings (std 0.02) are scaled by sqrt(d) before an absolute encoding
-    // of amplitude ~1 is added (Vaswani et al. sec. 3.4; fairseq).
-    pe.embedding_scale = absolute ? EmbeddingScale::kSqrtDim : EmbeddingScale::kNone;
-    pe.max_positions = 0;  // learned: 8 L rows (Resolved); rows >= L are never trained
-    // T5 (sec. 3.1): 32 buckets, max_distance L (fewer buckets when L is tiny: max_distance must
-    // exceed the num_buckets / 2 exact buckets).
-    pe.num_buckets = static_cast<int>(std::min<int64_t>(32, L_));
-    pe.max_distance = static_cast<int>(L_);
-    return c.Resolved();
-  }
+  ModelConfig ModelFor(const std::string& encoding) const { return StudyModel(p_, encoding); }
+  uint64_t seed() const { return seed_; }
+
+  fs::path UnitDir(const std::string& unit) const { return runs_ / unit; }
 
  private:
   enum class UnitState { kDone, kResume, kFresh };
@@ -162,12 +177,11 @@ class Runner {
   }
 
   std::string Prefix(const std::string& unit) const {
-    char buf[32];
+    char buf[64];
     std::snprintf(buf, sizeof(buf), "[%2d/%d] ", unit_index_, total_units_);
-    return buf + unit;
+    const std::string seed = o_.seeds > 1 ? " (seed " + std::to_string(seed_) + ")" : "";
+    return buf + unit + seed;
   }
-
-  fs::path UnitDir(const std::string& unit) const { return fs::path(o_.out) / "runs" / unit; }
 
   UnitState Prepare(const std::string& unit, const std::string& fingerprint) {
     ++unit_index_;
@@ -300,7 +314,7 @@ class Runner {
       }
       r.train_length = L_;
       r.eval_length = c;
-      r.seed = o_.seed;
+      r.seed = seed_;
       r.tail_loss = TailLoss(model, corpus_.held_out, ends_, c, p_.tail, p_.eval_batch, &pool_);
       EvalOptions eo;
       eo.contexts = {c};
@@ -390,7 +404,7 @@ class Runner {
 
   TrainConfig PretrainConfig() const {
     TrainConfig tc = p_.train;
-    tc.data_seed = o_.seed;
+    tc.data_seed = seed_;
     return tc;
   }
 
@@ -411,14 +425,33 @@ class Runner {
   }
 
   void Pretrain(const std::string& enc) {
-    const std::string unit = "pretrain-" + enc;
     const ModelConfig mc = ModelFor(enc);
+    StudyRecord proto;
+    proto.encoding = std::string(PositionEncodingKindName(mc.position_encoding.kind));
+    proto.scaling = "none";
+    PretrainUnit("pretrain-" + enc, mc, proto);
+  }
+
+  // A training experiment: T5 with the published max_distance ratio, ALiBi with more heads.
+  void PretrainExperiment(const std::string& experiment) {
+    const ModelConfig mc = StudyExperimentModel(p_, experiment);
+    const PositionEncodingSpec& pe = mc.position_encoding;
+    StudyRecord proto;
+    proto.encoding = std::string(PositionEncodingKindName(pe.kind));
+    proto.scaling = "none";
+    proto.variant = pe.kind == PositionEncodingKind::kT5
+                        ? "max_distance=" + std::to_string(pe.max_distance)
+                        : "heads=" + std::to_string(mc.num_heads);
+    PretrainUnit("pretrain-" + experiment, mc, proto);
+  }
+
+  void PretrainUnit(const std::string& unit, const ModelConfig& mc, const StudyRecord& proto) {
     const TrainConfig tc = PretrainConfig();
-    const std::string fp = PretrainFingerprint(enc);
+    const std::string fp = Fingerprint(unit, mc, &tc, "");
     const UnitState st = Prepare(unit, fp);
     if (st == UnitState::kDone) return Reuse(unit, unit);
     const fs::path dir = UnitDir(unit);
-    Model model(mc, o_.seed);
+    Model model(mc, seed_);
     OptimizerState state;
     std::vector<TrainLogEntry> log;
     if (st == UnitState::kResume) {
@@ -433,10 +466,25 @@ class Runner {
     }
     log = TrainUnit(unit, model, state, tc, std::move(log));
     AddCurve(unit, log);
-    StudyRecord proto;
-    proto.encoding = std::string(PositionEncodingKindName(mc.position_encoding.kind));
-    proto.scaling = "none";
     Finish(unit, fp, EvaluateUnit(unit, model, proto, {}));
+  }
+
+  // PI on every pair but the `keep` highest-frequency ones, without fine-tuning.
+  void ExtendPartialPi(int keep) {
+    const std::string unit = "extend-pi-keep" + std::to_string(keep);
+    const ModelConfig mc = ModelFor("rope");
+    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
+    if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
+    Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
+    StudyRecord proto;
+    proto.encoding = "rope";
+    proto.scaling = "linear";
+    proto.variant = "pi_keep=" + std::to_string(keep);
+    const RopeParams base = RopeBase();
+    Finish(unit, fp, EvaluateUnit(unit, model, proto, [&](int64_t c) {
+             const double s = std::max(1.0, static_cast<double>(c) / static_cast<double>(L_));
+             return std::make_pair(PartialPi(base, keep, s, L_), s);
+           }));
   }
 
   RopeParams RopeBase() const { return ModelFor("rope").position_encoding.rope; }
@@ -469,7 +517,7 @@ class Runner {
       mc = mc.Resolved();
       TrainConfig tc = p_.finetune;
       tc.steps = steps;
-      tc.data_seed = o_.seed + 7919;
+      tc.data_seed = seed_ + 7919;
       const std::string fp = Fingerprint(unit, mc, &tc, "fine-tune from " + parent);
       const UnitState st = Prepare(unit, fp);
       const std::string curve = "finetune-" + scaling;
@@ -517,6 +565,8 @@ class Runner {
   const StudyPreset& p_;
   const StudyCorpus& corpus_;
   ThreadPool pool_;
+  uint64_t seed_;
+  fs::path runs_;
   int64_t L_ = 0;
   std::vector<int64_t> ends_;
   Json base_fingerprint_;
@@ -524,6 +574,55 @@ class Runner {
   Clock::time_point unit_start_;  // wall time of this invocation's part of the current unit
   StudyResult result_;
 };
+
+}  // namespace
+
+namespace {
+
+std::vector<TrainCurve> CurvesFromJson(const std::string& name) {
+  const std::string text = ReadFileToString(name);
+  CheckJsonLimits(text, name);
+  std::vector<TrainCurve> curves;
+  try {
+    for (const Json& c : Json::parse(text)) {
+      curves.push_back({c.at("name").get<std::string>(),
+                        c.at("loss").get<std::vector<std::pair<int64_t, double>>>(),
+                        c.at("val_loss").get<std::vector<std::pair<int64_t, double>>>()});
+    }
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(name + ": " + e.what());
+  }
+  return curves;
+}
+
+// results.json (per-seed records, then aggregates over seeds), results.csv, curves.json,
+// study.json (what --report-only needs) and report.html.
+void WriteResults(const StudyOptions& options, const StudyPreset& preset,
+                  const std::string& corpus_description, const StudyResult& result) {
+  const fs::path out(options.out);
+  std::vector<StudyRecord> all = result.records;
+  if (options.seeds > 1) {
+    for (StudyRecord& r : AggregateSeeds(result.records)) all.push_back(std::move(r));
+  }
+  WriteAtomic(out / "results.json", RecordsToJson(all));
+  WriteAtomic(out / "results.csv", RecordsToCsv(result.records));
+  Json curves = Json::array();
+  for (const TrainCurve& c : result.curves) {
+    curves.push_back({{"name", c.name}, {"loss", c.loss}, {"val_loss", c.val_loss}});
+  }
+  WriteAtomic(out / "curves.json", curves.dump() + "\n");
+  const Json info = {{"preset", preset.name},
+                     {"seed", options.seed},
+                     {"seeds", options.seeds},
+                     {"corpus", corpus_description},
+                     {"seconds", result.seconds},
+                     {"compute_seconds", result.compute_seconds},
+                     {"trained_units", result.trained_units},
+                     {"reused_units", result.reused_units}};
+  WriteAtomic(out / "study.json", info.dump(1) + "\n");
+  WriteAtomic(out / "report.html",
+              ReportHtml(preset, result, StudyModel(preset, "rope"), corpus_description));
+}
 
 }  // namespace
 
@@ -566,41 +665,94 @@ StudyResult RunStudy(const StudyOptions& options) {
     log("study: preset " + preset.name + ": " + preset.description);
     log("study: corpus: " + corpus.description);
   }
+  if (options.seeds < 1 || options.seeds > 100) {
+    throw Error("--seeds " + std::to_string(options.seeds) + " is outside [1, 100]");
+  }
+  std::vector<std::unique_ptr<Runner>> runners;  // one per seed
+  for (int k = 0; k < options.seeds; ++k) {
+    runners.push_back(std::make_unique<Runner>(options, preset, corpus, options.seed + k));
+  }
   std::vector<std::string> finished_before;  // units finished by an earlier invocation
   if (ranks > 1) {
     std::error_code ec;
-    for (const auto& e : fs::directory_iterator(fs::path(options.out) / "runs", ec)) {
-      if (fs::exists(e.path() / "DONE")) finished_before.push_back(e.path().filename().string());
+    for (const auto& e : fs::recursive_directory_iterator(fs::path(options.out) / "runs", ec)) {
+      if (fs::exists(e.path() / "DONE")) finished_before.push_back(e.path().string());
     }
     barrier();  // --out is locked and clean
-    Runner(options, preset, corpus).RunShare(rank, ranks);
+    // Rank r of N runs jobs r, r + N, ... of every seed's jobs in turn.
+    std::vector<std::function<void()>> jobs;
+    for (auto& runner : runners) {
+      for (auto& job : runner->Jobs()) jobs.push_back(std::move(job));
+    }
+    for (size_t j = static_cast<size_t>(rank); j < jobs.size(); j += static_cast<size_t>(ranks)) {
+      jobs[j]();
+    }
     barrier();  // every unit is finished
     if (rank != 0) return {};
     log("study: every rank finished its units; collecting the results");
+    for (auto& runner : runners) {  // fresh runners: these hold this rank's share of the results
+      runner = std::make_unique<Runner>(options, preset, corpus, runner->seed());
+    }
   }
   // One process: runs the study. Rank 0 of many: finds every unit finished and reads them back
   // (the same records, curves and results as one process).
-  Runner runner(options, preset, corpus);
-  StudyResult result = runner.Run();
+  StudyResult result;
+  for (auto& runner : runners) {
+    StudyResult r = runner->Run();
+    result.records.insert(result.records.end(), r.records.begin(), r.records.end());
+    if (result.curves.empty()) result.curves = std::move(r.curves);  // the first seed's
+    for (auto* names : {&r.reused_units, &r.trained_units}) {
+      for (std::string& u : *names)
+        u = fs::relative(runner->UnitDir(u), fs::path(options.out) / "runs").string();
+    }
+    result.reused_units.insert(result.reused_units.end(), r.reused_units.begin(),
+                               r.reused_units.end());
+    result.trained_units.insert(result.trained_units.end(), r.trained_units.begin(),
+                                r.trained_units.end());
+    result.seconds += r.seconds;
+    result.compute_seconds += r.compute_seconds;
+  }
   if (ranks > 1) {  // units the ranks trained just now count as computed, not reused
     std::vector<std::string> reused;
     for (std::string& u : result.reused_units) {
+      const std::string path = (fs::path(options.out) / "runs" / u).string();
       const bool before =
-          std::find(finished_before.begin(), finished_before.end(), u) != finished_before.end();
+          std::find(finished_before.begin(), finished_before.end(), path) != finished_before.end();
       (before ? reused : result.trained_units).push_back(std::move(u));
     }
     result.reused_units = std::move(reused);
   }
-  const fs::path out(options.out);
-  WriteAtomic(out / "results.json", RecordsToJson(result.records));
-  WriteAtomic(out / "results.csv", RecordsToCsv(result.records));
-  Json curves = Json::array();
-  for (const TrainCurve& c : result.curves) {
-    curves.push_back({{"name", c.name}, {"loss", c.loss}, {"val_loss", c.val_loss}});
+  WriteResults(options, preset, corpus.description, result);
+  return result;
+}
+
+StudyResult RewriteReport(const std::string& out, StudyPreset* preset_out) {
+  const fs::path dir(out);
+  const std::string info_name = (dir / "study.json").string();
+  const std::string info_text = ReadFileToString(info_name);
+  CheckJsonLimits(info_text, info_name);
+  std::string preset_name, corpus_description;
+  StudyResult result;
+  try {
+    const Json info = Json::parse(info_text);
+    preset_name = info.at("preset").get<std::string>();
+    corpus_description = info.at("corpus").get<std::string>();
+    result.seconds = info.at("seconds").get<double>();
+    result.compute_seconds = info.at("compute_seconds").get<double>();
+    result.trained_units = info.at("trained_units").get<std::vector<std::string>>();
+    result.reused_units = info.at("reused_units").get<std::vector<std::string>>();
+  } catch (const nlohmann::json::exception& e) {
+    throw Error(info_name + ": " + e.what());
   }
-  WriteAtomic(out / "curves.json", curves.dump() + "\n");
-  WriteAtomic(out / "report.html",
-              ReportHtml(preset, result, runner.ModelFor("rope"), corpus.description));
+  const StudyPreset preset = GetStudyPreset(preset_name);
+  const std::string results_name = (dir / "results.json").string();
+  for (StudyRecord& r : RecordsFromJson(ReadFileToString(results_name), results_name)) {
+    if (r.seeds == 1) result.records.push_back(std::move(r));  // aggregates are recomputed
+  }
+  result.curves = CurvesFromJson((dir / "curves.json").string());
+  WriteAtomic(dir / "report.html",
+              ReportHtml(preset, result, StudyModel(preset, "rope"), corpus_description));
+  if (preset_out) *preset_out = preset;
   return result;
 }
 

@@ -38,8 +38,11 @@ LENGTHS = [16, 32, 64, 128]
 PLOTS = ["plot-tail-loss", "plot-window-loss", "plot-position-loss", "plot-extension",
          "plot-finetune", "plot-finetune-train", "plot-pretrain", "plot-decay",
          "plot-decay-scaled"]
+PI_KEEPS = [0, 1, 2, 4, 8]  # head_dim 16: 8 pairs
+EXPERIMENTS = ["pretrain-t5-published", "pretrain-alibi-heads"]
 UNITS = ([f"pretrain-{e}" for e in ENCODINGS] + [f"extend-{s}" for s in SCALINGS] +
-         [f"finetune-{s}-{k}" for s in FT_SCALINGS for k in FT_STEPS])
+         [f"finetune-{s}-{k}" for s in FT_SCALINGS for k in FT_STEPS] + EXPERIMENTS +
+         [f"extend-pi-keep{k}" for k in PI_KEEPS])
 
 
 def corpus():
@@ -90,11 +93,14 @@ def test_every_planned_run_has_finite_records(study):
         assert math.isfinite(r["window_loss"]) and r["window_loss"] > 0, r
         assert r["train_length"] == L and r["seed"] == 1
         assert all(math.isfinite(v) for v in r["position_loss"])
-    got = sorted((r["encoding"], r["scaling"], r["finetune_steps"], r["eval_length"])
-                 for r in records)
-    want = [(e, "none", 0, n) for e in ENCODINGS for n in LENGTHS]
-    want += [("rope", s, 0, n) for s in SCALINGS for n in LENGTHS]
-    want += [("rope", s, k, n) for s in FT_SCALINGS for k in FT_STEPS for n in LENGTHS]
+    got = sorted((r["encoding"], r["scaling"], r["finetune_steps"], r["eval_length"],
+                  r.get("variant", "")) for r in records)
+    want = [(e, "none", 0, n, "") for e in ENCODINGS for n in LENGTHS]
+    want += [("rope", s, 0, n, "") for s in SCALINGS for n in LENGTHS]
+    want += [("rope", s, k, n, "") for s in FT_SCALINGS for k in FT_STEPS for n in LENGTHS]
+    want += [("t5", "none", 0, n, "max_distance=4") for n in LENGTHS]
+    want += [("alibi", "none", 0, n, "heads=4") for n in LENGTHS]
+    want += [("rope", "linear", 0, n, f"pi_keep={k}") for k in PI_KEEPS for n in LENGTHS]
     assert got == sorted(want)
     # Position curves cover the whole window in buckets.
     for r in records:
@@ -114,6 +120,7 @@ def test_csv_matches_json(study):
     for row, r in zip(rows, records):
         for k in ("encoding", "scaling"):
             assert row[k] == r[k]
+        assert row["variant"] == r.get("variant", "")
         for k in ("finetune_steps", "train_length", "eval_length", "seed"):
             assert int(row[k]) == r[k]
         for k in ("tail_loss", "window_loss"):
@@ -156,7 +163,8 @@ def test_report_references_every_plot(study):
 def test_rerun_reuses_finished_runs(study):
     out, _ = study
     before = snapshot(out)
-    assert len(before) == len(UNITS) + len(ENCODINGS) + len(FT_SCALINGS) * len(FT_STEPS)
+    trained = len(ENCODINGS) + len(FT_SCALINGS) * len(FT_STEPS) + len(EXPERIMENTS)
+    assert len(before) == len(UNITS) + trained
     with open(os.path.join(out, "results.json")) as f:
         results_before = f.read()
     p = run_study(out)
@@ -280,3 +288,90 @@ def test_report_renders_in_headless_chromium(study):
         for plot in PLOTS:
             assert f'<svg id="{plot}"' in dom.stdout, plot
         assert dom.stdout.count("<path") >= 20
+
+
+def test_report_only_rewrites_the_same_report(study):
+    out, _ = study
+    with open(os.path.join(out, "report.html"), "rb") as f:
+        report = f.read()
+    os.remove(os.path.join(out, "report.html"))
+    p = subprocess.run([CLI, "study", "--report-only", "--out", out], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "step " not in p.stderr and "Tail loss" in p.stdout
+    with open(os.path.join(out, "report.html"), "rb") as f:
+        assert f.read() == report
+
+
+T95_DOF1 = 12.706  # Student's t, two-sided 95%, 1 degree of freedom (standard tables)
+
+
+def test_second_seed_extends_the_study_with_means_and_intervals(study):
+    out, _ = study
+    before = load_records(out)
+    p = subprocess.run([CLI, "study", "--preset", "micro", "--out", out, "--threads", "2",
+                        "--seed", "1", "--seeds", "2", "--corpus", *corpus()],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    # The first seed's runs are reused; the second seed's are new, in runs/seed-2/.
+    assert f"{len(UNITS)} runs computed, {len(UNITS)} reused" in p.stdout
+    for u in UNITS:
+        assert os.path.isfile(os.path.join(out, "runs", "seed-2", u, "DONE")), u
+    records = load_records(out)
+    seed1 = [r for r in records if "seeds" not in r and r["seed"] == 1]
+    seed2 = [r for r in records if "seeds" not in r and r["seed"] == 2]
+    aggregates = [r for r in records if "seeds" in r]
+    assert seed1 == before
+    assert len(seed2) == len(before) == len(aggregates)
+    key = lambda r: (r["encoding"], r["scaling"], r["scaling_factor"], r["finetune_steps"],
+                     r["eval_length"], r.get("variant", ""))
+    second = {key(r): r for r in seed2}
+    differ = 0
+    for a, r1 in zip(aggregates, seed1):
+        r2 = second[key(r1)]
+        assert key(a) == key(r1) and a["seeds"] == 2
+        for field in ["tail_loss", "window_loss"]:
+            pair = np.array([r1[field], r2[field]])
+            assert a[field] == pytest.approx(pair.mean(), rel=1e-12, abs=1e-15)
+            assert a[field + "_sd"] == pytest.approx(pair.std(ddof=1), rel=1e-9, abs=1e-15)
+        sd = np.std([r1["tail_loss"], r2["tail_loss"]], ddof=1)
+        assert a["tail_loss_ci95"] == pytest.approx(T95_DOF1 * sd / math.sqrt(2), rel=1e-9,
+                                                    abs=1e-15)
+        differ += r1["tail_loss"] != r2["tail_loss"]
+    assert differ > len(seed1) // 2  # another seed trains other models
+    assert " ± " in p.stdout  # the tables show mean ± sd
+
+
+def test_experiments_published_settings_and_partial_pi(study):
+    out, first = study
+    records = [r for r in load_records(out) if r["seed"] == 1 and "seeds" not in r]
+    scaling = lambda variant: "linear" if variant.startswith("pi_keep") else "none"
+    by = lambda enc, variant: {r["eval_length"]: r for r in records
+                               if r["encoding"] == enc and r.get("variant", "") == variant
+                               and r["scaling"] == scaling(variant) and r["finetune_steps"] == 0}
+    # T5 with max_distance L / 4 and ALiBi with 4 heads (the micro model has 2) trained their own
+    # models: other losses than the study's settings, at every length.
+    for enc, variant, config_key, value in [("t5", "max_distance=4", None, None),
+                                            ("alibi", "heads=4", "num_attention_heads", 4)]:
+        ours, theirs = by(enc, ""), by(enc, variant)
+        assert sorted(theirs) == LENGTHS
+        assert all(theirs[c]["tail_loss"] != ours[c]["tail_loss"] for c in LENGTHS)
+        unit = "pretrain-" + ("t5-published" if enc == "t5" else "alibi-heads")
+        with open(os.path.join(out, "runs", unit, "ckpt", "config.json")) as f:
+            config = json.load(f)
+        if config_key:
+            assert config[config_key] == value
+    # k = N pairs kept is plain RoPE: the pretrained model's own records, bit for bit.
+    plain = by("rope", "")
+    kept_all = by("rope", "pi_keep=8")
+    for c in LENGTHS:
+        assert kept_all[c]["tail_loss"] == plain[c]["tail_loss"]
+    # k = 0 is PI: the same angles as extend-linear up to float32 rounding of the frequencies
+    # (theta/s against 1/(s base^(2j/R)): one rounding each, <= 2^-23 relative, so the angles at
+    # positions < 128 differ by < 2e-5 rad), far below the loss differences between methods.
+    pi = {r["eval_length"]: r for r in records
+          if r["scaling"] == "linear" and r["finetune_steps"] == 0 and "variant" not in r}
+    kept_none = by("rope", "pi_keep=0")
+    for c in LENGTHS:
+        assert kept_none[c]["tail_loss"] == pytest.approx(pi[c]["tail_loss"], abs=1e-4)
+    assert "Published settings" in first.stdout and "PI on all but" in first.stdout
