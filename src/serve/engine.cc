@@ -213,7 +213,10 @@ void Engine::Accept(Active& a, const float* logits) {
     if (g.completion_tokens == 0) g.first_token_time = Clock::now();
     g.completion_tokens += 1;
     if (g.top_logprobs >= 0) g.logprobs.push_back(std::move(lp));
-    if (!stopped) g.text = g.raw.substr(0, g.raw.size() - HoldBack(g.raw, g.stop));
+    // Released text matters to streams only; Finish sets the final text of every generation.
+    if (!stopped && a.job->streaming) {
+      g.text = g.raw.substr(0, g.raw.size() - HoldBack(g.raw, g.stop));
+    }
   }
   if (a.job->streaming) a.job->cv.notify_all();
   if (stopped) {

@@ -51,7 +51,7 @@ struct Generation {
   bool prompt_logprobs = false;  // also score the prompt tokens (completions echo + logprobs)
 
   // Written by the engine under job->mu.
-  std::string text;                     // released text
+  std::string text;                     // released text (streams; all at the end)
   std::vector<TokenLogprob> logprobs;   // one per generated token (when requested)
   std::vector<TokenLogprob> prompt_lp;  // prompt tokens (first has logprob NaN)
   int64_t completion_tokens = 0;
