@@ -20,9 +20,9 @@
 #include <vector>
 
 #include "ropekit/error.h"
+#include "ropekit/half.h"
 #include "ropekit/thread_pool.h"
 #include "src/reference/ops.h"
-#include "ropekit/half.h"
 
 namespace ropekit {
 namespace {

@@ -55,8 +55,8 @@ HWY_INLINE void RotatePairsAllHeads(D d, const HeadRows& heads, hn::Vec<D> c, hn
 
 // Pairs [i, i + 2 Lanes(d)) of every head: two independent rotations per head and iteration.
 template <class Io, bool kInterleaved, bool kBackward, class D>
-HWY_INLINE void RotatePairsAllHeads2(D d, const HeadRows& heads, const float* cos,
-                                     const float* sin, size_t n, size_t i) {
+HWY_INLINE void RotatePairsAllHeads2(D d, const HeadRows& heads, const float* cos, const float* sin,
+                                     size_t n, size_t i) {
   using T = typename Io::T;
   const size_t lanes = hn::Lanes(d);
   const auto c0 = hn::LoadU(d, cos + i), c1 = hn::LoadU(d, cos + i + lanes);
