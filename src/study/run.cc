@@ -471,38 +471,38 @@ class Runner {
 
   // PI on every pair but the `keep` highest-frequency ones, without fine-tuning.
   void ExtendPartialPi(int keep) {
-    const std::string unit = "extend-pi-keep" + std::to_string(keep);
-    const ModelConfig mc = ModelFor("rope");
-    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
-    if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
-    Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
     StudyRecord proto;
     proto.encoding = "rope";
     proto.scaling = "linear";
     proto.variant = "pi_keep=" + std::to_string(keep);
     const RopeParams base = RopeBase();
+    ExtendUnit("extend-pi-keep" + std::to_string(keep), proto,
+               [&](double s) { return PartialPi(base, keep, s, L_); });
+  }
+
+  // The RoPE model evaluated at every length with the parameters rope(s), s = length / L (at
+  // least 1), without fine-tuning.
+  void ExtendUnit(const std::string& unit, const StudyRecord& proto,
+                  const std::function<RopeParams(double)>& rope) {
+    const ModelConfig mc = ModelFor("rope");
+    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
+    if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
+    Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
     Finish(unit, fp, EvaluateUnit(unit, model, proto, [&](int64_t c) {
              const double s = std::max(1.0, static_cast<double>(c) / static_cast<double>(L_));
-             return std::make_pair(PartialPi(base, keep, s, L_), s);
+             return std::make_pair(rope(s), s);
            }));
   }
 
   RopeParams RopeBase() const { return ModelFor("rope").position_encoding.rope; }
 
   void Extend(const std::string& scaling) {
-    const std::string unit = "extend-" + scaling;
-    const ModelConfig mc = ModelFor("rope");
-    const std::string fp = Fingerprint(unit, mc, nullptr, "no fine-tuning; parent pretrain-rope");
-    if (Prepare(unit, fp) == UnitState::kDone) return Reuse(unit, unit);
-    Model model = LoadModel((UnitDir("pretrain-rope") / "ckpt").string());
     StudyRecord proto;
     proto.encoding = "rope";
     proto.scaling = scaling;
     const RopeParams base = RopeBase();
-    Finish(unit, fp, EvaluateUnit(unit, model, proto, [&](int64_t c) {
-             const double s = std::max(1.0, static_cast<double>(c) / static_cast<double>(L_));
-             return std::make_pair(ScaledRope(base, scaling, s, L_), s);
-           }));
+    ExtendUnit("extend-" + scaling, proto,
+               [&](double s) { return ScaledRope(base, scaling, s, L_); });
   }
 
   void Finetune(const std::string& scaling) {
