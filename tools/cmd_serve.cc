@@ -23,6 +23,7 @@ volatile std::sig_atomic_t g_stop_requested = 0;
 
 struct ServeArgs {
   std::string model;
+  std::string adapter;
   serve::ServeOptions options;
   RopeOverrideArgs rope;
 };
@@ -47,7 +48,14 @@ int RunServe(const ServeArgs& a) {
   sigemptyset(&action.sa_mask);
   sigaction(SIGINT, &action, nullptr);
   sigaction(SIGTERM, &action, nullptr);
-  serve::Server server(LoadModel(a.model, lo), options);
+  Model model = LoadModel(a.model, lo);
+  if (!a.adapter.empty()) {
+    // The adapter is folded into the weights once (as `ropekit merge` does), so batched
+    // decoding serves base + adapter at the cost of the base alone.
+    LoadLoraAdapter(model, a.adapter);
+    model.MergeLora();
+  }
+  serve::Server server(std::move(model), options);
   std::atomic<bool> done{false};
   std::thread watcher([&server, &done] {
     while (!done.load()) {
@@ -76,6 +84,9 @@ const CommandRegistration kServe{
       sub->add_option("--model", a->model, "Checkpoint directory")
           ->required()
           ->check(CLI::ExistingDirectory);
+      sub->add_option("--adapter", a->adapter,
+                      "A LoRA adapter (PEFT layout, the --out of train --lora-rank), merged into "
+                      "--model's float weights at start, as `ropekit merge` does");
       sub->add_option("--host", o.host, "Address to bind (loopback by default)")
           ->capture_default_str();
       sub->add_option("--port", o.port, "TCP port (0 = any free port, printed at start)")

@@ -4,6 +4,7 @@ limits, client disconnects, fuzzed JSON bodies, and the continuous-batching guar
 request's output with a given seed is the same alone or beside 31 concurrent others."""
 
 import json
+import os
 import random
 import subprocess
 import threading
@@ -371,3 +372,36 @@ def test_non_streaming_client_disconnect_cancels(model):
         assert s.request("GET", "/health")[2]["steps"] - steps < 19990
         assert complete(s, prompt="a", max_tokens=2)["usage"]["completion_tokens"] == 2
     assert s.proc.returncode == 0
+
+
+def test_adapter_is_served_as_its_merged_model(model):
+    # A LoRA adapter trained a few steps on the tiny model; `serve --adapter` folds it into the
+    # weights as `ropekit merge` does, so its greedy output equals `generate` on the merged
+    # checkpoint token for token (the same float32 weights), and differs from the base's.
+    with tempdir() as tmp:
+        corpus = os.path.join(tmp, "c.txt")
+        with open(corpus, "w") as f:
+            f.write("the lazy dogs jump over the quick brown fox. " * 200)
+        adapter, merged = os.path.join(tmp, "a"), os.path.join(tmp, "m")
+        shape = ["--batch-size", "4", "--seq-len", "32", "--eval-interval", "0", "--quiet"]
+        subprocess.run([CLI, "train", "--corpus", corpus, "--init", model, "--out", adapter,
+                        "--steps", "20", "--lr", "0.05", "--warmup", "1", "--lora-rank", "4",
+                        "--lora-targets", "q_proj,v_proj,down_proj", *shape], check=True,
+                       capture_output=True)
+        subprocess.run([CLI, "merge", "--model", model, "--adapter", adapter, "--out", merged],
+                       check=True, capture_output=True)
+
+        def generate(m):
+            return subprocess.run([CLI, "generate", "--model", m, "--prompt", "the ",
+                                   "--max-new-tokens", "40", "--temperature", "0"], check=True,
+                                  capture_output=True).stdout[len(b"the "):-1]
+
+        with Server(model, "--adapter", adapter) as s:
+            out = complete(s, prompt="the ", max_tokens=40, temperature=0)
+        text = out["choices"][0]["text"].encode()
+        assert text == generate(merged)
+        assert text != generate(model)
+        r = subprocess.run([CLI, "serve", "--model", model, "--port", "0", "--adapter",
+                            os.path.join(tmp, "missing")], capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode != 0 and "missing" in r.stderr, r.stderr
