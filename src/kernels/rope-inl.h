@@ -250,12 +250,10 @@ HWY_INLINE void Rotate(V a, V b, V c, V s, V& ya, V& yb) {
   }
 }
 
-// Pairs [i, i + Lanes(d)) of one head.
+// Pairs [i, i + Lanes(d)) of one head with the cos/sin vectors c, s of those pairs.
 template <class Io, bool kInterleaved, bool kBackward, class D>
-HWY_INLINE void RotateStep(D d, const typename Io::T* x, typename Io::T* y, const float* cos,
-                           const float* sin, size_t n, size_t i) {
-  const auto c = hn::LoadU(d, cos + i);
-  const auto s = hn::LoadU(d, sin + i);
+HWY_INLINE void RotatePairs(D d, const typename Io::T* x, typename Io::T* y, hn::Vec<D> c,
+                            hn::Vec<D> s, size_t n, size_t i) {
   hn::Vec<D> a, b, ya, yb;
   if constexpr (kInterleaved) {
     Io::LoadPairs(d, x + 2 * i, a, b);
@@ -268,6 +266,14 @@ HWY_INLINE void RotateStep(D d, const typename Io::T* x, typename Io::T* y, cons
     Io::Store(d, ya, y + i);
     Io::Store(d, yb, y + n + i);
   }
+}
+
+// Pairs [i, i + Lanes(d)) of one head.
+template <class Io, bool kInterleaved, bool kBackward, class D>
+HWY_INLINE void RotateStep(D d, const typename Io::T* x, typename Io::T* y, const float* cos,
+                           const float* sin, size_t n, size_t i) {
+  RotatePairs<Io, kInterleaved, kBackward>(d, x, y, hn::LoadU(d, cos + i), hn::LoadU(d, sin + i), n,
+                                           i);
 }
 
 #if HWY_TARGET != HWY_SCALAR

@@ -37,19 +37,8 @@ HWY_INLINE void RotatePairsAllHeads(D d, const HeadRows& heads, hn::Vec<D> c, hn
   const T* x = static_cast<const T*>(heads.in);
   T* y = static_cast<T*>(heads.out);
   const int64_t xs = heads.in_head_stride, ys = heads.out_head_stride;
-  hn::Vec<D> a, b, ya, yb;
   for (int64_t h = heads.num_heads; h > 0; --h, x += xs, y += ys) {
-    if constexpr (kInterleaved) {
-      Io::LoadPairs(d, x + 2 * i, a, b);
-      Rotate<kBackward>(a, b, c, s, ya, yb);
-      Io::StorePairs(d, ya, yb, y + 2 * i);
-    } else {
-      a = Io::Load(d, x + i);
-      b = Io::Load(d, x + n + i);
-      Rotate<kBackward>(a, b, c, s, ya, yb);
-      Io::Store(d, ya, y + i);
-      Io::Store(d, yb, y + n + i);
-    }
+    RotatePairs<Io, kInterleaved, kBackward>(d, x, y, c, s, n, i);
   }
 }
 
