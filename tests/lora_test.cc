@@ -17,6 +17,7 @@
 #include "ropekit/model.h"
 #include "src/ops/nf4.h"
 #include "src/ops/ops.h"
+#include "tests/test_util.h"
 
 namespace ropekit {
 namespace {
@@ -47,20 +48,12 @@ LoraConfig AllTargets(bool plus) {
   return l;
 }
 
-std::vector<int32_t> Tokens(size_t n, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int> dist(0, 255);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = dist(gen);
-  return t;
-}
+std::vector<int32_t> Tokens(size_t n, uint32_t seed) { return testing::RandomTokens(n, seed); }
 
 std::string TempDir(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("ropekit_lora_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
+  const std::string dir = testing::FreshTempPath("ropekit_lora", name);
   std::filesystem::create_directories(dir);
-  return dir.string();
+  return dir;
 }
 
 TEST(Lora, UntrainedAdapterReproducesTheBaseBitForBit) {

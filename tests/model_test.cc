@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "tests/test_util.h"
+
 namespace ropekit {
 namespace {
 
@@ -49,19 +51,10 @@ ModelConfig TinyConfig(PositionEncodingKind kind) {
   return c;
 }
 
-std::vector<int32_t> RandomTokens(size_t n, uint32_t seed) {
-  std::mt19937 gen(seed);
-  std::uniform_int_distribution<int> dist(0, 255);
-  std::vector<int32_t> t(n);
-  for (auto& x : t) x = dist(gen);
-  return t;
-}
+using testing::RandomTokens;
 
 std::string TempDir(const std::string& name) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("ropekit_model_test_" + name + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(dir);
-  return dir.string();
+  return testing::FreshTempPath("ropekit_model_test", name);
 }
 
 struct KindCase {
