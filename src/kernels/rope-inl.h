@@ -22,6 +22,7 @@
 #endif
 
 #include <cstring>
+#include <type_traits>
 
 #include "hwy/highway.h"
 #include "src/kernels/rope_kernels.h"
@@ -295,12 +296,12 @@ HWY_INLINE void RotateStepTwo(D d, const typename Io::T* x, typename Io::T* y, c
 }
 #endif
 
-// One operand, one token: every head. x and y may be the same memory (in-place).
-template <class Io, bool kInterleaved, bool kBackward>
-HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const float* cos,
+// One operand, one token: every head, with vectors of tag D. x and y may be the same memory
+// (in-place).
+template <class Io, bool kInterleaved, bool kBackward, class D>
+HWY_NOINLINE void RotateOperandToken(D d, const RopeOperand& op, int64_t t, const float* cos,
                                      const float* sin, size_t n) {
   using T = typename Io::T;
-  const hn::ScalableTag<float> d;
   const hn::CappedTag<float, 1> d1;
   const size_t lanes = hn::Lanes(d);
   const T* in = static_cast<const T*>(op.in.data) + t * op.in.token_stride;
@@ -330,15 +331,32 @@ HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const flo
   }
 }
 
+template <class Io, bool kInterleaved, bool kBackward>
+HWY_INLINE void RotateOperandTokenWidth(const RopeOperand& op, int64_t t, const float* cos,
+                                        const float* sin, size_t n) {
+  if constexpr (std::is_same_v<Io, F32Io>) {
+    // fp32 streams through memory with little arithmetic per byte. On AVX-512 CPUs 256-bit
+    // vectors rotate a 4096-token prompt faster than 512-bit ones: 1.7x with 16-byte aligned data
+    // (a NumPy array; every 512-bit access then straddles two cache lines) and 1.1x with 64-byte
+    // aligned data (AMD EPYC, Zen 5). The 16-bit paths are bound by the conversions and keep the
+    // full width. The bits do not depend on the width (the same operations per lane).
+    const hn::CappedTag<float, 8> d8;
+    RotateOperandToken<Io, kInterleaved, kBackward>(d8, op, t, cos, sin, n);
+  } else {
+    const hn::ScalableTag<float> d;
+    RotateOperandToken<Io, kInterleaved, kBackward>(d, op, t, cos, sin, n);
+  }
+}
+
 template <class Io>
 HWY_INLINE void RotateOperandTokenIo(const RopeOperand& op, int64_t t, const float* cos,
                                      const float* sin, size_t n, Layout layout, bool backward) {
   if (layout == Layout::kInterleaved) {
-    backward ? RotateOperandToken<Io, true, true>(op, t, cos, sin, n)
-             : RotateOperandToken<Io, true, false>(op, t, cos, sin, n);
+    backward ? RotateOperandTokenWidth<Io, true, true>(op, t, cos, sin, n)
+             : RotateOperandTokenWidth<Io, true, false>(op, t, cos, sin, n);
   } else {
-    backward ? RotateOperandToken<Io, false, true>(op, t, cos, sin, n)
-             : RotateOperandToken<Io, false, false>(op, t, cos, sin, n);
+    backward ? RotateOperandTokenWidth<Io, false, true>(op, t, cos, sin, n)
+             : RotateOperandTokenWidth<Io, false, false>(op, t, cos, sin, n);
   }
 }
 

