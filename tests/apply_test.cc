@@ -64,6 +64,7 @@ TEST(ApplyRopeTest, BitwiseIdenticalForEveryThreadCount) {
       std::vector<float> y = x;
       RotateOptions options;
       options.pool = &pool;
+      options.min_parallel_bytes = 0;  // split even this small call
       ApplyRopeInPlace(table, pos, ContiguousView(y.data(), DType::kF32, T, H, D), options);
       if (first.empty()) first = y;
       ASSERT_EQ(std::memcmp(y.data(), first.data(), y.size() * 4), 0) << threads << " threads";
@@ -176,6 +177,7 @@ TEST(ApplyRopeTest, QueryAndKeyWithDifferentHeadCountsInOneCall) {
   ThreadPool pool(2);
   RotateOptions options;
   options.pool = &pool;
+  options.min_parallel_bytes = 0;
   ApplyRope(table, pos, ops, options);
   ApplyRopeInPlace(table, pos, ContiguousView(q_sep.data(), DType::kF32, T, H, D));
   ApplyRopeInPlace(table, pos, ContiguousView(k_sep.data(), DType::kF32, T, Hkv, D));

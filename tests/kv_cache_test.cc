@@ -117,6 +117,7 @@ TEST(ApplyRopeAndAppend, BitIdenticalToRotateThenCopy) {
                 options.layout = layout;
                 options.backend = backend;
                 options.pool = &pool;
+                options.min_parallel_bytes = 0;  // split even these small calls
 
                 // Fused.
                 std::vector<uint8_t> q = q0, q_out(q0.size());
@@ -379,6 +380,7 @@ TEST(RopePlan, BitIdenticalToApplyRopeAndChecksPositions) {
     const RopeOperand op{xv, xv}, op2{xv2, xv2};
     RotateOptions options;
     options.pool = &pool;
+    options.min_parallel_bytes = 0;  // split even these small calls
     options.layout = Layout::kInterleaved;
     RopePlan plan(table, std::span<const RopeOperand>(&op, 1), T, options);
     std::vector<int64_t> pos(T);

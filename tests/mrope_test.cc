@@ -244,6 +244,7 @@ TEST(MRope, EqualAxesAreBitIdenticalToTextRope) {
         RotateOptions options;
         options.layout = layout;
         options.pool = &pool;
+        options.min_parallel_bytes = 0;  // split even this small call
         const RopeOperand op_text{ContiguousView(const_cast<uint8_t*>(in.data()), dtype, T, H, D),
                                   ContiguousView(text.data(), dtype, T, H, D)};
         ApplyRope(table, PositionSpan(pos), std::span<const RopeOperand>(&op_text, 1), options);

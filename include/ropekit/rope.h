@@ -225,6 +225,10 @@ struct RotateOptions {
   Direction direction = Direction::kForward;
   Backend backend = Backend::kAuto;
   ThreadPool* pool = nullptr;  // nullptr: run on the calling thread
+  // A call that reads fewer tensor bytes (all operands) runs on the calling thread even with a
+  // pool: waking a worker costs more than it saves on small calls (a decode step). 0 splits
+  // every call over the pool (tests of thread-count independence use it).
+  int64_t min_parallel_bytes = int64_t{2} << 20;
 };
 
 // One tensor to rotate: `out` may be `in` itself (in-place) or a disjoint buffer of the same

@@ -32,11 +32,11 @@ bool Overlap(const TensorView& a, const TensorView& b);
 void GrowTable(const RopeTable& table, int64_t needed_rows, int64_t num_tokens);
 // Backend::kReference, or kAuto with ROPEKIT_BACKEND=reference.
 bool UseReferenceBackend(Backend backend);
-// The pool to split `elements` element rotations over: null (the calling thread) when the work
-// is too small to pay for waking the workers (a decode step, a few tokens).
-ThreadPool* PoolFor(ThreadPool* pool, int64_t elements);
-// Elements a call rotates: T times the heads times D of every operand.
-int64_t CallElements(std::span<const RopeOperand> ops, int64_t num_tokens);
+// The pool to split a call that reads `bytes` tensor bytes over: null (the calling thread) when
+// the work is below options.min_parallel_bytes (a decode step, a few tokens).
+ThreadPool* PoolFor(const RotateOptions& options, int64_t bytes);
+// Tensor bytes a call reads: T times the heads times D times the element size, every operand.
+int64_t CallBytes(std::span<const RopeOperand> ops, int64_t num_tokens);
 
 // Table rows of one call: rows of the snapshot for positions below it, else computed into the
 // caller's scratch (2N floats). The kernels receive the row, never the table.

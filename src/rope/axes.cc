@@ -162,7 +162,7 @@ void ApplyRope(const RopeTable& table, const AxisPositions& positions, const Rop
                                n);
     }
   };
-  ParallelFor(internal::PoolFor(options.pool, internal::CallElements(ops, num_tokens)),
+  ParallelFor(internal::PoolFor(options, internal::CallBytes(ops, num_tokens)),
               static_cast<size_t>(num_tokens), range_fn);
 }
 

@@ -296,8 +296,9 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
   }
   internal::GrowTable(table, needed_rows, num_tokens);
   const internal::RowLookup lookup(table, table.Snapshot());
-  const int64_t elements = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim;
-  if (num_tokens == 1 || internal::PoolFor(options.pool, elements) == nullptr) {
+  const int64_t bytes = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim *
+                        static_cast<int64_t>(DTypeSize(cache.dtype));
+  if (num_tokens == 1 || internal::PoolFor(options, bytes) == nullptr) {
     std::vector<float> scratch(2 * static_cast<size_t>(n));
     call.Tokens(0, num_tokens, [&](int64_t t) { return lookup.Row(positions[t], scratch.data()); });
     return;
@@ -335,8 +336,9 @@ void ApplyRopeAndAppend(const RopeTable& table, const AxisPositions& positions,
   }
   internal::GrowTable(table, needed_rows, num_tokens);
   const internal::RowLookup lookup(table, table.Snapshot());
-  const int64_t elements = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim;
-  ParallelFor(internal::PoolFor(options.pool, elements), static_cast<size_t>(num_tokens),
+  const int64_t bytes = num_tokens * (q.in.num_heads + 2 * cache.num_heads) * cache.head_dim *
+                        static_cast<int64_t>(DTypeSize(cache.dtype));
+  ParallelFor(internal::PoolFor(options, bytes), static_cast<size_t>(num_tokens),
               [&](size_t begin, size_t end, size_t /*worker*/) {
                 internal::AxisRows rows(lookup, positions, pair_axis.data());
                 call.Tokens(static_cast<int64_t>(begin), static_cast<int64_t>(end),
@@ -384,8 +386,8 @@ void ShiftKeys(const RopeTable& table, const KvCacheView& cache, std::span<const
   const RotateHeadsFn fn = ResolveRotateHeads(cache.dtype, options.layout, direction);
   const bool reference = internal::UseReferenceBackend(options.backend);
   const int64_t es = static_cast<int64_t>(DTypeSize(cache.dtype));
-  const int64_t elements = static_cast<int64_t>(slots.size()) * cache.num_heads * cache.head_dim;
-  ParallelFor(internal::PoolFor(options.pool, elements), slots.size(),
+  const int64_t bytes = static_cast<int64_t>(slots.size()) * cache.num_heads * cache.head_dim * es;
+  ParallelFor(internal::PoolFor(options, bytes), slots.size(),
               [&](size_t begin, size_t end, size_t /*worker*/) {
                 if (!reference) {
                   // Every key takes the same row: R(p + delta) = R(delta) R(p).
@@ -433,8 +435,9 @@ void ShiftKeys(const RopeTable& table, const TensorView& keys, int64_t delta,
   const RopeOperand op{keys, keys};
   const Direction direction = delta > 0 ? Direction::kForward : Direction::kBackward;
   const bool reference = internal::UseReferenceBackend(options.backend);
-  const int64_t elements = keys.num_tokens * keys.num_heads * keys.head_dim;
-  ParallelFor(internal::PoolFor(options.pool, elements), static_cast<size_t>(keys.num_tokens),
+  const int64_t bytes = keys.num_tokens * keys.num_heads * keys.head_dim *
+                        static_cast<int64_t>(DTypeSize(keys.dtype));
+  ParallelFor(internal::PoolFor(options, bytes), static_cast<size_t>(keys.num_tokens),
               [&](size_t begin, size_t end, size_t /*worker*/) {
                 if (reference) {
                   reference::ApplyRopeTokens(std::span<const RopeOperand>(&op, 1), n,

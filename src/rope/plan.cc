@@ -48,7 +48,7 @@ RopePlan::RopePlan(const RopeTable& table, std::span<const RopeOperand> ops, int
   s.num_tokens = num_tokens;
   s.num_pairs = table.num_pairs();
   s.options = options;
-  s.pool = internal::PoolFor(options.pool, internal::CallElements(ops, num_tokens));
+  s.pool = internal::PoolFor(options, internal::CallBytes(ops, num_tokens));
   s.rows = table.Snapshot();
   s.max_rows = table.max_capacity();
   s.reference = internal::UseReferenceBackend(options.backend);
