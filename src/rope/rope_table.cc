@@ -31,8 +31,7 @@ std::shared_ptr<float[]> AllocateRows(int64_t floats) {
   const size_t bytes = static_cast<size_t>(floats) * sizeof(float);
   float* rows = static_cast<float*>(::operator new[](bytes, kRowAlignBytes));
   std::memset(rows, 0, bytes);
-  return std::shared_ptr<float[]>(rows,
-                                  [](float* p) { ::operator delete[](p, kRowAlignBytes); });
+  return std::shared_ptr<float[]>(rows, [](float* p) { ::operator delete[](p, kRowAlignBytes); });
 }
 
 }  // namespace
