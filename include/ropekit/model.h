@@ -111,17 +111,35 @@ struct TensorInfo {
 // adapter leaves the model's outputs bit for bit unchanged. LongLoRA's "LoRA+" (Chen et al. 2023,
 // arXiv:2309.12307) also trains the token embeddings and the RMSNorm gains; PEFT saves those as
 // modules_to_save. QLoRA keeps the frozen projection matrices as 4-bit NormalFloat (see nf4.h).
+//
+// The same struct describes PEFT's prompt-learning adapters (type != kLora), whose base model is
+// frozen as well and which are saved in the same directories (adapter_config.json with peft_type
+// PROMPT_TUNING / PREFIX_TUNING, adapter_model.safetensors with the tensor `prompt_embeddings`):
+// - Prompt tuning (Lester et al. 2021, arXiv:2104.08691; peft tuners/prompt_tuning): K trainable
+//   virtual token embeddings [K, d] are prepended to the token embeddings (PEFT concatenates them
+//   to inputs_embeds), so they take positions 0..K-1 and the real tokens K, K+1, ...; they are
+//   rotated by RoPE like any token. Initialised RANDOM (N(0, 1), torch's nn.Embedding) or TEXT:
+//   rows of the word embedding for the text's byte ids, repeated or cut to K (PEFT's
+//   PromptEmbedding). Logits and losses are those of the real tokens only.
+enum class PeftType { kLora, kPromptTuning, kPrefixTuning };
+inline constexpr int64_t kMaxVirtualTokens = 65536;
+
 struct LoraConfig {
-  int rank = 8;                                                    // r, in [1, min(in, out)]
-  double alpha = 8.0;                                              // scaling = alpha / r
-  double dropout = 0.0;                                            // on the input of A, in [0, 1)
+  PeftType type = PeftType::kLora;  // peft_type: LORA, PROMPT_TUNING, PREFIX_TUNING
+  int rank = 8;                     // r, in [1, min(in, out)]
+  double alpha = 8.0;               // scaling = alpha / r
+  double dropout = 0.0;             // on the input of A, in [0, 1)
   std::vector<std::string> target_modules = {"q_proj", "v_proj"};  // PEFT's llama default
   bool train_embeddings = false;  // embed_tokens (and the tied head) trainable
   bool train_norms = false;       // every RMSNorm gain trainable
   bool qlora = false;             // frozen projections stored as NF4 + double quantization
   std::string base_model;         // base_model_name_or_path: the base checkpoint's directory
+  // Prompt learning: num_virtual_tokens K, in [1, max_position_embeddings - 1].
+  int num_virtual_tokens = 0;
+  std::string prompt_init_text;  // prompt tuning: "" = RANDOM, else TEXT initialisation
 
-  // Throws Error naming the option (--lora-rank, --lora-targets, ...) and the accepted range.
+  // Throws Error naming the option (--lora-rank, --lora-targets, --prompt-tuning, ...) and the
+  // accepted range.
   void Validate(const ModelConfig& model) const;
 };
 
@@ -218,7 +236,13 @@ class Model {
   // gradients have its size, and no gradient of a frozen matrix is computed. Throws Error for
   // a bad config or when an adapter is already present.
   void AddLora(const LoraConfig& config, uint64_t seed);
+  // With a prompt-tuning config (config.type) it adds K virtual token embeddings instead (from
+  // `seed` or from config.prompt_init_text; no LoRA matrices). Forward, ForwardBackward and
+  // Evaluate then take and return the real tokens only; ForwardCached puts the virtual tokens
+  // into an empty cache first (cache entries 0..K-1).
   const LoraConfig* lora_config() const;  // nullptr without an adapter
+  // K of a prompt-learning adapter (the cache entries it occupies), else 0.
+  int64_t num_virtual_tokens() const;
   // Trainable parameters: parameters() without an adapter, else the adapter's buffer. The
   // tensors carry PEFT's saved names ("base_model.model.model.layers.0.self_attn.q_proj.lora_A
   // .weight", "base_model.model.model.embed_tokens.weight", ...).
@@ -229,7 +253,8 @@ class Model {
   // of (data_seed, step, micro-batch), so a resumed run draws the same masks).
   void set_dropout_seed(uint64_t seed);
   // Folds the adapter into the weights (W += (alpha / r) B A, in double, rounded once to float)
-  // and removes it: an ordinary model again. Refused for QLoRA (its base has no float weights).
+  // and removes it: an ordinary model again. Refused for QLoRA (its base has no float weights)
+  // and for prompt learning (virtual tokens are no weight update; PEFT cannot merge them either).
   void MergeLora();
   // Bytes that hold the frozen projection matrices (float32, or NF4 codes + double-quantized
   // block scales under QLoRA) and their element count.
@@ -470,6 +495,13 @@ TrainingCheckpoint LoadCheckpoint(const std::string& dir);
 // included), which LoadCheckpoint reapplies to the base named by base_model_name_or_path.
 std::string LoraConfigToPeftJson(const LoraConfig& config);
 LoraConfig LoraConfigFromPeftJson(std::string_view json_text, const std::string& name);
+// adapter_config.json of any adapter type: LoraConfigToPeftJson for LoRA; for prompt tuning
+// peft_type "PROMPT_TUNING", num_virtual_tokens, token_dim (d), num_layers,
+// num_attention_heads, num_transformer_submodules 1, prompt_tuning_init RANDOM / TEXT,
+// prompt_tuning_init_text, task_type "CAUSAL_LM", base_model_name_or_path (sorted keys).
+// LoraConfigFromPeftJson reads both; LoadLoraAdapter checks token_dim, num_layers and
+// num_attention_heads against the base and throws Error naming the field.
+std::string AdapterConfigToPeftJson(const LoraConfig& config, const ModelConfig& model);
 // Adds the LoRA adapter saved in `dir` (a committed training directory or a plain PEFT adapter
 // directory) to `model`; qlora quantizes the base first. Throws Error naming the tensor when the
 // adapter was saved for another base shape, and for adapter types other than LORA.

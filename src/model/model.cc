@@ -248,8 +248,9 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
                 std::to_string(cache->capacity_));
   }
   if (tk - 1 > kMaxPosition) throw Error("position exceeds 2^31 - 1");
+  const int64_t ids = V + VirtualTokens();  // prompt tuning's virtual ids V..V+K-1
   for (int64_t m = 0; m < M; ++m) {
-    if (tokens[m] < 0 || tokens[m] >= V) {
+    if (tokens[m] < 0 || tokens[m] >= ids) {
       throw Error("token id " + std::to_string(tokens[m]) + " at index " + std::to_string(m) +
                   " is outside [0, vocab_size " + std::to_string(V) + ")");
     }
@@ -268,8 +269,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   // Embedding lookup and the absolute position hook.
   OpTimer embed_timer("fwd embedding");
   float* x = w.resid[0];
-  const float* E = Embed();
-  for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
+  for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, EmbedRow(tokens[m]), sizeof(float) * d);
   const PositionSpan pos_span(positions);
   if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
 
@@ -554,7 +554,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     }
     // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
     // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
-    const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
+    const bool input_grad =
+        !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0 && ad->prompt < 0);
     {
       OpTimer timer("bwd matmul qkv");
       RoundOperand(w.dq, M * hq);
@@ -595,6 +596,7 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
       for (int64_t j = 0; j < d; ++j) row[j] += src[j];
     }
   }
+  if (ad && ad->prompt >= 0) PromptBackward(tokens, M, w.dx, G);
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
   if (ad && on_ready && !ad->params.empty()) on_ready(0, static_cast<int64_t>(ad->params.size()));
@@ -678,15 +680,17 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
     throw Error("ForwardBackward: grads must have " + std::to_string(trainable) +
                 " floats (the trainable parameters)");
   }
-  const int64_t M = batch * seq_len;
-  I.inputs.resize(M);
-  I.targets.resize(M);
+  const int64_t scored = batch * seq_len;  // the real tokens' targets
+  I.inputs.resize(scored);
+  I.targets.resize(scored);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < seq_len; ++t) {
       I.inputs[b * seq_len + t] = tokens[b * (seq_len + 1) + t];
       I.targets[b * seq_len + t] = tokens[b * (seq_len + 1) + t + 1];
     }
   }
+  seq_len = I.PrependVirtualTokens(batch, seq_len);  // prompt tuning: K + T, virtual rows unscored
+  const int64_t M = batch * seq_len;
   I.RunForward(I.inputs.data(), batch, seq_len, backward, nullptr, pool);
   I.Logits(M, pool);
   I.losses.resize(M);
@@ -697,7 +701,7 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
   for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
   loss_timer.Stop();
   if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool, on_grad_ready);
-  return sum / static_cast<double>(M);
+  return sum / static_cast<double>(scored);
 }
 
 void Model::Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len, float* logits,
@@ -707,6 +711,8 @@ void Model::Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_
   if (static_cast<int64_t>(inputs.size()) != batch * seq_len) {
     throw Error("Forward: inputs must hold batch * seq_len ids");
   }
+  const int64_t K = I.VirtualTokens();
+  if (K > 0) return I.ForwardVirtual(inputs, batch, seq_len, logits, targets, losses, pool);
   const int64_t M = batch * seq_len;
   I.RunForward(inputs.data(), batch, seq_len, false, nullptr, pool);
   I.Logits(M, pool);
@@ -724,6 +730,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
     throw Error("ForwardCached: the KV cache was made for a different model config");
   }
   const int64_t n = static_cast<int64_t>(tokens.size());
+  if (I.VirtualTokens() > 0) I.PrefillVirtualTokens(tokens, cache, pool);
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {

@@ -58,6 +58,8 @@ struct LoraState {
   };
   std::vector<Layer> layers;
   int64_t embed = -1, final_norm = -1;
+  // Prompt tuning: the virtual token embeddings [K, d] (token ids V..V+K-1 inside the model).
+  int64_t prompt = -1;
   uint64_t dropout_seed = 0;
   // Activations: u holds s * dropout(x) A^T, [L][7][M, r] when training, [M, r] otherwise.
   std::vector<float> u, xd, dx, du;
@@ -136,6 +138,23 @@ struct Model::Impl {
   void LoraBackward(int layer, int module, const float* x, const float* dy, float* dx, int64_t m,
                     float* G, ThreadPool* pool);
   void PrepareLora(int64_t m, bool train);
+  // Prompt tuning (src/model/prompt_tuning.cc). Inside the model virtual token k has the id
+  // V + k; EmbedRow maps any id to its embedding row.
+  int64_t VirtualTokens() const;
+  const float* EmbedRow(int32_t id) const;
+  void AddPromptTuning(const LoraConfig& config, uint64_t seed);
+  // Prepends the K virtual ids to each of the `batch` rows of inputs ([B, T] -> [B, K + T]) and
+  // K ignored targets (-1) to targets; returns K + T (T without an adapter).
+  int64_t PrependVirtualTokens(int64_t batch, int64_t seq_len);
+  // Adds dx (layer 0's input gradient [M, d]) of the virtual rows to their embeddings' gradient.
+  void PromptBackward(const int32_t* tokens, int64_t m, const float* dx, float* G) const;
+  // Model::Forward under prompt tuning: runs [B, K + T] and returns the real rows' logits and
+  // losses. Throws Error for ids outside [0, V).
+  void ForwardVirtual(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len,
+                      float* logits, const int32_t* targets, float* losses, ThreadPool* pool);
+  // ForwardCached under prompt tuning: checks the real ids and, on an empty cache, appends the
+  // K virtual tokens first (cache entries 0..K-1).
+  void PrefillVirtualTokens(std::span<const int32_t> tokens, KVCache& cache, ThreadPool* pool);
   std::span<const float> PeParams() const {
     return {params.data() + pe_params, static_cast<size_t>(pe_size)};
   }
