@@ -121,6 +121,15 @@ struct TensorInfo {
 //   rotated by RoPE like any token. Initialised RANDOM (N(0, 1), torch's nn.Embedding) or TEXT:
 //   rows of the word embedding for the text's byte ids, repeated or cut to K (PEFT's
 //   PromptEmbedding). Logits and losses are those of the real tokens only.
+// - Prefix tuning (Li & Liang 2021, arXiv:2101.00190; P-Tuning v2; peft tuners/prefix_tuning):
+//   every layer attends over K trainable key and value rows in front of the sequence's own, as
+//   PEFT passes them: past_key_values, i.e. KV-cache entries 0..K-1 whose keys are never
+//   rotated, real tokens at positions K, K+1, ... The saved table prompt_embeddings is
+//   [K, L * 2 * Hkv * D] (PEFT's GQA rule: token_dim = Hkv * D), row k = [L * 2, Hkv, D] with
+//   layer l's key at slice 2l and its value at 2l + 1. With prefix_projection the trainable
+//   parameters are PEFT's PrefixEncoder (Embedding(K, td) -> Linear(td, Hh) -> tanh ->
+//   Linear(Hh, L * 2 * td)) and the saved table is its output. Length-dependent RoPE (dynamic,
+//   longrope) is refused: it re-rotates cached keys, prefix keys are fixed entries.
 enum class PeftType { kLora, kPromptTuning, kPrefixTuning };
 inline constexpr int64_t kMaxVirtualTokens = 65536;
 
@@ -136,7 +145,9 @@ struct LoraConfig {
   std::string base_model;         // base_model_name_or_path: the base checkpoint's directory
   // Prompt learning: num_virtual_tokens K, in [1, max_position_embeddings - 1].
   int num_virtual_tokens = 0;
-  std::string prompt_init_text;  // prompt tuning: "" = RANDOM, else TEXT initialisation
+  std::string prompt_init_text;    // prompt tuning: "" = RANDOM, else TEXT initialisation
+  bool prefix_projection = false;  // prefix tuning: train through the reparameterisation MLP
+  int prefix_hidden = 0;           // its hidden size (encoder_hidden_size); 0 = token_dim
 
   // Throws Error naming the option (--lora-rank, --lora-targets, --prompt-tuning, ...) and the
   // accepted range.
@@ -241,8 +252,13 @@ class Model {
   // Evaluate then take and return the real tokens only; ForwardCached puts the virtual tokens
   // into an empty cache first (cache entries 0..K-1).
   const LoraConfig* lora_config() const;  // nullptr without an adapter
+  // With a prefix-tuning config it adds the per-layer key / value prefixes (the table, or the
+  // reparameterisation MLP, from `seed`); ForwardCached puts them into an empty cache.
   // K of a prompt-learning adapter (the cache entries it occupies), else 0.
   int64_t num_virtual_tokens() const;
+  // Prefix tuning: the table [K, L * 2 * Hkv * D] as saved (the MLP's output with
+  // prefix_projection). Throws Error without a prefix-tuning adapter.
+  std::vector<float> prefix_table() const;
   // Trainable parameters: parameters() without an adapter, else the adapter's buffer. The
   // tensors carry PEFT's saved names ("base_model.model.model.layers.0.self_attn.q_proj.lora_A
   // .weight", "base_model.model.model.embed_tokens.weight", ...).

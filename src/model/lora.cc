@@ -89,6 +89,22 @@ void LoraConfig::Validate(const ModelConfig& model) const {
     if (!prompt_init_text.empty() && type != PeftType::kPromptTuning) {
       throw Error("--prompt-tuning-init-text: needs --prompt-tuning");
     }
+    if (type == PeftType::kPrefixTuning) {
+      const RopeType rt = c.position_encoding.rope.type;
+      if (c.position_encoding.kind == PositionEncodingKind::kRope &&
+          (rt == RopeType::kDynamic || rt == RopeType::kLongRope)) {
+        throw Error(
+            "--prefix-tuning: the base's rope_type (dynamic / longrope) re-rotates cached keys "
+            "with the length; prefix keys are fixed cache entries (use another rope_type)");
+      }
+      if (prefix_projection && (prefix_hidden < 0 || prefix_hidden > kMaxVirtualTokens)) {
+        throw Error("--prefix-hidden " + std::to_string(prefix_hidden) +
+                    " (encoder_hidden_size) is outside [1, 65536] (0 = token_dim)");
+      }
+    }
+    if ((prefix_projection || prefix_hidden != 0) && type != PeftType::kPrefixTuning) {
+      throw Error("--prefix-projection: needs --prefix-tuning");
+    }
     if (qlora) throw Error("--qlora: needs --lora-rank (QLoRA trains LoRA matrices)");
     return;
   }
@@ -245,6 +261,7 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
     throw Error("LoRA: bf16 matmul precision (--bf16) is not supported with adapters");
   }
   if (config.type == PeftType::kPromptTuning) return I.AddPromptTuning(config, seed);
+  if (config.type == PeftType::kPrefixTuning) return I.AddPrefixTuning(config, seed);
   if (config.type != PeftType::kLora) throw Error("AddLora: this adapter type is not supported");
   const ModelConfig& c = I.config;
   auto s = std::make_unique<LoraState>();
@@ -370,7 +387,12 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
   I.ws = Workspace();  // the activation plan is rebuilt for the adapter
 }
 
-int64_t Model::num_virtual_tokens() const { return impl_->VirtualTokens(); }
+int64_t Model::num_virtual_tokens() const { return impl_->VirtualTokens() + impl_->PrefixTokens(); }
+
+std::vector<float> Model::prefix_table() const {
+  if (impl_->PrefixTokens() == 0) throw Error("prefix_table: the model has no prefix adapter");
+  return impl_->PrefixTableCopy();
+}
 
 const LoraConfig* Model::lora_config() const {
   return impl_->lora ? &impl_->lora->config : nullptr;

@@ -241,7 +241,9 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
   const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  const int64_t past = cache ? cache->size_ : 0;
+  // Prefix tuning: K prefix entries in front of the keys, real tokens from position K.
+  const int64_t prefix = cache ? 0 : PrefixTokens();
+  const int64_t past = cache ? cache->size_ : prefix;
   const int64_t tk = past + seq_len;
   if (cache && tk > cache->capacity_) {
     throw Error("KV cache: " + std::to_string(tk) + " tokens exceed its capacity " +
@@ -255,8 +257,9 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
                   " is outside [0, vocab_size " + std::to_string(V) + ")");
     }
   }
-  Prepare(batch, seq_len, cache ? tk : seq_len, train);
+  Prepare(batch, seq_len, cache || prefix > 0 ? tk : seq_len, train);
   if (lora) PrepareLora(M, train);
+  if (prefix > 0) PrefixForwardPrepare(batch, seq_len, train);
   Workspace& w = ws;
   PrepareLowPrecisionWeights(train, pool);
   positions.resize(M);
@@ -367,6 +370,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
     args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
     args.logit_bias = pe.get();
     args.bias_params = PeParams();
+    if (prefix > 0) PrefixAttention(l, keys, values, batch, seq_len, train, args);
     {
       OpTimer timer("fwd attention");
       if (attention == AttentionKernel::kUnfused) {
@@ -457,7 +461,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
   };
   ready(final_norm, pe_params);  // the final norm and an untied head
   const bool rope = pe->acts_on_query_key();
-  const RopeTable* table = rope ? &Table(seq_len) : nullptr;
+  const int64_t prefix = PrefixTokens();  // prefix tuning: positions prefix..prefix+T-1
+  const RopeTable* table = rope ? &Table(prefix + seq_len) : nullptr;
   RotateOptions rot;
   rot.layout = c.position_encoding.rope_layout;
   rot.direction = Direction::kBackward;
@@ -532,17 +537,22 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
     args.logit_bias = pe.get();
     args.bias_params = PeParams();
+    if (prefix > 0) PrefixAttention(l, nullptr, nullptr, batch, seq_len, true, args);
     // With kBf16 A.ao holds the rounded output; the backward's delta = rowsum(dO o O) then
     // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
     {
       OpTimer timer("bwd attention");
       const std::span<float> grad_bias = pe->acts_on_logits() ? grad_pe : std::span<float>();
+      // With a prefix the key / value gradients cover [prefix; sequence] rows first.
+      float* dk = prefix > 0 ? lora->dkcat.data() : w.dk;
+      float* dv = prefix > 0 ? lora->dvcat.data() : w.dv;
       if (attention == AttentionKernel::kUnfused) {
         args.probs = A.probs;
-        ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+        ops::AttentionBackward(args, w.dao, w.dq, dk, dv, grad_bias, pool);
       } else {
-        ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
+        ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, dk, dv, grad_bias, pool);
       }
+      if (prefix > 0) PrefixGradients(l, batch, seq_len, w.dk, w.dv, G);
     }
     if (rope) {
       OpTimer timer("bwd rope");
@@ -597,6 +607,7 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     }
   }
   if (ad && ad->prompt >= 0) PromptBackward(tokens, M, w.dx, G);
+  if (prefix > 0) PrefixBackwardFinish(G);
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
   if (ad && on_ready && !ad->params.empty()) on_ready(0, static_cast<int64_t>(ad->params.size()));
@@ -731,6 +742,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
   }
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (I.VirtualTokens() > 0) I.PrefillVirtualTokens(tokens, cache, pool);
+  if (I.PrefixTokens() > 0) I.PrefillPrefix(cache);
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
