@@ -66,7 +66,7 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   }
 }
 
-// --adapter / --qlora of eval and generate: a PEFT LoRA adapter on top of --model.
+// --adapter / --qlora of eval and generate: a PEFT adapter on top of --model.
 struct AdapterArgs {
   std::string dir;
   bool qlora = false;
@@ -74,9 +74,10 @@ struct AdapterArgs {
 
 inline void AddAdapterOptions(CLI::App* sub, AdapterArgs& args) {
   sub->add_option("--adapter", args.dir,
-                  "A LoRA adapter directory (PEFT layout: adapter_config.json + "
-                  "adapter_model.safetensors, e.g. the --out of train --lora-rank) applied to "
-                  "--model without merging");
+                  "A PEFT adapter directory (LORA, PROMPT_TUNING or PREFIX_TUNING: "
+                  "adapter_config.json + adapter_model.safetensors, e.g. the --out of train "
+                  "--lora-rank / --prompt-tuning / --prefix-tuning) applied to --model without "
+                  "merging");
   sub->add_flag("--qlora", args.qlora,
                 "With --adapter: run the base projections as NF4 (4-bit NormalFloat, double "
                 "quantized), as the adapter was trained with train --qlora");
@@ -88,6 +89,18 @@ inline void ApplyAdapterArgs(Model& model, const AdapterArgs& args) {
     return;
   }
   LoadLoraAdapter(model, args.dir, args.qlora);
+}
+
+// The options every inference subcommand (eval, generate) takes to load its model: the RoPE
+// override, the adapter and --bf16.
+inline void AddInferenceModelOptions(CLI::App* sub, RopeOverrideArgs& rope, AdapterArgs& adapter,
+                                     bool& bf16) {
+  AddRopeOverrideOptions(sub, rope);
+  AddAdapterOptions(sub, adapter);
+  sub->add_flag("--bf16", bf16,
+                "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
+                "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +
+                    Bf16MatmulSupport());
 }
 
 // Loads the model directory `dir` with the --rope override (checked against its config.json),
