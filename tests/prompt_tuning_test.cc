@@ -463,6 +463,19 @@ TEST(PrefixTuning, BadConfigsAreClearErrors) {
   Model m(Tiny(), 1);
   m.AddLora(Prefix(2), 1);
   EXPECT_THROW(m.MergeLora(), Error);
+  // A context shift must keep the prefix entries (they are never re-rotated or moved).
+  KVCache cache(m.config(), 8);
+  const std::vector<int32_t> tokens = Tokens(4, 1);
+  m.ForwardCached(tokens, cache, nullptr, true, nullptr);
+  EXPECT_EQ(cache.size(), 6);
+  try {
+    m.ContextShift(cache, 1, 2, nullptr);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("n_keep (1) must keep the adapter's 2"));
+  }
+  m.ContextShift(cache, 2, 2, nullptr);
+  EXPECT_EQ(cache.size(), 4);
 }
 
 }  // namespace

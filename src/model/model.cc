@@ -827,6 +827,11 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
         "ContextShift: the model's position encoding is added to the token embeddings, "
         "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
   }
+  if (n_keep < I.VirtualTokens() + I.PrefixTokens()) {
+    throw Error("ContextShift: n_keep (" + std::to_string(n_keep) + ") must keep the adapter's " +
+                std::to_string(I.VirtualTokens() + I.PrefixTokens()) +
+                " virtual / prefix entries at the start of the cache");
+  }
   const int64_t row = cache.row_;
   const int64_t moved = cache.size_ - n_keep - n_discard;
   // Rotated keys move to a position n_discard lower: R(p - n) = R(-n) R(p).
