@@ -183,12 +183,7 @@ const CommandRegistration kEval{
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();
       sub->add_flag("--json", a->json, "Print the results as JSON");
-      AddRopeOverrideOptions(sub, a->rope);
-      AddAdapterOptions(sub, a->adapter);
-      sub->add_flag("--bf16", a->bf16,
-                    "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
-                    "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +
-                        Bf16MatmulSupport());
+      AddInferenceModelOptions(sub, a->rope, a->adapter, a->bf16);
       auto* d = "Debug dumps (for comparisons with other implementations)";
       sub->add_option("--dump-tokens", a->dump_tokens,
                       "int32/int64 .npy [B, T + 1]: inputs are the first T columns, targets the "

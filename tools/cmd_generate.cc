@@ -80,12 +80,7 @@ const CommandRegistration kGenerate{
       sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
           ->capture_default_str();
       sub->add_flag("--stats", a->stats, "Print decode tokens/s on stderr");
-      AddRopeOverrideOptions(sub, a->rope);
-      AddAdapterOptions(sub, a->adapter);
-      sub->add_flag("--bf16", a->bf16,
-                    "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
-                    "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +
-                        Bf16MatmulSupport());
+      AddInferenceModelOptions(sub, a->rope, a->adapter, a->bf16);
       sub->add_flag("--context-shift", a->context_shift,
                     "keep generating past the context: drop the oldest non-sink tokens and "
                     "re-rotate the cached keys of the rest (llama.cpp context shift)");

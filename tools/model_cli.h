@@ -90,6 +90,18 @@ inline void ApplyAdapterArgs(Model& model, const AdapterArgs& args) {
   LoadLoraAdapter(model, args.dir, args.qlora);
 }
 
+// The options every inference subcommand (eval, generate) takes to load its model: the RoPE
+// override, the adapter and --bf16.
+inline void AddInferenceModelOptions(CLI::App* sub, RopeOverrideArgs& rope, AdapterArgs& adapter,
+                                     bool& bf16) {
+  AddRopeOverrideOptions(sub, rope);
+  AddAdapterOptions(sub, adapter);
+  sub->add_flag("--bf16", bf16,
+                "bfloat16 matmul operands, float32 accumulation (faster on CPUs with "
+                "AVX512-BF16, else float32 sgemm on the rounded operands). Here: " +
+                    Bf16MatmulSupport());
+}
+
 // Loads the model directory `dir` with the --rope override (checked against its config.json),
 // the --adapter (if any) and, with --bf16, bf16 matrix products.
 inline Model LoadCliModel(const std::string& dir, const RopeOverrideArgs& rope, bool bf16,

@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "ropekit/error.h"
+#include "ropekit/logit_bias.h"
 #include "ropekit/rope.h"
 
 namespace ropekit {
@@ -146,7 +147,9 @@ void FillNormal(uint64_t seed, double std, std::span<float> out);
 
 // ---------------------------------------------------------------------------------------------
 
-class PositionEncoding {
+// Implements LogitBias (ropekit/logit_bias.h), the hooks attention calls: ALiBi and T5 act on
+// the logits, every other kind does not.
+class PositionEncoding : public LogitBias {
  public:
   // Validates `spec` (throws Error) and precomputes what it can (sinusoidal rows, ALiBi slopes,
   // T5 buckets for distances below max_distance).
@@ -156,7 +159,7 @@ class PositionEncoding {
   PositionEncodingKind kind() const { return spec_.kind; }
   bool acts_on_embeddings() const { return ActsOnEmbeddings(spec_.kind); }
   bool acts_on_query_key() const { return ActsOnQueryKey(spec_.kind); }
-  bool acts_on_logits() const { return ActsOnLogits(spec_.kind); }
+  bool acts_on_logits() const override { return ActsOnLogits(spec_.kind); }
 
   // Trainable parameters: learned max_positions * d (row-major [max_positions, d]),
   // t5 num_buckets * H (row-major [num_buckets, H], as T5's relative_attention_bias), else 0.
@@ -190,12 +193,12 @@ class PositionEncoding {
   // key_positions[j]) for j in [0, key_positions.size()); alibi: -m_head * (i - j) (computed in
   // double, rounded once); t5: params[bucket(j - i) * H + head]. No-op for other kinds.
   void AddLogitBias(int64_t query_position, PositionSpan key_positions, int head,
-                    std::span<const float> params, float* logits) const;
+                    std::span<const float> params, float* logits) const override;
   // Its backward: t5: grad_params[bucket(j - i) * H + head] += grad_logits[j], summed in double
   // over j ascending, then added once per bucket. alibi has no parameters (the logit gradient
   // passes through unchanged), so this is a no-op for every kind but t5.
   void AddLogitBiasBackward(int64_t query_position, PositionSpan key_positions, int head,
-                            const float* grad_logits, std::span<float> grad_params) const;
+                            const float* grad_logits, std::span<float> grad_params) const override;
 
   // The same two hooks for the contiguous keys first_key, first_key + 1, ...,
   // first_key + num_keys - 1 (a full causal pass: first_key = 0, num_keys = i + 1; KV-cache
@@ -203,9 +206,9 @@ class PositionEncoding {
   // times faster: no position is read or checked per key, and T5 buckets come from a table or
   // are the constant end buckets beyond max_distance. The model's attention should use these.
   void AddLogitBias(int64_t query_position, int64_t first_key, int64_t num_keys, int head,
-                    std::span<const float> params, float* logits) const;
+                    std::span<const float> params, float* logits) const override;
   void AddLogitBiasBackward(int64_t query_position, int64_t first_key, int64_t num_keys, int head,
-                            const float* grad_logits, std::span<float> grad_params) const;
+                            const float* grad_logits, std::span<float> grad_params) const override;
 
  private:
   void CheckLogitArgs(int64_t query_position, int head) const;

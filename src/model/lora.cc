@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <set>
+#include <tuple>
 
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
@@ -63,6 +64,31 @@ void Dropout(const float* x, float* xd, int64_t n, double p, uint64_t seed) {
     const bool keep = UnitInterval53(Mix(seed, static_cast<uint64_t>(i))) >= p;
     xd[i] = keep ? x[i] * keep_scale : 0.0f;
   }
+}
+
+// Projection `module` of `layer` under the adapter: the offsets of lora_A and lora_B in its
+// buffer (a < 0: the projection is not adapted), its [in, out] and its dropout mask's seed.
+struct AdaptedProjection {
+  int64_t a = -1, b = -1, in = 0, out = 0;
+  uint64_t dropout_seed = 0;
+};
+
+AdaptedProjection FindAdapted(const LoraState& s, const ModelConfig& c, int layer, int module) {
+  AdaptedProjection p;
+  p.a = s.layers[layer].a[module];
+  if (p.a < 0) return p;
+  p.b = s.layers[layer].b[module];
+  std::tie(p.in, p.out) = ModuleShape(c, module);
+  p.dropout_seed = Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module);
+  return p;
+}
+
+// dropout(x) [M, in] written to s.xd when `dropout`, else x itself.
+const float* DropoutInput(LoraState& s, const AdaptedProjection& p, const float* x, int64_t m,
+                          bool dropout) {
+  if (!dropout) return x;
+  Dropout(x, s.xd.data(), m * p.in, s.config.dropout, p.dropout_seed);
+  return s.xd.data();
 }
 
 }  // namespace
@@ -155,59 +181,42 @@ void Model::Impl::PrepareLora(int64_t m, bool train) {
 void Model::Impl::LoraForward(int layer, int module, const float* x, float* y, int64_t m,
                               bool train, ThreadPool* pool) {
   LoraState& s = *lora;
-  const int64_t a = s.layers[layer].a[module];
-  if (a < 0) return;
-  const int64_t b = s.layers[layer].b[module];
+  const AdaptedProjection p = FindAdapted(s, config, layer, module);
+  if (p.a < 0) return;
   const int64_t r = s.config.rank;
-  const auto [in, out] = ModuleShape(config, module);
   float* u = s.u.data() + (train ? (int64_t{layer} * 7 + module) * m * r : 0);
-  const float* xd = x;
-  if (train && s.config.dropout > 0) {
-    Dropout(x, s.xd.data(), m * in, s.config.dropout,
-            Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module));
-    xd = s.xd.data();
-  }
-  ops::MatMul(xd, s.params.data() + a, u, m, in, r, pool);
+  const float* xd = DropoutInput(s, p, x, m, train && s.config.dropout > 0);
+  ops::MatMul(xd, s.params.data() + p.a, u, m, p.in, r, pool);
   for (int64_t i = 0; i < m * r; ++i) u[i] *= s.scaling;
-  ops::MatMul(u, s.params.data() + b, y, m, r, out, pool, /*accumulate=*/true);
+  ops::MatMul(u, s.params.data() + p.b, y, m, r, p.out, pool, /*accumulate=*/true);
 }
 
 void Model::Impl::LoraBackward(int layer, int module, const float* x, const float* dy, float* dx,
                                int64_t m, float* G, ThreadPool* pool) {
   LoraState& s = *lora;
-  const int64_t a = s.layers[layer].a[module];
-  if (a < 0) return;
-  const int64_t b = s.layers[layer].b[module];
-  const int64_t r = s.config.rank;
-  const auto [in, out] = ModuleShape(config, module);
+  const AdaptedProjection p = FindAdapted(s, config, layer, module);
+  if (p.a < 0) return;
+  const int64_t r = s.config.rank, in = p.in;
   const float* u = s.u.data() + (int64_t{layer} * 7 + module) * m * r;
-  ops::MatMulBackwardWeight(dy, u, G + b, m, r, out, pool);
+  ops::MatMulBackwardWeight(dy, u, G + p.b, m, r, p.out, pool);
   float* du = s.du.data();
-  ops::MatMulBackwardInput(dy, s.params.data() + b, du, m, r, out, pool);
+  ops::MatMulBackwardInput(dy, s.params.data() + p.b, du, m, r, p.out, pool);
   for (int64_t i = 0; i < m * r; ++i) du[i] *= s.scaling;
-  if (dx == nullptr) {  // the input's gradient is not needed (layer 0, frozen embeddings)
-    const float* xd = x;
-    if (s.config.dropout > 0) {
-      Dropout(x, s.xd.data(), m * in, s.config.dropout,
-              Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module));
-      xd = s.xd.data();
+  const bool dropout = s.config.dropout > 0;
+  ops::MatMulBackwardWeight(du, DropoutInput(s, p, x, m, dropout), G + p.a, m, in, r, pool);
+  // dx is null when the input's gradient is not needed (layer 0, frozen embeddings).
+  if (dx == nullptr) return;
+  if (!dropout) {
+    ops::MatMulBackwardInput(du, s.params.data() + p.a, dx, m, in, r, pool, /*accumulate=*/true);
+    return;
+  }
+  ops::MatMulBackwardInput(du, s.params.data() + p.a, s.dx.data(), m, in, r, pool);
+  // d dropout(x) / dx: the same mask and scale (Dropout of ones gives them).
+  const float keep_scale = static_cast<float>(1.0 / (1.0 - s.config.dropout));
+  for (int64_t i = 0; i < m * in; ++i) {
+    if (UnitInterval53(Mix(p.dropout_seed, static_cast<uint64_t>(i))) >= s.config.dropout) {
+      dx[i] += s.dx[i] * keep_scale;
     }
-    ops::MatMulBackwardWeight(du, xd, G + a, m, in, r, pool);
-  } else if (s.config.dropout > 0) {
-    const uint64_t seed = Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module);
-    Dropout(x, s.xd.data(), m * in, s.config.dropout, seed);
-    ops::MatMulBackwardWeight(du, s.xd.data(), G + a, m, in, r, pool);
-    ops::MatMulBackwardInput(du, s.params.data() + a, s.dx.data(), m, in, r, pool);
-    // d dropout(x) / dx: the same mask and scale (Dropout of ones gives them).
-    const float keep_scale = static_cast<float>(1.0 / (1.0 - s.config.dropout));
-    for (int64_t i = 0; i < m * in; ++i) {
-      if (UnitInterval53(Mix(seed, static_cast<uint64_t>(i))) >= s.config.dropout) {
-        dx[i] += s.dx[i] * keep_scale;
-      }
-    }
-  } else {
-    ops::MatMulBackwardWeight(du, x, G + a, m, in, r, pool);
-    ops::MatMulBackwardInput(du, s.params.data() + a, dx, m, in, r, pool, /*accumulate=*/true);
   }
 }
 

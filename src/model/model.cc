@@ -235,185 +235,219 @@ void Model::Impl::RoundOperand(float* x, int64_t n) const {
   for (int64_t i = 0; i < n; ++i) x[i] = Bf16ToFloat(FloatToBf16(x[i]));
 }
 
-void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_len, bool train,
-                             KVCache* cache, ThreadPool* pool) {
-  const ModelConfig& c = config;
-  const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
-  const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
-  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  const int64_t past = cache ? cache->size_ : 0;
-  const int64_t tk = past + seq_len;
+void Model::Impl::CheckForwardInputs(const int32_t* tokens, int64_t m, int64_t tk,
+                                     const KVCache* cache) const {
   if (cache && tk > cache->capacity_) {
     throw Error("KV cache: " + std::to_string(tk) + " tokens exceed its capacity " +
                 std::to_string(cache->capacity_));
   }
   if (tk - 1 > kMaxPosition) throw Error("position exceeds 2^31 - 1");
-  for (int64_t m = 0; m < M; ++m) {
-    if (tokens[m] < 0 || tokens[m] >= V) {
-      throw Error("token id " + std::to_string(tokens[m]) + " at index " + std::to_string(m) +
+  const int64_t V = config.vocab_size;
+  for (int64_t i = 0; i < m; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= V) {
+      throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                   " is outside [0, vocab_size " + std::to_string(V) + ")");
     }
   }
-  Prepare(batch, seq_len, cache ? tk : seq_len, train);
-  if (lora) PrepareLora(M, train);
-  Workspace& w = ws;
-  PrepareLowPrecisionWeights(train, pool);
-  positions.resize(M);
-  q_positions.resize(seq_len);
-  k_positions.resize(tk);
-  for (int64_t t = 0; t < seq_len; ++t) q_positions[t] = past + t;
-  for (int64_t j = 0; j < tk; ++j) k_positions[j] = j;
-  for (int64_t m = 0; m < M; ++m) positions[m] = past + m % seq_len;
+}
 
-  // Embedding lookup and the absolute position hook.
-  OpTimer embed_timer("fwd embedding");
-  float* x = w.resid[0];
+void Model::Impl::SetPositions(const ForwardPass& f) {
+  positions.resize(f.m);
+  q_positions.resize(f.seq_len);
+  k_positions.resize(f.tk);
+  for (int64_t t = 0; t < f.seq_len; ++t) q_positions[t] = f.past + t;
+  for (int64_t j = 0; j < f.tk; ++j) k_positions[j] = j;
+  for (int64_t i = 0; i < f.m; ++i) positions[i] = f.past + i % f.seq_len;
+}
+
+void Model::Impl::EmbedTokens(const int32_t* tokens, const ForwardPass& f) {
+  OpTimer timer("fwd embedding");
+  const int64_t d = config.hidden_size;
+  float* x = ws.resid[0];
   const float* E = Embed();
-  for (int64_t m = 0; m < M; ++m) std::memcpy(x + m * d, E + tokens[m] * d, sizeof(float) * d);
-  const PositionSpan pos_span(positions);
-  if (pe->acts_on_embeddings()) pe->AddToEmbeddings(pos_span, PeParams(), x, d);
+  for (int64_t i = 0; i < f.m; ++i) std::memcpy(x + i * d, E + tokens[i] * d, sizeof(float) * d);
+  if (pe->acts_on_embeddings()) pe->AddToEmbeddings(PositionSpan(positions), PeParams(), x, d);
+}
 
-  embed_timer.Stop();
-  const bool rope = pe->acts_on_query_key();
-  const RopeTable* table = rope ? &Table(tk) : nullptr;
-  RotateOptions rot;
-  rot.layout = c.position_encoding.rope_layout;
-  rot.pool = pool;
-  const bool rotate_cache = cache && RopeIsLengthDependent();
+ops::AttentionArgs Model::Impl::LayerAttentionArgs(const Workspace::Layer& A, int64_t batch,
+                                                   int64_t seq_len, int64_t tk, const float* keys,
+                                                   const float* values) const {
+  const int64_t D = config.head_dim, hq = config.num_heads * D, hk = config.num_kv_heads * D;
+  ops::AttentionArgs args;
+  args.batch = batch;
+  args.tq = seq_len;
+  args.tk = tk;
+  args.heads = config.num_heads;
+  args.kv_heads = config.num_kv_heads;
+  args.head_dim = D;
+  args.q = A.q;
+  args.q_row_stride = hq;
+  args.q_batch_stride = seq_len * hq;
+  args.k = keys;
+  args.v = values;
+  args.kv_row_stride = hk;
+  args.kv_batch_stride = seq_len * hk;
+  args.out = A.ao;
+  args.out_row_stride = hq;
+  args.out_batch_stride = seq_len * hq;
+  args.q_positions = q_positions;
+  args.k_positions = std::span<const int64_t>(k_positions.data(), static_cast<size_t>(tk));
+  args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  args.logit_bias = pe.get();
+  args.bias_params = PeParams();
+  return args;
+}
 
-  for (int l = 0; l < c.num_layers; ++l) {
-    Workspace::Layer& A = w.layers[train ? l : 0];
-    const LayerOffsets& o = layers[l];
-    float* xin = train ? w.resid[l] : w.resid[l % 2];
-    float* xout = train ? w.resid[l + 1] : w.resid[(l + 1) % 2];
-    A.resid_in = xin;
-    {
-      OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(xin, Norm(l, false), A.xn1, A.inv1, M, d, c.rms_norm_eps, pool);
-      RoundOperand(A.xn1, M * d);
-    }
-    {
-      OpTimer timer("fwd matmul qkv");
-      Project(A.xn1, o.q, Proj(l, 0, pool), A.q, M, d, hq, pool);
-      Project(A.xn1, o.k, Proj(l, 1, pool), A.k, M, d, hk, pool);
-      Project(A.xn1, o.v, Proj(l, 2, pool), A.v, M, d, hk, pool);
-      if (lora) {
-        for (int m = 0; m < 3; ++m) {
-          LoraForward(l, m, A.xn1, m == 0 ? A.q : m == 1 ? A.k : A.v, M, train, pool);
-        }
-      }
-    }
-    OpTimer rope_timer("fwd rope");
-    const float* keys = A.k;
-    const float* values = A.v;
-    if (cache) {
-      float* ck = cache->k_.data() + (l * cache->capacity_) * hk;
-      float* cv = cache->v_.data() + (l * cache->capacity_) * hk;
-      if (rotate_cache) {
-        // Store pre-rotation keys; rotate the whole cache with the table of length tk.
-        std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
-        std::vector<RopeOperand> opsv = {
-            {ContiguousView(A.q, DType::kF32, M, H, D), ContiguousView(A.q, DType::kF32, M, H, D)},
-        };
-        ApplyRope(*table, pos_span, opsv, rot);
-        RopeOperand kop{ContiguousView(ck, DType::kF32, tk, Hkv, D),
-                        ContiguousView(w.k_rot, DType::kF32, tk, Hkv, D)};
-        ApplyRope(*table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), rot);
-        keys = w.k_rot;
-        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
-      } else if (rope) {
-        // One pass: rotate q in place, rotate k into the cache rows past.., copy v beside it.
-        const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
-        const KvCacheView layer_cache =
-            ContiguousKvCache(ck, cv, DType::kF32, cache->capacity_, Hkv, D);
-        ApplyRopeAndAppend(*table, pos_span, RopeOperand{q_view, q_view},
-                           ContiguousView(A.k, DType::kF32, M, Hkv, D),
-                           ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
-                           std::span<const int64_t>(positions), rot);
-      } else {
-        std::memcpy(ck + past * hk, A.k, sizeof(float) * M * hk);
-        std::memcpy(cv + past * hk, A.v, sizeof(float) * M * hk);
-      }
-      if (!rotate_cache) keys = ck;
-      values = cv;
-    } else if (rope) {
-      std::vector<RopeOperand> opsv = {
-          {ContiguousView(A.q, DType::kF32, M, H, D), ContiguousView(A.q, DType::kF32, M, H, D)},
-          {ContiguousView(A.k, DType::kF32, M, Hkv, D),
-           ContiguousView(A.k, DType::kF32, M, Hkv, D)}};
-      ApplyRope(*table, pos_span, opsv, rot);
-    }
-    rope_timer.Stop();
-    ops::AttentionArgs args;
-    args.batch = batch;
-    args.tq = seq_len;
-    args.tk = cache ? tk : seq_len;
-    args.heads = H;
-    args.kv_heads = Hkv;
-    args.head_dim = D;
-    args.q = A.q;
-    args.q_row_stride = hq;
-    args.q_batch_stride = seq_len * hq;
-    args.k = keys;
-    args.v = values;
-    args.kv_row_stride = hk;
-    args.kv_batch_stride = seq_len * hk;
-    args.out = A.ao;
-    args.out_row_stride = hq;
-    args.out_batch_stride = seq_len * hq;
-    args.q_positions = q_positions;
-    args.k_positions = cache ? std::span<const int64_t>(k_positions)
-                             : std::span<const int64_t>(k_positions.data(), seq_len);
-    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-    args.logit_bias = pe.get();
-    args.bias_params = PeParams();
-    {
-      OpTimer timer("fwd attention");
-      if (attention == AttentionKernel::kUnfused) {
-        args.probs = train ? A.probs : nullptr;
-        ops::AttentionForward(args, pool);
-      } else {
-        ops::FlashAttentionForward(args, train ? A.lse : nullptr, pool);
-      }
-      RoundOperand(A.ao, M * hq);
-    }
-    {
-      OpTimer timer("fwd matmul o");
-      std::memcpy(A.mid, xin, sizeof(float) * M * d);
-      Project(A.ao, o.o, Proj(l, 3, pool), A.mid, M, hq, d, pool, /*accumulate=*/true);
-      if (lora) LoraForward(l, 3, A.ao, A.mid, M, train, pool);
-    }
-    {
-      OpTimer timer("fwd rmsnorm");
-      ops::RmsNorm(A.mid, Norm(l, true), A.xn2, A.inv2, M, d, c.rms_norm_eps, pool);
-      RoundOperand(A.xn2, M * d);
-    }
-    {
-      OpTimer timer("fwd matmul mlp");
-      Project(A.xn2, o.gate, Proj(l, 4, pool), A.g, M, d, F, pool);
-      Project(A.xn2, o.up, Proj(l, 5, pool), A.u, M, d, F, pool);
-      if (lora) {
-        LoraForward(l, 4, A.xn2, A.g, M, train, pool);
-        LoraForward(l, 5, A.xn2, A.u, M, train, pool);
-      }
-    }
-    {
-      OpTimer timer("fwd swiglu");
-      ops::SwiGlu(A.g, A.u, A.h, M * F, pool);
-      RoundOperand(A.h, M * F);
-    }
-    {
-      OpTimer timer("fwd matmul mlp");
-      std::memcpy(xout, A.mid, sizeof(float) * M * d);
-      Project(A.h, o.down, Proj(l, 6, pool), xout, M, F, d, pool, /*accumulate=*/true);
-      if (lora) LoraForward(l, 6, A.h, xout, M, train, pool);
+void Model::Impl::ProjectQkv(int l, Workspace::Layer& A, const ForwardPass& f) {
+  OpTimer timer("fwd matmul qkv");
+  const int64_t d = config.hidden_size, D = config.head_dim;
+  const int64_t hq = config.num_heads * D, hk = config.num_kv_heads * D;
+  const LayerOffsets& o = layers[l];
+  Project(A.xn1, o.q, Proj(l, 0, f.pool), A.q, f.m, d, hq, f.pool);
+  Project(A.xn1, o.k, Proj(l, 1, f.pool), A.k, f.m, d, hk, f.pool);
+  Project(A.xn1, o.v, Proj(l, 2, f.pool), A.v, f.m, d, hk, f.pool);
+  if (lora) {
+    for (int m = 0; m < 3; ++m) {
+      LoraForward(l, m, A.xn1, m == 0 ? A.q : m == 1 ? A.k : A.v, f.m, f.train, f.pool);
     }
   }
+}
+
+Model::Impl::KeyValues Model::Impl::RotateAndCache(int l, const Workspace::Layer& A,
+                                                   const ForwardPass& f) {
+  OpTimer timer("fwd rope");
+  const int64_t H = config.num_heads, Hkv = config.num_kv_heads, D = config.head_dim;
+  const int64_t M = f.m;
+  const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
+  if (!f.cache) {
+    if (f.table) {
+      const TensorView k_view = ContiguousView(A.k, DType::kF32, M, Hkv, D);
+      const std::vector<RopeOperand> opsv = {{q_view, q_view}, {k_view, k_view}};
+      ApplyRope(*f.table, PositionSpan(positions), opsv, f.rot);
+    }
+    return {A.k, A.v};
+  }
+  const int64_t hk = Hkv * D, cap = f.cache->capacity_;
+  float* ck = f.cache->k_.data() + (l * cap) * hk;
+  float* cv = f.cache->v_.data() + (l * cap) * hk;
+  if (f.rotate_cache) {
+    // Store pre-rotation keys; rotate the whole cache with the table of length tk.
+    std::memcpy(ck + f.past * hk, A.k, sizeof(float) * M * hk);
+    const std::vector<RopeOperand> opsv = {{q_view, q_view}};
+    ApplyRope(*f.table, PositionSpan(positions), opsv, f.rot);
+    RopeOperand kop{ContiguousView(ck, DType::kF32, f.tk, Hkv, D),
+                    ContiguousView(ws.k_rot, DType::kF32, f.tk, Hkv, D)};
+    ApplyRope(*f.table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), f.rot);
+    std::memcpy(cv + f.past * hk, A.v, sizeof(float) * M * hk);
+    return {ws.k_rot, cv};
+  }
+  if (f.table) {
+    // One pass: rotate q in place, rotate k into the cache rows past.., copy v beside it.
+    const KvCacheView layer_cache = ContiguousKvCache(ck, cv, DType::kF32, cap, Hkv, D);
+    ApplyRopeAndAppend(*f.table, PositionSpan(positions), RopeOperand{q_view, q_view},
+                       ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                       ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
+                       std::span<const int64_t>(positions), f.rot);
+  } else {
+    std::memcpy(ck + f.past * hk, A.k, sizeof(float) * M * hk);
+    std::memcpy(cv + f.past * hk, A.v, sizeof(float) * M * hk);
+  }
+  return {ck, cv};
+}
+
+void Model::Impl::AttentionBlockForward(int l, Workspace::Layer& A, float* xin,
+                                        const ForwardPass& f) {
+  const int64_t M = f.m, d = config.hidden_size, hq = config.num_heads * config.head_dim;
+  A.resid_in = xin;
+  {
+    OpTimer timer("fwd rmsnorm");
+    ops::RmsNorm(xin, Norm(l, false), A.xn1, A.inv1, M, d, config.rms_norm_eps, f.pool);
+    RoundOperand(A.xn1, M * d);
+  }
+  ProjectQkv(l, A, f);
+  const KeyValues kv = RotateAndCache(l, A, f);
+  ops::AttentionArgs args =
+      LayerAttentionArgs(A, f.batch, f.seq_len, f.cache ? f.tk : f.seq_len, kv.keys, kv.values);
+  {
+    OpTimer timer("fwd attention");
+    if (attention == AttentionKernel::kUnfused) {
+      args.probs = f.train ? A.probs : nullptr;
+      ops::AttentionForward(args, f.pool);
+    } else {
+      ops::FlashAttentionForward(args, f.train ? A.lse : nullptr, f.pool);
+    }
+    RoundOperand(A.ao, M * hq);
+  }
+  {
+    OpTimer timer("fwd matmul o");
+    std::memcpy(A.mid, xin, sizeof(float) * M * d);
+    Project(A.ao, layers[l].o, Proj(l, 3, f.pool), A.mid, M, hq, d, f.pool, /*accumulate=*/true);
+    if (lora) LoraForward(l, 3, A.ao, A.mid, M, f.train, f.pool);
+  }
+}
+
+void Model::Impl::MlpBlockForward(int l, Workspace::Layer& A, float* xout, const ForwardPass& f) {
+  const int64_t M = f.m, d = config.hidden_size, F = config.intermediate_size;
+  const LayerOffsets& o = layers[l];
+  {
+    OpTimer timer("fwd rmsnorm");
+    ops::RmsNorm(A.mid, Norm(l, true), A.xn2, A.inv2, M, d, config.rms_norm_eps, f.pool);
+    RoundOperand(A.xn2, M * d);
+  }
+  {
+    OpTimer timer("fwd matmul mlp");
+    Project(A.xn2, o.gate, Proj(l, 4, f.pool), A.g, M, d, F, f.pool);
+    Project(A.xn2, o.up, Proj(l, 5, f.pool), A.u, M, d, F, f.pool);
+    if (lora) {
+      LoraForward(l, 4, A.xn2, A.g, M, f.train, f.pool);
+      LoraForward(l, 5, A.xn2, A.u, M, f.train, f.pool);
+    }
+  }
+  {
+    OpTimer timer("fwd swiglu");
+    ops::SwiGlu(A.g, A.u, A.h, M * F, f.pool);
+    RoundOperand(A.h, M * F);
+  }
+  {
+    OpTimer timer("fwd matmul mlp");
+    std::memcpy(xout, A.mid, sizeof(float) * M * d);
+    Project(A.h, o.down, Proj(l, 6, f.pool), xout, M, F, d, f.pool, /*accumulate=*/true);
+    if (lora) LoraForward(l, 6, A.h, xout, M, f.train, f.pool);
+  }
+}
+
+void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_len, bool train,
+                             KVCache* cache, ThreadPool* pool) {
+  const ModelConfig& c = config;
+  ForwardPass f;
+  f.batch = batch;
+  f.seq_len = seq_len;
+  f.m = batch * seq_len;
+  f.past = cache ? cache->size_ : 0;
+  f.tk = f.past + seq_len;
+  f.train = train;
+  f.cache = cache;
+  f.pool = pool;
+  CheckForwardInputs(tokens, f.m, f.tk, cache);
+  Prepare(batch, seq_len, cache ? f.tk : seq_len, train);
+  if (lora) PrepareLora(f.m, train);
+  PrepareLowPrecisionWeights(train, pool);
+  SetPositions(f);
+  EmbedTokens(tokens, f);
+  f.table = pe->acts_on_query_key() ? &Table(f.tk) : nullptr;
+  f.rot.layout = c.position_encoding.rope_layout;
+  f.rot.pool = pool;
+  f.rotate_cache = cache && RopeIsLengthDependent();
+  for (int l = 0; l < c.num_layers; ++l) {
+    Workspace::Layer& A = ws.layers[train ? l : 0];
+    AttentionBlockForward(l, A, train ? ws.resid[l] : ws.resid[l % 2], f);
+    MlpBlockForward(l, A, train ? ws.resid[l + 1] : ws.resid[(l + 1) % 2], f);
+  }
   OpTimer timer("fwd rmsnorm");
-  float* xl = train ? w.resid[c.num_layers] : w.resid[c.num_layers % 2];
-  ops::RmsNorm(xl, FinalNorm(), w.xf, w.invf, M, d, c.rms_norm_eps, pool);
-  RoundOperand(w.xf, M * d);
-  if (cache) cache->size_ = tk;
+  float* xl = train ? ws.resid[c.num_layers] : ws.resid[c.num_layers % 2];
+  ops::RmsNorm(xl, FinalNorm(), ws.xf, ws.invf, f.m, c.hidden_size, c.rms_norm_eps, pool);
+  RoundOperand(ws.xf, f.m * c.hidden_size);
+  if (cache) cache->size_ = f.tk;
 }
 
 void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
@@ -421,183 +455,202 @@ void Model::Impl::Logits(int64_t rows, ThreadPool* pool) {
   Project(ws.xf, head, Head(), ws.logits, rows, config.hidden_size, config.vocab_size, pool);
 }
 
-void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
-                              ThreadPool* pool, const Model::GradReadyFn& on_ready) {
+float* Model::Impl::Grad(const BackwardPass& b, int64_t full_offset, int64_t adapter_offset) const {
+  if (!b.ad) return b.G + full_offset;
+  return adapter_offset >= 0 ? b.G + adapter_offset : nullptr;
+}
+
+void Model::Impl::WeightGrad(const BackwardPass& b, const float* dy, const float* x, float* dw,
+                             int64_t k, int64_t n) const {
+  if (dw) ProjectBackwardWeight(dy, x, dw, b.m, k, n, b.pool);
+}
+
+void Model::Impl::HeadBackward(const BackwardPass& b) {
   const ModelConfig& c = config;
+  const int64_t M = b.m, d = c.hidden_size, V = c.vocab_size;
   Workspace& w = ws;
-  const int64_t M = batch * seq_len, d = c.hidden_size, D = c.head_dim;
-  const int64_t H = c.num_heads, Hkv = c.num_kv_heads;
-  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  // With an adapter G is its trainable buffer: frozen weights get no gradient (nullptr: the
-  // weight-gradient product is skipped).
-  const LoraState* ad = lora.get();
-  auto grad = [&](int64_t full_offset, int64_t adapter_offset) -> float* {
-    if (!ad) return G + full_offset;
-    return adapter_offset >= 0 ? G + adapter_offset : nullptr;
-  };
-  auto weight_grad = [&](const float* dy, const float* x, float* dw, int64_t k, int64_t n) {
-    if (dw) ProjectBackwardWeight(dy, x, dw, M, k, n, pool);
-  };
   // w.logits holds dL/dlogits. Head: logits = xf W_head^T.
   {
     OpTimer timer("bwd matmul head");
     RoundOperand(w.logits, M * V);
-    weight_grad(w.logits, w.xf, grad(head, c.tie_word_embeddings && ad ? ad->embed : -1), d, V);
-    ProjectBackwardInput(w.logits, head, Head(), w.dxn, M, d, V, pool);
+    WeightGrad(b, w.logits, w.xf, Grad(b, head, c.tie_word_embeddings && b.ad ? b.ad->embed : -1),
+               d, V);
+    ProjectBackwardInput(w.logits, head, Head(), w.dxn, M, d, V, b.pool);
+  }
+  OpTimer timer("bwd rmsnorm");
+  ops::RmsNormBackward(w.resid[c.num_layers], FinalNorm(), w.invf, w.dxn, w.dx,
+                       Grad(b, final_norm, b.ad ? b.ad->final_norm : -1), M, d, b.pool);
+}
+
+void Model::Impl::MlpBlockBackward(int l, const BackwardPass& b) {
+  const int64_t M = b.m, d = config.hidden_size, F = config.intermediate_size;
+  Workspace& w = ws;
+  const Workspace::Layer& A = w.layers[l];
+  const LayerOffsets& o = layers[l];
+  ThreadPool* pool = b.pool;
+  // x' = mid + h Wd^T: dmid = dx (+ the norm path below).
+  {
+    OpTimer timer("bwd matmul mlp");
+    std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
+    RoundOperand(w.dx, M * d);
+    WeightGrad(b, w.dx, A.h, Grad(b, o.down, -1), F, d);
+    ProjectBackwardInput(w.dx, o.down, Proj(l, 6, pool), w.dh, M, F, d, pool);
+    if (b.ad) LoraBackward(l, 6, A.h, w.dx, w.dh, M, b.G, pool);
   }
   {
-    OpTimer timer("bwd rmsnorm");
-    ops::RmsNormBackward(w.resid[c.num_layers], FinalNorm(), w.invf, w.dxn, w.dx,
-                         grad(final_norm, ad ? ad->final_norm : -1), M, d, pool);
+    OpTimer timer("bwd swiglu");
+    ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
+    RoundOperand(w.dg, M * F);
+    RoundOperand(w.du, M * F);
   }
-  // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
-  const int64_t num_params = static_cast<int64_t>(params.size());
-  auto ready = [&](int64_t begin, int64_t end) {
-    if (on_ready && begin < end && !ad) on_ready(begin, end);
-  };
-  ready(final_norm, pe_params);  // the final norm and an untied head
-  const bool rope = pe->acts_on_query_key();
-  const RopeTable* table = rope ? &Table(seq_len) : nullptr;
-  RotateOptions rot;
-  rot.layout = c.position_encoding.rope_layout;
-  rot.direction = Direction::kBackward;
-  rot.pool = pool;
-  const PositionSpan pos_span(positions);
-  // Position tables (learned, T5) are frozen under an adapter.
-  std::span<float> grad_pe =
-      ad ? std::span<float>() : std::span<float>(G + pe_params, static_cast<size_t>(pe_size));
-  for (int l = c.num_layers - 1; l >= 0; --l) {
-    const Workspace::Layer& A = w.layers[l];
-    const LayerOffsets& o = layers[l];
-    // x' = mid + h Wd^T: dmid = dx (+ the norm path below).
-    {
-      OpTimer timer("bwd matmul mlp");
-      std::memcpy(w.dmid, w.dx, sizeof(float) * M * d);
-      RoundOperand(w.dx, M * d);
-      weight_grad(w.dx, A.h, grad(o.down, -1), F, d);
-      ProjectBackwardInput(w.dx, o.down, Proj(l, 6, pool), w.dh, M, F, d, pool);
-      if (ad) LoraBackward(l, 6, A.h, w.dx, w.dh, M, G, pool);
+  {
+    OpTimer timer("bwd matmul mlp");
+    WeightGrad(b, w.dg, A.xn2, Grad(b, o.gate, -1), d, F);
+    WeightGrad(b, w.du, A.xn2, Grad(b, o.up, -1), d, F);
+    ProjectBackwardInput(w.dg, o.gate, Proj(l, 4, pool), w.dxn, M, d, F, pool);
+    ProjectBackwardInput(w.du, o.up, Proj(l, 5, pool), w.dxn, M, d, F, pool,
+                         /*accumulate=*/true);
+    if (b.ad) {
+      LoraBackward(l, 4, A.xn2, w.dg, w.dxn, M, b.G, pool);
+      LoraBackward(l, 5, A.xn2, w.du, w.dxn, M, b.G, pool);
     }
-    {
-      OpTimer timer("bwd swiglu");
-      ops::SwiGluBackward(A.g, A.u, w.dh, w.dg, w.du, M * F, pool);
-      RoundOperand(w.dg, M * F);
-      RoundOperand(w.du, M * F);
+  }
+  OpTimer timer("bwd rmsnorm");
+  ops::RmsNormBackward(A.mid, Norm(l, true), A.inv2, w.dxn, w.dmid,
+                       Grad(b, o.post_norm, b.ad ? b.ad->layers[l].post_norm : -1), M, d, pool,
+                       /*accumulate=*/true);
+}
+
+void Model::Impl::SelfAttentionBackward(int l, const BackwardPass& b) {
+  const int64_t M = b.m, D = config.head_dim;
+  const int64_t H = config.num_heads, Hkv = config.num_kv_heads;
+  Workspace& w = ws;
+  const Workspace::Layer& A = w.layers[l];
+  ops::AttentionArgs args = LayerAttentionArgs(A, b.batch, b.seq_len, b.seq_len, A.k, A.v);
+  // With kBf16 A.ao holds the rounded output; the backward's delta = rowsum(dO o O) then
+  // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
+  {
+    OpTimer timer("bwd attention");
+    const std::span<float> grad_bias = pe->acts_on_logits() ? b.grad_pe : std::span<float>();
+    if (attention == AttentionKernel::kUnfused) {
+      args.probs = A.probs;
+      ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, b.pool);
+    } else {
+      ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, b.pool);
     }
-    {
-      OpTimer timer("bwd matmul mlp");
-      weight_grad(w.dg, A.xn2, grad(o.gate, -1), d, F);
-      weight_grad(w.du, A.xn2, grad(o.up, -1), d, F);
-      ProjectBackwardInput(w.dg, o.gate, Proj(l, 4, pool), w.dxn, M, d, F, pool);
-      ProjectBackwardInput(w.du, o.up, Proj(l, 5, pool), w.dxn, M, d, F, pool,
-                           /*accumulate=*/true);
-      if (ad) {
-        LoraBackward(l, 4, A.xn2, w.dg, w.dxn, M, G, pool);
-        LoraBackward(l, 5, A.xn2, w.du, w.dxn, M, G, pool);
-      }
-    }
-    {
-      OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(A.mid, Norm(l, true), A.inv2, w.dxn, w.dmid,
-                           grad(o.post_norm, ad ? ad->layers[l].post_norm : -1), M, d, pool,
-                           /*accumulate=*/true);
-    }
-    // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
-    {
-      OpTimer timer("bwd matmul o");
-      std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
-      RoundOperand(w.dmid, M * d);
-      weight_grad(w.dmid, A.ao, grad(o.o, -1), hq, d);
-      ProjectBackwardInput(w.dmid, o.o, Proj(l, 3, pool), w.dao, M, hq, d, pool);
-      if (ad) LoraBackward(l, 3, A.ao, w.dmid, w.dao, M, G, pool);
-    }
-    ops::AttentionArgs args;
-    args.batch = batch;
-    args.tq = args.tk = seq_len;
-    args.heads = H;
-    args.kv_heads = Hkv;
-    args.head_dim = D;
-    args.q = A.q;
-    args.q_row_stride = hq;
-    args.q_batch_stride = seq_len * hq;
-    args.k = A.k;
-    args.v = A.v;
-    args.kv_row_stride = hk;
-    args.kv_batch_stride = seq_len * hk;
-    args.out = A.ao;
-    args.out_row_stride = hq;
-    args.out_batch_stride = seq_len * hq;
-    args.q_positions = q_positions;
-    args.k_positions = std::span<const int64_t>(k_positions.data(), seq_len);
-    args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-    args.logit_bias = pe.get();
-    args.bias_params = PeParams();
-    // With kBf16 A.ao holds the rounded output; the backward's delta = rowsum(dO o O) then
-    // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
-    {
-      OpTimer timer("bwd attention");
-      const std::span<float> grad_bias = pe->acts_on_logits() ? grad_pe : std::span<float>();
-      if (attention == AttentionKernel::kUnfused) {
-        args.probs = A.probs;
-        ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
-      } else {
-        ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, pool);
-      }
-    }
-    if (rope) {
-      OpTimer timer("bwd rope");
-      std::vector<RopeOperand> opsv = {
-          {ContiguousView(w.dq, DType::kF32, M, H, D), ContiguousView(w.dq, DType::kF32, M, H, D)},
-          {ContiguousView(w.dk, DType::kF32, M, Hkv, D),
-           ContiguousView(w.dk, DType::kF32, M, Hkv, D)}};
-      ApplyRope(*table, pos_span, opsv, rot);
-    }
-    // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
-    // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
-    const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
-    {
-      OpTimer timer("bwd matmul qkv");
-      RoundOperand(w.dq, M * hq);
-      RoundOperand(w.dk, M * hk);
-      RoundOperand(w.dv, M * hk);
-      weight_grad(w.dq, A.xn1, grad(o.q, -1), d, hq);
-      weight_grad(w.dk, A.xn1, grad(o.k, -1), d, hk);
-      weight_grad(w.dv, A.xn1, grad(o.v, -1), d, hk);
-      if (input_grad) {
-        ProjectBackwardInput(w.dq, o.q, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
-        ProjectBackwardInput(w.dk, o.k, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
-        ProjectBackwardInput(w.dv, o.v, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
-      }
-      if (ad) {
-        float* dx = input_grad ? w.dxn : nullptr;
-        LoraBackward(l, 0, A.xn1, w.dq, dx, M, G, pool);
-        LoraBackward(l, 1, A.xn1, w.dk, dx, M, G, pool);
-        LoraBackward(l, 2, A.xn1, w.dv, dx, M, G, pool);
-      }
-    }
+  }
+  if (b.table) {
+    OpTimer timer("bwd rope");
+    const TensorView dq = ContiguousView(w.dq, DType::kF32, M, H, D);
+    const TensorView dk = ContiguousView(w.dk, DType::kF32, M, Hkv, D);
+    const std::vector<RopeOperand> opsv = {{dq, dq}, {dk, dk}};
+    ApplyRope(*b.table, PositionSpan(positions), opsv, b.rot);
+  }
+}
+
+void Model::Impl::AttentionBlockBackward(int l, const BackwardPass& b) {
+  const int64_t M = b.m, d = config.hidden_size, D = config.head_dim;
+  const int64_t hq = config.num_heads * D, hk = config.num_kv_heads * D;
+  Workspace& w = ws;
+  const Workspace::Layer& A = w.layers[l];
+  const LayerOffsets& o = layers[l];
+  const LoraState* ad = b.ad;
+  ThreadPool* pool = b.pool;
+  // mid = x + ao Wo^T: dx = dmid (+ the attention path below).
+  {
+    OpTimer timer("bwd matmul o");
+    std::memcpy(w.dx, w.dmid, sizeof(float) * M * d);
+    RoundOperand(w.dmid, M * d);
+    WeightGrad(b, w.dmid, A.ao, Grad(b, o.o, -1), hq, d);
+    ProjectBackwardInput(w.dmid, o.o, Proj(l, 3, pool), w.dao, M, hq, d, pool);
+    if (ad) LoraBackward(l, 3, A.ao, w.dmid, w.dao, M, b.G, pool);
+  }
+  SelfAttentionBackward(l, b);
+  // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
+  // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
+  const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
+  {
+    OpTimer timer("bwd matmul qkv");
+    RoundOperand(w.dq, M * hq);
+    RoundOperand(w.dk, M * hk);
+    RoundOperand(w.dv, M * hk);
+    WeightGrad(b, w.dq, A.xn1, Grad(b, o.q, -1), d, hq);
+    WeightGrad(b, w.dk, A.xn1, Grad(b, o.k, -1), d, hk);
+    WeightGrad(b, w.dv, A.xn1, Grad(b, o.v, -1), d, hk);
     if (input_grad) {
-      OpTimer timer("bwd rmsnorm");
-      ops::RmsNormBackward(w.resid[l], Norm(l, false), A.inv1, w.dxn, w.dx,
-                           grad(o.input_norm, ad ? ad->layers[l].input_norm : -1), M, d, pool,
-                           /*accumulate=*/true);
+      ProjectBackwardInput(w.dq, o.q, Proj(l, 0, pool), w.dxn, M, d, hq, pool);
+      ProjectBackwardInput(w.dk, o.k, Proj(l, 1, pool), w.dxn, M, d, hk, pool, true);
+      ProjectBackwardInput(w.dv, o.v, Proj(l, 2, pool), w.dxn, M, d, hk, pool, true);
     }
-    ready(o.input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
+    if (ad) {
+      float* dx = input_grad ? w.dxn : nullptr;
+      LoraBackward(l, 0, A.xn1, w.dq, dx, M, b.G, pool);
+      LoraBackward(l, 1, A.xn1, w.dk, dx, M, b.G, pool);
+      LoraBackward(l, 2, A.xn1, w.dv, dx, M, b.G, pool);
+    }
   }
+  if (input_grad) {
+    OpTimer timer("bwd rmsnorm");
+    ops::RmsNormBackward(w.resid[l], Norm(l, false), A.inv1, w.dxn, w.dx,
+                         Grad(b, o.input_norm, ad ? ad->layers[l].input_norm : -1), M, d, pool,
+                         /*accumulate=*/true);
+  }
+}
+
+void Model::Impl::EmbeddingBackward(const int32_t* tokens, const BackwardPass& b) {
   OpTimer timer("bwd embedding");
+  const int64_t d = config.hidden_size;
   // Embedding hooks, then the scatter into the token embedding rows (ascending order).
-  if (pe->acts_on_embeddings() && !ad) pe->AddToEmbeddingsBackward(pos_span, w.dx, d, grad_pe);
-  // (With an adapter the scatter below runs only when it trains the embeddings, and then w.dx
+  if (pe->acts_on_embeddings() && !b.ad) {
+    pe->AddToEmbeddingsBackward(PositionSpan(positions), ws.dx, d, b.grad_pe);
+  }
+  // (With an adapter the scatter below runs only when it trains the embeddings, and then ws.dx
   // holds layer 0's input gradient.)
-  if (float* dE = grad(embed, ad ? ad->embed : -1)) {
-    for (int64_t m = 0; m < M; ++m) {
+  if (float* dE = Grad(b, embed, b.ad ? b.ad->embed : -1)) {
+    for (int64_t m = 0; m < b.m; ++m) {
       float* row = dE + int64_t{tokens[m]} * d;
-      const float* src = w.dx + m * d;
+      const float* src = ws.dx + m * d;
       for (int64_t j = 0; j < d; ++j) row[j] += src[j];
     }
   }
+}
+
+void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_len, float* G,
+                              ThreadPool* pool, const Model::GradReadyFn& on_ready) {
+  const ModelConfig& c = config;
+  BackwardPass b;
+  b.batch = batch;
+  b.seq_len = seq_len;
+  b.m = batch * seq_len;
+  b.G = G;
+  b.pool = pool;
+  // With an adapter G is its trainable buffer: frozen weights get no gradient (Grad gives
+  // nullptr: the weight-gradient product is skipped).
+  b.ad = lora.get();
+  HeadBackward(b);
+  // Ready ranges follow the layout of BuildLayout: embed | layers | final norm, head | pe table.
+  const int64_t num_params = static_cast<int64_t>(params.size());
+  auto ready = [&](int64_t begin, int64_t end) {
+    if (on_ready && begin < end && !b.ad) on_ready(begin, end);
+  };
+  ready(final_norm, pe_params);  // the final norm and an untied head
+  b.table = pe->acts_on_query_key() ? &Table(seq_len) : nullptr;
+  b.rot.layout = c.position_encoding.rope_layout;
+  b.rot.direction = Direction::kBackward;
+  b.rot.pool = pool;
+  // Position tables (learned, T5) are frozen under an adapter.
+  if (!b.ad) b.grad_pe = std::span<float>(G + pe_params, static_cast<size_t>(pe_size));
+  for (int l = c.num_layers - 1; l >= 0; --l) {
+    MlpBlockBackward(l, b);
+    AttentionBlockBackward(l, b);
+    ready(layers[l].input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
+  }
+  EmbeddingBackward(tokens, b);
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
-  if (ad && on_ready && !ad->params.empty()) on_ready(0, static_cast<int64_t>(ad->params.size()));
+  if (b.ad && on_ready && !b.ad->params.empty()) {
+    on_ready(0, static_cast<int64_t>(b.ad->params.size()));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

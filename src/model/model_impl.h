@@ -9,6 +9,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "ropekit/model.h"
 #include "src/ops/bf16_matmul.h"
 #include "src/ops/nf4.h"
+#include "src/ops/ops.h"
 
 namespace ropekit {
 
@@ -66,6 +68,29 @@ struct LoraState {
   std::vector<float> wbuf;
 };
 
+// The shape and state of one forward pass, shared by the steps of RunForward.
+struct ForwardPass {
+  int64_t batch = 0, seq_len = 0, m = 0;  // m = batch * seq_len
+  int64_t past = 0, tk = 0;               // tokens cached before the pass; past + seq_len
+  bool train = false;
+  KVCache* cache = nullptr;
+  ThreadPool* pool = nullptr;
+  const RopeTable* table = nullptr;  // RoPE kinds only
+  RotateOptions rot;
+  bool rotate_cache = false;  // length-dependent RoPE with a cache: rotate all cached keys
+};
+
+// The shape and state of one backward pass, shared by the steps of RunBackward.
+struct BackwardPass {
+  int64_t batch = 0, seq_len = 0, m = 0;  // m = batch * seq_len
+  float* G = nullptr;                     // gradients: of params, or of the adapter's buffer
+  ThreadPool* pool = nullptr;
+  const LoraState* ad = nullptr;     // the adapter, if any
+  const RopeTable* table = nullptr;  // RoPE kinds only
+  RotateOptions rot;                 // Direction::kBackward
+  std::span<float> grad_pe;          // gradient of the position tables (empty under an adapter)
+};
+
 struct Model::Impl {
   ModelConfig config;
   std::vector<TensorInfo> tensors;
@@ -99,10 +124,50 @@ struct Model::Impl {
   // Runs the layers on inputs [B, T]; with a cache (B = 1) appends keys / values to it.
   void RunForward(const int32_t* inputs, int64_t batch, int64_t seq_len, bool train, KVCache* cache,
                   ThreadPool* pool);
+  // The steps of RunForward.
+  // Throws Error for a pass past the cache's capacity or position 2^31 - 1, or a token id
+  // outside [0, vocab_size).
+  void CheckForwardInputs(const int32_t* tokens, int64_t m, int64_t tk, const KVCache* cache) const;
+  void SetPositions(const ForwardPass& f);  // positions, q_positions, k_positions
+  // Token embeddings into ws.resid[0], with the absolute position hook.
+  void EmbedTokens(const int32_t* tokens, const ForwardPass& f);
+  // x -> mid = x + attention(RMSNorm(x)) Wo^T for layer l (A.resid_in = xin).
+  void AttentionBlockForward(int l, Workspace::Layer& A, float* xin, const ForwardPass& f);
+  void ProjectQkv(int l, Workspace::Layer& A, const ForwardPass& f);  // A.q, A.k, A.v
+  // The keys and values attention reads: RoPE applied to q and k, and with a cache the new keys
+  // and values appended to layer l's rows (keys rotated into it, or the whole cache rotated into
+  // ws.k_rot for length-dependent RoPE).
+  struct KeyValues {
+    const float* keys;
+    const float* values;
+  };
+  KeyValues RotateAndCache(int l, const Workspace::Layer& A, const ForwardPass& f);
+  // mid -> xout = mid + SwiGLU MLP(RMSNorm(mid)) for layer l.
+  void MlpBlockForward(int l, Workspace::Layer& A, float* xout, const ForwardPass& f);
+  // The attention arguments of layer activations A: [B, T] queries over tk keys (k_positions
+  // [0, tk)), with the position encoding's logit bias.
+  ops::AttentionArgs LayerAttentionArgs(const Workspace::Layer& A, int64_t batch, int64_t seq_len,
+                                        int64_t tk, const float* keys, const float* values) const;
   // Logits of the rows [row0, row0 + rows) of the final hidden state into ws.logits.
   void Logits(int64_t rows, ThreadPool* pool);
   void RunBackward(const int32_t* inputs, int64_t batch, int64_t seq_len, float* grads,
                    ThreadPool* pool, const Model::GradReadyFn& on_ready);
+  // The steps of RunBackward, in the order it calls them (layers last to first).
+  // The gradient slot of a weight: G + full_offset without an adapter; under one, G +
+  // adapter_offset where it trains the weight, else nullptr (frozen).
+  float* Grad(const BackwardPass& b, int64_t full_offset, int64_t adapter_offset) const;
+  // dw += dy^T x (skipped when dw is null).
+  void WeightGrad(const BackwardPass& b, const float* dy, const float* x, float* dw, int64_t k,
+                  int64_t n) const;
+  void HeadBackward(const BackwardPass& b);  // head and final norm: ws.dx = dL/dx_L
+  // dL/dx' in ws.dx -> dL/dmid in ws.dmid.
+  void MlpBlockBackward(int l, const BackwardPass& b);
+  // dL/dmid in ws.dmid -> dL/dx in ws.dx.
+  void AttentionBlockBackward(int l, const BackwardPass& b);
+  // dL/dao in ws.dao -> dL/dq, dL/dk (rotated back), dL/dv in ws.dq, ws.dk, ws.dv.
+  void SelfAttentionBackward(int l, const BackwardPass& b);
+  // The embedding hook's backward and the scatter into the embedding rows.
+  void EmbeddingBackward(const int32_t* tokens, const BackwardPass& b);
   // Weights for matmuls: params, or their bf16-rounded copy (refreshed by RunForward).
   const float* MatmulWeights() const {
     return precision == MatmulPrecision::kBf16 ? lowp_params.data() : params.data();

@@ -19,7 +19,7 @@
 #include <cstdint>
 #include <span>
 
-#include "ropekit/position_encoding.h"
+#include "ropekit/logit_bias.h"
 #include "ropekit/thread_pool.h"
 
 namespace ropekit::ops {
@@ -71,7 +71,7 @@ void CrossEntropy(const float* logits, const int32_t* targets, float* losses, fl
 // stride and a batch stride in floats. Query head h reads key/value head h / (H / Hkv)
 // (GQA; Hkv = 1 is MQA, Hkv = H is MHA). Key j is visible to query i iff
 // k_positions[j] <= q_positions[i]. Logits: scale * q.k + bias, where the bias comes from
-// `logit_bias` (ALiBi / T5 hooks of PositionEncoding) when it acts on logits.
+// `logit_bias` (ropekit/logit_bias.h: ALiBi / T5) when it acts on logits.
 struct AttentionArgs {
   int64_t batch = 1, tq = 0, tk = 0, heads = 0, kv_heads = 0, head_dim = 0;
   const float* q = nullptr;
@@ -84,7 +84,7 @@ struct AttentionArgs {
   std::span<const int64_t> q_positions;  // [Tq], shared by the batch
   std::span<const int64_t> k_positions;  // [Tk]
   float scale = 1.0f;
-  const PositionEncoding* logit_bias = nullptr;
+  const LogitBias* logit_bias = nullptr;
   std::span<const float> bias_params;
   // Optional [B, H, Tq, Tk] buffer: receives the attention probabilities (masked entries 0),
   // which AttentionBackward needs.
