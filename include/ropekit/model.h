@@ -311,9 +311,10 @@ class KVCache {
 // logits with matrix-matrix products ([B, d] x [d, N]) instead of B matrix-vector products.
 // Row b's logits depend on (caches[b], tokens[b]) only: they are bitwise identical for any B, any
 // order of the sequences and any thread count (the products use ops::MatMulRowwise, attention
-// runs per sequence). They equal ForwardCached's logits up to float32 summation order.
-// Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses its
-// own workspace; like Model, not safe for concurrent calls on the same model.
+// runs per sequence; with a pool of W threads and B >= W, each thread decodes a contiguous share
+// of the sequences through all layers). They equal ForwardCached's logits up to float32 summation
+// order. Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses
+// its own workspace; like Model, not safe for concurrent calls on the same model.
 class BatchDecoder {
  public:
   explicit BatchDecoder(Model& model);
@@ -324,7 +325,11 @@ class BatchDecoder {
             ThreadPool* pool);
 
  private:
+  struct Rows;
   struct Scratch;
+  // The layers for one group of sequences (all of them, or one worker's share), ops on `pool`.
+  void DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                   const RopeTable* table, Rows& rows, float* logits, ThreadPool* pool);
   Model& model_;
   std::unique_ptr<Scratch> scratch_;
 };
