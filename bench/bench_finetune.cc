@@ -1,7 +1,7 @@
-// Fine-tuning throughput and memory: full fine-tuning, LoRA and QLoRA on the same model in one
-// run. Each method runs in its own forked child process, so that its peak resident memory
-// (getrusage ru_maxrss) is its own; the children run one after the other. Training tokens/s is
-// the median over --repeats timed runs of --steps steps (after a 2-step warm-up). Also printed:
+// Fine-tuning throughput and memory: full fine-tuning, LoRA, QLoRA, prompt and prefix tuning on the
+// same model in one run. Each method runs in its own forked child process, so that its peak
+// resident memory (getrusage ru_maxrss) is its own; the children run one after the other. Tokens/s
+// is the median over --repeats timed runs of --steps steps (after a 2-step warm-up). Also printed:
 // the trainable parameters, the bytes of model state (frozen weights + trainable weights + their
 // gradients + the two AdamW moments) and, for QLoRA, the bits per frozen projection weight.
 // The ratios (LoRA / full throughput, QLoRA / LoRA step time) are of the same run.
@@ -11,6 +11,8 @@
 // LoRA: r = 8, alpha = 16, PEFT's llama default targets q_proj, v_proj (--targets all: every
 // projection). QLoRA adds NF4 base projections (the float base is loaded first and quantized,
 // so the peak RSS includes that float copy; the state bytes are those held while training).
+// Prompt tuning: 20 virtual tokens prepended to every sequence (the run is 20 rows longer;
+// tokens/s counts the real tokens). Prefix tuning: 20 key / value prefix entries per layer.
 //
 // Usage: bench_finetune [--size default|large] [--threads N] [--steps S] [--repeats R]
 //                       [--targets qv|all]
@@ -43,7 +45,14 @@ struct Result {
 Result RunMethod(const ropekit::ModelConfig& config, int method, bool all_targets, int threads,
                  int64_t batch, int64_t seq_len, int64_t steps, int64_t repeats) {
   ropekit::Model model(config, 1);
-  if (method > 0) {
+  if (method >= 3) {
+    // Prompt / prefix tuning: 20 virtual tokens (Lester et al. 2021 use 5 to 150; 20 is PEFT's
+    // example).
+    ropekit::LoraConfig lc;
+    lc.type = method == 3 ? ropekit::PeftType::kPromptTuning : ropekit::PeftType::kPrefixTuning;
+    lc.num_virtual_tokens = 20;
+    model.AddLora(lc, 1);
+  } else if (method > 0) {
     ropekit::LoraConfig lc;
     lc.rank = 8;
     lc.alpha = 16;
@@ -80,8 +89,8 @@ Result RunMethod(const ropekit::ModelConfig& config, int method, bool all_target
   res.trainable = static_cast<long long>(model.trainable_parameters().size());
   const long long frozen_float =
       method == 0 ? 0 : static_cast<long long>(model.parameters().size());
-  const long long proj = method == 2 ? model.projection_bytes() : 0;
-  res.state_bytes = 4 * (frozen_float + 4 * res.trainable) + proj;  // w, grad, m, v
+  const long long proj = method == 2 ? model.projection_bytes() : 0;  // (prompt: float base)
+  res.state_bytes = 4 * (frozen_float + 4 * res.trainable) + proj;    // w, grad, m, v
   res.proj_bits = 8.0 * static_cast<double>(model.projection_bytes()) /
                   static_cast<double>(model.projection_parameters());
   rusage ru{};
@@ -162,9 +171,9 @@ int main(int argc, char** argv) {
       seq_len = 256;
     }
     config.max_position_embeddings = seq_len;
-    const char* names[3] = {"full", "lora", "qlora"};
-    Result r[3];
-    for (int m = 0; m < 3; ++m) {
+    const char* names[5] = {"full", "lora", "qlora", "prompt", "prefix"};
+    Result r[5];
+    for (int m = 0; m < 5; ++m) {
       r[m] = InChild(config, m, all, threads, batch, seq_len, steps, repeats);
       std::printf(
           "{\"size\": \"%s\", \"method\": \"%s\", \"targets\": \"%s\", \"threads\": %d, "
@@ -177,8 +186,11 @@ int main(int argc, char** argv) {
     }
     std::printf(
         "# ratios: lora / full throughput %.2fx (goal >= 1.3); qlora / lora step time %.2fx "
-        "(goal <= 1.5); qlora %.3f bits per frozen projection weight (goal <= 4.2)\n",
-        r[1].tok_s / r[0].tok_s, r[2].step_ms / r[1].step_ms, r[2].proj_bits);
+        "(goal <= 1.5); qlora %.3f bits per frozen projection weight (goal <= 4.2); prompt "
+        "tuning (K = 20; tokens/s counts the real tokens) / lora throughput %.2fx; prefix "
+        "tuning (K = 20) / lora throughput %.2fx\n",
+        r[1].tok_s / r[0].tok_s, r[2].step_ms / r[1].step_ms, r[2].proj_bits,
+        r[3].tok_s / r[1].tok_s, r[4].tok_s / r[1].tok_s);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_finetune: %s\n", e.what());
     return 1;

@@ -217,12 +217,18 @@ TEST_P(BatchDecode, EqualsTheSingleSequenceCachedForward) {
 TEST_P(BatchDecode, SequenceLogitsAreBitwiseTheSameAloneOrInAnyBatch) {
   Model model(GetParam().config, 3);
   const int64_t V = model.config().vocab_size;
-  ThreadPool pool(2);
+  ThreadPool pool(2), pool3(3);
   const auto alone = DecodeTogether(model, {2}, nullptr);
+  // B = 1 < 2 threads: the ops of the one sequence use the pool. B >= threads: each thread
+  // decodes a contiguous share of the sequences (5 over 3 threads: shares of 1, 2 and 2).
+  const auto alone_pooled = DecodeTogether(model, {2}, &pool);
   const auto batch = DecodeTogether(model, {5, 2, 0, 7, 1}, &pool);
+  const auto batch3 = DecodeTogether(model, {5, 0, 7, 2, 1}, &pool3);
   const auto reversed = DecodeTogether(model, {1, 7, 0, 2, 5, 3, 4, 6}, &pool);
   for (int step = 0; step < 6; ++step) {
+    ASSERT_TRUE(SameBits(alone[step].data(), alone_pooled[step].data(), V)) << step;
     ASSERT_TRUE(SameBits(alone[step].data(), batch[step].data() + 1 * V, V)) << step;
+    ASSERT_TRUE(SameBits(alone[step].data(), batch3[step].data() + 3 * V, V)) << step;
     ASSERT_TRUE(SameBits(alone[step].data(), reversed[step].data() + 3 * V, V)) << step;
   }
 }

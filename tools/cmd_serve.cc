@@ -53,6 +53,12 @@ int RunServe(const ServeArgs& a) {
     // The adapter is folded into the weights once (as `ropekit merge` does), so batched
     // decoding serves base + adapter at the cost of the base alone.
     LoadLoraAdapter(model, a.adapter);
+    if (model.num_virtual_tokens() > 0) {
+      throw Error("--adapter " + a.adapter +
+                  ": serve takes LoRA adapters only (merged into the weights for batched "
+                  "decoding); a prompt-learning adapter (PROMPT_TUNING / PREFIX_TUNING) cannot "
+                  "be merged: use it with generate --adapter");
+    }
     model.MergeLora();
   }
   serve::Server server(std::move(model), options);

@@ -52,6 +52,11 @@ struct TrainArgs {
   double lora_alpha = 8.0, lora_dropout = 0.0;
   std::vector<std::string> lora_targets = {"q_proj", "v_proj"};
   bool lora_train_embeddings = false, lora_train_norms = false, qlora = false;
+  int prompt_tuning = 0;  // K virtual tokens (prompt tuning)
+  std::string prompt_init_text;
+  int prefix_tuning = 0;  // K prefix entries per layer (prefix tuning)
+  bool prefix_projection = false;
+  int prefix_hidden = 0;
   // Training.
   TrainConfig tc;
   std::string schedule = "cosine";
@@ -178,19 +183,37 @@ std::optional<LoraConfig> LoraFromArgs(const TrainArgs& a, CLI::App* sub) {
   const char* others[] = {"--lora-alpha",       "--lora-dropout",
                           "--lora-targets",     "--lora-train-embeddings",
                           "--lora-train-norms", "--qlora"};
-  if (sub->count("--lora-rank") == 0) {
+  const bool lora = sub->count("--lora-rank") > 0;
+  const bool prompt = sub->count("--prompt-tuning") > 0;
+  const bool prefix = sub->count("--prefix-tuning") > 0;
+  if (sub->count("--prompt-tuning-init-text") > 0 && !prompt) {
+    throw Error("--prompt-tuning-init-text: needs --prompt-tuning");
+  }
+  if (sub->count("--prefix-projection") > 0 && !prefix) {
+    throw Error("--prefix-projection: needs --prefix-tuning");
+  }
+  if (sub->count("--prefix-hidden") > 0 && !a.prefix_projection) {
+    throw Error("--prefix-hidden: needs --prefix-projection");
+  }
+  if (int(lora) + int(prompt) + int(prefix) > 1) {
+    throw Error("--lora-rank, --prompt-tuning and --prefix-tuning cannot be combined");
+  }
+  if (!lora) {
     for (const char* o : others) {
       if (sub->count(o) > 0) throw Error(std::string(o) + ": needs --lora-rank");
     }
-    return std::nullopt;
+    if (!prompt && !prefix) return std::nullopt;
   }
+  const char* option = lora ? "--lora-rank" : prompt ? "--prompt-tuning" : "--prefix-tuning";
   if (a.resume) {
-    throw Error(
-        "--lora-rank: --resume continues the adapter saved in --out with its own "
-        "config; omit the --lora-* options");
+    throw Error(std::string(option) +
+                ": --resume continues the adapter saved in --out with its own config; omit the "
+                "adapter options");
   }
   if (a.init.empty()) {
-    throw Error("--lora-rank: LoRA fine-tunes an existing model; give its checkpoint with --init");
+    throw Error(std::string(option) +
+                ": parameter-efficient fine-tuning adapts an existing model; give its "
+                "checkpoint with --init");
   }
   std::error_code ec;
   if (std::filesystem::exists(a.out, ec) && std::filesystem::equivalent(a.out, a.init, ec)) {
@@ -199,6 +222,27 @@ std::optional<LoraConfig> LoraFromArgs(const TrainArgs& a, CLI::App* sub) {
                 "(the base checkpoint is never modified)");
   }
   LoraConfig c;
+  c.base_model = std::filesystem::absolute(a.init).lexically_normal().string();
+  if (prompt) {
+    if (sub->count("--prompt-tuning-init-text") > 0 && a.prompt_init_text.empty()) {
+      throw Error("--prompt-tuning-init-text: the text is empty (omit the option for RANDOM)");
+    }
+    c.type = PeftType::kPromptTuning;
+    c.num_virtual_tokens = a.prompt_tuning;
+    c.prompt_init_text = a.prompt_init_text;
+    return c;
+  }
+  if (prefix) {
+    if (sub->count("--prefix-hidden") > 0 && a.prefix_hidden < 1) {
+      throw Error("--prefix-hidden " + std::to_string(a.prefix_hidden) +
+                  " (encoder_hidden_size) is outside [1, 65536]");
+    }
+    c.type = PeftType::kPrefixTuning;
+    c.num_virtual_tokens = a.prefix_tuning;
+    c.prefix_projection = a.prefix_projection;
+    c.prefix_hidden = a.prefix_hidden;
+    return c;
+  }
   c.rank = a.lora_rank;
   c.alpha = a.lora_alpha;
   c.dropout = a.lora_dropout;
@@ -300,7 +344,11 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
         RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
     model = std::make_unique<Model>(LoadModel(a.init, lo));
     if (lora) {
-      if (a.tc.bf16) throw Error("--bf16 cannot be combined with --lora-rank / --qlora");
+      if (a.tc.bf16) {
+        throw Error(
+            "--bf16 cannot be combined with --lora-rank / --qlora / --prompt-tuning / "
+            "--prefix-tuning");
+      }
       lora->Validate(model->config());
       model->AddLora(*lora, a.seed);
     }
@@ -340,7 +388,16 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
                  static_cast<long long>(model->num_parameters()), all.size(), val.size(),
                  static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
     if (a.tc.bf16) std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
-    if (const LoraConfig* lc = model->lora_config()) {
+    if (const LoraConfig* lc = model->lora_config(); lc && lc->type == PeftType::kPromptTuning) {
+      std::fprintf(stderr, "prompt tuning: %d virtual tokens (%s), %zu trainable parameters\n",
+                   lc->num_virtual_tokens, lc->prompt_init_text.empty() ? "RANDOM" : "TEXT",
+                   model->trainable_parameters().size());
+    } else if (lc && lc->type == PeftType::kPrefixTuning) {
+      std::fprintf(stderr,
+                   "prefix tuning: %d prefix entries per layer%s, %zu trainable parameters\n",
+                   lc->num_virtual_tokens, lc->prefix_projection ? " (through the MLP)" : "",
+                   model->trainable_parameters().size());
+    } else if (lc) {
       std::fprintf(stderr,
                    "%s: r=%d alpha=%g dropout=%g, %zu trainable parameters; frozen projections "
                    "%.3f bits per parameter\n",
@@ -531,6 +588,25 @@ const CommandRegistration kTrain{
       sub->add_flag("--qlora", a->qlora,
                     "QLoRA: keep the frozen projections as NF4 with double-quantized scales "
                     "(Dettmers et al. 2023), dequantized inside every product")
+          ->group(f);
+      sub->add_option("--prompt-tuning", a->prompt_tuning,
+                      "Prompt tuning: freeze --init and train K virtual token embeddings "
+                      "prepended to the input (Lester et al. 2021)")
+          ->group(f);
+      sub->add_option("--prompt-tuning-init-text", a->prompt_init_text,
+                      "With --prompt-tuning: initialise the virtual tokens from the embeddings of "
+                      "this text's bytes, repeated or cut to K (PEFT's TEXT init; default RANDOM)")
+          ->group(f);
+      sub->add_option("--prefix-tuning", a->prefix_tuning,
+                      "Prefix tuning: freeze --init and train K key / value prefix entries per "
+                      "layer (Li & Liang 2021; P-Tuning v2)")
+          ->group(f);
+      sub->add_flag("--prefix-projection", a->prefix_projection,
+                    "With --prefix-tuning: train through PEFT's reparameterisation MLP "
+                    "(Embedding -> Linear -> tanh -> Linear); its output is saved")
+          ->group(f);
+      sub->add_option("--prefix-hidden", a->prefix_hidden,
+                      "With --prefix-projection: the MLP's hidden size (default: the KV width)")
           ->group(f);
       auto* t = "Training";
       sub->add_option("--steps", a->tc.steps, "Optimizer steps")->group(t)->capture_default_str();

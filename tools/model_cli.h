@@ -66,7 +66,7 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
   }
 }
 
-// --adapter / --qlora of eval and generate: a PEFT LoRA adapter on top of --model.
+// --adapter / --qlora of eval and generate: a PEFT adapter on top of --model.
 struct AdapterArgs {
   std::string dir;
   bool qlora = false;
@@ -74,9 +74,10 @@ struct AdapterArgs {
 
 inline void AddAdapterOptions(CLI::App* sub, AdapterArgs& args) {
   sub->add_option("--adapter", args.dir,
-                  "A LoRA adapter directory (PEFT layout: adapter_config.json + "
-                  "adapter_model.safetensors, e.g. the --out of train --lora-rank) applied to "
-                  "--model without merging");
+                  "A PEFT adapter directory (LORA, PROMPT_TUNING or PREFIX_TUNING: "
+                  "adapter_config.json + adapter_model.safetensors, e.g. the --out of train "
+                  "--lora-rank / --prompt-tuning / --prefix-tuning) applied to --model without "
+                  "merging");
   sub->add_flag("--qlora", args.qlora,
                 "With --adapter: run the base projections as NF4 (4-bit NormalFloat, double "
                 "quantized), as the adapter was trained with train --qlora");

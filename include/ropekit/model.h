@@ -111,17 +111,46 @@ struct TensorInfo {
 // adapter leaves the model's outputs bit for bit unchanged. LongLoRA's "LoRA+" (Chen et al. 2023,
 // arXiv:2309.12307) also trains the token embeddings and the RMSNorm gains; PEFT saves those as
 // modules_to_save. QLoRA keeps the frozen projection matrices as 4-bit NormalFloat (see nf4.h).
+//
+// The same struct describes PEFT's prompt-learning adapters (type != kLora), whose base model is
+// frozen as well and which are saved in the same directories (adapter_config.json with peft_type
+// PROMPT_TUNING / PREFIX_TUNING, adapter_model.safetensors with the tensor `prompt_embeddings`):
+// - Prompt tuning (Lester et al. 2021, arXiv:2104.08691; peft tuners/prompt_tuning): K trainable
+//   virtual token embeddings [K, d] are prepended to the token embeddings (PEFT concatenates them
+//   to inputs_embeds), so they take positions 0..K-1 and the real tokens K, K+1, ...; they are
+//   rotated by RoPE like any token. Initialised RANDOM (N(0, 1), torch's nn.Embedding) or TEXT:
+//   rows of the word embedding for the text's byte ids, repeated or cut to K (PEFT's
+//   PromptEmbedding). Logits and losses are those of the real tokens only.
+// - Prefix tuning (Li & Liang 2021, arXiv:2101.00190; P-Tuning v2; peft tuners/prefix_tuning):
+//   every layer attends over K trainable key and value rows in front of the sequence's own, as
+//   PEFT passes them: past_key_values, i.e. KV-cache entries 0..K-1 whose keys are never
+//   rotated, real tokens at positions K, K+1, ... The saved table prompt_embeddings is
+//   [K, L * 2 * Hkv * D] (PEFT's GQA rule: token_dim = Hkv * D), row k = [L * 2, Hkv, D] with
+//   layer l's key at slice 2l and its value at 2l + 1. With prefix_projection the trainable
+//   parameters are PEFT's PrefixEncoder (Embedding(K, td) -> Linear(td, Hh) -> tanh ->
+//   Linear(Hh, L * 2 * td)) and the saved table is its output. Length-dependent RoPE (dynamic,
+//   longrope) is refused: it re-rotates cached keys, prefix keys are fixed entries.
+enum class PeftType { kLora, kPromptTuning, kPrefixTuning };
+inline constexpr int64_t kMaxVirtualTokens = 65536;
+
 struct LoraConfig {
-  int rank = 8;                                                    // r, in [1, min(in, out)]
-  double alpha = 8.0;                                              // scaling = alpha / r
-  double dropout = 0.0;                                            // on the input of A, in [0, 1)
+  PeftType type = PeftType::kLora;  // peft_type: LORA, PROMPT_TUNING, PREFIX_TUNING
+  int rank = 8;                     // r, in [1, min(in, out)]
+  double alpha = 8.0;               // scaling = alpha / r
+  double dropout = 0.0;             // on the input of A, in [0, 1)
   std::vector<std::string> target_modules = {"q_proj", "v_proj"};  // PEFT's llama default
   bool train_embeddings = false;  // embed_tokens (and the tied head) trainable
   bool train_norms = false;       // every RMSNorm gain trainable
   bool qlora = false;             // frozen projections stored as NF4 + double quantization
   std::string base_model;         // base_model_name_or_path: the base checkpoint's directory
+  // Prompt learning: num_virtual_tokens K, in [1, max_position_embeddings - 1].
+  int num_virtual_tokens = 0;
+  std::string prompt_init_text;    // prompt tuning: "" = RANDOM, else TEXT initialisation
+  bool prefix_projection = false;  // prefix tuning: train through the reparameterisation MLP
+  int prefix_hidden = 0;           // its hidden size (encoder_hidden_size); 0 = token_dim
 
-  // Throws Error naming the option (--lora-rank, --lora-targets, ...) and the accepted range.
+  // Throws Error naming the option (--lora-rank, --lora-targets, --prompt-tuning, ...) and the
+  // accepted range.
   void Validate(const ModelConfig& model) const;
 };
 
@@ -218,7 +247,18 @@ class Model {
   // gradients have its size, and no gradient of a frozen matrix is computed. Throws Error for
   // a bad config or when an adapter is already present.
   void AddLora(const LoraConfig& config, uint64_t seed);
+  // With a prompt-tuning config (config.type) it adds K virtual token embeddings instead (from
+  // `seed` or from config.prompt_init_text; no LoRA matrices). Forward, ForwardBackward and
+  // Evaluate then take and return the real tokens only; ForwardCached puts the virtual tokens
+  // into an empty cache first (cache entries 0..K-1).
   const LoraConfig* lora_config() const;  // nullptr without an adapter
+  // With a prefix-tuning config it adds the per-layer key / value prefixes (the table, or the
+  // reparameterisation MLP, from `seed`); ForwardCached puts them into an empty cache.
+  // K of a prompt-learning adapter (the cache entries it occupies), else 0.
+  int64_t num_virtual_tokens() const;
+  // Prefix tuning: the table [K, L * 2 * Hkv * D] as saved (the MLP's output with
+  // prefix_projection). Throws Error without a prefix-tuning adapter.
+  std::vector<float> prefix_table() const;
   // Trainable parameters: parameters() without an adapter, else the adapter's buffer. The
   // tensors carry PEFT's saved names ("base_model.model.model.layers.0.self_attn.q_proj.lora_A
   // .weight", "base_model.model.model.embed_tokens.weight", ...).
@@ -229,7 +269,8 @@ class Model {
   // of (data_seed, step, micro-batch), so a resumed run draws the same masks).
   void set_dropout_seed(uint64_t seed);
   // Folds the adapter into the weights (W += (alpha / r) B A, in double, rounded once to float)
-  // and removes it: an ordinary model again. Refused for QLoRA (its base has no float weights).
+  // and removes it: an ordinary model again. Refused for QLoRA (its base has no float weights)
+  // and for prompt learning (virtual tokens are no weight update; PEFT cannot merge them either).
   void MergeLora();
   // Bytes that hold the frozen projection matrices (float32, or NF4 codes + double-quantized
   // block scales under QLoRA) and their element count.
@@ -270,9 +311,10 @@ class KVCache {
 // logits with matrix-matrix products ([B, d] x [d, N]) instead of B matrix-vector products.
 // Row b's logits depend on (caches[b], tokens[b]) only: they are bitwise identical for any B, any
 // order of the sequences and any thread count (the products use ops::MatMulRowwise, attention
-// runs per sequence). They equal ForwardCached's logits up to float32 summation order.
-// Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses its
-// own workspace; like Model, not safe for concurrent calls on the same model.
+// runs per sequence; with a pool of W threads and B >= W, each thread decodes a contiguous share
+// of the sequences through all layers). They equal ForwardCached's logits up to float32 summation
+// order. Length-dependent RoPE (dynamic, longrope) and kBf16 precision are refused (Error). Uses
+// its own workspace; like Model, not safe for concurrent calls on the same model.
 class BatchDecoder {
  public:
   explicit BatchDecoder(Model& model);
@@ -283,7 +325,11 @@ class BatchDecoder {
             ThreadPool* pool);
 
  private:
+  struct Rows;
   struct Scratch;
+  // The layers for one group of sequences (all of them, or one worker's share), ops on `pool`.
+  void DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                   const RopeTable* table, Rows& rows, float* logits, ThreadPool* pool);
   Model& model_;
   std::unique_ptr<Scratch> scratch_;
 };
@@ -470,6 +516,13 @@ TrainingCheckpoint LoadCheckpoint(const std::string& dir);
 // included), which LoadCheckpoint reapplies to the base named by base_model_name_or_path.
 std::string LoraConfigToPeftJson(const LoraConfig& config);
 LoraConfig LoraConfigFromPeftJson(std::string_view json_text, const std::string& name);
+// adapter_config.json of any adapter type: LoraConfigToPeftJson for LoRA; for prompt tuning
+// peft_type "PROMPT_TUNING", num_virtual_tokens, token_dim (d), num_layers,
+// num_attention_heads, num_transformer_submodules 1, prompt_tuning_init RANDOM / TEXT,
+// prompt_tuning_init_text, task_type "CAUSAL_LM", base_model_name_or_path (sorted keys).
+// LoraConfigFromPeftJson reads both; LoadLoraAdapter checks token_dim, num_layers and
+// num_attention_heads against the base and throws Error naming the field.
+std::string AdapterConfigToPeftJson(const LoraConfig& config, const ModelConfig& model);
 // Adds the LoRA adapter saved in `dir` (a committed training directory or a plain PEFT adapter
 // directory) to `model`; qlora quantizes the base first. Throws Error naming the tensor when the
 // adapter was saved for another base shape, and for adapter types other than LORA.

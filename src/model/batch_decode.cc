@@ -34,29 +34,39 @@ TensorView RowView(float* data, int64_t tokens, int64_t heads, int64_t head_dim,
 
 }  // namespace
 
-struct BatchDecoder::Scratch {
+// Row buffers of one group of sequences (the whole batch, or one worker's share of it).
+struct BatchDecoder::Rows {
   int64_t batch = -1;
   // [B, ...] rows; qkv: q | k | v per row (hq + 2 hk), gu: gate | up per row (2 F).
   std::vector<float> x, xn, qkv, ao, mid, gu, h, inv;
   std::vector<int64_t> positions;          // [B]
-  std::vector<int64_t> key_positions;      // 0, 1, ..., max Tk - 1
   std::vector<std::vector<float>> scores;  // [workers][max Tk]
 
-  void Resize(const ModelConfig& c, int64_t b) {
-    if (batch == b) return;
-    const int64_t d = c.hidden_size, hq = int64_t{c.num_heads} * c.head_dim;
-    const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, F = c.intermediate_size;
-    x.assign(b * d, 0.0f);
-    xn.assign(b * d, 0.0f);
-    mid.assign(b * d, 0.0f);
-    qkv.assign(b * (hq + 2 * hk), 0.0f);
-    ao.assign(b * hq, 0.0f);
-    gu.assign(b * 2 * F, 0.0f);
-    h.assign(b * F, 0.0f);
-    inv.assign(b, 0.0f);
-    positions.assign(b, 0);
-    batch = b;
+  void Resize(const ModelConfig& c, int64_t b, size_t workers, int64_t max_tk) {
+    if (batch != b) {
+      const int64_t d = c.hidden_size, hq = int64_t{c.num_heads} * c.head_dim;
+      const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, F = c.intermediate_size;
+      x.assign(b * d, 0.0f);
+      xn.assign(b * d, 0.0f);
+      mid.assign(b * d, 0.0f);
+      qkv.assign(b * (hq + 2 * hk), 0.0f);
+      ao.assign(b * hq, 0.0f);
+      gu.assign(b * 2 * F, 0.0f);
+      h.assign(b * F, 0.0f);
+      inv.assign(b, 0.0f);
+      positions.assign(b, 0);
+      batch = b;
+    }
+    if (scores.size() < workers) scores.resize(workers);
+    for (std::vector<float>& w : scores) {
+      if (static_cast<int64_t>(w.size()) < max_tk) w.resize(max_tk);
+    }
   }
+};
+
+struct BatchDecoder::Scratch {
+  std::vector<Rows> groups;            // [groups]: one per worker when the batch is split
+  std::vector<int64_t> key_positions;  // 0, 1, ..., max Tk - 1
 };
 
 BatchDecoder::BatchDecoder(Model& model) : model_(model), scratch_(std::make_unique<Scratch>()) {
@@ -86,10 +96,7 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   }
   const int64_t B = static_cast<int64_t>(tokens.size());
   if (B == 0) return;
-  const int64_t d = c.hidden_size, D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
-  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
-  Scratch& s = *scratch_;
-  s.Resize(c, B);
+  const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, V = c.vocab_size;
   int64_t max_tk = 0;
   for (int64_t b = 0; b < B; ++b) {
     const KVCache* cache = caches[b];
@@ -107,19 +114,58 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
       throw Error("BatchDecoder::Step: token " + std::to_string(tokens[b]) + " is outside [0, " +
                   std::to_string(V) + ")");
     }
-    s.positions[b] = cache->size_;
     max_tk = std::max(max_tk, cache->size_ + 1);
   }
-  const size_t workers = pool != nullptr ? pool->num_threads() : 1;
-  if (s.scores.size() < workers) s.scores.resize(workers);
-  for (std::vector<float>& w : s.scores) {
-    if (static_cast<int64_t>(w.size()) < max_tk) w.resize(max_tk);
-  }
+  Scratch& s = *scratch_;
   if (static_cast<int64_t>(s.key_positions.size()) < max_tk) {
     s.key_positions.resize(max_tk);
     std::iota(s.key_positions.begin(), s.key_positions.end(), int64_t{0});
   }
+  // Built (or grown) once, before any worker reads it.
+  const RopeTable* table = I.pe->acts_on_query_key() ? &I.Table(max_tk) : nullptr;
+  // With W > 1 workers and at least W sequences, each worker decodes a contiguous share of the
+  // sequences through all layers on its own (one hand-off per step instead of one per op, and no
+  // product split into column blocks too small to pay for it). Otherwise the ops of the whole
+  // batch use the pool. A row's arithmetic is the same either way (MatMulRowwise rows and
+  // attention per sequence are independent of the others), so the logits are too.
+  const size_t workers = pool != nullptr ? pool->num_threads() : 1;
+  const bool split = workers > 1 && B >= static_cast<int64_t>(workers);
+  const size_t groups = split ? workers : 1;
+  if (s.groups.size() < groups) s.groups.resize(groups);
+  for (size_t g = 0; g < groups; ++g) {
+    const int64_t b0 = B * static_cast<int64_t>(g) / static_cast<int64_t>(groups);
+    const int64_t b1 = B * static_cast<int64_t>(g + 1) / static_cast<int64_t>(groups);
+    s.groups[g].Resize(c, b1 - b0, split ? 1 : workers, max_tk);
+  }
+  auto run = [&](size_t g, ThreadPool* p) {
+    const int64_t b0 = B * static_cast<int64_t>(g) / static_cast<int64_t>(groups);
+    const int64_t b1 = B * static_cast<int64_t>(g + 1) / static_cast<int64_t>(groups);
+    DecodeGroup(caches.subspan(b0, b1 - b0), tokens.subspan(b0, b1 - b0), table, s.groups[g],
+                logits + b0 * V, p);
+  };
+  if (split) {
+    pool->ParallelFor(groups, [&](size_t begin, size_t end, size_t) {
+      for (size_t g = begin; g < end; ++g) run(g, nullptr);
+    });
+  } else {
+    run(0, pool);
+  }
+  for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
+}
 
+void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
+                               const RopeTable* table, Rows& s, float* logits, ThreadPool* pool) {
+  Model::Impl& I = *model_.impl_;
+  const ModelConfig& c = I.config;
+  const int64_t B = static_cast<int64_t>(tokens.size());
+  const int64_t d = c.hidden_size, D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, F = c.intermediate_size, V = c.vocab_size;
+  int64_t max_tk = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    s.positions[b] = caches[b]->size_;
+    max_tk = std::max(max_tk, caches[b]->size_ + 1);
+  }
+  const std::vector<int64_t>& key_positions = scratch_->key_positions;
   const float* P = I.params.data();
   const float* W = I.MatmulWeights();
   for (int64_t b = 0; b < B; ++b) {
@@ -127,8 +173,6 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   }
   const PositionSpan pos_span(s.positions);
   if (I.pe->acts_on_embeddings()) I.pe->AddToEmbeddings(pos_span, I.PeParams(), s.x.data(), d);
-  const bool rope = I.pe->acts_on_query_key();
-  const RopeTable* table = rope ? &I.Table(max_tk) : nullptr;
   RotateOptions rot;
   rot.layout = c.position_encoding.rope_layout;
   rot.pool = pool;
@@ -150,7 +194,7 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
           {W + o.q, hq, s.qkv.data()}, {W + o.k, hk, qk_k}, {W + o.v, hk, qk_v}};
       ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, wqkv, pool);
     }
-    if (rope) {
+    if (table != nullptr) {
       OpTimer timer("dec rope");
       const TensorView qv = RowView(s.qkv.data(), B, H, D, wqkv);
       const TensorView kv = RowView(qk_k, B, Hkv, D, wqkv);
@@ -188,7 +232,7 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                     args.out_row_stride = hq;
                     args.out_batch_stride = hq;
                     args.q_positions = std::span<const int64_t>(&s.positions[b], 1);
-                    args.k_positions = std::span<const int64_t>(s.key_positions.data(),
+                    args.k_positions = std::span<const int64_t>(key_positions.data(),
                                                                 static_cast<size_t>(pos + 1));
                     args.scale = scale;
                     args.logit_bias = I.pe.get();
@@ -234,7 +278,6 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   OpTimer timer("dec matmul head");
   ops::MatMulRowwise(s.xn.data(), W + I.head, logits, B, d, V, pool);
   timer.Stop();
-  for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
 }
 
 }  // namespace ropekit

@@ -42,9 +42,16 @@ static_assert(std::endian::native == std::endian::little, "little-endian hosts o
 
 constexpr const char* kCurrent = "current";
 constexpr const char* kManifest = "manifest.json";
-constexpr const char* kCheckpointFiles[] = {"config.json",           "model.safetensors",
-                                            "adapter_config.json",   "adapter_model.safetensors",
-                                            "optimizer.safetensors", "trainer_state.json"};
+constexpr const char* kCheckpointFiles[] = {"config.json",
+                                            "model.safetensors",
+                                            "adapter_config.json",
+                                            "adapter_model.safetensors",
+                                            "optimizer.safetensors",
+                                            "trainer_state.json",
+                                            "prefix_encoder.safetensors"};
+// Prefix tuning with prefix_projection: the reparameterisation MLP, for --resume (PEFT saves
+// only its output, in adapter_model.safetensors).
+constexpr const char* kPrefixEncoder = "prefix_encoder.safetensors";
 constexpr const char* kAdapterConfig = "adapter_config.json";
 constexpr const char* kAdapterWeights = "adapter_model.safetensors";
 
@@ -432,16 +439,53 @@ TrainConfig LoadTrainConfigFrom(const Resolved& r) {
   return TrainConfigFromJson(j["train_config"].dump(), path);
 }
 
+// A prompt-learning adapter_config.json's model fields against the base.
+// Prefix tuning follows PEFT's GQA rule: token_dim = Hkv * D, num_attention_heads = Hkv.
+void CheckPromptFields(const Resolved& r, const ModelConfig& c, PeftType type) {
+  const std::string path = Join(r.dir, kAdapterConfig);
+  const Json j = Json::parse(ReadPart(r, kAdapterConfig));
+  const bool prefix = type == PeftType::kPrefixTuning;
+  const std::pair<const char*, int> fields[] = {
+      {"token_dim", prefix ? c.num_kv_heads * c.head_dim : c.hidden_size},
+      {"num_layers", c.num_layers},
+      {"num_attention_heads", prefix ? c.num_kv_heads : c.num_heads}};
+  for (const auto& [field, want] : fields) {
+    if (!j.contains(field) || j[field].is_null()) continue;
+    if (!j[field].is_number_integer() || j[field].get<int64_t>() != want) {
+      throw Error(path + ": " + field + " " + j[field].dump() + " does not match the base model (" +
+                  std::to_string(want) +
+                  " accepted): the adapter was saved for another base shape");
+    }
+  }
+}
+
 // Adds the adapter of `r` (adapter_config.json as `config`, adapter_model.safetensors) to
 // `model` and loads its tensors.
-void ApplyAdapter(const Resolved& r, Model& model, const LoraConfig& config,
+void ApplyAdapter(const Resolved& r, Model& model, const LoraConfig& config_in,
                   std::optional<int64_t>* step) {
-  const std::string path = Join(r.dir, kAdapterWeights);
+  std::string path = Join(r.dir, kAdapterWeights);
   const std::string bytes = ReadPart(r, kAdapterWeights);
-  const ParsedSafetensors parsed = ParseSafetensorsWithMetadata(bytes, path);
+  ParsedSafetensors parsed = ParseSafetensorsWithMetadata(bytes, path);
   VerifyPart(r, kAdapterWeights, bytes);
   *step = RecordedStep(parsed, path);
   RequireStep(r.step, Join(r.dir, kManifest), *step, path);
+  if (config_in.type != PeftType::kLora) CheckPromptFields(r, model.config(), config_in.type);
+  LoraConfig config = config_in;
+  if (config.prefix_projection) {
+    // A training directory holds the encoder (resume trains it further); a plain PEFT adapter
+    // only its output table, which inference needs.
+    std::error_code ec;
+    if (fs::exists(Join(r.dir, kPrefixEncoder), ec)) {
+      path = Join(r.dir, kPrefixEncoder);
+      const std::string enc = ReadPart(r, kPrefixEncoder);
+      parsed = ParseSafetensorsWithMetadata(enc, path);
+      VerifyPart(r, kPrefixEncoder, enc);
+      RequireStep(r.step, Join(r.dir, kManifest), RecordedStep(parsed, path), path);
+    } else {
+      config.prefix_projection = false;
+      config.prefix_hidden = 0;
+    }
+  }
   model.AddLora(config, 0);
   const std::vector<TensorInfo>& infos = model.trainable_tensors();
   std::span<float> params = model.trainable_parameters();
@@ -465,9 +509,12 @@ void ApplyAdapter(const Resolved& r, Model& model, const LoraConfig& config,
       std::string want, got;
       for (int64_t v : info.shape) want += std::to_string(v) + " ";
       for (int64_t v : t.shape) got += std::to_string(v) + " ";
-      throw Error(path + ": tensor " + t.name + " has shape [ " + got + "], " + base +
-                  " with r = " + std::to_string(config.rank) + " needs [ " + want +
-                  "]: the adapter was saved for another base shape");
+      const std::string with =
+          config.type == PeftType::kLora
+              ? " with r = " + std::to_string(config.rank)
+              : " with num_virtual_tokens = " + std::to_string(config.num_virtual_tokens);
+      throw Error(path + ": tensor " + t.name + " has shape [ " + got + "], " + base + with +
+                  " needs [ " + want + "]: the adapter was saved for another base shape");
     }
     std::copy(t.data.begin(), t.data.end(), params.begin() + info.offset);
     seen[index] = true;
@@ -627,14 +674,23 @@ void SaveCheckpoint(const std::string& dir, const Model& model, const OptimizerS
   const LoraConfig* lora = model.lora_config();
   const std::string config_file = lora ? kAdapterConfig : "config.json";
   const std::string weights_file = lora ? kAdapterWeights : "model.safetensors";
-  WriteFileAtomic(Join(step_dir, config_file),
-                  lora ? LoraConfigToPeftJson(*lora) : ModelConfigToJson(model.config()));
+  WriteFileAtomic(Join(step_dir, config_file), lora ? AdapterConfigToPeftJson(*lora, model.config())
+                                                    : ModelConfigToJson(model.config()));
   record(config_file);
   std::vector<SafeTensor> tensors;
   const std::span<const float> p = model.trainable_parameters();
   for (const TensorInfo& t : model.trainable_tensors()) {
     tensors.push_back(
         {t.name, t.shape, std::vector<float>(p.begin() + t.offset, p.begin() + t.offset + t.size)});
+  }
+  if (lora && lora->type == PeftType::kPrefixTuning && lora->prefix_projection) {
+    // PEFT saves the encoder's output; the encoder itself goes beside it for --resume.
+    WriteSafetensors(Join(step_dir, kPrefixEncoder), tensors, {{"ropekit.step", step}});
+    record(kPrefixEncoder);
+    const int64_t K = model.num_virtual_tokens();
+    std::vector<float> table = model.prefix_table();
+    const int64_t width = static_cast<int64_t>(table.size()) / K;
+    tensors = {{"prompt_embeddings", {K, width}, std::move(table)}};
   }
   WriteSafetensors(Join(step_dir, weights_file), tensors, {{"ropekit.step", step}});
   record(weights_file);
@@ -755,6 +811,65 @@ TrainConfig LoadTrainConfig(const std::string& dir) {
 
 namespace ropekit {
 
+namespace {
+
+// peft PromptLearningConfig / PromptTuningConfig fields (config.py, tuners/prompt_tuning/
+// config.py) as save_pretrained writes them for a causal LM (num_transformer_submodules 1;
+// token_dim, num_layers and num_attention_heads filled from the model config as
+// _prepare_prompt_learning_config does).
+std::string PromptConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
+  nlohmann::json j;
+  j["peft_type"] = "PROMPT_TUNING";
+  j["task_type"] = "CAUSAL_LM";
+  j["base_model_name_or_path"] = c.base_model;
+  j["revision"] = nullptr;
+  j["inference_mode"] = true;
+  j["num_virtual_tokens"] = c.num_virtual_tokens;
+  j["num_transformer_submodules"] = 1;
+  j["token_dim"] = m.hidden_size;
+  j["num_layers"] = m.num_layers;
+  j["num_attention_heads"] = m.num_heads;
+  j["modules_to_save"] = nullptr;
+  const bool text = !c.prompt_init_text.empty();
+  j["prompt_tuning_init"] = text ? "TEXT" : "RANDOM";
+  j["prompt_tuning_init_text"] = text ? nlohmann::json(c.prompt_init_text) : nlohmann::json();
+  // PEFT requires a tokenizer name with TEXT; ropekit's is byte-level (one id per byte), named
+  // by the base checkpoint.
+  j["tokenizer_name_or_path"] = text ? nlohmann::json(c.base_model) : nlohmann::json();
+  j["tokenizer_kwargs"] = nullptr;
+  return j.dump(2) + "\n";
+}
+
+}  // namespace
+
+// peft PrefixTuningConfig (tuners/prefix_tuning/config.py) with PEFT's GQA rule applied as
+// _prepare_prompt_learning_config does: token_dim = head_dim * num_key_value_heads,
+// num_attention_heads = num_key_value_heads.
+std::string PrefixConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
+  const int td = m.num_kv_heads * m.head_dim;
+  nlohmann::json j;
+  j["peft_type"] = "PREFIX_TUNING";
+  j["task_type"] = "CAUSAL_LM";
+  j["base_model_name_or_path"] = c.base_model;
+  j["revision"] = nullptr;
+  j["inference_mode"] = true;
+  j["num_virtual_tokens"] = c.num_virtual_tokens;
+  j["num_transformer_submodules"] = 1;
+  j["token_dim"] = td;
+  j["num_layers"] = m.num_layers;
+  j["num_attention_heads"] = m.num_kv_heads;
+  j["encoder_hidden_size"] = c.prefix_hidden > 0 ? c.prefix_hidden : td;
+  j["prefix_projection"] = c.prefix_projection;
+  j["modules_to_save"] = nullptr;
+  return j.dump(2) + "\n";
+}
+
+std::string AdapterConfigToPeftJson(const LoraConfig& c, const ModelConfig& model) {
+  if (c.type == PeftType::kPromptTuning) return PromptConfigToPeftJson(c, model.Resolved());
+  if (c.type == PeftType::kPrefixTuning) return PrefixConfigToPeftJson(c, model.Resolved());
+  return LoraConfigToPeftJson(c);
+}
+
 std::string LoraConfigToPeftJson(const LoraConfig& c) {
   // peft LoraConfig fields (tuners/lora/config.py) with their defaults where ropekit has no
   // counterpart; nlohmann::json keeps keys sorted, as PEFT's sort_keys=True.
@@ -798,8 +913,39 @@ LoraConfig LoraConfigFromPeftJson(std::string_view text, const std::string& name
   try {
     if (!j.is_object()) throw Error("the top level must be a JSON object");
     const std::string type = j.value("peft_type", std::string());
+    if (type == "PROMPT_TUNING") {
+      c.type = PeftType::kPromptTuning;
+      c.num_virtual_tokens = j.at("num_virtual_tokens").get<int>();
+      if (j.value("prompt_tuning_init", std::string("RANDOM")) == "TEXT" &&
+          j.contains("prompt_tuning_init_text") && j["prompt_tuning_init_text"].is_string()) {
+        c.prompt_init_text = j["prompt_tuning_init_text"].get<std::string>();
+      }
+      if (j.value("num_transformer_submodules", 1) != 1) {
+        throw Error("num_transformer_submodules must be 1 (a causal LM)");
+      }
+      if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
+        c.base_model = j["base_model_name_or_path"].get<std::string>();
+      }
+      return c;
+    }
+    if (type == "PREFIX_TUNING") {
+      c.type = PeftType::kPrefixTuning;
+      c.num_virtual_tokens = j.at("num_virtual_tokens").get<int>();
+      if (j.value("num_transformer_submodules", 1) != 1) {
+        throw Error("num_transformer_submodules must be 1 (a causal LM)");
+      }
+      c.prefix_projection = j.value("prefix_projection", false);
+      if (c.prefix_projection && j.contains("encoder_hidden_size") &&
+          !j["encoder_hidden_size"].is_null()) {
+        c.prefix_hidden = j["encoder_hidden_size"].get<int>();
+      }
+      if (j.contains("base_model_name_or_path") && j["base_model_name_or_path"].is_string()) {
+        c.base_model = j["base_model_name_or_path"].get<std::string>();
+      }
+      return c;
+    }
     if (type != "LORA") {
-      throw Error("peft_type is '" + type + "'; only LORA adapters are supported");
+      throw Error("peft_type is '" + type + "'; supported: LORA, PROMPT_TUNING, PREFIX_TUNING");
     }
     c.rank = j.at("r").get<int>();
     c.alpha = j.value("lora_alpha", 8.0);

@@ -70,7 +70,11 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
                               const ContextShiftConfig* shift) {
   if (prompt.empty()) throw Error("generate: the prompt must hold at least one token");
   if (max_new_tokens < 0) throw Error("generate: max_new_tokens must be >= 0");
-  const int64_t prompt_size = static_cast<int64_t>(prompt.size());
+  // A prompt-learning adapter's K virtual tokens occupy the cache entries 0..K-1 before the
+  // prompt (ForwardCached puts them there); they count as part of the prompt here and are never
+  // dropped by a context shift (kept as extra sink tokens).
+  const int64_t virtual_tokens = model.num_virtual_tokens();
+  const int64_t prompt_size = static_cast<int64_t>(prompt.size()) + virtual_tokens;
   // Without a context shift, prompt + new tokens is the KV cache's capacity: bounded before the
   // sum is formed. With one, the cache holds at most the context, and the sum saturates.
   if (shift == nullptr &&
@@ -95,8 +99,17 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
                   ") plus at least 2");
     }
     if (prompt_size > context) {
-      throw Error("context shift: the prompt (" + std::to_string(prompt_size) +
-                  " tokens) is longer than the context (" + std::to_string(context) + ")");
+      throw Error("context shift: the prompt (" + std::to_string(prompt.size()) + " tokens" +
+                  (virtual_tokens > 0
+                       ? " plus the adapter's " + std::to_string(virtual_tokens) + " virtual tokens"
+                       : std::string()) +
+                  ") is longer than the context (" + std::to_string(context) + ")");
+    }
+    if (virtual_tokens + shift->n_keep + 2 > context) {
+      throw Error("context shift: the context (" + std::to_string(context) +
+                  ") must hold the adapter's " + std::to_string(virtual_tokens) +
+                  " virtual tokens, the n_keep sink tokens (" + std::to_string(shift->n_keep) +
+                  ") and at least 2 more");
     }
     if (shift->n_discard >= context - shift->n_keep) {
       throw Error("context shift: n_discard (" + std::to_string(shift->n_discard) +
@@ -117,10 +130,11 @@ std::vector<int32_t> Generate(Model& model, std::span<const int32_t> prompt, int
     if (on_token) on_token(next);
     if (i + 1 < max_new_tokens) {
       if (cache.size() == cache.capacity() && shift != nullptr) {
+        const int64_t keep = virtual_tokens + shift->n_keep;
         const int64_t n_discard = shift->n_discard > 0
-                                      ? shift->n_discard
-                                      : std::max<int64_t>(1, (cache.size() - shift->n_keep) / 2);
-        model.ContextShift(cache, shift->n_keep, n_discard, pool);
+                                      ? std::min(shift->n_discard, cache.size() - keep)
+                                      : std::max<int64_t>(1, (cache.size() - keep) / 2);
+        model.ContextShift(cache, keep, n_discard, pool);
       }
       model.ForwardCached(std::span<const int32_t>(&next, 1), cache, logits.data(), true, pool);
     }

@@ -95,6 +95,45 @@ const float* DropoutInput(LoraState& s, const AdaptedProjection& p, const float*
 
 void LoraConfig::Validate(const ModelConfig& model) const {
   const ModelConfig c = model.Resolved();
+  if (type != PeftType::kLora) {
+    const char* option = type == PeftType::kPromptTuning ? "--prompt-tuning" : "--prefix-tuning";
+    const int64_t max_k = std::min<int64_t>(c.max_position_embeddings - 1, kMaxVirtualTokens);
+    if (num_virtual_tokens < 1 || num_virtual_tokens > max_k) {
+      throw Error(std::string(option) + " " + std::to_string(num_virtual_tokens) +
+                  " (num_virtual_tokens) is outside [1, " + std::to_string(max_k) +
+                  "]: the virtual tokens and at least one real token must fit in the base "
+                  "model's context (max_position_embeddings - 1), at most 65536");
+    }
+    for (size_t i = 0; i < prompt_init_text.size(); ++i) {
+      const int id = static_cast<unsigned char>(prompt_init_text[i]);
+      if (id >= c.vocab_size) {
+        throw Error("--prompt-tuning-init-text: byte " + std::to_string(id) + " at offset " +
+                    std::to_string(i) + " is outside the vocabulary [0, " +
+                    std::to_string(c.vocab_size) + ")");
+      }
+    }
+    if (!prompt_init_text.empty() && type != PeftType::kPromptTuning) {
+      throw Error("--prompt-tuning-init-text: needs --prompt-tuning");
+    }
+    if (type == PeftType::kPrefixTuning) {
+      const RopeType rt = c.position_encoding.rope.type;
+      if (c.position_encoding.kind == PositionEncodingKind::kRope &&
+          (rt == RopeType::kDynamic || rt == RopeType::kLongRope)) {
+        throw Error(
+            "--prefix-tuning: the base's rope_type (dynamic / longrope) re-rotates cached keys "
+            "with the length; prefix keys are fixed cache entries (use another rope_type)");
+      }
+      if (prefix_projection && (prefix_hidden < 0 || prefix_hidden > kMaxVirtualTokens)) {
+        throw Error("--prefix-hidden " + std::to_string(prefix_hidden) +
+                    " (encoder_hidden_size) is outside [1, 65536] (0 = token_dim)");
+      }
+    }
+    if ((prefix_projection || prefix_hidden != 0) && type != PeftType::kPrefixTuning) {
+      throw Error("--prefix-projection: needs --prefix-tuning");
+    }
+    if (qlora) throw Error("--qlora: needs --lora-rank (QLoRA trains LoRA matrices)");
+    return;
+  }
   if (target_modules.empty()) {
     throw Error(
         "--lora-targets: at least one module is required (any of q_proj, k_proj, v_proj, "
@@ -230,6 +269,9 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
   if (I.precision == MatmulPrecision::kBf16) {
     throw Error("LoRA: bf16 matmul precision (--bf16) is not supported with adapters");
   }
+  if (config.type == PeftType::kPromptTuning) return I.AddPromptTuning(config, seed);
+  if (config.type == PeftType::kPrefixTuning) return I.AddPrefixTuning(config, seed);
+  if (config.type != PeftType::kLora) throw Error("AddLora: this adapter type is not supported");
   const ModelConfig& c = I.config;
   auto s = std::make_unique<LoraState>();
   s->config = config;
@@ -354,6 +396,13 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
   I.ws = Workspace();  // the activation plan is rebuilt for the adapter
 }
 
+int64_t Model::num_virtual_tokens() const { return impl_->VirtualTokens() + impl_->PrefixTokens(); }
+
+std::vector<float> Model::prefix_table() const {
+  if (impl_->PrefixTokens() == 0) throw Error("prefix_table: the model has no prefix adapter");
+  return impl_->PrefixTableCopy();
+}
+
 const LoraConfig* Model::lora_config() const {
   return impl_->lora ? &impl_->lora->config : nullptr;
 }
@@ -377,6 +426,12 @@ void Model::MergeLora() {
   Impl& I = *impl_;
   if (!I.lora) throw Error("MergeLora: the model has no adapter");
   LoraState& s = *I.lora;
+  if (s.config.type != PeftType::kLora) {
+    throw Error(
+        "merge: a prompt-learning adapter (PROMPT_TUNING / PREFIX_TUNING) adds virtual tokens, "
+        "not a weight update, so it cannot be merged into the weights (PEFT cannot merge it "
+        "either); use it with --adapter in eval or generate");
+  }
   if (!s.nf4.empty()) {
     throw Error(
         "merge: a QLoRA adapter's base is NF4; merge it into the float checkpoint "

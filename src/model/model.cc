@@ -243,8 +243,9 @@ void Model::Impl::CheckForwardInputs(const int32_t* tokens, int64_t m, int64_t t
   }
   if (tk - 1 > kMaxPosition) throw Error("position exceeds 2^31 - 1");
   const int64_t V = config.vocab_size;
+  const int64_t ids = V + VirtualTokens();  // prompt tuning's virtual ids V..V+K-1
   for (int64_t i = 0; i < m; ++i) {
-    if (tokens[i] < 0 || tokens[i] >= V) {
+    if (tokens[i] < 0 || tokens[i] >= ids) {
       throw Error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
                   " is outside [0, vocab_size " + std::to_string(V) + ")");
     }
@@ -264,8 +265,7 @@ void Model::Impl::EmbedTokens(const int32_t* tokens, const ForwardPass& f) {
   OpTimer timer("fwd embedding");
   const int64_t d = config.hidden_size;
   float* x = ws.resid[0];
-  const float* E = Embed();
-  for (int64_t i = 0; i < f.m; ++i) std::memcpy(x + i * d, E + tokens[i] * d, sizeof(float) * d);
+  for (int64_t i = 0; i < f.m; ++i) std::memcpy(x + i * d, EmbedRow(tokens[i]), sizeof(float) * d);
   if (pe->acts_on_embeddings()) pe->AddToEmbeddings(PositionSpan(positions), PeParams(), x, d);
 }
 
@@ -368,6 +368,10 @@ void Model::Impl::AttentionBlockForward(int l, Workspace::Layer& A, float* xin,
   const KeyValues kv = RotateAndCache(l, A, f);
   ops::AttentionArgs args =
       LayerAttentionArgs(A, f.batch, f.seq_len, f.cache ? f.tk : f.seq_len, kv.keys, kv.values);
+  // Prefix tuning: [prefix; sequence] keys and values, Tk = K + T.
+  if (!f.cache && f.past > 0) {
+    PrefixAttention(l, kv.keys, kv.values, f.batch, f.seq_len, f.train, args);
+  }
   {
     OpTimer timer("fwd attention");
     if (attention == AttentionKernel::kUnfused) {
@@ -423,14 +427,16 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   f.batch = batch;
   f.seq_len = seq_len;
   f.m = batch * seq_len;
-  f.past = cache ? cache->size_ : 0;
+  // Prefix tuning: K prefix entries in front of the keys, real tokens from position K.
+  f.past = cache ? cache->size_ : PrefixTokens();
   f.tk = f.past + seq_len;
   f.train = train;
   f.cache = cache;
   f.pool = pool;
   CheckForwardInputs(tokens, f.m, f.tk, cache);
-  Prepare(batch, seq_len, cache ? f.tk : seq_len, train);
+  Prepare(batch, seq_len, cache || f.past > 0 ? f.tk : seq_len, train);
   if (lora) PrepareLora(f.m, train);
+  if (!cache && f.past > 0) PrefixForwardPrepare(batch, seq_len, train);
   PrepareLowPrecisionWeights(train, pool);
   SetPositions(f);
   EmbedTokens(tokens, f);
@@ -527,17 +533,23 @@ void Model::Impl::SelfAttentionBackward(int l, const BackwardPass& b) {
   Workspace& w = ws;
   const Workspace::Layer& A = w.layers[l];
   ops::AttentionArgs args = LayerAttentionArgs(A, b.batch, b.seq_len, b.seq_len, A.k, A.v);
+  const bool prefix = PrefixTokens() > 0;
+  if (prefix) PrefixAttention(l, nullptr, nullptr, b.batch, b.seq_len, true, args);
   // With kBf16 A.ao holds the rounded output; the backward's delta = rowsum(dO o O) then
   // carries that rounding (relative 2^-9), the precision of every other bf16 operand.
   {
     OpTimer timer("bwd attention");
     const std::span<float> grad_bias = pe->acts_on_logits() ? b.grad_pe : std::span<float>();
+    // With a prefix the key / value gradients cover [prefix; sequence] rows first.
+    float* dk = prefix ? lora->dkcat.data() : w.dk;
+    float* dv = prefix ? lora->dvcat.data() : w.dv;
     if (attention == AttentionKernel::kUnfused) {
       args.probs = A.probs;
-      ops::AttentionBackward(args, w.dao, w.dq, w.dk, w.dv, grad_bias, b.pool);
+      ops::AttentionBackward(args, w.dao, w.dq, dk, dv, grad_bias, b.pool);
     } else {
-      ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, w.dk, w.dv, grad_bias, b.pool);
+      ops::FlashAttentionBackward(args, A.lse, w.dao, w.dq, dk, dv, grad_bias, b.pool);
     }
+    if (prefix) PrefixGradients(l, b.batch, b.seq_len, w.dk, w.dv, b.G);
   }
   if (b.table) {
     OpTimer timer("bwd rope");
@@ -568,7 +580,8 @@ void Model::Impl::AttentionBlockBackward(int l, const BackwardPass& b) {
   SelfAttentionBackward(l, b);
   // Under an adapter that trains neither the embeddings nor the first norm, nothing needs the
   // gradient of layer 0's input: its q/k/v input products and norm backward are skipped.
-  const bool input_grad = !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0);
+  const bool input_grad =
+      !(ad && l == 0 && ad->embed < 0 && ad->layers[0].input_norm < 0 && ad->prompt < 0);
   {
     OpTimer timer("bwd matmul qkv");
     RoundOperand(w.dq, M * hq);
@@ -634,7 +647,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     if (on_ready && begin < end && !b.ad) on_ready(begin, end);
   };
   ready(final_norm, pe_params);  // the final norm and an untied head
-  b.table = pe->acts_on_query_key() ? &Table(seq_len) : nullptr;
+  // Prefix tuning: positions K..K+T-1.
+  b.table = pe->acts_on_query_key() ? &Table(PrefixTokens() + seq_len) : nullptr;
   b.rot.layout = c.position_encoding.rope_layout;
   b.rot.direction = Direction::kBackward;
   b.rot.pool = pool;
@@ -646,6 +660,8 @@ void Model::Impl::RunBackward(const int32_t* tokens, int64_t batch, int64_t seq_
     ready(layers[l].input_norm, l + 1 < c.num_layers ? layers[l + 1].input_norm : final_norm);
   }
   EmbeddingBackward(tokens, b);
+  if (b.ad && b.ad->prompt >= 0) PromptBackward(tokens, b.m, ws.dx, G);
+  if (PrefixTokens() > 0) PrefixBackwardFinish(G);
   ready(0, c.num_layers > 0 ? layers[0].input_norm : final_norm);  // embed (and a tied head)
   ready(pe_params, num_params);                                    // learned / T5 position tables
   if (b.ad && on_ready && !b.ad->params.empty()) {
@@ -731,15 +747,17 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
     throw Error("ForwardBackward: grads must have " + std::to_string(trainable) +
                 " floats (the trainable parameters)");
   }
-  const int64_t M = batch * seq_len;
-  I.inputs.resize(M);
-  I.targets.resize(M);
+  const int64_t scored = batch * seq_len;  // the real tokens' targets
+  I.inputs.resize(scored);
+  I.targets.resize(scored);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t t = 0; t < seq_len; ++t) {
       I.inputs[b * seq_len + t] = tokens[b * (seq_len + 1) + t];
       I.targets[b * seq_len + t] = tokens[b * (seq_len + 1) + t + 1];
     }
   }
+  seq_len = I.PrependVirtualTokens(batch, seq_len);  // prompt tuning: K + T, virtual rows unscored
+  const int64_t M = batch * seq_len;
   I.RunForward(I.inputs.data(), batch, seq_len, backward, nullptr, pool);
   I.Logits(M, pool);
   I.losses.resize(M);
@@ -750,7 +768,7 @@ double Model::ForwardBackward(std::span<const int32_t> tokens, int64_t batch, in
   for (int64_t m = 0; m < M; ++m) sum += I.losses[m];
   loss_timer.Stop();
   if (backward) I.RunBackward(I.inputs.data(), batch, seq_len, grads.data(), pool, on_grad_ready);
-  return sum / static_cast<double>(M);
+  return sum / static_cast<double>(scored);
 }
 
 void Model::Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len, float* logits,
@@ -760,6 +778,8 @@ void Model::Forward(std::span<const int32_t> inputs, int64_t batch, int64_t seq_
   if (static_cast<int64_t>(inputs.size()) != batch * seq_len) {
     throw Error("Forward: inputs must hold batch * seq_len ids");
   }
+  const int64_t K = I.VirtualTokens();
+  if (K > 0) return I.ForwardVirtual(inputs, batch, seq_len, logits, targets, losses, pool);
   const int64_t M = batch * seq_len;
   I.RunForward(inputs.data(), batch, seq_len, false, nullptr, pool);
   I.Logits(M, pool);
@@ -777,6 +797,8 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
     throw Error("ForwardCached: the KV cache was made for a different model config");
   }
   const int64_t n = static_cast<int64_t>(tokens.size());
+  if (I.VirtualTokens() > 0) I.PrefillVirtualTokens(tokens, cache, pool);
+  if (I.PrefixTokens() > 0) I.PrefillPrefix(cache);
   I.RunForward(tokens.data(), 1, n, false, &cache, pool);
   const int64_t d = I.config.hidden_size, V = I.config.vocab_size;
   if (last_only) {
@@ -804,6 +826,11 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
     throw Error(
         "ContextShift: the model's position encoding is added to the token embeddings, "
         "so cached keys cannot be moved to new positions (use rope, alibi, t5 or nope)");
+  }
+  if (n_keep < I.VirtualTokens() + I.PrefixTokens()) {
+    throw Error("ContextShift: n_keep (" + std::to_string(n_keep) + ") must keep the adapter's " +
+                std::to_string(I.VirtualTokens() + I.PrefixTokens()) +
+                " virtual / prefix entries at the start of the cache");
   }
   const int64_t row = cache.row_;
   const int64_t moved = cache.size_ - n_keep - n_discard;

@@ -20,6 +20,9 @@
 #include "src/ops/ops.h"
 
 namespace ropekit {
+namespace ops {
+struct AttentionArgs;
+}  // namespace ops
 
 // Every tensor starts at a multiple of this many floats (64 bytes: one AVX-512 vector).
 inline constexpr int64_t kTensorAlign = 16;
@@ -60,6 +63,15 @@ struct LoraState {
   };
   std::vector<Layer> layers;
   int64_t embed = -1, final_norm = -1;
+  // Prompt tuning: the virtual token embeddings [K, d] (token ids V..V+K-1 inside the model).
+  int64_t prompt = -1;
+  // Prefix tuning (src/model/prefix_tuning.cc): the table P [K, width = L * 2 * td] at `prefix`,
+  // or with the projection the encoder tensors (enc_*) and P computed into prefix_kv.
+  int64_t prefix = -1, prefix_width = 0;
+  int64_t enc_embed = -1, enc_w1 = -1, enc_b1 = -1, enc_w2 = -1, enc_b2 = -1;
+  std::vector<float> prefix_kv, enc_h, prefix_grad;  // P, tanh activations [K, Hh], dP
+  // Keys / values with the prefix in front: [layers (train) or 1][B, K + T, td]; gradients.
+  std::vector<float> kcat, vcat, dkcat, dvcat;
   uint64_t dropout_seed = 0;
   // Activations: u holds s * dropout(x) A^T, [L][7][M, r] when training, [M, r] otherwise.
   std::vector<float> u, xd, dx, du;
@@ -201,6 +213,41 @@ struct Model::Impl {
   void LoraBackward(int layer, int module, const float* x, const float* dy, float* dx, int64_t m,
                     float* G, ThreadPool* pool);
   void PrepareLora(int64_t m, bool train);
+  // Prompt tuning (src/model/prompt_tuning.cc). Inside the model virtual token k has the id
+  // V + k; EmbedRow maps any id to its embedding row.
+  int64_t VirtualTokens() const;
+  const float* EmbedRow(int32_t id) const;
+  void AddPromptTuning(const LoraConfig& config, uint64_t seed);
+  // Prepends the K virtual ids to each of the `batch` rows of inputs ([B, T] -> [B, K + T]) and
+  // K ignored targets (-1) to targets; returns K + T (T without an adapter).
+  int64_t PrependVirtualTokens(int64_t batch, int64_t seq_len);
+  // Adds dx (layer 0's input gradient [M, d]) of the virtual rows to their embeddings' gradient.
+  void PromptBackward(const int32_t* tokens, int64_t m, const float* dx, float* G) const;
+  // Model::Forward under prompt tuning: runs [B, K + T] and returns the real rows' logits and
+  // losses. Throws Error for ids outside [0, V).
+  void ForwardVirtual(std::span<const int32_t> inputs, int64_t batch, int64_t seq_len,
+                      float* logits, const int32_t* targets, float* losses, ThreadPool* pool);
+  // ForwardCached under prompt tuning: checks the real ids and, on an empty cache, appends the
+  // K virtual tokens first (cache entries 0..K-1).
+  void PrefillVirtualTokens(std::span<const int32_t> tokens, KVCache& cache, ThreadPool* pool);
+  // Prefix tuning (src/model/prefix_tuning.cc).
+  int64_t PrefixTokens() const;  // K, or 0 without a prefix adapter
+  int64_t PrefixHidden() const;
+  void AddPrefixTuning(const LoraConfig& config, uint64_t seed);
+  const float* PrefixTable() const;
+  void ComputePrefix();  // P from the encoder into prefix_kv (projection only)
+  void PrefixEncoderForward(float* P, float* h) const;
+  void PrefixForwardPrepare(int64_t batch, int64_t seq_len, bool train);
+  // Points args' keys / values at [P_k(layer); k] / [P_v(layer); v] per sequence (filled from
+  // k, v [B * T, td] when they are given: the forward) with Tk = K + T.
+  void PrefixAttention(int layer, const float* k, const float* v, int64_t batch, int64_t seq_len,
+                       bool train, ops::AttentionArgs& args);
+  // Splits the attention's key / value gradients: the sequence rows into dk, dv [B * T, td], the
+  // prefix rows (summed over the batch) into the table's gradient.
+  void PrefixGradients(int layer, int64_t batch, int64_t seq_len, float* dk, float* dv, float* G);
+  void PrefixBackwardFinish(float* G);  // the projection's backward into G
+  void PrefillPrefix(KVCache& cache);
+  std::vector<float> PrefixTableCopy() const;
   std::span<const float> PeParams() const {
     return {params.data() + pe_params, static_cast<size_t>(pe_size)};
   }
