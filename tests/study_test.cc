@@ -341,6 +341,85 @@ TEST(StudyPreset, KnownNamesOnly) {
   EXPECT_THROW(GetStudyPreset("huge"), Error);
 }
 
+TEST(StudyMethods, PresetsAndAdapters) {
+  // The comparison runs in micro (tests), full and paper; quick keeps its cost.
+  EXPECT_TRUE(GetStudyPreset("quick").methods.empty());
+  for (const char* n : {"micro", "full", "paper"}) {
+    const StudyPreset p = GetStudyPreset(n);
+    EXPECT_EQ(p.methods,
+              (std::vector<std::string>{"full", "lora-qv", "lora-all", "lora-plus", "qlora"}))
+        << n;
+    EXPECT_EQ(p.method_scalings, (std::vector<std::string>{"yarn", "linear"})) << n;
+    for (const std::string& m : p.methods) {
+      if (m == "full") continue;
+      const LoraConfig c = MethodLoraConfig(p, m);
+      EXPECT_NO_THROW(c.Validate(StudyModel(p, "rope"))) << n << " " << m;
+      EXPECT_EQ(c.rank, 8);
+      EXPECT_EQ(c.alpha, 16.0);
+      EXPECT_EQ(c.target_modules.size(), m == "lora-qv" ? 2u : 7u) << m;
+      EXPECT_EQ(c.train_embeddings, m == "lora-plus") << m;
+      EXPECT_EQ(c.train_norms, m == "lora-plus") << m;
+      EXPECT_EQ(c.qlora, m == "qlora") << m;
+    }
+  }
+  EXPECT_THROW(MethodLoraConfig(GetStudyPreset("micro"), "full"), Error);
+  EXPECT_THROW(MethodLoraConfig(GetStudyPreset("micro"), "lora-xyz"), Error);
+}
+
+TEST(StudyMethods, RecordsKeepTheirMethod) {
+  // A fine-tune record written before the comparison reads as a full fine-tune; one without
+  // fine-tuning has no method.
+  const std::string old_records = R"([
+ {"encoding": "rope", "scaling": "yarn", "scaling_factor": 4.0, "finetune_steps": 5,
+  "train_length": 16, "eval_length": 64, "tail_loss": 3.0, "window_loss": 3.5, "seed": 1,
+  "bucket_size": 4, "position_loss": [1.0]},
+ {"encoding": "rope", "scaling": "yarn", "scaling_factor": 4.0, "finetune_steps": 0,
+  "train_length": 16, "eval_length": 64, "tail_loss": 3.0, "window_loss": 3.5, "seed": 1,
+  "bucket_size": 4, "position_loss": [1.0]}])";
+  const std::vector<StudyRecord> old = RecordsFromJson(old_records, "old");
+  ASSERT_EQ(old.size(), 2u);
+  EXPECT_EQ(old[0].method, "full");
+  EXPECT_EQ(old[1].method, "");
+  EXPECT_EQ(old[0].trainable_parameters, 0);
+  // Round trip of a method record with its costs.
+  StudyRecord r = old[0];
+  r.method = "lora-plus";
+  r.trainable_parameters = 12384;
+  r.optimizer_bytes = 99072;
+  r.seconds = 1.5;
+  const std::vector<StudyRecord> back = RecordsFromJson(RecordsToJson({r}), "new");
+  ASSERT_EQ(back.size(), 1u);
+  EXPECT_EQ(back[0].method, "lora-plus");
+  EXPECT_EQ(back[0].trainable_parameters, 12384);
+  EXPECT_EQ(back[0].optimizer_bytes, 99072);
+  EXPECT_EQ(back[0].seconds, 1.5);
+  // Seeds aggregate per method: two methods, two seeds each, give two aggregates.
+  std::vector<StudyRecord> per_seed;
+  for (const char* m : {"full", "lora-qv"}) {
+    for (uint64_t seed : {1, 2}) {
+      StudyRecord x = old[0];
+      x.method = m;
+      x.seed = seed;
+      x.tail_loss = static_cast<double>(seed);
+      x.seconds = 2.0 * static_cast<double>(seed);
+      per_seed.push_back(x);
+    }
+  }
+  const std::vector<StudyRecord> agg = AggregateSeeds(per_seed);
+  ASSERT_EQ(agg.size(), 2u);
+  EXPECT_EQ(agg[0].method, "full");
+  EXPECT_EQ(agg[1].method, "lora-qv");
+  for (const StudyRecord& a : agg) {
+    EXPECT_EQ(a.seeds, 2);
+    EXPECT_EQ(a.tail_loss, 1.5);
+    EXPECT_EQ(a.seconds, 3.0);  // mean wall time
+  }
+  // Costs must be positive when present.
+  std::string bad = RecordsToJson({r});
+  bad.replace(bad.find("12384"), 5, "0");
+  EXPECT_THROW(RecordsFromJson(bad, "bad"), Error);
+}
+
 TEST(StudyPartialPi, KeepsTheHighestFrequencyPairsAndInterpolatesTheRest) {
   RopeParams base;
   base.head_dim = base.rotary_dim = 16;

@@ -133,6 +133,17 @@ struct StudyPreset {
   //                  (PI), 1, 2, 4, ..., N (plain extrapolation); evaluation only.
   std::vector<std::string> experiments;
   int alibi_heads = 8;
+  // Fine-tuning methods compared at extension_factor * L for each of `method_scalings` (after
+  // LongLoRA, Chen et al. 2023, arXiv:2309.12307, Table 2): "full" (the fine-tune units above,
+  // reused), "lora-qv", "lora-all", "lora-plus" (LoRA on every projection plus trainable
+  // embeddings and norms) and "qlora" (lora-all on an NF4 base); see MethodLoraConfig. Every
+  // method fine-tunes the pretrained RoPE model with the finetune config, the same data order
+  // and the same evaluation points; the LoRA methods at lora_lr_multiplier times its lr.
+  std::vector<std::string> methods;          // empty: no method comparison
+  std::vector<std::string> method_scalings;  // each must be one of finetune_scalings
+  int lora_rank = 8;
+  double lora_alpha = 16.0;
+  double lora_lr_multiplier = 10.0;
   std::string description;
 };
 
@@ -149,6 +160,10 @@ ModelConfig StudyExperimentModel(const StudyPreset& preset, const std::string& e
 // Position interpolation by s on every pair except the `keep` highest-frequency ones (j < keep),
 // which keep their frequency; keep = 0 is PI, keep = N plain RoPE. Attention factor 1.
 RopeParams PartialPi(const RopeParams& base, int keep, double s, int64_t train_length);
+
+// The adapter of fine-tuning method `method` ("lora-qv", "lora-all", "lora-plus", "qlora") with
+// the preset's rank and alpha, no dropout; throws Error for "full" and unknown names.
+LoraConfig MethodLoraConfig(const StudyPreset& preset, const std::string& method);
 
 // RoPE parameters of scaling `scaling` ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
 // with factor s for a model trained at `train_length`; `base` is the model's RoPE params.
@@ -182,6 +197,16 @@ struct StudyRecord {
   double tail_loss_sd = 0;
   double window_loss_sd = 0;
   double tail_loss_ci95 = 0;
+  // Fine-tuning records (finetune_steps > 0): the method ("full", "lora-qv", "lora-all",
+  // "lora-plus", "qlora"; records written before methods existed read as "full"), its trainable
+  // parameters, the bytes of its AdamW state (m and v, float32, as allocated) and the wall time
+  // of its fine-tuning units up to this step count (training and evaluation; mean over seeds in
+  // an aggregate). The last three are set by the run, not read from the units' records. "" for
+  // records without fine-tuning.
+  std::string method;
+  int64_t trainable_parameters = 0;
+  int64_t optimizer_bytes = 0;
+  double seconds = 0;
 };
 
 // One record per configuration (encoding, scaling, factor, fine-tuning steps, lengths): a

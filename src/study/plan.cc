@@ -67,7 +67,14 @@ struct PresetRow {
   // Experiments beside the main grid, and the head count of the alibi-heads one.
   std::vector<std::string> experiments;
   int alibi_heads;
+  // Fine-tuning methods compared for YaRN and PI (none: no comparison), LoRA rank and alpha.
+  std::vector<std::string> methods;
+  int lora_rank;
+  double lora_alpha;
 };
+
+// The methods of the comparison (StudyPreset::methods): full fine-tuning first.
+const std::vector<std::string> kMethods = {"full", "lora-qv", "lora-all", "lora-plus", "qlora"};
 
 const std::vector<PresetRow>& PresetTable() {
   // clang-format off
@@ -81,7 +88,8 @@ const std::vector<PresetRow>& PresetTable() {
        1000, 16, 100, 2e-3, 2e-4, 100, 100, 4,
        64, 64, 64, 16,
        200, 10, 50, {50, 100, 200},
-       {"t5-published", "alibi-heads", "pi-cutoff"}, 8},
+       {"t5-published", "alibi-heads", "pi-cutoff"}, 8,
+       kMethods, 8, 16.0},
       // The largest configuration for about an hour on 2 cores: twice the heads (8 query / 4 KV,
       // head_dim 16), L = 256, twice the full preset's tokens; ALiBi's experiment with 16 heads.
       {"paper",
@@ -91,7 +99,8 @@ const std::vector<PresetRow>& PresetTable() {
        1000, 16, 100, 2e-3, 2e-4, 100, 100, 4,
        64, 64, 64, 32,
        200, 10, 50, {50, 100, 200},
-       {"t5-published", "alibi-heads", "pi-cutoff"}, 16},
+       {"t5-published", "alibi-heads", "pi-cutoff"}, 16,
+       kMethods, 8, 16.0},
       // Same architecture family at a quarter of the compute: half the width, two layers.
       {"quick",
        "small model (d 64, 2 layers, 2/1 heads, head_dim 32), L = 64, "
@@ -100,14 +109,16 @@ const std::vector<PresetRow>& PresetTable() {
        3000, 16, 100, 2e-3, 2e-4, 250, 500, 4,
        48, 32, 32, 8,
        200, 10, 50, {50, 100, 200},
-       {}, 8},
+       {}, 8,
+       {}, 8, 16.0},
       {"micro",
        "test-suite model (d 32, 1 layer, 2/1 heads, head_dim 16), L = 16, 100 steps",
        32, 1, 2, 1, 16, 64, 16,
        100, 8, 10, 1e-2, 1e-3, 20, 20, 2,
        8, 8, 8, 4,
        10, 2, 5, {5, 10},
-       {"t5-published", "alibi-heads", "pi-cutoff"}, 4},
+       {"t5-published", "alibi-heads", "pi-cutoff"}, 4,
+       kMethods, 8, 16.0},
   };
   // clang-format on
   return rows;
@@ -145,6 +156,13 @@ StudyPreset PresetFromRow(const PresetRow& r) {
   p.finetune_steps = r.finetune_steps;
   p.experiments = r.experiments;
   p.alibi_heads = r.alibi_heads;
+  p.methods = r.methods;
+  if (!p.methods.empty()) p.method_scalings = {"yarn", "linear"};
+  p.lora_rank = r.lora_rank;
+  p.lora_alpha = r.lora_alpha;
+  // LoRA's B starts at 0 and its update is scaled by alpha / r: adapters are commonly trained
+  // at about ten times the learning rate of full fine-tuning (docs/study.md).
+  p.lora_lr_multiplier = 10.0;
   return p;
 }
 
@@ -196,6 +214,27 @@ ModelConfig StudyExperimentModel(const StudyPreset& preset, const std::string& e
     throw Error("study experiment '" + experiment + "' trains no model of its own");
   }
   return c.Resolved();
+}
+
+LoraConfig MethodLoraConfig(const StudyPreset& preset, const std::string& method) {
+  LoraConfig c;
+  c.rank = preset.lora_rank;
+  c.alpha = preset.lora_alpha;
+  c.dropout = 0.0;
+  const std::vector<std::string> all(std::begin(kLoraModules), std::end(kLoraModules));
+  if (method == "lora-qv") {
+    c.target_modules = {"q_proj", "v_proj"};
+  } else if (method == "lora-all" || method == "lora-plus" || method == "qlora") {
+    c.target_modules = all;
+    // LongLoRA's LoRA+ (Chen et al. 2023, sec. 3.3): embeddings and norms trainable too.
+    c.train_embeddings = c.train_norms = method == "lora-plus";
+    // QLoRA (Dettmers et al. 2023, sec. 4): LoRA on every linear layer of an NF4 base.
+    c.qlora = method == "qlora";
+  } else {
+    throw Error("study method '" + method +
+                "' has no adapter (accepted: lora-qv, lora-all, lora-plus, qlora)");
+  }
+  return c;
 }
 
 RopeParams PartialPi(const RopeParams& base, int keep, double s, int64_t train_length) {
@@ -359,6 +398,12 @@ std::string RecordsToJson(const std::vector<StudyRecord>& records) {
     j["bucket_size"] = r.bucket_size;
     j["position_loss"] = r.position_loss;
     if (!r.variant.empty()) j["variant"] = r.variant;
+    if (!r.method.empty()) j["method"] = r.method;
+    if (r.trainable_parameters > 0) {  // set by the run (a unit's own records have none)
+      j["trainable_parameters"] = r.trainable_parameters;
+      j["optimizer_bytes"] = r.optimizer_bytes;
+      j["seconds"] = r.seconds;
+    }
     if (r.seeds > 1) {
       j["seeds"] = r.seeds;
       j["tail_loss_sd"] = r.tail_loss_sd;
@@ -390,6 +435,20 @@ std::vector<StudyRecord> RecordsFromJson(std::string_view text, const std::strin
       r.bucket_size = j.at("bucket_size").get<int64_t>();
       r.position_loss = j.at("position_loss").get<std::vector<double>>();
       if (j.contains("variant")) r.variant = j.at("variant").get<std::string>();
+      // Fine-tuning records written before the method comparison are full fine-tunes.
+      if (j.contains("method")) {
+        r.method = j.at("method").get<std::string>();
+      } else if (r.finetune_steps > 0) {
+        r.method = "full";
+      }
+      if (j.contains("trainable_parameters")) {
+        r.trainable_parameters = j.at("trainable_parameters").get<int64_t>();
+        r.optimizer_bytes = j.at("optimizer_bytes").get<int64_t>();
+        r.seconds = j.at("seconds").get<double>();
+        if (r.trainable_parameters < 1 || r.optimizer_bytes < 1 || !(r.seconds >= 0)) {
+          throw Error("trainable_parameters and optimizer_bytes must be >= 1, seconds >= 0");
+        }
+      }
       if (j.contains("seeds")) {
         r.seeds = j.at("seeds").get<int64_t>();
         if (r.seeds < 2) throw Error("an aggregate record needs seeds >= 2");
@@ -423,8 +482,9 @@ namespace {
 
 bool SameConfiguration(const StudyRecord& a, const StudyRecord& b) {
   return a.encoding == b.encoding && a.scaling == b.scaling && a.variant == b.variant &&
-         a.scaling_factor == b.scaling_factor && a.finetune_steps == b.finetune_steps &&
-         a.train_length == b.train_length && a.eval_length == b.eval_length;
+         a.method == b.method && a.scaling_factor == b.scaling_factor &&
+         a.finetune_steps == b.finetune_steps && a.train_length == b.train_length &&
+         a.eval_length == b.eval_length;
 }
 
 // Mean and sample standard deviation (n - 1 in the denominator) of `values` (n >= 2).
@@ -447,6 +507,9 @@ StudyRecord Aggregate(const std::vector<const StudyRecord*>& group) {
   }
   std::tie(out.tail_loss, out.tail_loss_sd) = MeanSd(tail);
   std::tie(out.window_loss, out.window_loss_sd) = MeanSd(window);
+  double seconds = 0;
+  for (const StudyRecord* r : group) seconds += r->seconds;
+  out.seconds = seconds / static_cast<double>(n);
   out.seeds = static_cast<int64_t>(n);
   out.tail_loss_ci95 =
       StudentT95(out.seeds - 1) * out.tail_loss_sd / std::sqrt(static_cast<double>(n));
@@ -481,14 +544,14 @@ std::vector<StudyRecord> AggregateSeeds(const std::vector<StudyRecord>& per_seed
 std::string RecordsToCsv(const std::vector<StudyRecord>& records) {
   std::string s =
       "encoding,scaling,scaling_factor,finetune_steps,train_length,eval_length,tail_loss,"
-      "window_loss,seed,variant\n";
+      "window_loss,seed,variant,method\n";
   char buf[512];
   for (const StudyRecord& r : records) {
-    std::snprintf(buf, sizeof(buf), "%s,%s,%.17g,%lld,%lld,%lld,%.17g,%.17g,%llu,%s\n",
+    std::snprintf(buf, sizeof(buf), "%s,%s,%.17g,%lld,%lld,%lld,%.17g,%.17g,%llu,%s,%s\n",
                   r.encoding.c_str(), r.scaling.c_str(), r.scaling_factor,
                   static_cast<long long>(r.finetune_steps), static_cast<long long>(r.train_length),
                   static_cast<long long>(r.eval_length), r.tail_loss, r.window_loss,
-                  static_cast<unsigned long long>(r.seed), r.variant.c_str());
+                  static_cast<unsigned long long>(r.seed), r.variant.c_str(), r.method.c_str());
     s += buf;
   }
   return s;

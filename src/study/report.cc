@@ -33,13 +33,27 @@ std::string ScalingLabel(const std::string& s) {
   return it == k.end() ? s : it->second;
 }
 
+std::string MethodLabel(const std::string& m) {
+  static const std::map<std::string, std::string> k = {{"full", "full fine-tuning"},
+                                                       {"lora-qv", "LoRA q,v"},
+                                                       {"lora-all", "LoRA all"},
+                                                       {"lora-plus", "LoRA+ (emb., norms)"},
+                                                       {"qlora", "QLoRA (all, NF4)"}};
+  auto it = k.find(m);
+  return it == k.end() ? m : it->second;
+}
+
 // ---- Record lookups ----------------------------------------------------------------------------
 
+// The record of a configuration of the main grid; fine-tunes: with full fine-tuning, or with
+// `method`.
 const StudyRecord* Find(const std::vector<StudyRecord>& records, const std::string& encoding,
-                        const std::string& scaling, int64_t finetune_steps, int64_t eval_length) {
+                        const std::string& scaling, int64_t finetune_steps, int64_t eval_length,
+                        const std::string& method = "full") {
   for (const StudyRecord& r : records) {
     if (r.encoding == encoding && r.scaling == scaling && r.finetune_steps == finetune_steps &&
-        r.eval_length == eval_length && r.variant.empty()) {
+        r.eval_length == eval_length && r.variant.empty() &&
+        (finetune_steps == 0 || r.method == method)) {
       return &r;
     }
   }
@@ -186,6 +200,64 @@ void AddExperimentTables(const StudyPreset& p, const std::vector<StudyRecord>& r
   if (!cutoff.rows.empty()) tables.push_back(cutoff);
 }
 
+std::string Thousands(int64_t v) {
+  std::string digits = std::to_string(v), out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+// The fine-tuning methods at the target length (after LongLoRA Table 2): tail loss after each
+// number of steps, the trainable parameters (and their share of the model's), the AdamW state
+// and the wall time of the fine-tune to its last step.
+void AddMethodTable(const StudyPreset& p, const std::vector<StudyRecord>& rec,
+                    std::vector<Table>& tables) {
+  if (p.methods.empty() || p.finetune_steps.empty()) return;
+  const int64_t L = p.train.seq_len, target = p.extension_factor * L;
+  const int64_t last = p.finetune_steps.back();
+  Table t;
+  t.title = "Fine-tuning methods at " + std::to_string(target) +
+            " (s = " + std::to_string(p.extension_factor) +
+            "; after LongLoRA Table 2): tail loss at " + std::to_string(target) +
+            " after each number of steps and at L = " + std::to_string(L) + " after " +
+            std::to_string(last) +
+            "; trainable parameters (share of the model's), AdamW state (m and v, float32), "
+            "wall time of the fine-tune to step " +
+            std::to_string(last) + " (training and evaluation)";
+  t.header = {"scaling", "method", "trainable", "AdamW state"};
+  for (int64_t k : p.finetune_steps) t.header.push_back(std::to_string(k) + " steps");
+  t.header.push_back("at " + std::to_string(L));
+  t.header.push_back("wall (s)");
+  for (const std::string& sc : p.method_scalings) {
+    const StudyRecord* full = Find(rec, "rope", sc, last, target, "full");
+    for (const std::string& m : p.methods) {
+      const StudyRecord* end = Find(rec, "rope", sc, last, target, m);
+      std::vector<std::string> row = {ScalingLabel(sc), MethodLabel(m)};
+      if (end && end->trainable_parameters > 0) {
+        std::string share;
+        if (full && full->trainable_parameters > 0) {
+          share = " (" +
+                  Fmt("%.1f", 100.0 * static_cast<double>(end->trainable_parameters) /
+                                  static_cast<double>(full->trainable_parameters)) +
+                  "%)";
+        }
+        row.push_back(Thousands(end->trainable_parameters) + share);
+        row.push_back(Fmt("%.1f", static_cast<double>(end->optimizer_bytes) / 1024.0) + " KiB");
+      } else {
+        row.insert(row.end(), {"-", "-"});
+      }
+      for (int64_t k : p.finetune_steps)
+        row.push_back(Cell(Find(rec, "rope", sc, k, target, m), true));
+      row.push_back(Cell(Find(rec, "rope", sc, last, L, m), true));
+      row.push_back(end && end->trainable_parameters > 0 ? Fmt("%.1f", end->seconds) : "-");
+      t.rows.push_back(row);
+    }
+  }
+  tables.push_back(t);
+}
+
 std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyRecord>& rec) {
   const std::vector<int64_t> lengths = Lengths(p);
   const int64_t L = p.train.seq_len;
@@ -266,6 +338,7 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
       }
     }
     tables.push_back(f);
+    AddMethodTable(p, rec, tables);
   }
   AddExperimentTables(p, rec, tables);
   return tables;
@@ -491,6 +564,60 @@ void FinetunePlot(ReportPage& page) {
                "model at its training length.");
 }
 
+// The method comparison: tail loss at the target length after each number of steps, one series
+// per scaling and method, and the training losses.
+void MethodsSection(ReportPage& page) {
+  const StudyPreset& p = page.p;
+  if (p.methods.empty() || !Find(page.rec, "rope", "none", 0, page.L)) return;
+  const int64_t target = p.extension_factor * page.L;
+  page.body << "<h2>Fine-tuning methods at " << target << "</h2>\n";
+  PlotSpec spec;
+  spec.id = "plot-methods";
+  spec.title = "Fine-tuning methods: tail loss at " + std::to_string(target);
+  spec.xlabel = "fine-tuning steps";
+  spec.ylabel = "loss (nats / byte)";
+  spec.ycap = page.cap;
+  std::vector<Series> series;
+  for (const std::string& sc : p.method_scalings) {
+    for (const std::string& m : p.methods) {
+      Series s{ScalingLabel(sc) + ", " + MethodLabel(m), {}, false};
+      if (const StudyRecord* r = FinetuneStart(page.rec, sc, target)) {
+        s.points.emplace_back(0.0, r->tail_loss);
+      }
+      for (int64_t k : p.finetune_steps) {
+        if (const StudyRecord* r = Find(page.rec, "rope", sc, k, target, m)) {
+          s.points.emplace_back(static_cast<double>(k), r->tail_loss);
+        }
+      }
+      series.push_back(s);
+    }
+  }
+  page.AddPlot(spec, series,
+               "After LongLoRA (Chen et al. 2023) Table 2: full fine-tuning against LoRA on the "
+               "query and value projections, LoRA on every projection, LoRA+ (every projection, "
+               "embeddings and norms trainable) and QLoRA (every projection, NF4 base), from the "
+               "same pretrained model with the same data. Step 0: the scaled model before "
+               "fine-tuning.");
+  PlotSpec train;
+  train.id = "plot-methods-train";
+  train.title = "Fine-tuning methods: training loss";
+  train.xlabel = "step";
+  train.ylabel = "training loss (nats / byte)";
+  std::vector<Series> curves;
+  for (const std::string& sc : p.method_scalings) {
+    for (const std::string& m : p.methods) {
+      const std::string name = m == "full" ? "finetune-" + sc : "methods-" + sc + "-" + m;
+      for (const TrainCurve& c : page.result.curves) {
+        if (c.name != name) continue;
+        Series s{ScalingLabel(sc) + ", " + MethodLabel(m), {}, false};
+        for (auto [step, loss] : c.loss) s.points.emplace_back(static_cast<double>(step), loss);
+        curves.push_back(s);
+      }
+    }
+  }
+  page.AddPlot(train, curves, "Training loss per step at " + std::to_string(target) + ".");
+}
+
 void ExtensionSection(ReportPage& page) {
   if (!Find(page.rec, "rope", "none", 0, page.L)) return;
   page.body << "<h2>RoPE context extension</h2>\n";
@@ -641,6 +768,7 @@ std::string ReportHtml(const StudyPreset& p, const StudyResult& result,
   LengthPlots(page);
   PositionLossPlot(page);
   ExtensionSection(page);
+  MethodsSection(page);
   PretrainSection(page);
   DecaySection(page, rope_model);
 

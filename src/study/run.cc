@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <thread>
+#include <tuple>
 
 #include "ropekit/file.h"
 #include "ropekit/json_limits.h"
@@ -109,6 +110,27 @@ class Runner {
     for (const std::string& e : p_.experiments) {
       total_units_ += e == "pi-cutoff" ? static_cast<int>(PiKeeps().size()) : 1;
     }
+    CheckMethods();
+    if (has_rope) {
+      for (const std::string& m : p_.methods) {
+        if (m == "full") continue;  // the fine-tune units above
+        total_units_ += static_cast<int>(p_.method_scalings.size() * p_.finetune_steps.size());
+      }
+    }
+  }
+
+  // The method comparison reuses the full fine-tunes: its scalings must be fine-tuned ones.
+  void CheckMethods() const {
+    for (const std::string& sc : p_.method_scalings) {
+      if (std::find(p_.finetune_scalings.begin(), p_.finetune_scalings.end(), sc) ==
+          p_.finetune_scalings.end()) {
+        throw Error("study preset " + p_.name + ": method scaling '" + sc +
+                    "' is not one of the fine-tuned scalings");
+      }
+    }
+    for (const std::string& m : p_.methods) {
+      if (m != "full") MethodLoraConfig(p_, m).Validate(ModelFor("rope"));
+    }
   }
 
   // The k of the "pi-cutoff" experiment: 0, 1, 2, 4, ..., N (N = the RoPE model's pairs).
@@ -151,6 +173,18 @@ class Runner {
           WaitForPretrainedRope();
           ExtendPartialPi(keep);
         });
+      }
+    }
+    // The method comparison last, so that the jobs above keep their places among the ranks.
+    if (std::find(p_.encodings.begin(), p_.encodings.end(), "rope") != p_.encodings.end()) {
+      for (const std::string& sc : p_.method_scalings) {
+        for (const std::string& m : p_.methods) {
+          if (m == "full") continue;
+          jobs.push_back([this, sc, m] {
+            WaitForPretrainedRope();
+            FinetuneChain(sc, m);
+          });
+        }
       }
     }
     return jobs;
@@ -339,12 +373,16 @@ class Runner {
 
   std::string Fingerprint(const std::string& unit, const ModelConfig& mc, const TrainConfig* tc,
                           const std::string& extra) const {
+    return FingerprintJson(unit, mc, tc, extra).dump(1) + "\n";
+  }
+  Json FingerprintJson(const std::string& unit, const ModelConfig& mc, const TrainConfig* tc,
+                       const std::string& extra) const {
     Json j = base_fingerprint_;
     j["unit"] = unit;
     j["model"] = ModelFingerprint(mc);
     if (tc) j["train"] = TrainFingerprint(*tc);
     if (!extra.empty()) j["extra"] = extra;
-    return j.dump(1) + "\n";
+    return j;
   }
 
   // The fields the study sets, written here (not through the checkpoint serialisers) so that a
@@ -505,22 +543,71 @@ class Runner {
                [&](double s) { return ScaledRope(base, scaling, s, L_); });
   }
 
-  void Finetune(const std::string& scaling) {
+  void Finetune(const std::string& scaling) { FinetuneChain(scaling, "full"); }
+
+  // The wall time of a finished unit (timing.json; 0 when absent).
+  double UnitSeconds(const std::string& unit) const {
+    const fs::path path = UnitDir(unit) / "timing.json";
+    if (!fs::exists(path)) return 0.0;
+    const std::string text = ReadFile(path);
+    CheckJsonLimits(text, path.string());
+    try {
+      return Json::parse(text).at("seconds").get<double>();
+    } catch (const nlohmann::json::exception& e) {
+      throw Error(path.string() + ": " + e.what());
+    }
+  }
+
+  // Trainable parameters and AdamW state bytes (m and v, float32, one per element of the
+  // trainable buffer, as Train allocates them) of `method` on the model `mc`.
+  std::pair<int64_t, int64_t> MethodCost(const ModelConfig& mc, const std::string& method) const {
+    Model model(mc, seed_);
+    if (method != "full") model.AddLora(MethodLoraConfig(p_, method), seed_);
+    int64_t params = 0;
+    for (const TensorInfo& t : model.trainable_tensors()) params += t.size;
+    const auto state = static_cast<int64_t>(model.trainable_parameters().size());
+    return {params, 2 * state * static_cast<int64_t>(sizeof(float))};
+  }
+
+  // The fine-tunes of `scaling` with `method` at extension_factor x L, one unit per evaluation
+  // point, each continuing the previous one. "full" trains every weight (units
+  // finetune-<scaling>-<steps>); the LoRA methods train an adapter on the frozen pretrained
+  // RoPE model at lora_lr_multiplier times the learning rate (units
+  // finetune-<scaling>-<method>-<steps>; their fingerprints add the adapter's settings).
+  void FinetuneChain(const std::string& scaling, const std::string& method) {
+    const bool full = method == "full";
     const double s = scaling == "none" ? 1.0 : static_cast<double>(p_.extension_factor);
     const RopeParams rope = ScaledRope(RopeBase(), scaling, s, L_);
+    std::optional<LoraConfig> lora;
+    if (!full) {
+      lora = MethodLoraConfig(p_, method);
+      lora->base_model =
+          fs::absolute(UnitDir("pretrain-rope") / "ckpt").lexically_normal().string();
+    }
+    const std::string tag = full ? scaling : scaling + "-" + method;
     std::string parent = "pretrain-rope";
     int64_t prev_steps = 0;
+    double chain_seconds = 0;
+    std::pair<int64_t, int64_t> cost = {0, 0};
     for (int64_t steps : p_.finetune_steps) {
-      const std::string unit = "finetune-" + scaling + "-" + std::to_string(steps);
+      const std::string unit = "finetune-" + tag + "-" + std::to_string(steps);
       ModelConfig mc = ModelFor("rope");
       mc.position_encoding.rope = rope;
       mc = mc.Resolved();
+      if (prev_steps == 0) cost = MethodCost(mc, method);
       TrainConfig tc = p_.finetune;
       tc.steps = steps;
-      tc.data_seed = seed_ + 7919;
-      const std::string fp = Fingerprint(unit, mc, &tc, "fine-tune from " + parent);
+      tc.data_seed = seed_ + 7919;  // every method sees the same data order
+      if (!full) {
+        tc.lr *= p_.lora_lr_multiplier;
+        tc.min_lr *= p_.lora_lr_multiplier;
+      }
+      const std::string fp = full ? Fingerprint(unit, mc, &tc, "fine-tune from " + parent)
+                                  : MethodFingerprint(unit, mc, tc, parent, method, *lora);
       const UnitState st = Prepare(unit, fp);
-      const std::string curve = "finetune-" + scaling;
+      // Full fine-tunes keep the curve names of the studies before the method comparison.
+      const std::string curve = full ? "finetune-" + scaling : "methods-" + tag;
+      const size_t first_record = result_.records.size();
       if (st == UnitState::kDone) {
         Reuse(unit, curve);
       } else {
@@ -530,8 +617,14 @@ class Runner {
         OptimizerState state;
         std::vector<TrainLogEntry> log;
         if (st == UnitState::kResume) {
-          model = std::make_unique<Model>(LoadModel((dir / "ckpt").string()));
-          state = LoadOptimizerState((dir / "ckpt").string(), *model);
+          if (full) {
+            model = std::make_unique<Model>(LoadModel((dir / "ckpt").string()));
+            state = LoadOptimizerState((dir / "ckpt").string(), *model);
+          } else {  // the adapter, on the base it names
+            TrainingCheckpoint ck = LoadCheckpoint((dir / "ckpt").string());
+            model = std::make_unique<Model>(std::move(ck.model));
+            state = std::move(ck.optimizer);
+          }
           log = LogFromJson(ReadFile(dir / "train_log.json"), (dir / "train_log.json").string());
           std::erase_if(log, [&](const TrainLogEntry& e) { return e.step > state.step; });
           Log(Prefix(unit) + ": resuming from step " + std::to_string(state.step));
@@ -539,11 +632,18 @@ class Runner {
           LoadOptions lo;
           lo.rope_override = rope;
           model = std::make_unique<Model>(LoadModel(parent_ckpt, lo));
+          if (lora) model->AddLora(*lora, seed_);
           Log(Prefix(unit) + ": fine-tuning the RoPE model at " + std::to_string(tc.seq_len) +
-              " with scaling " + scaling);
+              " with scaling " + scaling + (full ? "" : ", method " + method));
         } else {
-          model = std::make_unique<Model>(LoadModel(parent_ckpt));
-          state = LoadOptimizerState(parent_ckpt, *model);
+          if (full) {
+            model = std::make_unique<Model>(LoadModel(parent_ckpt));
+            state = LoadOptimizerState(parent_ckpt, *model);
+          } else {
+            TrainingCheckpoint ck = LoadCheckpoint(parent_ckpt);
+            model = std::make_unique<Model>(std::move(ck.model));
+            state = std::move(ck.optimizer);
+          }
           Log(Prefix(unit) + ": continuing from " + parent + " (step " +
               std::to_string(state.step) + ")");
         }
@@ -554,11 +654,36 @@ class Runner {
         proto.scaling = scaling;
         proto.scaling_factor = s;
         proto.finetune_steps = steps;
+        if (!full) proto.method = method;  // full fine-tunes keep the records of before
         Finish(unit, fp, EvaluateUnit(unit, *model, proto, {}));
+      }
+      // What the comparison reports; set here for reused units too.
+      chain_seconds += UnitSeconds(unit);
+      for (size_t i = first_record; i < result_.records.size(); ++i) {
+        StudyRecord& r = result_.records[i];
+        r.method = method;
+        std::tie(r.trainable_parameters, r.optimizer_bytes) = cost;
+        r.seconds = chain_seconds;
       }
       parent = unit;
       prev_steps = steps;
     }
+  }
+
+  // A LoRA fine-tune unit: the full fine-tune's fingerprint plus the adapter's settings.
+  std::string MethodFingerprint(const std::string& unit, const ModelConfig& mc,
+                                const TrainConfig& tc, const std::string& parent,
+                                const std::string& method, const LoraConfig& c) const {
+    Json j = FingerprintJson(unit, mc, &tc, "fine-tune from " + parent);
+    j["method"] = method;
+    j["lora"] = {{"rank", c.rank},
+                 {"alpha", c.alpha},
+                 {"dropout", c.dropout},
+                 {"target_modules", c.target_modules},
+                 {"train_embeddings", c.train_embeddings},
+                 {"train_norms", c.train_norms},
+                 {"qlora", c.qlora}};
+    return j.dump(1) + "\n";
   }
 
   const StudyOptions& o_;
