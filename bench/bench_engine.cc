@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "bench_main.h"
 #include "ropekit/kv_cache.h"
 #include "ropekit/rope.h"
 
@@ -170,12 +171,9 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& run : runs) {
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      const bool single = run.run_type == Run::RT_Iteration && run.repetitions <= 1;
-      if (!median && !single) continue;
-      std::string name = run.run_name.str();
-      const size_t slash = name.find('/');
-      ns_[name.substr(slash)][name.substr(0, slash)] = run.GetAdjustedCPUTime();
+      if (!bench::IsSummaryRun(run)) continue;
+      const auto [name, shape] = bench::SplitRunName(run);
+      ns_[shape][name] = run.GetAdjustedCPUTime();
     }
   }
   void PrintSummary() const {
@@ -209,19 +207,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
 }  // namespace ropekit
 
 int main(int argc, char** argv) {
-  std::vector<char*> args(argv, argv + argc);
-  std::string reps = "--benchmark_repetitions=5";
-  std::string only_agg = "--benchmark_report_aggregates_only=true";
-  bool has_reps = false;
-  for (int i = 1; i < argc; ++i) {
-    has_reps |= std::strstr(argv[i], "benchmark_repetitions") != nullptr;
-  }
-  if (!has_reps) {
-    args.push_back(reps.data());
-    args.push_back(only_agg.data());
-  }
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
+  ropekit::bench::InitializeWithRepetitions(argc, argv);
   std::printf("SIMD target: %s\n", ropekit::SimdTargetName().c_str());
   ropekit::SummaryReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

@@ -20,10 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -31,10 +29,6 @@
 #include "ropekit/model.h"
 
 namespace {
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 struct Result {
   double tok_s = 0, step_ms = 0;
@@ -64,26 +58,13 @@ Result RunMethod(const ropekit::ModelConfig& config, int method, bool all_target
     model.AddLora(lc, 1);
   }
   ropekit::ThreadPool pool(threads);
-  std::mt19937 gen(1);
-  std::uniform_int_distribution<int> dist(0, 255);
-  std::vector<int32_t> text(200000);
-  for (auto& t : text) t = dist(gen);
+  const std::vector<int32_t> text = ropekit::bench::RandomBytes(200000);
   ropekit::TrainConfig tc;
-  tc.steps = 2;
   tc.batch_size = batch;
   tc.seq_len = seq_len;
-  tc.eval_interval = 0;
   ropekit::OptimizerState state;
-  ropekit::Train(model, state, tc, text, {}, &pool);
-  std::vector<double> runs;
-  for (int64_t r = 0; r < repeats; ++r) {
-    tc.steps = state.step + steps;
-    const double t0 = Now();
-    ropekit::Train(model, state, tc, text, {}, &pool);
-    runs.push_back(Now() - t0);
-  }
   Result res;
-  const double s = ropekit::bench::Median(runs);
+  const double s = ropekit::bench::TimeTraining(model, state, tc, text, steps, repeats, &pool);
   res.tok_s = static_cast<double>(steps * batch * seq_len) / s;
   res.step_ms = 1e3 * s / static_cast<double>(steps);
   res.trainable = static_cast<long long>(model.trainable_parameters().size());

@@ -90,26 +90,14 @@ int main(int argc, char** argv) {
     if (bf16) model.set_matmul_precision(ropekit::MatmulPrecision::kBf16);
     if (unfused) model.set_attention_kernel(ropekit::AttentionKernel::kUnfused);
     ropekit::ThreadPool pool(threads);
-    std::mt19937 gen(1);
-    std::uniform_int_distribution<int> dist(0, 255);
-    std::vector<int32_t> text(200000);
-    for (auto& t : text) t = dist(gen);
+    const std::vector<int32_t> text = ropekit::bench::RandomBytes(200000);
     ropekit::TrainConfig tc;
-    tc.steps = 2;  // warm-up run (allocations, page faults)
     tc.batch_size = batch;
     tc.seq_len = seq_len;
-    tc.eval_interval = 0;
     tc.bf16 = bf16;  // Train sets the model's matmul precision from its config
     ropekit::OptimizerState state;
-    ropekit::Train(model, state, tc, text, {}, &pool);
-    std::vector<double> runs;
-    for (int64_t r = 0; r < repeats; ++r) {
-      tc.steps = state.step + steps;
-      const double t0 = Now();
-      ropekit::Train(model, state, tc, text, {}, &pool);
-      runs.push_back(Now() - t0);
-    }
-    const double train_s = ropekit::bench::Median(runs);
+    const double train_s =
+        ropekit::bench::TimeTraining(model, state, tc, text, steps, repeats, &pool);
     if (profile) {
       ropekit::ResetOpProfile();
       ropekit::SetOpProfiling(true);

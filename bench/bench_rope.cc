@@ -23,6 +23,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bench_main.h"
 #include "bench_support.h"
 #include "ropekit/half.h"
 #include "ropekit/rope.h"
@@ -223,15 +224,12 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   void ReportRuns(const std::vector<Run>& runs) override {
     ConsoleReporter::ReportRuns(runs);
     for (const Run& run : runs) {
-      const bool median = run.run_type == Run::RT_Aggregate && run.aggregate_name == "median";
-      const bool single = run.run_type == Run::RT_Iteration && run.repetitions <= 1;
-      if (!median && !single) continue;
+      if (!bench::IsSummaryRun(run)) continue;
       const auto it = run.counters.find("bytes_per_second");
       if (it == run.counters.end()) continue;
-      std::string name = run.run_name.str();  // BM_Rope/dtype:0/tokens:512/...
-      const size_t slash = name.find('/');
-      Case& c = cases_[name.substr(slash)];
-      c.gbs[name.substr(0, slash)] = it->second.value / 1e9;
+      const auto [name, shape] = bench::SplitRunName(run);
+      Case& c = cases_[shape];
+      c.gbs[name] = it->second.value / 1e9;
       const auto ws = run.counters.find("working_set");
       if (ws != run.counters.end()) c.working_set = static_cast<int64_t>(ws->second.value);
     }
@@ -284,18 +282,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
 }  // namespace ropekit
 
 int main(int argc, char** argv) {
-  std::vector<char*> args(argv, argv + argc);
-  std::string reps = "--benchmark_repetitions=5";
-  std::string only_agg = "--benchmark_report_aggregates_only=true";
-  bool has_reps = false;
-  for (int i = 1; i < argc; ++i)
-    has_reps |= std::strstr(argv[i], "benchmark_repetitions") != nullptr;
-  if (!has_reps) {
-    args.push_back(reps.data());
-    args.push_back(only_agg.data());
-  }
-  int n = static_cast<int>(args.size());
-  benchmark::Initialize(&n, args.data());
+  ropekit::bench::InitializeWithRepetitions(argc, argv);
   ropekit::bench::PrintMachine("bench_rope");
   ropekit::SummaryReporter reporter;
   benchmark::RunSpecifiedBenchmarks(&reporter);

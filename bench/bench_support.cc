@@ -40,6 +40,7 @@ HWY_AFTER_NAMESPACE();
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -183,6 +184,34 @@ double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+std::vector<int32_t> RandomBytes(size_t n, uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_int_distribution<int> dist(0, 255);
+  std::vector<int32_t> text(n);
+  for (auto& t : text) t = dist(gen);
+  return text;
+}
+
+double TimeTraining(Model& model, OptimizerState& state, TrainConfig& tc,
+                    std::span<const int32_t> text, int64_t steps, int64_t repeats,
+                    ThreadPool* pool) {
+  auto now = [] {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+  };
+  tc.steps = 2;
+  tc.eval_interval = 0;
+  Train(model, state, tc, text, {}, pool);
+  std::vector<double> runs;
+  for (int64_t r = 0; r < repeats; ++r) {
+    tc.steps = state.step + steps;
+    const double t0 = now();
+    Train(model, state, tc, text, {}, pool);
+    runs.push_back(now() - t0);
+  }
+  return Median(runs);
 }
 
 }  // namespace ropekit::bench

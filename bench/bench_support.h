@@ -7,7 +7,8 @@
 //                  special case can slow it down;
 //   StreamCopy:    copies with non-temporal stores (no read of the destination: the traffic of an
 //                  out-of-place rotation).
-// Both use the best Highway target of the CPU, as the library's kernels do.
+// Both use the best Highway target of the CPU, as the library's kernels do. Also the timed
+// training loop of the model benchmarks (TimeTraining on RandomBytes).
 //
 // Dimension legend: n = elements, bytes = buffer size in bytes.
 #ifndef ROPEKIT_BENCH_BENCH_SUPPORT_H_
@@ -15,9 +16,11 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <vector>
 
+#include "ropekit/model.h"
 #include "ropekit/rope.h"
 
 namespace ropekit::bench {
@@ -44,6 +47,18 @@ void StreamInPlace(uint8_t* data, size_t bytes);
 void StreamCopy(const uint8_t* src, uint8_t* dst, size_t bytes);
 
 double Median(std::vector<double> v);
+
+// n random byte tokens in [0, 255] (std::mt19937 with `seed`, uniform): the training corpus of
+// the model benchmarks.
+std::vector<int32_t> RandomBytes(size_t n, uint32_t seed = 1);
+
+// The training loop the model benchmarks time: `tc` (batch, sequence length and precision set by
+// the caller; no evaluation) on `text` from `state`: a 2-step warm-up Train (allocations, page
+// faults), then `repeats` timed Train calls of `steps` steps each. Returns the median wall-clock
+// seconds of one call; `state` and `tc` are left as after the last call, for further runs.
+double TimeTraining(Model& model, OptimizerState& state, TrainConfig& tc,
+                    std::span<const int32_t> text, int64_t steps, int64_t repeats,
+                    ThreadPool* pool);
 
 }  // namespace ropekit::bench
 

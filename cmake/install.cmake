@@ -14,7 +14,7 @@ install(TARGETS ${ROPEKIT_EXPORTED_TARGETS} EXPORT ropekitTargets
   INCLUDES DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 # Every public header, less those of layers that are not installed (the server is not part of
 # the package; model-layer headers only when the model is built).
-file(GLOB ROPEKIT_PUBLIC_HEADERS ${PROJECT_SOURCE_DIR}/include/ropekit/*.h)
+file(GLOB ROPEKIT_PUBLIC_HEADERS CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/include/ropekit/*.h)
 set(ROPEKIT_UNINSTALLED_HEADERS serve.h)
 if(NOT ROPEKIT_BUILD_MODEL)
   list(APPEND ROPEKIT_UNINSTALLED_HEADERS model.h study.h distributed.h)

@@ -9,13 +9,17 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace ropekit {
@@ -416,6 +420,158 @@ TEST(HfConfig, LoadNamesThePath) {
               ::testing::ThrowsMessage<Error>(HasSubstr(": is a directory")));
   EXPECT_THAT([&] { LoadHfConfig(path); },
               ::testing::ThrowsMessage<Error>(HasSubstr(path + ": cannot open")));
+}
+
+TEST(HfConfig, LoadReadsAPipe) {
+  // LoadHfConfig reads through ReadFileToString, which streams a pipe to its end.
+  const std::string path = ::testing::TempDir() + "ropekit_hf_config_test.fifo";
+  std::remove(path.c_str());
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  // A reader that gave up early must fail the test, not kill it with SIGPIPE.
+  void (*old_handler)(int) = std::signal(SIGPIPE, SIG_IGN);
+  std::thread writer([&] {
+    std::ofstream out(path);
+    out << kLlama31;
+  });
+  std::optional<HfRopeConfig> config;
+  EXPECT_NO_THROW(config = LoadHfConfig(path));
+  writer.join();
+  std::signal(SIGPIPE, old_handler);
+  std::remove(path.c_str());
+  ASSERT_TRUE(config.has_value());
+  EXPECT_EQ(config->params.type, RopeType::kLlama3);
+  EXPECT_EQ(config->params.base, 500000.0);
+}
+
+// ---- the rope_scaling dict alone: writer and reader ---------------------------------------------
+
+RopeParams ScalingBase() {
+  RopeParams base;
+  base.base = 500000.0;
+  base.head_dim = 64;
+  base.rotary_dim = 32;  // N = 16 pairs
+  base.max_position_embeddings = 8192;
+  return base;
+}
+
+// `base` with type t and every field the type's dict carries set away from its default.
+RopeParams WithEveryField(RopeParams p, RopeType t) {
+  p.type = t;
+  switch (t) {
+    case RopeType::kLinear:
+    case RopeType::kDynamic:
+      p.factor = 3.5;
+      break;
+    case RopeType::kNtk:
+      p.ntk_alpha = 2.5;
+      break;
+    case RopeType::kYarn:
+      p.factor = 4.0;
+      p.original_max_position_embeddings = 2048;
+      p.beta_fast = 16.0;
+      p.beta_slow = 2.0;
+      p.mscale = 0.707;
+      p.mscale_all_dim = 0.5;
+      p.truncate = false;
+      p.attention_factor = 1.25;
+      break;
+    case RopeType::kLongRope:
+      p.factor = 4.0;
+      p.original_max_position_embeddings = 2048;
+      for (int i = 0; i < p.rotary_dim / 2; ++i) {
+        p.short_factor.push_back(1.0 + 0.125 * i);
+        p.long_factor.push_back(2.0 + 0.375 * i);
+      }
+      p.attention_factor = 1.1;
+      break;
+    case RopeType::kLlama3:
+      p.factor = 8.0;
+      p.low_freq_factor = 1.5;
+      p.high_freq_factor = 3.0;
+      p.original_max_position_embeddings = 2048;
+      break;
+    default:
+      break;
+  }
+  return p;
+}
+
+void ExpectSameParams(const RopeParams& a, const RopeParams& b, const std::string& what) {
+  EXPECT_EQ(a.type, b.type) << what;
+  EXPECT_EQ(a.base, b.base) << what;
+  EXPECT_EQ(a.head_dim, b.head_dim) << what;
+  EXPECT_EQ(a.rotary_dim, b.rotary_dim) << what;
+  EXPECT_EQ(a.max_position_embeddings, b.max_position_embeddings) << what;
+  EXPECT_EQ(a.factor, b.factor) << what;
+  EXPECT_EQ(a.ntk_alpha, b.ntk_alpha) << what;
+  EXPECT_EQ(a.original_max_position_embeddings, b.original_max_position_embeddings) << what;
+  EXPECT_EQ(a.beta_fast, b.beta_fast) << what;
+  EXPECT_EQ(a.beta_slow, b.beta_slow) << what;
+  EXPECT_EQ(a.mscale, b.mscale) << what;
+  EXPECT_EQ(a.mscale_all_dim, b.mscale_all_dim) << what;
+  EXPECT_EQ(a.truncate, b.truncate) << what;
+  EXPECT_EQ(a.attention_factor, b.attention_factor) << what;
+  EXPECT_EQ(a.short_factor, b.short_factor) << what;
+  EXPECT_EQ(a.long_factor, b.long_factor) << what;
+  EXPECT_EQ(a.low_freq_factor, b.low_freq_factor) << what;
+  EXPECT_EQ(a.high_freq_factor, b.high_freq_factor) << what;
+}
+
+TEST(RopeScalingJson, EveryTypeRoundTripsThroughWriterAndReaders) {
+  for (int t = 0; t < static_cast<int>(RopeType::kSentinel); ++t) {
+    const RopeParams p = WithEveryField(ScalingBase(), static_cast<RopeType>(t));
+    const std::string what(RopeTypeName(p.type));
+    ASSERT_NO_THROW(p.Validate()) << what;
+    const std::string dict = RopeScalingToJson(p);
+    if (p.type == RopeType::kDefault) {
+      EXPECT_EQ(dict, "null");
+    }
+    ExpectSameParams(ParseRopeScaling(dict, ScalingBase()), p, what);
+    // The same dict inside a config.json, with the other fields at the top level.
+    const Json config = {{"model_type", "llama"},
+                         {"head_dim", p.head_dim},
+                         {"partial_rotary_factor", 0.5},
+                         {"rope_theta", p.base},
+                         {"max_position_embeddings", p.max_position_embeddings},
+                         {"rope_scaling", Json::parse(dict)}};
+    ExpectSameParams(ParseHfConfig(config.dump()).params, p, what + " in config.json");
+  }
+}
+
+TEST(RopeScalingJson, WriterSpellsTheHuggingFaceKeys) {
+  RopeParams p = ScalingBase();
+  p.type = RopeType::kLinear;
+  p.factor = 2.0;
+  EXPECT_EQ(RopeScalingToJson(p), R"({"rope_type":"linear","factor":2.0})");
+  p.type = RopeType::kNtk;
+  p.ntk_alpha = 4.0;
+  EXPECT_EQ(RopeScalingToJson(p), R"({"rope_type":"ntk","alpha":4.0})");
+}
+
+TEST(RopeScalingJson, ReaderKeepsTheBaseAndNamesItsSource) {
+  const RopeParams base = ScalingBase();
+  RopeParams p = ParseRopeScaling(R"({"type":"linear","factor":2,"rope_theta":1e6})", base);
+  EXPECT_EQ(p.type, RopeType::kLinear);
+  EXPECT_EQ(p.factor, 2.0);
+  EXPECT_EQ(p.base, 1e6);  // a rope_theta inside the dict wins, as in transformers v5
+  EXPECT_EQ(p.head_dim, 64);
+  EXPECT_EQ(p.rotary_dim, 32);
+  EXPECT_EQ(p.max_position_embeddings, 8192);
+  p = ParseRopeScaling("null", base);
+  EXPECT_EQ(p.type, RopeType::kDefault);
+  EXPECT_EQ(p.base, 500000.0);
+  auto expect_error = [&](const std::string& text, const std::string& needle) {
+    EXPECT_THAT([&] { ParseRopeScaling(text, base, "--rope-scaling"); },
+                ::testing::ThrowsMessage<Error>(HasSubstr(needle)))
+        << text;
+  };
+  expect_error("[1]", "--rope-scaling: must be a JSON object or null");
+  expect_error("{", "--rope-scaling: invalid JSON");
+  expect_error(R"({"rope_type":"linear"})",
+               "--rope-scaling: rope_scaling.factor is required for rope_type linear");
+  expect_error(R"({"rope_type":"linear","factor":0.5})",
+               "--rope-scaling: rope_scaling.factor must be a finite number >= 1");
+  expect_error(R"({"rope_type":"spiral","factor":2})", "--rope-scaling: rope_scaling.rope_type");
 }
 
 // ---- fuzzing ------------------------------------------------------------------------------------

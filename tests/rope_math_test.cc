@@ -166,9 +166,7 @@ TEST(RopeMathTest, LongTermDecay) {
     for (int r = lo; r < hi; ++r) s += curve(r);
     return s / (hi - lo);
   };
-  // Window means over integer r, evaluated independently in numpy (float64, complex exp). The
-  // paper-reproduction notes quote 16.79 / 9.63 / 8.04, which average the same curve over a finer,
-  // non-integer grid of r.
+  // Window means over integer r, evaluated independently in numpy (float64, complex exp).
   const double w1 = window(5, 25), w2 = window(100, 125), w3 = window(225, 250);
   EXPECT_NEAR(w1, 16.87729, 1e-4);
   EXPECT_NEAR(w2, 9.63409, 1e-4);

@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
@@ -254,11 +256,8 @@ std::optional<LoraConfig> LoraFromArgs(const TrainArgs& a, CLI::App* sub) {
   return c;
 }
 
-int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
-  const bool lead = comm.rank() == 0;  // prints, writes the log and the checkpoints
-  if (!lead) a.quiet = true;
-  if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
-  const std::optional<LoraConfig> lora = LoraFromArgs(a, sub);
+// Checks the options that need no file and sets the schedule and progress of a.tc.
+void CheckTrainArgs(TrainArgs& a) {
   if (a.resume && a.overwrite) throw Error("--resume and --overwrite cannot be combined");
   if (!(a.val_fraction >= 0.0 && a.val_fraction < 1.0)) {
     throw Error("--val-fraction " + std::to_string(a.val_fraction) + " must be in [0, 1)");
@@ -268,6 +267,193 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
                                              : throw Error("--schedule must be cosine or constant");
   a.tc.checkpoint_dir = a.out;
   a.tc.progress = !a.quiet;
+}
+
+// A fresh run's output: a checkpoint or a non-empty --log already there is replaced only with
+// --overwrite.
+void ClaimOutput(const TrainArgs& a) {
+  std::optional<int64_t> existing;
+  try {
+    existing = FindCheckpoint(a.out);
+  } catch (const Error& e) {
+    existing = -1;  // something unreadable is there: still not ours to replace silently
+  }
+  if (existing && !a.overwrite) {
+    throw Error("--out " + a.out + " already holds a checkpoint" +
+                (*existing > 0 ? " (step " + std::to_string(*existing) + ")" : std::string()) +
+                "; pass --resume to continue it or --overwrite to replace it");
+  }
+  std::error_code ec;
+  if (!a.log_file.empty() && std::filesystem::exists(a.log_file, ec) &&
+      std::filesystem::file_size(a.log_file, ec) > 0 && !a.overwrite) {
+    throw Error("--log " + a.log_file +
+                " already exists; pass --overwrite to replace it or --resume to continue the "
+                "run it logs");
+  }
+  if (existing) RemoveCheckpoint(a.out);
+}
+
+// The run saved in --out, with the options given on this command line replacing saved values
+// (the saved schedule is kept otherwise); nullptr when it has already reached --steps.
+std::unique_ptr<Model> ResumeRun(TrainArgs& a, CLI::App* sub, bool lead, OptimizerState& state) {
+  if (!a.init.empty()) throw Error("--resume and --init cannot be combined");
+  if (!FindCheckpoint(a.out)) throw Error("--resume: " + a.out + " holds no checkpoint");
+  TrainingCheckpoint ck = LoadCheckpoint(a.out);
+  auto model = std::make_unique<Model>(std::move(ck.model));
+  state = std::move(ck.optimizer);
+  const TrainConfig& saved = ck.train_config;
+  auto keep = [&](const char* flag, auto& field, const auto& saved_value) {
+    if (sub->count(flag) == 0) field = saved_value;
+  };
+  keep("--steps", a.tc.steps, saved.steps);
+  keep("--batch-size", a.tc.batch_size, saved.batch_size);
+  keep("--seq-len", a.tc.seq_len, saved.seq_len);
+  keep("--grad-accum", a.tc.grad_accum, saved.grad_accum);
+  keep("--lr", a.tc.lr, saved.lr);
+  keep("--min-lr", a.tc.min_lr, saved.min_lr);
+  keep("--warmup", a.tc.warmup_steps, saved.warmup_steps);
+  keep("--schedule", a.tc.schedule, saved.schedule);
+  keep("--beta1", a.tc.beta1, saved.beta1);
+  keep("--beta2", a.tc.beta2, saved.beta2);
+  keep("--adam-eps", a.tc.eps, saved.eps);
+  keep("--weight-decay", a.tc.weight_decay, saved.weight_decay);
+  keep("--grad-clip", a.tc.grad_clip, saved.grad_clip);
+  keep("--data-seed", a.tc.data_seed, saved.data_seed);
+  keep("--eval-interval", a.tc.eval_interval, saved.eval_interval);
+  keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
+  keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
+  keep("--bf16", a.tc.bf16, saved.bf16);
+  if (!a.log_file.empty() && lead) TrimLog(a.log_file, state.step);
+  if (state.step >= a.tc.steps) {
+    std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
+                 static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
+    return nullptr;
+  }
+  return model;
+}
+
+// The model of a new run: --init's weights (with the RoPE override and an adapter), or a fresh
+// one built from the architecture options.
+std::unique_ptr<Model> NewRunModel(const TrainArgs& a, const std::optional<LoraConfig>& lora) {
+  if (a.init.empty()) return std::make_unique<Model>(BuildConfig(a), a.seed);
+  LoadOptions lo;
+  const std::string cfg_path = (std::filesystem::path(a.init) / "config.json").string();
+  lo.rope_override = RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
+  auto model = std::make_unique<Model>(LoadModel(a.init, lo));
+  if (lora) {
+    if (a.tc.bf16) {
+      throw Error(
+          "--bf16 cannot be combined with --lora-rank / --qlora / --prompt-tuning / "
+          "--prefix-tuning");
+    }
+    lora->Validate(model->config());
+    model->AddLora(*lora, a.seed);
+  }
+  return model;
+}
+
+// The training and validation tokens: --val-corpus, else the last --val-fraction of --corpus.
+struct Corpus {
+  std::vector<int32_t> train, val;
+};
+
+Corpus ReadCorpus(const TrainArgs& a) {
+  if (a.corpus.empty()) throw Error("--corpus: at least one text file is required");
+  ByteTokenizer tok;
+  Corpus c;
+  c.train = tok.Encode(ReadTextFiles(a.corpus));
+  if (!a.val_corpus.empty()) {
+    c.val = tok.Encode(ReadTextFiles(a.val_corpus));
+  } else if (a.val_fraction > 0) {
+    const size_t cut =
+        c.train.size() - static_cast<size_t>(static_cast<double>(c.train.size()) * a.val_fraction);
+    c.val.assign(c.train.begin() + static_cast<int64_t>(cut), c.train.end());
+    c.train.resize(cut);
+  }
+  if (static_cast<int64_t>(c.train.size()) < a.tc.seq_len + 1) {
+    throw Error("--corpus: " + std::to_string(c.train.size()) +
+                " training bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1));
+  }
+  if (!c.val.empty() && static_cast<int64_t>(c.val.size()) < a.tc.seq_len + 1) {
+    throw Error("validation text: " + std::to_string(c.val.size()) +
+                " bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1) +
+                " (use a larger --val-fraction or --val-corpus)");
+  }
+  return c;
+}
+
+// The model, data and adapter line printed before training.
+void PrintRunSummary(const Model& model, const Corpus& corpus, const TrainConfig& tc) {
+  const ModelConfig& c = model.config();
+  std::fprintf(
+      stderr,
+      "model: d=%d layers=%d heads=%d kv_heads=%d head_dim=%d ffn=%d pe=%s, %lld "
+      "parameters; %zu training / %zu validation bytes; %lld tokens per step\n",
+      c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+      std::string(PositionEncodingKindName(c.position_encoding.kind)).c_str(),
+      static_cast<long long>(model.num_parameters()), corpus.train.size(), corpus.val.size(),
+      static_cast<long long>(tc.batch_size * tc.seq_len * tc.grad_accum));
+  if (tc.bf16) std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
+  const LoraConfig* lc = model.lora_config();
+  if (lc && lc->type == PeftType::kPromptTuning) {
+    std::fprintf(stderr, "prompt tuning: %d virtual tokens (%s), %zu trainable parameters\n",
+                 lc->num_virtual_tokens, lc->prompt_init_text.empty() ? "RANDOM" : "TEXT",
+                 model.trainable_parameters().size());
+  } else if (lc && lc->type == PeftType::kPrefixTuning) {
+    std::fprintf(stderr, "prefix tuning: %d prefix entries per layer%s, %zu trainable parameters\n",
+                 lc->num_virtual_tokens, lc->prefix_projection ? " (through the MLP)" : "",
+                 model.trainable_parameters().size());
+  } else if (lc) {
+    std::fprintf(stderr,
+                 "%s: r=%d alpha=%g dropout=%g, %zu trainable parameters; frozen projections "
+                 "%.3f bits per parameter\n",
+                 lc->qlora ? "QLoRA" : "LoRA", lc->rank, lc->alpha, lc->dropout,
+                 model.trainable_parameters().size(),
+                 8.0 * static_cast<double>(model.projection_bytes()) /
+                     static_cast<double>(model.projection_parameters()));
+  }
+}
+
+// One --log line: {"step", "loss", "lr", "grad_norm"[, "val_loss"]}.
+void WriteLogLine(std::ofstream& out, const TrainLogEntry& e) {
+  char line[256];
+  std::snprintf(line, sizeof(line),
+                "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
+                static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
+  out << line;
+  if (e.val_loss >= 0) {
+    std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
+    out << line;
+  }
+  out << "}\n" << std::flush;
+}
+
+// The data-parallel line and the final losses printed after training.
+void PrintRunEnd(Communicator& comm, const DataParallelStats& stats,
+                 const std::vector<TrainLogEntry>& log, const TrainArgs& a) {
+  if (comm.rank() != 0) return;
+  if (comm.size() > 1 && !a.quiet) {
+    std::fprintf(stderr,
+                 "data parallel: %d ranks; AdamW moments per rank %.3f MiB (one process: %.3f "
+                 "MiB); rank 0: compute %.3f s, waiting for gradients %.3f s, all-gather %.3f s "
+                 "of %.3f s\n",
+                 comm.size(), stats.optimizer_floats * 4.0 / (1 << 20),
+                 stats.optimizer_floats_unsharded * 4.0 / (1 << 20), stats.compute_s,
+                 stats.reduce_wait_s, stats.allgather_s, stats.step_s);
+  }
+  if (log.empty()) return;
+  std::printf("final step %lld  train loss %.4f", static_cast<long long>(log.back().step),
+              log.back().loss);
+  if (log.back().val_loss >= 0) std::printf("  val loss %.4f", log.back().val_loss);
+  std::printf("\ncheckpoint: %s\n", a.out.c_str());
+}
+
+int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
+  const bool lead = comm.rank() == 0;  // prints, writes the log and the checkpoints
+  if (!lead) a.quiet = true;
+  if (a.out.empty()) throw Error("--out: a checkpoint directory is required");
+  const std::optional<LoraConfig> lora = LoraFromArgs(a, sub);
+  CheckTrainArgs(a);
   auto pool = MakePool(a.threads);
 
   // The output directory: writable, ours alone for the run, cleared of what killed runs left.
@@ -277,136 +463,14 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
     CheckDirectoryWritable(a.out, "--out");
     lock.emplace(a.out, "--out");
     CleanCheckpointDirectory(a.out);
+    if (!a.resume) ClaimOutput(a);
   }
-  if (!a.resume && lead) {
-    std::optional<int64_t> existing;
-    try {
-      existing = FindCheckpoint(a.out);
-    } catch (const Error& e) {
-      existing = -1;  // something unreadable is there: still not ours to replace silently
-    }
-    if (existing && !a.overwrite) {
-      throw Error("--out " + a.out + " already holds a checkpoint" +
-                  (*existing > 0 ? " (step " + std::to_string(*existing) + ")" : std::string()) +
-                  "; pass --resume to continue it or --overwrite to replace it");
-    }
-    std::error_code ec;
-    if (!a.log_file.empty() && std::filesystem::exists(a.log_file, ec) &&
-        std::filesystem::file_size(a.log_file, ec) > 0 && !a.overwrite) {
-      throw Error("--log " + a.log_file +
-                  " already exists; pass --overwrite to replace it or --resume to continue the "
-                  "run it logs");
-    }
-    if (existing) RemoveCheckpoint(a.out);
-  }
-
-  std::unique_ptr<Model> model;
   OptimizerState state;
-  if (a.resume) {
-    if (!a.init.empty()) throw Error("--resume and --init cannot be combined");
-    if (!FindCheckpoint(a.out)) throw Error("--resume: " + a.out + " holds no checkpoint");
-    TrainingCheckpoint ck = LoadCheckpoint(a.out);
-    model = std::make_unique<Model>(std::move(ck.model));
-    state = std::move(ck.optimizer);
-    // The saved schedule is kept; options given on this command line replace saved values.
-    const TrainConfig& saved = ck.train_config;
-    auto keep = [&](const char* flag, auto& field, const auto& saved_value) {
-      if (sub->count(flag) == 0) field = saved_value;
-    };
-    keep("--steps", a.tc.steps, saved.steps);
-    keep("--batch-size", a.tc.batch_size, saved.batch_size);
-    keep("--seq-len", a.tc.seq_len, saved.seq_len);
-    keep("--grad-accum", a.tc.grad_accum, saved.grad_accum);
-    keep("--lr", a.tc.lr, saved.lr);
-    keep("--min-lr", a.tc.min_lr, saved.min_lr);
-    keep("--warmup", a.tc.warmup_steps, saved.warmup_steps);
-    keep("--schedule", a.tc.schedule, saved.schedule);
-    keep("--beta1", a.tc.beta1, saved.beta1);
-    keep("--beta2", a.tc.beta2, saved.beta2);
-    keep("--adam-eps", a.tc.eps, saved.eps);
-    keep("--weight-decay", a.tc.weight_decay, saved.weight_decay);
-    keep("--grad-clip", a.tc.grad_clip, saved.grad_clip);
-    keep("--data-seed", a.tc.data_seed, saved.data_seed);
-    keep("--eval-interval", a.tc.eval_interval, saved.eval_interval);
-    keep("--eval-batches", a.tc.eval_batches, saved.eval_batches);
-    keep("--checkpoint-interval", a.tc.checkpoint_interval, saved.checkpoint_interval);
-    keep("--bf16", a.tc.bf16, saved.bf16);
-    if (!a.log_file.empty() && lead) TrimLog(a.log_file, state.step);
-    if (state.step >= a.tc.steps) {
-      std::fprintf(stderr, "checkpoint %s is at step %lld of %lld: nothing to do\n", a.out.c_str(),
-                   static_cast<long long>(state.step), static_cast<long long>(a.tc.steps));
-      return 0;
-    }
-  } else if (!a.init.empty()) {
-    LoadOptions lo;
-    const std::string cfg_path = (std::filesystem::path(a.init) / "config.json").string();
-    lo.rope_override =
-        RopeOverride(ModelConfigFromJson(ReadTextFiles({cfg_path}), cfg_path), a.rope);
-    model = std::make_unique<Model>(LoadModel(a.init, lo));
-    if (lora) {
-      if (a.tc.bf16) {
-        throw Error(
-            "--bf16 cannot be combined with --lora-rank / --qlora / --prompt-tuning / "
-            "--prefix-tuning");
-      }
-      lora->Validate(model->config());
-      model->AddLora(*lora, a.seed);
-    }
-  } else {
-    model = std::make_unique<Model>(BuildConfig(a), a.seed);
-  }
+  std::unique_ptr<Model> model = a.resume ? ResumeRun(a, sub, lead, state) : NewRunModel(a, lora);
+  if (!model) return 0;  // resumed at its last step already
   a.tc.Validate();
-  if (a.corpus.empty()) throw Error("--corpus: at least one text file is required");
-  ByteTokenizer tok;
-  std::vector<int32_t> all = tok.Encode(ReadTextFiles(a.corpus));
-  std::vector<int32_t> val;
-  if (!a.val_corpus.empty()) {
-    val = tok.Encode(ReadTextFiles(a.val_corpus));
-  } else if (a.val_fraction > 0) {
-    const size_t cut =
-        all.size() - static_cast<size_t>(static_cast<double>(all.size()) * a.val_fraction);
-    val.assign(all.begin() + static_cast<int64_t>(cut), all.end());
-    all.resize(cut);
-  }
-  if (static_cast<int64_t>(all.size()) < a.tc.seq_len + 1) {
-    throw Error("--corpus: " + std::to_string(all.size()) +
-                " training bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1));
-  }
-  if (!val.empty() && static_cast<int64_t>(val.size()) < a.tc.seq_len + 1) {
-    throw Error("validation text: " + std::to_string(val.size()) +
-                " bytes, fewer than --seq-len + 1 = " + std::to_string(a.tc.seq_len + 1) +
-                " (use a larger --val-fraction or --val-corpus)");
-  }
-  if (!a.quiet) {
-    const ModelConfig& c = model->config();
-    std::fprintf(stderr,
-                 "model: d=%d layers=%d heads=%d kv_heads=%d head_dim=%d ffn=%d pe=%s, %lld "
-                 "parameters; %zu training / %zu validation bytes; %lld tokens per step\n",
-                 c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim,
-                 c.intermediate_size,
-                 std::string(PositionEncodingKindName(c.position_encoding.kind)).c_str(),
-                 static_cast<long long>(model->num_parameters()), all.size(), val.size(),
-                 static_cast<long long>(a.tc.batch_size * a.tc.seq_len * a.tc.grad_accum));
-    if (a.tc.bf16) std::fprintf(stderr, "%s\n", Bf16MatmulSupport().c_str());
-    if (const LoraConfig* lc = model->lora_config(); lc && lc->type == PeftType::kPromptTuning) {
-      std::fprintf(stderr, "prompt tuning: %d virtual tokens (%s), %zu trainable parameters\n",
-                   lc->num_virtual_tokens, lc->prompt_init_text.empty() ? "RANDOM" : "TEXT",
-                   model->trainable_parameters().size());
-    } else if (lc && lc->type == PeftType::kPrefixTuning) {
-      std::fprintf(stderr,
-                   "prefix tuning: %d prefix entries per layer%s, %zu trainable parameters\n",
-                   lc->num_virtual_tokens, lc->prefix_projection ? " (through the MLP)" : "",
-                   model->trainable_parameters().size());
-    } else if (lc) {
-      std::fprintf(stderr,
-                   "%s: r=%d alpha=%g dropout=%g, %zu trainable parameters; frozen projections "
-                   "%.3f bits per parameter\n",
-                   lc->qlora ? "QLoRA" : "LoRA", lc->rank, lc->alpha, lc->dropout,
-                   model->trainable_parameters().size(),
-                   8.0 * static_cast<double>(model->projection_bytes()) /
-                       static_cast<double>(model->projection_parameters()));
-    }
-  }
+  const Corpus corpus = ReadCorpus(a);
+  if (!a.quiet) PrintRunSummary(*model, corpus, a.tc);
   struct Stop {};
   std::vector<TrainLogEntry> log;
   std::ofstream log_out;
@@ -421,21 +485,10 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   dp.stats = &stats;
   try {
     log = Train(
-        *model, state, a.tc, all, val, pool.get(),
+        *model, state, a.tc, corpus.train, corpus.val, pool.get(),
         [&](const TrainLogEntry& e) {
           log.push_back(e);
-          if (log_out.is_open()) {
-            char line[256];
-            std::snprintf(line, sizeof(line),
-                          "{\"step\": %lld, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g",
-                          static_cast<long long>(e.step), e.loss, e.lr, e.grad_norm);
-            log_out << line;
-            if (e.val_loss >= 0) {
-              std::snprintf(line, sizeof(line), ", \"val_loss\": %.9g", e.val_loss);
-              log_out << line;
-            }
-            log_out << "}\n" << std::flush;
-          }
+          if (log_out.is_open()) WriteLogLine(log_out, e);
           if (a.stop_after > 0 && e.step >= a.stop_after) throw Stop{};
         },
         dp);
@@ -447,21 +500,7 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
     return 0;
   }
   if (!a.dist_stats.empty()) WriteDistStats(comm, stats, a.dist_stats);
-  if (lead && comm.size() > 1 && !a.quiet) {
-    std::fprintf(stderr,
-                 "data parallel: %d ranks; AdamW moments per rank %.3f MiB (one process: %.3f "
-                 "MiB); rank 0: compute %.3f s, waiting for gradients %.3f s, all-gather %.3f s "
-                 "of %.3f s\n",
-                 comm.size(), stats.optimizer_floats * 4.0 / (1 << 20),
-                 stats.optimizer_floats_unsharded * 4.0 / (1 << 20), stats.compute_s,
-                 stats.reduce_wait_s, stats.allgather_s, stats.step_s);
-  }
-  if (!log.empty() && lead) {
-    std::printf("final step %lld  train loss %.4f", static_cast<long long>(log.back().step),
-                log.back().loss);
-    if (log.back().val_loss >= 0) std::printf("  val loss %.4f", log.back().val_loss);
-    std::printf("\ncheckpoint: %s\n", a.out.c_str());
-  }
+  PrintRunEnd(comm, stats, log, a);
   return 0;
 }
 

@@ -6,12 +6,10 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 
 #include "ropekit/hf_config.h"
-#include "ropekit/json_limits.h"
 #include "ropekit/model.h"
 #include "ropekit/thread_pool.h"
 
@@ -31,8 +29,8 @@ inline void AddRopeOverrideOptions(CLI::App* sub, RopeOverrideArgs& args) {
   sub->add_option("--rope-theta", args.theta, "Replace the RoPE base (rope_theta)");
 }
 
-// RoPE parameters for `config` with the override applied (parsed exactly like a config.json);
-// nullopt when nothing is overridden.
+// RoPE parameters for `config` with the override applied (the dict read by ParseRopeScaling,
+// exactly as from a config.json); nullopt when nothing is overridden.
 inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
                                               const RopeOverrideArgs& args) {
   if (args.scaling.empty() && !args.theta) return std::nullopt;
@@ -41,29 +39,18 @@ inline std::optional<RopeParams> RopeOverride(const ModelConfig& config,
                 std::string(PositionEncodingKindName(config.position_encoding.kind)) +
                 ", not rope");
   }
-  nlohmann::ordered_json j = nlohmann::ordered_json::parse(ModelConfigToJson(config));
-  if (args.scaling == "none") {
-    j["rope_scaling"] = nullptr;
-  } else if (!args.scaling.empty()) {
-    nlohmann::ordered_json s;
-    CheckJsonLimits(args.scaling, "--rope-scaling");
-    try {
-      s = nlohmann::ordered_json::parse(args.scaling);
-    } catch (const std::exception& e) {
-      throw Error("--rope-scaling: not valid JSON (" + std::string(e.what()) + ")");
-    }
-    if (!s.is_object()) throw Error("--rope-scaling: expected a JSON object or 'none'");
-    j["rope_scaling"] = s;
+  RopeParams params = config.Resolved().position_encoding.rope;
+  if (args.theta) params.base = *args.theta;
+  if (!args.scaling.empty()) {
+    return ParseRopeScaling(args.scaling == "none" ? "null" : args.scaling, params,
+                            "--rope-scaling");
   }
-  if (args.theta) j["rope_theta"] = *args.theta;
   try {
-    RopeParams params = ParseHfConfig(j.dump()).params;
-    // The rotated width is the model's (partial_rotary_factor round-trips through a double).
-    params.rotary_dim = config.position_encoding.rope.rotary_dim;
-    return params;
+    params.Validate();
   } catch (const Error& e) {
-    throw Error(std::string("--rope-scaling: ") + e.what());
+    throw Error(std::string("--rope-theta: ") + e.what());
   }
+  return params;
 }
 
 // --adapter / --qlora of eval and generate: a PEFT adapter on top of --model.

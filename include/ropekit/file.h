@@ -12,8 +12,8 @@
 
 namespace ropekit {
 
-// Reads a whole regular file. Errors (missing, a directory, unreadable, larger than max_bytes)
-// name the path.
+// Reads a whole regular file, or a pipe or character device (e.g. /dev/stdin) to its end.
+// Errors (missing, a directory, unreadable, larger than max_bytes) name the path.
 std::string ReadFileToString(const std::string& path, uint64_t max_bytes = uint64_t{1} << 40);
 
 // Writes atomically: the bytes go to an exclusive temporary file next to `path` (rename is

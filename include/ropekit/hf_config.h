@@ -32,8 +32,23 @@ struct HfRopeConfig {
 // Parses config.json text. `layer_type` selects one entry of a per-layer-type rope_parameters
 // dict (Gemma-3 style, e.g. "full_attention"); empty selects "full_attention" when nested.
 HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_type = {});
-// Reads and parses a file; errors name the path.
+// Reads and parses a file (at most 64 MiB; a pipe works too); errors name the path.
 HfRopeConfig LoadHfConfig(const std::string& path, std::string_view layer_type = {});
+
+// The rope_scaling dict of a config.json for `params` as compact JSON text, "null" for
+// RopeType::kDefault: rope_type and the fields of that type under their Hugging Face keys
+// (rope_theta, head_dim, partial_rotary_factor and max_position_embeddings are top-level keys of
+// a config.json, not part of the dict). ParseRopeScaling and ParseHfConfig read it back to the
+// same RopeParams.
+std::string RopeScalingToJson(const RopeParams& params);
+
+// Reads a rope_scaling dict alone (JSON text: an object, or null for plain RoPE) onto `base`:
+// the rope type and its fields come from the dict, exactly as ParseHfConfig reads them (a
+// rope_theta inside the dict replaces base.base, as in transformers v5); head_dim, rotary_dim
+// and max_position_embeddings stay base's. The result is validated. Errors are
+// "<source>: <field> ..." (e.g. source "--rope-scaling").
+RopeParams ParseRopeScaling(std::string_view json_text, const RopeParams& base,
+                            const std::string& source = "rope_scaling");
 
 }  // namespace ropekit
 

@@ -19,57 +19,6 @@ void Require(bool ok, const std::string& message) {
   if (!ok) throw Error(message);
 }
 
-Json RopeScalingJson(const RopeParams& p) {
-  Json j;
-  switch (p.type) {
-    case RopeType::kDefault:
-    case RopeType::kSentinel:
-      return Json(nullptr);
-    case RopeType::kLinear:
-    case RopeType::kDynamic:
-      j["rope_type"] = RopeTypeName(p.type);
-      j["factor"] = p.factor;
-      return j;
-    case RopeType::kNtk:
-      j["rope_type"] = "ntk";
-      j["alpha"] = p.ntk_alpha;
-      return j;
-    case RopeType::kYarn:
-      j["rope_type"] = "yarn";
-      j["factor"] = p.factor;
-      if (p.original_max_position_embeddings > 0) {
-        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
-      }
-      j["beta_fast"] = p.beta_fast;
-      j["beta_slow"] = p.beta_slow;
-      if (p.mscale != 0.0) j["mscale"] = p.mscale;
-      if (p.mscale_all_dim != 0.0) j["mscale_all_dim"] = p.mscale_all_dim;
-      if (!p.truncate) j["truncate"] = false;
-      if (p.attention_factor) j["attention_factor"] = *p.attention_factor;
-      return j;
-    case RopeType::kLongRope:
-      j["rope_type"] = "longrope";
-      if (p.factor != 0.0) j["factor"] = p.factor;
-      if (p.original_max_position_embeddings > 0) {
-        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
-      }
-      j["short_factor"] = p.short_factor;
-      j["long_factor"] = p.long_factor;
-      if (p.attention_factor) j["attention_factor"] = *p.attention_factor;
-      return j;
-    case RopeType::kLlama3:
-      j["rope_type"] = "llama3";
-      j["factor"] = p.factor;
-      j["low_freq_factor"] = p.low_freq_factor;
-      j["high_freq_factor"] = p.high_freq_factor;
-      if (p.original_max_position_embeddings > 0) {
-        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
-      }
-      return j;
-  }
-  return Json(nullptr);
-}
-
 }  // namespace
 
 std::vector<int32_t> ByteTokenizer::Encode(std::string_view text) const {
@@ -162,7 +111,7 @@ std::string ModelConfigToJson(const ModelConfig& config) {
   j["torch_dtype"] = "float32";
   const bool rope = pe.kind == PositionEncodingKind::kRope;
   j["rope_theta"] = pe.rope.base;
-  j["rope_scaling"] = rope ? RopeScalingJson(pe.rope) : Json(nullptr);
+  j["rope_scaling"] = rope ? Json::parse(RopeScalingToJson(pe.rope)) : Json(nullptr);
   if (rope && pe.rope.rotary_dim != c.head_dim) {
     j["partial_rotary_factor"] = static_cast<double>(pe.rope.rotary_dim) / c.head_dim;
   }

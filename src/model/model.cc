@@ -95,9 +95,10 @@ void Model::Impl::Init(uint64_t seed) {
 }
 
 bool Model::Impl::RopeIsLengthDependent() const {
-  const RopeType t = config.position_encoding.rope.type;
+  // The rope layer's one rule (FrequencySeqLen: dynamic NTK, LongRoPE): frequencies that change
+  // with the sequence length change at some length up to 2^31 - 1.
   return config.position_encoding.kind == PositionEncodingKind::kRope &&
-         (t == RopeType::kDynamic || t == RopeType::kLongRope);
+         FrequencySeqLen(config.position_encoding.rope, kMaxPosition) != 0;
 }
 
 const RopeTable& Model::Impl::Table(int64_t seq_len) {

@@ -1,4 +1,4 @@
-// ropekit: Hugging Face config.json -> RopeParams.
+// ropekit: Hugging Face config.json -> RopeParams, and RopeParams -> its rope_scaling dict.
 //
 // Dimension legend: D = head_dim, R = rotary_dim = int(D * partial_rotary_factor), N = R / 2.
 //
@@ -17,19 +17,21 @@
 //     rotary_pct is the same field; GPT-J/CodeGen read rotary_dim; GLM defaults to 0.5).
 //   * original_max_position_embeddings: a top-level value has priority (v5), then the rope dict's;
 //     0 in RopeParams means "use max_position_embeddings".
+// RopeScalingToJson writes the rope_scaling dict back in the same spelling, so that
+// ParseRopeScaling (and ParseHfConfig) read the same RopeParams from it.
 // Every problem becomes ropekit::Error "<source>: <field> ...".
 #include "ropekit/hf_config.h"
 
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <sstream>
 #include <string>
 
+#include "ropekit/file.h"
 #include "ropekit/json_limits.h"
 
 namespace ropekit {
@@ -148,6 +150,50 @@ class Parser {
   }
 
   HfRopeConfig Parse(std::string_view text, std::string_view layer_type) {
+    const Json root = ParseJson(text);
+    if (!root.is_object()) Fail("the top level must be a JSON object (got " + Describe(root) + ")");
+    // Vision-language configs (Qwen2-VL v5, Qwen2.5-VL, Qwen3-VL) keep the language model's fields
+    // in text_config; a config with top-level attention fields is read as is.
+    auto text_config = root.find("text_config");
+    if (text_config != root.end() && text_config->is_object() &&
+        !root.contains("num_attention_heads") && !root.contains("n_head")) {
+      Json text = *text_config;
+      if (!text.contains("model_type") && root.contains("model_type")) {
+        text["model_type"] = root.at("model_type");
+      }
+      source_ += " text_config";
+      return Build(text, layer_type);
+    }
+    return Build(root, layer_type);
+  }
+
+  // A rope_scaling dict alone (JSON text: an object, or null for plain RoPE) on top of `base`:
+  // the type, its fields and a rope_theta of the dict replace base's; the rest stays.
+  RopeParams ParseScaling(std::string_view text, const RopeParams& base) {
+    const Json dict = ParseJson(text);
+    if (!dict.is_object() && !dict.is_null()) {
+      Fail("must be a JSON object or null (got " + Describe(dict) + ")");
+    }
+    dict_path_ = "rope_scaling";
+    rd_ = dict.is_null() ? &EmptyObject() : &dict;
+    RopeParams p;
+    p.head_dim = base.head_dim;
+    p.rotary_dim = base.rotary_dim;
+    p.max_position_embeddings = base.max_position_embeddings;
+    bool mrope_type = false;
+    p.type = ParseType(&mrope_type);
+    p.base = OptNumber(*rd_, "rope_theta", KeyPath("rope_theta")).value_or(base.base);
+    Lengths lengths;
+    lengths.max = base.max_position_embeddings;
+    lengths.original = OriginalLength();
+    ParseTypeFields(lengths, p);
+    Validate(p);
+    rd_ = &EmptyObject();
+    return p;
+  }
+
+ private:
+  Json ParseJson(std::string_view text) const {
     CheckJsonLimits(text, source_);
     Json root;
     try {
@@ -169,23 +215,9 @@ class Parser {
     } catch (const Json::exception& e) {
       Fail(std::string("invalid JSON: ") + e.what());  // e.g. a number outside the double range
     }
-    if (!root.is_object()) Fail("the top level must be a JSON object (got " + Describe(root) + ")");
-    // Vision-language configs (Qwen2-VL v5, Qwen2.5-VL, Qwen3-VL) keep the language model's fields
-    // in text_config; a config with top-level attention fields is read as is.
-    auto text_config = root.find("text_config");
-    if (text_config != root.end() && text_config->is_object() &&
-        !root.contains("num_attention_heads") && !root.contains("n_head")) {
-      Json text = *text_config;
-      if (!text.contains("model_type") && root.contains("model_type")) {
-        text["model_type"] = root["model_type"];
-      }
-      source_ += " text_config";
-      return Build(text, layer_type);
-    }
-    return Build(root, layer_type);
+    return root;
   }
 
- private:
   // Per-layer-type rope_parameters: an object of objects without rope keys of its own.
   static bool IsNestedRopeDict(const Json& dict) {
     if (!dict.is_object() || dict.empty()) return false;
@@ -195,120 +227,166 @@ class Parser {
     return !dict.contains("rope_type") && !dict.contains("type") && !dict.contains("rope_theta");
   }
 
+  // Model families whose config.json differs from LLaMA's in where RoPE's fields live.
+  struct Family {
+    explicit Family(const std::string& mt)
+        : gptj(mt == "gptj" || mt == "codegen"),
+          chatglm(mt == "chatglm"),
+          glm(mt == "glm" || mt == "glm4" || mt == "chatglm"),
+          deepseek(mt == "deepseek_v2" || mt == "deepseek_v3") {}
+    bool gptj, chatglm, glm, deepseek;
+  };
+
+  // max_position_embeddings and original_max_position_embeddings, where given.
+  struct Lengths {
+    std::optional<int64_t> max, original;
+  };
+
   HfRopeConfig Build(const Json& root, std::string_view layer_type_arg) {
     HfRopeConfig out;
     RopeParams& p = out.params;
     if (auto s = OptString(root, "model_type", "model_type")) out.model_type = *s;
     const std::string& mt = out.model_type;
-    const bool gptj_family = mt == "gptj" || mt == "codegen";
-    const bool chatglm = mt == "chatglm";
-    const bool deepseek = mt == "deepseek_v2" || mt == "deepseek_v3";
-
-    // ---- The rope dict ---------------------------------------------------------------------
-    std::string dict_path;
-    const Json* dict = nullptr;
+    const Family family(mt);
     const std::string layer_type(layer_type_arg);
-    bool layer_type_used = false;
+    const bool layer_type_used = FindRopeDict(root, layer_type);
+    const bool local_layers = UsesLocalBase(root, layer_type, layer_type_used);
+    bool mrope_type = false;
+    p.type = ParseType(&mrope_type);
+    if (local_layers) p.type = RopeType::kDefault;
+    p.base = ParseBase(root, mt, family, local_layers);
+    const std::optional<int64_t> heads = ParseHeads(root, family, out);
+    std::string head_dim_source;
+    p.head_dim = ParseHeadDim(root, family, heads, &head_dim_source);
+    p.rotary_dim = ParseRotaryDim(root, family, local_layers, p.head_dim, head_dim_source);
+    out.layout = ParseLayout(root, family);
+    const Lengths lengths = ParseLengths(root, family);
+    if (lengths.max) p.max_position_embeddings = *lengths.max;
+    ParseTypeFields(lengths, p);
+    ParseAxes(mrope_type, out);
+    Validate(p);
+    return out;
+  }
+
+  // Finds the rope dict (rope_parameters, else rope_scaling; one entry of a per-layer-type dict)
+  // into rd_ and dict_path_; returns whether layer_type selected the entry.
+  bool FindRopeDict(const Json& root, const std::string& layer_type) {
+    dict_path_.clear();
+    rd_ = &EmptyObject();
     for (const char* key : {"rope_parameters", "rope_scaling"}) {
       auto it = root.find(key);
       if (it == root.end() || it->is_null()) continue;
       if (!it->is_object()) {
         Fail(std::string(key) + " must be an object or null (got " + Describe(*it) + ")");
       }
-      dict_path = key;
-      dict = &*it;
+      dict_path_ = key;
+      rd_ = &*it;
       break;
     }
-    if (dict != nullptr && IsNestedRopeDict(*dict)) {
-      const std::string want = layer_type.empty() ? "full_attention" : layer_type;
-      auto it = dict->find(want);
-      if (it == dict->end()) {
-        std::string keys;
-        for (auto k = dict->begin(); k != dict->end(); ++k) {
-          keys += (keys.empty() ? "" : ", ") + k.key();
-        }
-        Fail(dict_path + " has no entry for layer type \"" + want + "\" (available: " + keys + ")");
+    if (!IsNestedRopeDict(*rd_)) return false;
+    const std::string want = layer_type.empty() ? "full_attention" : layer_type;
+    auto it = rd_->find(want);
+    if (it == rd_->end()) {
+      std::string keys;
+      for (auto k = rd_->begin(); k != rd_->end(); ++k) {
+        keys += (keys.empty() ? "" : ", ") + k.key();
       }
-      dict_path += "." + want;
-      dict = &*it;
-      layer_type_used = true;
+      Fail(dict_path_ + " has no entry for layer type \"" + want + "\" (available: " + keys + ")");
     }
+    dict_path_ += "." + want;
+    rd_ = &*it;
+    return true;
+  }
+
+  static const Json& EmptyObject() {
     static const Json kEmpty = Json::object();
-    const Json& rd = dict != nullptr ? *dict : kEmpty;
-    auto key_path = [&](const std::string& key) {
-      return dict_path.empty() ? "rope_scaling." + key : dict_path + "." + key;
-    };
+    return kEmpty;
+  }
 
-    // Older Gemma-3 configs: one top-level rope_scaling for the global layers and
-    // rope_local_base_freq (unscaled) for the sliding-window layers.
-    bool local_layers = false;
-    if (!layer_type.empty() && !layer_type_used) {
-      if (layer_type == "sliding_attention" && root.contains("rope_local_base_freq")) {
-        local_layers = true;
-      } else if (layer_type != "full_attention") {
-        Fail("layer type \"" + layer_type +
-             "\" was requested but rope_parameters is not a per-layer-type dict");
-      }
+  // The path of `key` of the rope dict in messages ("rope_scaling.<key>" when there is none).
+  std::string KeyPath(const std::string& key) const {
+    return dict_path_.empty() ? "rope_scaling." + key : dict_path_ + "." + key;
+  }
+
+  // Older Gemma-3 configs: one top-level rope_scaling for the global layers and
+  // rope_local_base_freq (unscaled) for the sliding-window layers. True when the sliding-window
+  // layers of such a config are asked for.
+  bool UsesLocalBase(const Json& root, const std::string& layer_type, bool layer_type_used) const {
+    if (layer_type.empty() || layer_type_used) return false;
+    if (layer_type == "sliding_attention" && root.contains("rope_local_base_freq")) return true;
+    if (layer_type != "full_attention") {
+      Fail("layer type \"" + layer_type +
+           "\" was requested but rope_parameters is not a per-layer-type dict");
     }
+    return false;
+  }
 
-    // ---- rope type ------------------------------------------------------------------------------
-    std::optional<std::string> type_name = OptString(rd, "rope_type", key_path("rope_type"));
-    if (!type_name) type_name = OptString(rd, "type", key_path("type"));
+  // rope_type (or its alias type) of the dict; `mrope_type` tells Qwen2-VL's "mrope".
+  RopeType ParseType(bool* mrope_type) const {
+    const Json& rd = *rd_;
+    std::optional<std::string> type_name = OptString(rd, "rope_type", KeyPath("rope_type"));
+    if (!type_name) type_name = OptString(rd, "type", KeyPath("type"));
     if (!type_name) {
       if (rd.contains("factor")) {
-        Fail(key_path("rope_type") + " is missing (the dict has a factor but no rope_type/type)");
+        Fail(KeyPath("rope_type") + " is missing (the dict has a factor but no rope_type/type)");
       }
       type_name = "default";
     }
     std::string tn = *type_name;
     if (tn == "su") tn = "longrope";
-    if (tn == "yarn" && (rd.contains("short_factor") || rd.contains("long_factor")))
+    if (tn == "yarn" && (rd.contains("short_factor") || rd.contains("long_factor"))) {
       tn = "longrope";
-    const bool mrope_type = tn == "mrope";
+    }
+    *mrope_type = tn == "mrope";
     if (tn == "mrope") tn = "default";
     try {
-      p.type = ParseRopeType(tn);
+      return ParseRopeType(tn);
     } catch (const Error& e) {
-      Fail(key_path("rope_type") + ": " + e.what());
+      Fail(KeyPath("rope_type") + ": " + e.what());
     }
-    if (local_layers) p.type = RopeType::kDefault;
+  }
 
-    // ---- base ----------------------------------------------------------------------------------
-    std::optional<double> theta;
+  // rope_theta: the dict's (v5), the top level's, GPT-NeoX rotary_emb_base, the known default
+  // of the model type; GPT-J / CodeGen hard-code 10000, ChatGLM multiplies by rope_ratio.
+  double ParseBase(const Json& root, const std::string& mt, const Family& family,
+                   bool local_layers) const {
     if (local_layers) {
-      theta = OptNumber(root, "rope_local_base_freq", "rope_local_base_freq");
-    } else if (gptj_family) {
-      theta = 10000.0;  // hard-coded in GPT-J / CodeGen modelling code
-    } else {
-      theta = OptNumber(rd, "rope_theta", key_path("rope_theta"));
-      if (!theta) theta = OptNumber(root, "rope_theta", "rope_theta");
-      if (!theta) theta = OptNumber(root, "rotary_emb_base", "rotary_emb_base");
-      if (!theta) {
-        auto known = KnownDefaultTheta().find(mt);
-        if (known == KnownDefaultTheta().end()) {
-          Fail("rope_theta is missing and model_type \"" + mt +
-               "\" has no known transformers default; add rope_theta to the config");
-        }
-        theta = known->second;
+      const auto local = OptNumber(root, "rope_local_base_freq", "rope_local_base_freq");
+      if (!local) Fail("rope_local_base_freq must be a number (got null)");
+      return *local;
+    }
+    if (family.gptj) return 10000.0;  // hard-coded in GPT-J / CodeGen modelling code
+    std::optional<double> theta = OptNumber(*rd_, "rope_theta", KeyPath("rope_theta"));
+    if (!theta) theta = OptNumber(root, "rope_theta", "rope_theta");
+    if (!theta) theta = OptNumber(root, "rotary_emb_base", "rotary_emb_base");
+    if (!theta) {
+      auto known = KnownDefaultTheta().find(mt);
+      if (known == KnownDefaultTheta().end()) {
+        Fail("rope_theta is missing and model_type \"" + mt +
+             "\" has no known transformers default; add rope_theta to the config");
       }
-      if (chatglm) {
-        // ChatGLM3 / GLM-4 remote code: base = 10000 * rope_ratio.
-        if (auto ratio = OptNumber(root, "rope_ratio", "rope_ratio")) {
-          if (!(*ratio > 0))
-            Fail("rope_ratio must be a finite number > 0 (got " + Num(*ratio) + ")");
-          *theta *= *ratio;
-        }
+      theta = known->second;
+    }
+    if (family.chatglm) {
+      // ChatGLM3 / GLM-4 remote code: base = 10000 * rope_ratio.
+      if (auto ratio = OptNumber(root, "rope_ratio", "rope_ratio")) {
+        if (!(*ratio > 0)) Fail("rope_ratio must be a finite number > 0 (got " + Num(*ratio) + ")");
+        *theta *= *ratio;
       }
     }
-    p.base = *theta;
+    return *theta;
+  }
 
-    // ---- dimensions -----------------------------------------------------------------------------
+  // num_attention_heads (n_head) and num_key_value_heads (ChatGLM multi_query_group_num) into
+  // `out`; returns the attention heads where given.
+  std::optional<int64_t> ParseHeads(const Json& root, const Family& family,
+                                    HfRopeConfig& out) const {
     auto heads = OptInt(root, "num_attention_heads", "num_attention_heads", 1, kMaxDim);
     if (!heads) heads = OptInt(root, "n_head", "n_head", 1, kMaxDim);
     out.num_attention_heads = heads ? static_cast<int>(*heads) : 0;
     if (auto kv = OptInt(root, "num_key_value_heads", "num_key_value_heads", 1, kMaxDim)) {
       out.num_key_value_heads = static_cast<int>(*kv);
-    } else if (chatglm) {
+    } else if (family.chatglm) {
       if (auto groups =
               OptInt(root, "multi_query_group_num", "multi_query_group_num", 1, kMaxDim)) {
         out.num_key_value_heads = static_cast<int>(*groups);
@@ -320,198 +398,226 @@ class Parser {
            std::to_string(out.num_attention_heads) + " (got " +
            std::to_string(out.num_key_value_heads) + ")");
     }
+    return heads;
+  }
 
+  // D: DeepSeek qk_rope_head_dim, ChatGLM kv_channels, head_dim, else hidden_size // heads;
+  // `source` names the field it came from.
+  int ParseHeadDim(const Json& root, const Family& family, std::optional<int64_t> heads,
+                   std::string* source) const {
     std::optional<int64_t> head_dim;
-    std::string head_dim_source = "head_dim";
-    if (deepseek) {
+    if (family.deepseek) {
       head_dim = OptInt(root, "qk_rope_head_dim", "qk_rope_head_dim", 0, kMaxDim);
-      head_dim_source = "qk_rope_head_dim";
+      *source = "qk_rope_head_dim";
     }
-    if (chatglm && (!head_dim || *head_dim == 0)) {
+    if (family.chatglm && (!head_dim || *head_dim == 0)) {
       head_dim = OptInt(root, "kv_channels", "kv_channels", 0, kMaxDim);
-      head_dim_source = "kv_channels";
+      *source = "kv_channels";
     }
     if (!head_dim || *head_dim == 0) {
       head_dim = OptInt(root, "head_dim", "head_dim", 0, kMaxDim);
-      head_dim_source = "head_dim";
+      *source = "head_dim";
     }
-    if (!head_dim || *head_dim == 0) {  // Python truthiness: 0 / null fall back
-      auto hidden = OptInt(root, "hidden_size", "hidden_size", 1, kMaxDim * kMaxDim);
-      if (!hidden) hidden = OptInt(root, "n_embd", "n_embd", 1, kMaxDim * kMaxDim);
-      if (!hidden || !heads) {
-        Fail(std::string("head_dim is missing and hidden_size / num_attention_heads cannot be "
-                         "formed: ") +
-             (!hidden ? "hidden_size" : "num_attention_heads") + " is missing");
-      }
-      head_dim = *hidden / *heads;  // Python floor division of positive integers
-      head_dim_source = "hidden_size / num_attention_heads";
-      if (*head_dim < 1 || *head_dim > kMaxDim) {
-        Fail("hidden_size / num_attention_heads = " + std::to_string(*head_dim) +
-             " must be in [1, " + std::to_string(kMaxDim) + "]");
-      }
+    if (head_dim && *head_dim != 0) return static_cast<int>(*head_dim);
+    // Python truthiness: 0 / null fall back.
+    auto hidden = OptInt(root, "hidden_size", "hidden_size", 1, kMaxDim * kMaxDim);
+    if (!hidden) hidden = OptInt(root, "n_embd", "n_embd", 1, kMaxDim * kMaxDim);
+    if (!hidden || !heads) {
+      Fail(std::string("head_dim is missing and hidden_size / num_attention_heads cannot be "
+                       "formed: ") +
+           (!hidden ? "hidden_size" : "num_attention_heads") + " is missing");
     }
-    p.head_dim = static_cast<int>(*head_dim);
+    const int64_t derived = *hidden / *heads;  // Python floor division of positive integers
+    *source = "hidden_size / num_attention_heads";
+    if (derived < 1 || derived > kMaxDim) {
+      Fail("hidden_size / num_attention_heads = " + std::to_string(derived) + " must be in [1, " +
+           std::to_string(kMaxDim) + "]");
+    }
+    return static_cast<int>(derived);
+  }
 
-    if (gptj_family) {
+  // R: GPT-J / CodeGen rotary_dim, else int(D * partial_rotary_factor) (rotary_pct; GLM 0.5).
+  int ParseRotaryDim(const Json& root, const Family& family, bool local_layers, int head_dim,
+                     const std::string& head_dim_source) const {
+    if (family.gptj) {
       auto rd_dim = OptInt(root, "rotary_dim", "rotary_dim", 0, kMaxDim);
-      p.rotary_dim = rd_dim ? static_cast<int>(*rd_dim) : p.head_dim;
-      if (p.rotary_dim < 2 || p.rotary_dim > p.head_dim || p.rotary_dim % 2 != 0) {
-        Fail("rotary_dim must be an even integer in [2, head_dim = " + std::to_string(p.head_dim) +
-             "] (got " + std::to_string(p.rotary_dim) + ")");
+      const int rotary_dim = rd_dim ? static_cast<int>(*rd_dim) : head_dim;
+      if (rotary_dim < 2 || rotary_dim > head_dim || rotary_dim % 2 != 0) {
+        Fail("rotary_dim must be an even integer in [2, head_dim = " + std::to_string(head_dim) +
+             "] (got " + std::to_string(rotary_dim) + ")");
       }
-    } else {
-      std::string factor_path = "partial_rotary_factor";
-      std::optional<double> partial =
-          local_layers ? std::nullopt
-                       : OptNumber(rd, "partial_rotary_factor", key_path("partial_rotary_factor"));
-      if (partial) factor_path = key_path("partial_rotary_factor");
-      if (!partial) partial = OptNumber(root, "partial_rotary_factor", "partial_rotary_factor");
-      if (!partial) {
-        partial = OptNumber(root, "rotary_pct", "rotary_pct");
-        if (partial) factor_path = "rotary_pct";
-      }
-      if (!partial && (mt == "glm" || mt == "glm4" || chatglm)) partial = 0.5;
-      if (!partial) partial = 1.0;
-      if (!(*partial > 0 && *partial <= 1)) {
-        Fail(factor_path + " must be a number in (0, 1] (got " + Num(*partial) + ")");
-      }
-      // transformers: int(head_dim * partial_rotary_factor), a double product truncated.
-      const double product = static_cast<double>(p.head_dim) * *partial;
-      p.rotary_dim = static_cast<int>(product);
-      if (p.rotary_dim < 2 || p.rotary_dim % 2 != 0) {
-        Fail("rotary_dim = int(" + head_dim_source + " " + std::to_string(p.head_dim) + " * " +
-             factor_path + " " + Num(*partial) + ") = " + std::to_string(p.rotary_dim) +
-             " must be an even integer >= 2");
-      }
+      return rotary_dim;
     }
+    std::string factor_path = "partial_rotary_factor";
+    std::optional<double> partial =
+        local_layers ? std::nullopt
+                     : OptNumber(*rd_, "partial_rotary_factor", KeyPath("partial_rotary_factor"));
+    if (partial) factor_path = KeyPath("partial_rotary_factor");
+    if (!partial) partial = OptNumber(root, "partial_rotary_factor", "partial_rotary_factor");
+    if (!partial) {
+      partial = OptNumber(root, "rotary_pct", "rotary_pct");
+      if (partial) factor_path = "rotary_pct";
+    }
+    if (!partial && family.glm) partial = 0.5;
+    if (!partial) partial = 1.0;
+    if (!(*partial > 0 && *partial <= 1)) {
+      Fail(factor_path + " must be a number in (0, 1] (got " + Num(*partial) + ")");
+    }
+    // transformers: int(head_dim * partial_rotary_factor), a double product truncated.
+    const double product = static_cast<double>(head_dim) * *partial;
+    const int rotary_dim = static_cast<int>(product);
+    if (rotary_dim < 2 || rotary_dim % 2 != 0) {
+      Fail("rotary_dim = int(" + head_dim_source + " " + std::to_string(head_dim) + " * " +
+           factor_path + " " + Num(*partial) + ") = " + std::to_string(rotary_dim) +
+           " must be an even integer >= 2");
+    }
+    return rotary_dim;
+  }
 
-    // ---- layout ---------------------------------------------------------------------------------
-    out.layout = Layout::kHalfSplit;
-    if (gptj_family || chatglm || mt == "glm" || mt == "glm4") out.layout = Layout::kInterleaved;
-    if (deepseek) {
+  // The checkpoint's pairing of channels.
+  Layout ParseLayout(const Json& root, const Family& family) const {
+    if (family.deepseek) {
       // DeepSeek checkpoints pair adjacent channels; transformers de-interleaves them when
       // rope_interleave (default true) is set.
       auto inter = OptBool(root, "rope_interleave", "rope_interleave");
-      if (inter.value_or(true)) out.layout = Layout::kInterleaved;
+      return inter.value_or(true) ? Layout::kInterleaved : Layout::kHalfSplit;
     }
+    return family.gptj || family.glm ? Layout::kInterleaved : Layout::kHalfSplit;
+  }
 
-    // ---- lengths --------------------------------------------------------------------------------
-    std::optional<int64_t> mpe =
-        OptInt(root, "max_position_embeddings", "max_position_embeddings", 1, kMaxPosition);
-    if (!mpe) mpe = OptInt(root, "n_positions", "n_positions", 1, kMaxPosition);
-    if (!mpe && chatglm) mpe = OptInt(root, "seq_length", "seq_length", 1, kMaxPosition);
-    if (mpe) p.max_position_embeddings = *mpe;
-    std::optional<int64_t> omp = OptInt(root, "original_max_position_embeddings",
-                                        "original_max_position_embeddings", 1, kMaxPosition);
-    if (!omp) {
-      omp = OptInt(rd, "original_max_position_embeddings",
-                   key_path("original_max_position_embeddings"), 1, kMaxPosition);
+  // max_position_embeddings (n_positions; ChatGLM seq_length) and
+  // original_max_position_embeddings (a top-level value has priority, as in v5).
+  Lengths ParseLengths(const Json& root, const Family& family) const {
+    Lengths l;
+    l.max = OptInt(root, "max_position_embeddings", "max_position_embeddings", 1, kMaxPosition);
+    if (!l.max) l.max = OptInt(root, "n_positions", "n_positions", 1, kMaxPosition);
+    if (!l.max && family.chatglm) {
+      l.max = OptInt(root, "seq_length", "seq_length", 1, kMaxPosition);
     }
-    auto require_mpe = [&](const std::string& why) {
-      if (!mpe) Fail("max_position_embeddings is missing (" + why + ")");
-    };
+    l.original = OptInt(root, "original_max_position_embeddings",
+                        "original_max_position_embeddings", 1, kMaxPosition);
+    if (!l.original) l.original = OriginalLength();
+    return l;
+  }
 
-    // ---- type-specific fields -------------------------------------------------------------------
-    const std::string tname(RopeTypeName(p.type));
-    auto require_number = [&](const std::string& key) {
-      auto v = OptNumber(rd, key, key_path(key));
-      if (!v) Fail(key_path(key) + " is required for rope_type " + tname);
-      return *v;
-    };
+  std::optional<int64_t> OriginalLength() const {
+    return OptInt(*rd_, "original_max_position_embeddings",
+                  KeyPath("original_max_position_embeddings"), 1, kMaxPosition);
+  }
+
+  void RequireMax(const Lengths& l, const std::string& why) const {
+    if (!l.max) Fail("max_position_embeddings is missing (" + why + ")");
+  }
+
+  double RequireNumber(const std::string& key, const RopeParams& p) const {
+    auto v = OptNumber(*rd_, key, KeyPath(key));
+    if (!v) Fail(KeyPath(key) + " is required for rope_type " + std::string(RopeTypeName(p.type)));
+    return *v;
+  }
+
+  // The fields of p.type from the rope dict.
+  void ParseTypeFields(const Lengths& l, RopeParams& p) const {
     switch (p.type) {
       case RopeType::kDefault:
+      case RopeType::kSentinel:
         break;
       case RopeType::kLinear:
-        p.factor = require_number("factor");
+        p.factor = RequireNumber("factor", p);
         break;
       case RopeType::kDynamic:
-        p.factor = require_number("factor");
-        require_mpe("rope_type dynamic scales relative to it");
+        p.factor = RequireNumber("factor", p);
+        RequireMax(l, "rope_type dynamic scales relative to it");
         break;
       case RopeType::kNtk: {
-        auto alpha = OptNumber(rd, "alpha", key_path("alpha"));
-        if (!alpha) alpha = OptNumber(rd, "factor", key_path("factor"));
-        if (!alpha) Fail(key_path("alpha") + " is required for rope_type ntk");
+        auto alpha = OptNumber(*rd_, "alpha", KeyPath("alpha"));
+        if (!alpha) alpha = OptNumber(*rd_, "factor", KeyPath("factor"));
+        if (!alpha) Fail(KeyPath("alpha") + " is required for rope_type ntk");
         p.ntk_alpha = *alpha;
         break;
       }
-      case RopeType::kYarn: {
-        auto factor = OptNumber(rd, "factor", key_path("factor"));
-        if (omp) p.original_max_position_embeddings = *omp;
-        if (!omp) require_mpe("rope_type yarn without original_max_position_embeddings");
-        if (factor) {
-          p.factor = *factor;
-        } else {
-          require_mpe("rope_type yarn without factor uses max / original max positions");
-          if (!omp)
-            Fail(key_path("factor") + " is required for rope_type yarn (or give " +
-                 "original_max_position_embeddings)");
-          p.factor = static_cast<double>(*mpe) / static_cast<double>(*omp);
-        }
-        // Python `or`: a missing, null or zero beta means the default.
-        if (auto bf = OptNumber(rd, "beta_fast", key_path("beta_fast")); bf && *bf != 0) {
-          p.beta_fast = *bf;
-        }
-        if (auto bs = OptNumber(rd, "beta_slow", key_path("beta_slow")); bs && *bs != 0) {
-          p.beta_slow = *bs;
-        }
-        p.mscale = OptNumber(rd, "mscale", key_path("mscale")).value_or(0.0);
-        p.mscale_all_dim =
-            OptNumber(rd, "mscale_all_dim", key_path("mscale_all_dim")).value_or(0.0);
-        p.truncate = OptBool(rd, "truncate", key_path("truncate")).value_or(true);
-        p.attention_factor = OptNumber(rd, "attention_factor", key_path("attention_factor"));
+      case RopeType::kYarn:
+        ParseYarn(l, p);
         break;
-      }
-      case RopeType::kLongRope: {
-        if (omp) p.original_max_position_embeddings = *omp;
-        if (!omp) require_mpe("rope_type longrope without original_max_position_embeddings");
-        auto factor = OptNumber(rd, "factor", key_path("factor"));
-        if (factor) {
-          if (*factor == 0) Fail(key_path("factor") + " must be a finite number >= 1 (got 0)");
-          p.factor = *factor;
-        } else {
-          require_mpe("rope_type longrope without factor uses max / original max positions");
-        }
-        p.short_factor = NumberList(rd, "short_factor", key_path("short_factor"));
-        p.long_factor = NumberList(rd, "long_factor", key_path("long_factor"));
-        p.attention_factor = OptNumber(rd, "attention_factor", key_path("attention_factor"));
+      case RopeType::kLongRope:
+        ParseLongRope(l, p);
         break;
-      }
       case RopeType::kLlama3:
-        p.factor = require_number("factor");
-        p.low_freq_factor = require_number("low_freq_factor");
-        p.high_freq_factor = require_number("high_freq_factor");
-        if (omp) p.original_max_position_embeddings = *omp;
-        if (!omp) require_mpe("rope_type llama3 without original_max_position_embeddings");
-        break;
-      case RopeType::kSentinel:
+        p.factor = RequireNumber("factor", p);
+        p.low_freq_factor = RequireNumber("low_freq_factor", p);
+        p.high_freq_factor = RequireNumber("high_freq_factor", p);
+        if (l.original) p.original_max_position_embeddings = *l.original;
+        if (!l.original) RequireMax(l, "rope_type llama3 without original_max_position_embeddings");
         break;
     }
+  }
 
-    ParseAxes(rd, key_path, mrope_type, out);
+  void ParseYarn(const Lengths& l, RopeParams& p) const {
+    const Json& rd = *rd_;
+    auto factor = OptNumber(rd, "factor", KeyPath("factor"));
+    if (l.original) p.original_max_position_embeddings = *l.original;
+    if (!l.original) RequireMax(l, "rope_type yarn without original_max_position_embeddings");
+    if (factor) {
+      p.factor = *factor;
+    } else {
+      RequireMax(l, "rope_type yarn without factor uses max / original max positions");
+      if (!l.original) {
+        Fail(KeyPath("factor") + " is required for rope_type yarn (or give " +
+             "original_max_position_embeddings)");
+      }
+      p.factor = static_cast<double>(*l.max) / static_cast<double>(*l.original);
+    }
+    // Python `or`: a missing, null or zero beta means the default.
+    if (auto bf = OptNumber(rd, "beta_fast", KeyPath("beta_fast")); bf && *bf != 0) {
+      p.beta_fast = *bf;
+    }
+    if (auto bs = OptNumber(rd, "beta_slow", KeyPath("beta_slow")); bs && *bs != 0) {
+      p.beta_slow = *bs;
+    }
+    p.mscale = OptNumber(rd, "mscale", KeyPath("mscale")).value_or(0.0);
+    p.mscale_all_dim = OptNumber(rd, "mscale_all_dim", KeyPath("mscale_all_dim")).value_or(0.0);
+    p.truncate = OptBool(rd, "truncate", KeyPath("truncate")).value_or(true);
+    p.attention_factor = OptNumber(rd, "attention_factor", KeyPath("attention_factor"));
+  }
 
+  void ParseLongRope(const Lengths& l, RopeParams& p) const {
+    const Json& rd = *rd_;
+    if (l.original) p.original_max_position_embeddings = *l.original;
+    if (!l.original) RequireMax(l, "rope_type longrope without original_max_position_embeddings");
+    auto factor = OptNumber(rd, "factor", KeyPath("factor"));
+    if (factor) {
+      if (*factor == 0) Fail(KeyPath("factor") + " must be a finite number >= 1 (got 0)");
+      p.factor = *factor;
+    } else {
+      RequireMax(l, "rope_type longrope without factor uses max / original max positions");
+    }
+    p.short_factor = NumberList(rd, "short_factor", KeyPath("short_factor"));
+    p.long_factor = NumberList(rd, "long_factor", KeyPath("long_factor"));
+    p.attention_factor = OptNumber(rd, "attention_factor", KeyPath("attention_factor"));
+  }
+
+  // RopeParams::Validate, its messages pointing at the key actually read.
+  void Validate(const RopeParams& p) const {
     try {
       p.Validate();
     } catch (const Error& e) {
       std::string message = e.what();
       // Validate names fields by their legacy rope_scaling key; point at the key actually used.
-      if (!dict_path.empty() && dict_path != "rope_scaling" &&
+      if (!dict_path_.empty() && dict_path_ != "rope_scaling" &&
           message.rfind("rope_scaling.", 0) == 0) {
-        message = dict_path + message.substr(std::string("rope_scaling").size());
+        message = dict_path_ + message.substr(std::string("rope_scaling").size());
       }
       Fail(message);
     }
-    return out;
   }
 
   // Multimodal RoPE sections: Qwen2-VL `mrope_section` (chunked) and Qwen3-VL `mrope_section`
   // with `mrope_interleaved`. Qwen3-VL's rotary module always interleaves, with the section
   // [24, 20, 20] when the config has none (transformers `Qwen3VLTextRotaryEmbedding`).
-  template <class KeyPath>
-  void ParseAxes(const Json& rd, const KeyPath& key_path, bool mrope_type, HfRopeConfig& out) {
+  void ParseAxes(bool mrope_type, HfRopeConfig& out) const {
+    const Json& rd = *rd_;
     const std::string& mt = out.model_type;
     const bool qwen3_vl = mt.rfind("qwen3_vl", 0) == 0;
-    const std::string section_path = key_path("mrope_section");
+    const std::string section_path = KeyPath("mrope_section");
     auto it = rd.find("mrope_section");
     if (it != rd.end() && !it->is_null()) {
       if (!it->is_array() || it->empty()) {
@@ -530,10 +636,10 @@ class Parser {
     } else if (mrope_type) {
       Fail(section_path + " is required for type mrope (e.g. [16, 24, 24] for Qwen2-VL-7B)");
     }
-    const auto interleaved = OptBool(rd, "mrope_interleaved", key_path("mrope_interleaved"));
+    const auto interleaved = OptBool(rd, "mrope_interleaved", KeyPath("mrope_interleaved"));
     out.axes.interleaved = interleaved.value_or(qwen3_vl);
     if (out.axes.interleaved && out.axes.sections.empty()) {
-      Fail(key_path("mrope_interleaved") + " is true but " + section_path + " is missing");
+      Fail(KeyPath("mrope_interleaved") + " is true but " + section_path + " is missing");
     }
     if (out.axes.sections.empty()) return;
     try {
@@ -543,15 +649,18 @@ class Parser {
     }
   }
 
+  // The rope dict of the config being read (an empty object when it has none) and its path.
+  const Json* rd_ = &EmptyObject();
+  std::string dict_path_;
   std::string source_;
 };
 
-}  // namespace
-
-HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_type) {
-  Parser parser("config.json");
+// Runs `parse` on a Parser for `source`; a malformed value nlohmann reports becomes an Error.
+template <class Fn>
+auto WithParser(const std::string& source, Fn parse) {
+  Parser parser(source);
   try {
-    return parser.Parse(json_text, layer_type);
+    return parse(parser);
   } catch (const Error&) {
     throw;
   } catch (const nlohmann::json::exception& e) {
@@ -559,32 +668,75 @@ HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_ty
   }
 }
 
+}  // namespace
+
+HfRopeConfig ParseHfConfig(std::string_view json_text, std::string_view layer_type) {
+  return WithParser("config.json", [&](Parser& p) { return p.Parse(json_text, layer_type); });
+}
+
 HfRopeConfig LoadHfConfig(const std::string& path, std::string_view layer_type) {
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) {
     throw Error(path + ": is a directory; give the path of its config.json");
   }
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error(path + ": cannot open the file for reading");
-  // Read in chunks (works for pipes too) and stop past the size limit.
-  std::string text;
-  char chunk[1 << 16];
-  while (in.read(chunk, sizeof(chunk)) || in.gcount() > 0) {
-    text.append(chunk, static_cast<size_t>(in.gcount()));
-    if (static_cast<int64_t>(text.size()) > kMaxConfigBytes) {
-      throw Error(path + ": file is larger than " + std::to_string(kMaxConfigBytes) +
-                  " bytes; not a config.json");
-    }
+  const std::string text = ReadFileToString(path, kMaxConfigBytes);
+  return WithParser(path, [&](Parser& p) { return p.Parse(text, layer_type); });
+}
+
+RopeParams ParseRopeScaling(std::string_view json_text, const RopeParams& base,
+                            const std::string& source) {
+  return WithParser(source, [&](Parser& p) { return p.ParseScaling(json_text, base); });
+}
+
+std::string RopeScalingToJson(const RopeParams& p) {
+  nlohmann::ordered_json j;
+  switch (p.type) {
+    case RopeType::kDefault:
+    case RopeType::kSentinel:
+      return "null";
+    case RopeType::kLinear:
+    case RopeType::kDynamic:
+      j["rope_type"] = RopeTypeName(p.type);
+      j["factor"] = p.factor;
+      break;
+    case RopeType::kNtk:
+      j["rope_type"] = "ntk";
+      j["alpha"] = p.ntk_alpha;
+      break;
+    case RopeType::kYarn:
+      j["rope_type"] = "yarn";
+      j["factor"] = p.factor;
+      if (p.original_max_position_embeddings > 0) {
+        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
+      }
+      j["beta_fast"] = p.beta_fast;
+      j["beta_slow"] = p.beta_slow;
+      if (p.mscale != 0.0) j["mscale"] = p.mscale;
+      if (p.mscale_all_dim != 0.0) j["mscale_all_dim"] = p.mscale_all_dim;
+      if (!p.truncate) j["truncate"] = false;
+      if (p.attention_factor) j["attention_factor"] = *p.attention_factor;
+      break;
+    case RopeType::kLongRope:
+      j["rope_type"] = "longrope";
+      if (p.factor != 0.0) j["factor"] = p.factor;
+      if (p.original_max_position_embeddings > 0) {
+        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
+      }
+      j["short_factor"] = p.short_factor;
+      j["long_factor"] = p.long_factor;
+      if (p.attention_factor) j["attention_factor"] = *p.attention_factor;
+      break;
+    case RopeType::kLlama3:
+      j["rope_type"] = "llama3";
+      j["factor"] = p.factor;
+      j["low_freq_factor"] = p.low_freq_factor;
+      j["high_freq_factor"] = p.high_freq_factor;
+      if (p.original_max_position_embeddings > 0) {
+        j["original_max_position_embeddings"] = p.original_max_position_embeddings;
+      }
+      break;
   }
-  if (in.bad()) throw Error(path + ": read error");
-  Parser parser(path);
-  try {
-    return parser.Parse(text, layer_type);
-  } catch (const Error&) {
-    throw;
-  } catch (const nlohmann::json::exception& e) {
-    parser.Fail(std::string("malformed value: ") + e.what());
-  }
+  return j.dump();
 }
 
 }  // namespace ropekit

@@ -32,7 +32,8 @@ TrainConfig PretrainConfig(int64_t steps, int64_t batch, int64_t seq_len, int64_
   return t;
 }
 
-// Sec. 3.3: same tokens per step as pre-training, constant lr 0.1 x peak, short warmup, no decay.
+// Fine-tuning (docs/study.md, "Training settings"): the same tokens per step as pre-training,
+// constant lr 0.1 x peak, a short warmup, no weight decay.
 TrainConfig FinetuneConfig(const TrainConfig& pre, int64_t factor, int64_t steps, int64_t warmup) {
   TrainConfig t = pre;
   t.seq_len = pre.seq_len * factor;
@@ -78,7 +79,7 @@ const std::vector<std::string> kMethods = {"full", "lora-qv", "lora-all", "lora-
 const std::vector<PresetRow>& PresetTable() {
   // clang-format off
   static const std::vector<PresetRow> rows = {
-      // The protocol (docs/study.md, sec. 3.1): d 128, 4 layers, 4 query / 2 KV heads,
+      // The protocol (docs/study.md, the preset table): d 128, 4 layers, 4 query / 2 KV heads,
       // head_dim 32, SwiGLU 352, tied embeddings, init std 0.02.
       {"full",
        "protocol model (d 128, 4 layers, 4/2 heads, head_dim 32), L = 128, "
@@ -182,12 +183,12 @@ ModelConfig StudyModel(const StudyPreset& preset, const std::string& encoding) {
   pe.kind = ParsePositionEncodingKind(encoding);
   const bool absolute =
       pe.kind == PositionEncodingKind::kSinusoidal || pe.kind == PositionEncodingKind::kLearned;
-  // Sec. 3.1 pitfall: embeddings (std 0.02) are scaled by sqrt(d) before an absolute encoding
-  // of amplitude ~1 is added (Vaswani et al. sec. 3.4; fairseq).
+  // Embeddings (std 0.02) are scaled by sqrt(d) before an absolute encoding of amplitude ~1 is
+  // added, or the encoding drowns them (Vaswani et al. 2017, arXiv:1706.03762, sec. 3.4; fairseq).
   pe.embedding_scale = absolute ? EmbeddingScale::kSqrtDim : EmbeddingScale::kNone;
   pe.max_positions = 0;  // learned: 8 L rows (Resolved); rows >= L are never trained
-  // T5 (sec. 3.1): 32 buckets, max_distance L (fewer buckets when L is tiny: max_distance must
-  // exceed the num_buckets / 2 exact buckets).
+  // T5 (docs/study.md, "Encoding details"): 32 buckets, max_distance L (fewer buckets when L is
+  // tiny: max_distance must exceed the num_buckets / 2 exact buckets).
   pe.num_buckets = static_cast<int>(std::min<int64_t>(32, L));
   pe.max_distance = static_cast<int>(L);
   return c.Resolved();

@@ -48,13 +48,45 @@ int FaultPoint(const char* op, const std::string& path) {
   return m == "eio" ? EIO : ENOSPC;
 }
 
+namespace {
+
+// Reads a pipe or a character device to its end (its size is not known in advance); closes fd.
+std::string ReadStream(int fd, const std::string& path, uint64_t max_bytes) {
+  std::string bytes;
+  char chunk[1 << 16];
+  for (;;) {
+    const ssize_t got = ::read(fd, chunk, sizeof(chunk));
+    if (got < 0 && errno == EINTR) continue;
+    if (got < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw Error(path + ": read error: " + std::strerror(err));
+    }
+    if (got == 0) break;
+    bytes.append(chunk, static_cast<size_t>(got));
+    if (bytes.size() > max_bytes) {
+      ::close(fd);
+      throw Error(path + ": more than the limit of " + std::to_string(max_bytes) +
+                  " bytes for this kind of file");
+    }
+  }
+  ::close(fd);
+  return bytes;
+}
+
+}  // namespace
+
 std::string ReadFileToString(const std::string& path, uint64_t max_bytes) {
   // POSIX calls, so that a directory or an unreadable file is reported as such (an
   // std::ifstream opens a directory and then reads zero bytes).
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error(path + ": cannot open for reading: " + std::strerror(errno));
   struct stat st {};
-  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+  const bool stat_ok = ::fstat(fd, &st) == 0;
+  if (stat_ok && (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode))) {
+    return ReadStream(fd, path, max_bytes);
+  }
+  if (!stat_ok || !S_ISREG(st.st_mode)) {
     const bool dir = S_ISDIR(st.st_mode);
     ::close(fd);
     throw Error(path + (dir ? ": is a directory, not a file" : ": not a regular file"));
