@@ -367,7 +367,10 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
   const bool contiguous = ContiguousKeys(a);
   const bool bias_grad = HasBias(a) && !grad_bias_params.empty();
   const size_t num_bias = grad_bias_params.size();
-  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch) * num_bias : 0, 0.0f);
+  // One partial bias gradient per (batch, kv head) task, folded in task order below: the tasks of
+  // one sequence may run on different threads at once.
+  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch * a.kv_heads) * num_bias : 0,
+                             0.0f);
   ParallelFor(
       pool, static_cast<size_t>(a.batch * a.kv_heads), [&](size_t begin, size_t end, size_t) {
         std::vector<float> ds(static_cast<size_t>(Tq * Tk));
@@ -406,7 +409,7 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
               for (int64_t j = 0; j < Tk; ++j) dot += double{pr[j]} * dr[j];
               for (int64_t j = 0; j < Tk; ++j) dr[j] = static_cast<float>(pr[j] * (dr[j] - dot));
               if (bias_grad) {
-                const std::span<float> grad(partial.data() + b * num_bias, num_bias);
+                const std::span<float> grad(partial.data() + task * num_bias, num_bias);
                 const int64_t qp = a.q_positions[i];
                 if (contiguous) {
                   // Masked keys have zero gradient: only the visible range contributes.
@@ -430,8 +433,8 @@ void AttentionBackward(const AttentionArgs& a, const float* dout, float* dq, flo
         }
       });
   if (bias_grad) {
-    for (int64_t b = 0; b < a.batch; ++b) {
-      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[b * num_bias + i];
+    for (int64_t t = 0; t < a.batch * a.kv_heads; ++t) {
+      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[t * num_bias + i];
     }
   }
 }
@@ -669,7 +672,10 @@ void FlashAttentionBackward(const AttentionArgs& a, const float* lse, const floa
   const FlashPlan plan(a);
   const bool bias_grad = plan.bias && !grad_bias_params.empty();
   const size_t num_bias = grad_bias_params.size();
-  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch) * num_bias : 0, 0.0f);
+  // One partial bias gradient per (batch, kv head) task, folded in task order below: the tasks of
+  // one sequence may run on different threads at once.
+  std::vector<float> partial(bias_grad ? static_cast<size_t>(a.batch * a.kv_heads) * num_bias : 0,
+                             0.0f);
   const int64_t q_tiles = CeilDiv(Tq, kBr);
   pool = PoolFor(pool, a.batch * a.heads * Tq * Tk * D);
   ParallelFor(
@@ -725,7 +731,7 @@ void FlashAttentionBackward(const AttentionArgs& a, const float* lse, const floa
                 }
                 if (bias_grad) {
                   BiasGradTile(plan, h, i0, rows, jt, ds,
-                               std::span<float>(partial.data() + b * num_bias, num_bias));
+                               std::span<float>(partial.data() + task * num_bias, num_bias));
                 }
                 // dQ_i += scale dS K_j;  dK_j += scale dS^T Q_i
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(rows), int(D), int(cols),
@@ -740,8 +746,8 @@ void FlashAttentionBackward(const AttentionArgs& a, const float* lse, const floa
         }
       });
   if (bias_grad) {
-    for (int64_t b = 0; b < a.batch; ++b) {
-      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[b * num_bias + i];
+    for (int64_t t = 0; t < a.batch * a.kv_heads; ++t) {
+      for (size_t i = 0; i < num_bias; ++i) grad_bias_params[i] += partial[t * num_bias + i];
     }
   }
 }
