@@ -813,23 +813,30 @@ namespace ropekit {
 
 namespace {
 
-// peft PromptLearningConfig / PromptTuningConfig fields (config.py, tuners/prompt_tuning/
-// config.py) as save_pretrained writes them for a causal LM (num_transformer_submodules 1;
-// token_dim, num_layers and num_attention_heads filled from the model config as
-// _prepare_prompt_learning_config does).
-std::string PromptConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
+// The fields of peft's PromptLearningConfig (config.py) common to prompt and prefix tuning, as
+// save_pretrained writes them for a causal LM (one transformer submodule).
+nlohmann::json PromptLearningJson(const char* peft_type, const LoraConfig& c) {
   nlohmann::json j;
-  j["peft_type"] = "PROMPT_TUNING";
+  j["peft_type"] = peft_type;
   j["task_type"] = "CAUSAL_LM";
   j["base_model_name_or_path"] = c.base_model;
   j["revision"] = nullptr;
   j["inference_mode"] = true;
   j["num_virtual_tokens"] = c.num_virtual_tokens;
   j["num_transformer_submodules"] = 1;
+  j["modules_to_save"] = nullptr;
+  return j;
+}
+
+// peft PromptLearningConfig / PromptTuningConfig fields (config.py, tuners/prompt_tuning/
+// config.py) as save_pretrained writes them for a causal LM (num_transformer_submodules 1;
+// token_dim, num_layers and num_attention_heads filled from the model config as
+// _prepare_prompt_learning_config does).
+std::string PromptConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
+  nlohmann::json j = PromptLearningJson("PROMPT_TUNING", c);
   j["token_dim"] = m.hidden_size;
   j["num_layers"] = m.num_layers;
   j["num_attention_heads"] = m.num_heads;
-  j["modules_to_save"] = nullptr;
   const bool text = !c.prompt_init_text.empty();
   j["prompt_tuning_init"] = text ? "TEXT" : "RANDOM";
   j["prompt_tuning_init_text"] = text ? nlohmann::json(c.prompt_init_text) : nlohmann::json();
@@ -847,20 +854,12 @@ std::string PromptConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
 // num_attention_heads = num_key_value_heads.
 std::string PrefixConfigToPeftJson(const LoraConfig& c, const ModelConfig& m) {
   const int td = m.num_kv_heads * m.head_dim;
-  nlohmann::json j;
-  j["peft_type"] = "PREFIX_TUNING";
-  j["task_type"] = "CAUSAL_LM";
-  j["base_model_name_or_path"] = c.base_model;
-  j["revision"] = nullptr;
-  j["inference_mode"] = true;
-  j["num_virtual_tokens"] = c.num_virtual_tokens;
-  j["num_transformer_submodules"] = 1;
+  nlohmann::json j = PromptLearningJson("PREFIX_TUNING", c);
   j["token_dim"] = td;
   j["num_layers"] = m.num_layers;
   j["num_attention_heads"] = m.num_kv_heads;
   j["encoder_hidden_size"] = c.prefix_hidden > 0 ? c.prefix_hidden : td;
   j["prefix_projection"] = c.prefix_projection;
-  j["modules_to_save"] = nullptr;
   return j.dump(2) + "\n";
 }
 

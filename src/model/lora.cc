@@ -25,8 +25,6 @@
 namespace ropekit {
 namespace {
 
-int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
-
 int64_t ModuleOffset(const LayerOffsets& o, int m) {
   const int64_t offsets[7] = {o.q, o.k, o.v, o.o, o.gate, o.up, o.down};
   return offsets[m];
@@ -281,12 +279,7 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
   for (const std::string& t : config.target_modules) target[ModuleIndex(t)] = true;
   int64_t offset = 0;
   auto add = [&](std::string name, std::vector<int64_t> shape, bool decay) {
-    int64_t size = 1;
-    for (int64_t v : shape) size *= v;
-    s->tensors.push_back({std::move(name), std::move(shape), offset, size, decay});
-    const int64_t at = offset;
-    offset = AlignUp(offset + size);
-    return at;
+    return s->AddTensor(std::move(name), std::move(shape), decay, &offset);
   };
   const int64_t r = config.rank;
   for (int l = 0; l < c.num_layers; ++l) {

@@ -32,8 +32,6 @@ uint64_t MixSeed(uint64_t seed, uint64_t index) {
   return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
 }
 
-int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
-
 }  // namespace
 
 void Model::Impl::BuildLayout() {

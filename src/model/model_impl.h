@@ -27,6 +27,9 @@ struct AttentionArgs;
 // Every tensor starts at a multiple of this many floats (64 bytes: one AVX-512 vector).
 inline constexpr int64_t kTensorAlign = 16;
 
+// n rounded up to a multiple of kTensorAlign floats.
+inline int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
+
 struct LayerOffsets {
   int64_t input_norm, q, k, v, o, post_norm, gate, up, down;
 };
@@ -57,6 +60,16 @@ struct LoraState {
   float scaling = 1.0f;             // alpha / r
   std::vector<TensorInfo> tensors;  // PEFT names
   std::vector<float> params;        // the trainable buffer
+  // Appends tensor `name` of `shape` at float offset *offset and advances *offset past it
+  // (aligned); returns the tensor's offset.
+  int64_t AddTensor(std::string name, std::vector<int64_t> shape, bool decay, int64_t* offset) {
+    int64_t size = 1;
+    for (int64_t v : shape) size *= v;
+    const int64_t at = *offset;
+    tensors.push_back({std::move(name), std::move(shape), at, size, decay});
+    *offset = AlignUp(at + size);
+    return at;
+  }
   struct Layer {
     std::array<int64_t, 7> a, b;  // lora_A [r, in], lora_B [out, r] per kLoraModules entry
     int64_t input_norm = -1, post_norm = -1;

@@ -36,8 +36,6 @@ uint64_t Mix(uint64_t seed, uint64_t index) {
   return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
 }
 
-int64_t AlignUp(int64_t n) { return (n + kTensorAlign - 1) / kTensorAlign * kTensorAlign; }
-
 }  // namespace
 
 int64_t Model::Impl::PrefixTokens() const {
@@ -59,12 +57,7 @@ void Model::Impl::AddPrefixTuning(const LoraConfig& cfg, uint64_t seed) {
   s->prefix_width = width;
   int64_t offset = 0;
   auto add = [&](std::string name, std::vector<int64_t> shape, bool decay) {
-    int64_t size = 1;
-    for (int64_t v : shape) size *= v;
-    s->tensors.push_back({std::move(name), std::move(shape), offset, size, decay});
-    const int64_t at = offset;
-    offset = AlignUp(offset + size);
-    return at;
+    return s->AddTensor(std::move(name), std::move(shape), decay, &offset);
   };
   if (!cfg.prefix_projection) {
     s->prefix = add("prompt_embeddings", {K, width}, true);
