@@ -519,6 +519,19 @@ TEST_P(OpsFlashAttention, MatchesReferenceUnfusedAndThreads) {
     EXPECT_EQ(dk, dk3);
     EXPECT_EQ(dv, dv3);
     EXPECT_EQ(db, db3);
+    // The unfused ops too (their T5 partial sums are per (batch, kv head) task).
+    std::vector<float> out_u3(q.size()), probs3(probs.size());
+    a.out = out_u3.data();
+    a.probs = probs3.data();
+    ops::AttentionForward(a, &pool);
+    EXPECT_EQ(out_u, out_u3);
+    std::vector<float> dq_u3(q.size()), dk_u3(k.size()), dv_u3(v.size()), db_u3(db_u.size());
+    ops::AttentionBackward(a, dout.data(), dq_u3.data(), dk_u3.data(), dv_u3.data(), db_u3, &pool);
+    EXPECT_EQ(dq_u, dq_u3);
+    EXPECT_EQ(dk_u, dk_u3);
+    EXPECT_EQ(dv_u, dv_u3);
+    EXPECT_EQ(db_u, db_u3);
+    a.probs = nullptr;
   }
 }
 
@@ -529,6 +542,8 @@ INSTANTIATE_TEST_SUITE_P(
                                 128},
                       FlashCase{"gqa_alibi", PositionEncodingKind::kAlibi, 4, 2, 130, 130},
                       FlashCase{"mqa_t5", PositionEncodingKind::kT5, 4, 1, 97, 97},
+                      // Two kv-head tasks per sequence, above the size that runs on the pool.
+                      FlashCase{"gqa_t5", PositionEncodingKind::kT5, 4, 2, 130, 130},
                       FlashCase{"gqa_t5_decode", PositionEncodingKind::kT5, 4, 2, 5, 140},
                       FlashCase{"decode_one_alibi", PositionEncodingKind::kAlibi, 2, 1, 1, 200},
                       FlashCase{"strided_t5", PositionEncodingKind::kT5, 2, 2, 70, 90, 3},
