@@ -155,6 +155,9 @@ document.getElementById("form").addEventListener("submit", ev => {
 
 const params = new URLSearchParams(location.search);
 if (params.get("key") !== null) document.getElementById("key").value = params.get("key");
+for (const field of ["max_tokens", "temperature"]) {
+  if (params.get(field) !== null) document.getElementById(field).value = params.get(field);
+}
 if (params.get("prompt") !== null && params.get("autosend") === "1") {
   const box = document.getElementById("prompt");
   box.value = params.get("prompt");

@@ -50,7 +50,9 @@ def dump_finished_page(url, attempts=3):
 
 
 def test_page_streams_a_reply_without_console_errors(server):
-    url = f"{server.url}/?prompt=the%20quick%20fox&autosend=1&key=k"
+    # Greedy decoding: a sampled reply can end after its first token (an end-of-turn sample),
+    # which would say nothing about streaming.
+    url = f"{server.url}/?prompt=the%20quick%20fox&autosend=1&key=k&temperature=0&max_tokens=32"
     p = dump_finished_page(url)
     assert p.returncode == 0, p.stderr[-2000:]
     for bad in ("Uncaught", "CONSOLE"):
@@ -62,7 +64,8 @@ def test_page_streams_a_reply_without_console_errors(server):
                   dom, re.S)
     assert m, dom[-3000:]
     assert int(m.group(1)) > 1, "the reply arrived in one piece, not streamed"
-    assert html.unescape(m.group(2)).strip()
+    # Every chunk carries at least one byte of text (greedy text may be whitespace only).
+    assert len(html.unescape(m.group(2))) >= int(m.group(1))
     status = re.search(r'<div id="status">(.*?)</div>', dom, re.S).group(1)
     assert re.fullmatch(r"\d+ tokens, [\d.]+ tokens/s, first token after \d+ ms", status), \
         status
