@@ -57,6 +57,50 @@ std::string TempDir(const std::string& name) {
   return dir;
 }
 
+// Six steps of adapter training on bytes over 8 values ('a'..'h', so the virtual tokens can shift
+// the predictions towards them), checkpointed every 3 steps.
+struct AdapterTraining {
+  std::vector<int32_t> text;
+  TrainConfig tc;
+
+  explicit AdapterTraining(double lr) : text(Tokens(600, 4)) {
+    for (int32_t& t : text) t = 'a' + t % 8;
+    tc.steps = 6;
+    tc.batch_size = 2;
+    tc.seq_len = 12;
+    tc.lr = lr;
+    tc.warmup_steps = 1;
+    tc.eval_interval = 0;
+    tc.checkpoint_interval = 3;
+  }
+
+  // Trains `lc` on the checkpoint in `base_dir` into `out`, stopping after step `stop_after`
+  // (-1: all steps). Returns the loss on a fixed batch before and after; checks that the base
+  // weights stay frozen and that the optimizer state covers exactly the trainable parameters.
+  std::pair<double, double> Run(const std::string& base_dir, const LoraConfig& lc,
+                                const std::string& out, int64_t stop_after) const {
+    const std::vector<int32_t> batch(text.begin(), text.begin() + 4 * 13);
+    Model m = LoadModel(base_dir);
+    m.AddLora(lc, 3);
+    const std::vector<float> frozen(m.parameters().begin(), m.parameters().end());
+    const double before = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
+    TrainConfig c = tc;
+    c.checkpoint_dir = out;
+    OptimizerState st;
+    struct Stop {};
+    try {
+      Train(m, st, c, text, {}, nullptr, [&](const TrainLogEntry& e) {
+        if (e.step == stop_after) throw Stop{};
+      });
+    } catch (const Stop&) {
+    }
+    const double after = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
+    EXPECT_EQ(st.m.size(), m.trainable_parameters().size());
+    for (size_t i = 0; i < frozen.size(); ++i) EXPECT_EQ(frozen[i], m.parameters()[i]) << i;
+    return {before, after};
+  }
+};
+
 TEST(PromptTuning, TextInitReproducesTheBaseGivenTheTextBitForBit) {
   // K = 7 from "abc": PEFT repeats the ids to "abcabca".
   const std::string text = "abc", prefix = "abcabca";
@@ -154,47 +198,16 @@ TEST(PromptTuning, TrainingLowersTheLossLeavesTheBaseAndResumesBitForBit) {
   SaveCheckpoint(base_dir, base);
   LoraConfig lc = Prompt(4, "rope");
   lc.base_model = base_dir;
-  // Text over 8 byte values: the virtual tokens can shift the predictions towards them.
-  std::vector<int32_t> text = Tokens(600, 4);
-  for (int32_t& t : text) t = 'a' + t % 8;
-  TrainConfig tc;
-  tc.steps = 6;
-  tc.batch_size = 2;
-  tc.seq_len = 12;
-  tc.lr = 0.1;
-  tc.warmup_steps = 1;
-  tc.eval_interval = 0;
-  tc.checkpoint_interval = 3;
-  const std::vector<int32_t> batch(text.begin(), text.begin() + 4 * 13);
-  double before = 0, after = 0;
-  auto run = [&](const std::string& out, int64_t stop_after) {
-    Model m = LoadModel(base_dir);
-    m.AddLora(lc, 3);
-    const std::vector<float> frozen(m.parameters().begin(), m.parameters().end());
-    before = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
-    TrainConfig c = tc;
-    c.checkpoint_dir = out;
-    OptimizerState st;
-    struct Stop {};
-    try {
-      Train(m, st, c, text, {}, nullptr, [&](const TrainLogEntry& e) {
-        if (e.step == stop_after) throw Stop{};
-      });
-    } catch (const Stop&) {
-    }
-    after = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
-    EXPECT_EQ(st.m.size(), m.trainable_parameters().size());
-    for (size_t i = 0; i < frozen.size(); ++i) ASSERT_EQ(frozen[i], m.parameters()[i]) << i;
-  };
-  run(full, -1);
+  const AdapterTraining training(0.1);
+  const auto [before, after] = training.Run(base_dir, lc, full, -1);
   EXPECT_LT(after, before - 0.05);
-  run(part, 3);
+  training.Run(base_dir, lc, part, 3);
   TrainingCheckpoint ck = LoadCheckpoint(part);
   ASSERT_NE(ck.model.lora_config(), nullptr);
   EXPECT_EQ(ck.model.lora_config()->type, PeftType::kPromptTuning);
   EXPECT_EQ(ck.model.num_virtual_tokens(), 4);
   EXPECT_EQ(ck.optimizer.step, 3);
-  Train(ck.model, ck.optimizer, ck.train_config, text, {}, nullptr);
+  Train(ck.model, ck.optimizer, ck.train_config, training.text, {}, nullptr);
   TrainingCheckpoint done = LoadCheckpoint(full);
   ASSERT_EQ(done.model.trainable_parameters().size(), ck.model.trainable_parameters().size());
   for (size_t i = 0; i < ck.model.trainable_parameters().size(); ++i) {
@@ -375,43 +388,14 @@ TEST(PrefixTuning, ProjectionTrainsResumesBitForBitAndSavesItsOutput) {
   SaveCheckpoint(base_dir, base);
   LoraConfig lc = Prefix(3, true, 12);
   lc.base_model = base_dir;
-  std::vector<int32_t> text = Tokens(600, 4);  // over 8 byte values, as for prompt tuning
-  for (int32_t& t : text) t = 'a' + t % 8;
-  TrainConfig tc;
-  tc.steps = 6;
-  tc.batch_size = 2;
-  tc.seq_len = 12;
-  tc.lr = 0.05;
-  tc.warmup_steps = 1;
-  tc.eval_interval = 0;
-  tc.checkpoint_interval = 3;
-  const std::vector<int32_t> batch(text.begin(), text.begin() + 4 * 13);
-  double before = 0, after = 0;
-  auto run = [&](const std::string& out, int64_t stop_after) {
-    Model m = LoadModel(base_dir);
-    m.AddLora(lc, 3);
-    const std::vector<float> frozen(m.parameters().begin(), m.parameters().end());
-    before = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
-    TrainConfig c = tc;
-    c.checkpoint_dir = out;
-    OptimizerState st;
-    struct Stop {};
-    try {
-      Train(m, st, c, text, {}, nullptr, [&](const TrainLogEntry& e) {
-        if (e.step == stop_after) throw Stop{};
-      });
-    } catch (const Stop&) {
-    }
-    after = m.ForwardBackward(batch, 4, 12, {}, 1.0f, nullptr);
-    for (size_t i = 0; i < frozen.size(); ++i) ASSERT_EQ(frozen[i], m.parameters()[i]) << i;
-  };
-  run(full, -1);
+  const AdapterTraining training(0.05);
+  const auto [before, after] = training.Run(base_dir, lc, full, -1);
   EXPECT_LT(after, before - 0.05);
-  run(part, 3);
+  training.Run(base_dir, lc, part, 3);
   TrainingCheckpoint ck = LoadCheckpoint(part);
   ASSERT_NE(ck.model.lora_config(), nullptr);
   EXPECT_TRUE(ck.model.lora_config()->prefix_projection);
-  Train(ck.model, ck.optimizer, ck.train_config, text, {}, nullptr);
+  Train(ck.model, ck.optimizer, ck.train_config, training.text, {}, nullptr);
   TrainingCheckpoint done = LoadCheckpoint(full);
   ASSERT_EQ(done.model.trainable_parameters().size(), ck.model.trainable_parameters().size());
   for (size_t i = 0; i < ck.model.trainable_parameters().size(); ++i) {

@@ -51,15 +51,11 @@ std::string ModulePath(int layer, int m) {
          (m < 4 ? ".self_attn." : ".mlp.") + kLoraModules[m];
 }
 
-uint64_t Mix(uint64_t seed, uint64_t index) {
-  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
-}
-
 // xd = dropout(x) with the mask of (seed, layer, module): keep with probability 1 - p, scaled.
 void Dropout(const float* x, float* xd, int64_t n, double p, uint64_t seed) {
   const float keep_scale = static_cast<float>(1.0 / (1.0 - p));
   for (int64_t i = 0; i < n; ++i) {
-    const bool keep = UnitInterval53(Mix(seed, static_cast<uint64_t>(i))) >= p;
+    const bool keep = UnitInterval53(SplitMixAt(seed, static_cast<uint64_t>(i))) >= p;
     xd[i] = keep ? x[i] * keep_scale : 0.0f;
   }
 }
@@ -77,7 +73,7 @@ AdaptedProjection FindAdapted(const LoraState& s, const ModelConfig& c, int laye
   if (p.a < 0) return p;
   p.b = s.layers[layer].b[module];
   std::tie(p.in, p.out) = ModuleShape(c, module);
-  p.dropout_seed = Mix(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module);
+  p.dropout_seed = SplitMixAt(s.dropout_seed, static_cast<uint64_t>(layer) * 7 + module);
   return p;
 }
 
@@ -251,7 +247,7 @@ void Model::Impl::LoraBackward(int layer, int module, const float* x, const floa
   // d dropout(x) / dx: the same mask and scale (Dropout of ones gives them).
   const float keep_scale = static_cast<float>(1.0 / (1.0 - s.config.dropout));
   for (int64_t i = 0; i < m * in; ++i) {
-    if (UnitInterval53(Mix(p.dropout_seed, static_cast<uint64_t>(i))) >= s.config.dropout) {
+    if (UnitInterval53(SplitMixAt(p.dropout_seed, static_cast<uint64_t>(i))) >= s.config.dropout) {
       dx[i] += s.dx[i] * keep_scale;
     }
   }
@@ -314,7 +310,7 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
     const TensorInfo& t = s->tensors[i];
     if (!t.name.ends_with(".lora_A.weight")) continue;
     const double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
-    uint64_t state = Mix(seed, i);
+    uint64_t state = SplitMixAt(seed, i);
     for (int64_t k = 0; k < t.size; ++k) {
       const double u01 = UnitInterval53(SplitMix64(state));
       s->params[t.offset + k] = static_cast<float>((2.0 * u01 - 1.0) * bound);

@@ -93,6 +93,20 @@ struct LoraState {
   std::vector<float> wbuf;
 };
 
+// The state of a prompt-learning adapter (prompt or prefix tuning): no LoRA matrices (rank 0,
+// every layer's lora_A / lora_B absent), so PrepareLora allocates nothing.
+inline std::unique_ptr<LoraState> PromptLearningState(const LoraConfig& config, int num_layers) {
+  auto s = std::make_unique<LoraState>();
+  s->config = config;
+  s->config.rank = 0;
+  s->layers.resize(num_layers);
+  for (LoraState::Layer& L : s->layers) {
+    L.a.fill(-1);
+    L.b.fill(-1);
+  }
+  return s;
+}
+
 // The shape and state of one forward pass, shared by the steps of RunForward.
 struct ForwardPass {
   int64_t batch = 0, seq_len = 0, m = 0;  // m = batch * seq_len

@@ -30,13 +30,6 @@
 #include "src/util/rng.h"
 
 namespace ropekit {
-namespace {
-
-uint64_t Mix(uint64_t seed, uint64_t index) {
-  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
-}
-
-}  // namespace
 
 int64_t Model::Impl::PrefixTokens() const {
   return lora && lora->prefix_width > 0 ? lora->config.num_virtual_tokens : 0;
@@ -44,14 +37,7 @@ int64_t Model::Impl::PrefixTokens() const {
 
 void Model::Impl::AddPrefixTuning(const LoraConfig& cfg, uint64_t seed) {
   const ModelConfig& c = config;
-  auto s = std::make_unique<LoraState>();
-  s->config = cfg;
-  s->config.rank = 0;  // no LoRA matrices: PrepareLora allocates nothing
-  s->layers.resize(c.num_layers);
-  for (LoraState::Layer& L : s->layers) {
-    L.a.fill(-1);
-    L.b.fill(-1);
-  }
+  auto s = PromptLearningState(cfg, c.num_layers);
   const int64_t K = cfg.num_virtual_tokens, td = int64_t{c.num_kv_heads} * c.head_dim;
   const int64_t width = 2 * int64_t{c.num_layers} * td;
   s->prefix_width = width;
@@ -81,12 +67,12 @@ void Model::Impl::AddPrefixTuning(const LoraConfig& cfg, uint64_t seed) {
     const TensorInfo& t = s->tensors[i];
     std::span<float> view(s->params.data() + t.offset, static_cast<size_t>(t.size));
     if (t.offset == s->prefix || t.offset == s->enc_embed) {
-      FillNormal(Mix(seed, i), 1.0, view);
+      FillNormal(SplitMixAt(seed, i), 1.0, view);
       continue;
     }
     const int64_t fan_in = t.shape.size() == 2 ? t.shape[1] : s->tensors[i - 1].shape[1];
     const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
-    uint64_t state = Mix(seed, i);
+    uint64_t state = SplitMixAt(seed, i);
     for (float& x : view)
       x = static_cast<float>((2.0 * UnitInterval53(SplitMix64(state)) - 1.0) * bound);
   }

@@ -23,10 +23,6 @@
 namespace ropekit {
 namespace {
 
-uint64_t Mix(uint64_t seed, uint64_t index) {
-  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
-}
-
 void CheckRealIds(const int32_t* ids, int64_t n, int64_t vocab) {
   for (int64_t i = 0; i < n; ++i) {
     if (ids[i] < 0 || ids[i] >= vocab) {
@@ -50,25 +46,17 @@ const float* Model::Impl::EmbedRow(int32_t id) const {
 
 void Model::Impl::AddPromptTuning(const LoraConfig& config_in, uint64_t seed) {
   const ModelConfig& c = config;
-  auto s = std::make_unique<LoraState>();
-  s->config = config_in;
-  s->config.rank = 0;  // no LoRA matrices: PrepareLora allocates nothing
-  s->layers.resize(c.num_layers);
-  for (LoraState::Layer& L : s->layers) {
-    L.a.fill(-1);
-    L.b.fill(-1);
-  }
+  auto s = PromptLearningState(config_in, c.num_layers);
   const int64_t K = config_in.num_virtual_tokens, d = c.hidden_size;
-  s->prompt = 0;
   // peft saves the table as "prompt_embeddings" ([num_virtual_tokens * num_transformer_submodules,
   // token_dim], one submodule for a causal LM).
-  s->tensors.push_back({"prompt_embeddings", {K, d}, 0, K * d, true});
-  s->params.assign(static_cast<size_t>((K * d + kTensorAlign - 1) / kTensorAlign * kTensorAlign),
-                   0.0f);
+  int64_t size = 0;
+  s->prompt = s->AddTensor("prompt_embeddings", {K, d}, true, &size);
+  s->params.assign(static_cast<size_t>(size), 0.0f);
   std::span<float> table(s->params.data(), static_cast<size_t>(K * d));
   if (config_in.prompt_init_text.empty()) {
     // RANDOM: torch's nn.Embedding default, N(0, 1).
-    FillNormal(Mix(seed, 0), 1.0, table);
+    FillNormal(SplitMixAt(seed, 0), 1.0, table);
   } else {
     // TEXT: the word embeddings of the text's ids, cut or repeated to K (PromptEmbedding).
     const std::string& text = config_in.prompt_init_text;

@@ -22,6 +22,12 @@ constexpr uint64_t SplitMixFinalize(uint64_t z) {
 // One generator step: advances `state` and returns the next 64 random bits.
 constexpr uint64_t SplitMix64(uint64_t& state) { return SplitMixFinalize(state += kSplitMixGamma); }
 
+// Output `index` (0-based) of the splitmix64 stream started at `seed`, without stepping through
+// the earlier ones: a seed for each of many independent streams.
+constexpr uint64_t SplitMixAt(uint64_t seed, uint64_t index) {
+  return SplitMixFinalize(seed + kSplitMixGamma * (index + 1));
+}
+
 // The top 53 bits of `bits` as a double in [0, 1).
 constexpr double UnitInterval53(uint64_t bits) {
   return static_cast<double>(bits >> 11) * 0x1.0p-53;
