@@ -381,10 +381,21 @@ struct Server::Impl {
   }
 
   void Submit(const std::shared_ptr<Job>& job, httplib::Response& res) {
-    if (!engine->Submit(job)) {
+    const SubmitResult r = engine->Submit(job);
+    if (r == SubmitResult::kBusy) {
       res.set_header("Retry-After", "1");
       throw ApiError{503, "The server is busy: the request queue is full; retry later",
                      "server_error", "", "server_busy"};
+    }
+    if (r == SubmitResult::kTooLarge) {
+      const Generation& g = *job->gens.front();
+      throw BadRequest("max_tokens",
+                       "the prompt (" + std::to_string(g.prompt.size()) +
+                           " tokens) plus max_tokens (" + std::to_string(g.max_tokens) +
+                           ") needs a KV cache of " + std::to_string(engine->CacheTokens(g)) +
+                           " tokens, more than the server's whole KV cache pool (" +
+                           std::to_string(engine->PoolTokens()) +
+                           " tokens, --kv-cache-tokens); lower max_tokens or shorten the prompt");
     }
   }
 
@@ -838,7 +849,13 @@ struct Server::Impl {
                                 {"running", st.running},
                                 {"queued", st.queued},
                                 {"steps", st.steps},
-                                {"tokens", st.tokens}}),
+                                {"tokens", st.tokens},
+                                {"kv_cache",
+                                 {{"pages", st.kv_pages},
+                                  {"page_size", st.kv_page_size},
+                                  {"pages_reserved", st.kv_pages_reserved},
+                                  {"pages_used", st.kv_pages_used},
+                                  {"bytes", st.kv_bytes}}}}),
                       "application/json");
     });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
@@ -884,6 +901,8 @@ Server::Server(Model model, const ServeOptions& options)
   eo.context = I.context;
   eo.max_batch = o.max_batch;
   eo.max_queue = o.max_queue;
+  eo.kv_cache_tokens = o.kv_cache_tokens;
+  eo.kv_page_size = o.kv_page_size;
   eo.context_shift = o.context_shift;
   eo.n_keep = o.n_keep;
   eo.n_discard = o.n_discard;
