@@ -35,8 +35,8 @@ struct ServeOptions {
   std::string host = "127.0.0.1";
   int port = 8080;         // 0 = any free port (see Server::port())
   int threads = 1;         // compute threads (0 = all cores)
-  int64_t max_batch = 32;  // sequences decoded together (KV-cache slots)
-  int64_t max_queue = 64;  // sequences waiting for a slot; more gets 503
+  int64_t max_batch = 32;  // sequences decoded together
+  int64_t max_queue = 64;  // sequences waiting for admission; more gets 503
   // Tokens of the KV page pool every sequence draws its cache pages from (rounded up to whole
   // pages of kv_page_size tokens); 0 = max_batch * context, the memory of one full-context cache
   // per running sequence. A request waits in the queue until the pool can reserve

@@ -162,7 +162,7 @@ SubmitResult Engine::Submit(const std::shared_ptr<Job>& job) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (stop_) return SubmitResult::kBusy;
-    // Generations beyond the free slots wait in the queue, which holds at most max_queue.
+    // Generations beyond the free batch positions wait in the queue, which holds at most max_queue.
     const int64_t free_now = options_.max_batch - running_count_.load();
     const int64_t waiting = static_cast<int64_t>(queue_.size() + job->gens.size()) - free_now;
     if (waiting > options_.max_queue) return SubmitResult::kBusy;

@@ -401,7 +401,7 @@ struct Server::Impl {
 
   // Waits until every generation finished; false when a generation failed (res holds the error)
   // or the client went away meanwhile (checked every kDisconnectPoll; the job is then cancelled,
-  // which frees its slots at the next step).
+  // which frees its KV-cache pages at the next step).
   bool Wait(Job& job, const httplib::Request& req, httplib::Response& res) {
     std::unique_lock<std::mutex> lock(job.mu);
     int fd = -2;  // -2: not looked up yet, -1: not found
