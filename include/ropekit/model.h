@@ -395,10 +395,10 @@ class BatchDecoder {
   // The layers for one group of sequences (all of them, or one worker's share), ops on `pool`.
   // `shared`: the pool every cache lives in, or null.
   void DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
-                   const RopeTable* table, const KvPagePool* shared, Rows& rows, float* logits,
+                   const RopeTable* table, KvPagePool* shared, Rows& rows, float* logits,
                    ThreadPool* pool);
   // Layer l's new keys and values of the group into the shared pool (one fused call).
-  void AppendShared(const KvPagePool& pool, int l, const RopeTable* table, Rows& rows,
+  void AppendShared(KvPagePool& pool, int l, const RopeTable* table, Rows& rows,
                     const RotateOptions& rot);
   // Sequence b's new key and value into its own cache (one fused call).
   void AppendOwn(KVCache& cache, int l, const RopeTable* table, Rows& rows, int64_t b);

@@ -162,15 +162,15 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
 }
 
-void BatchDecoder::AppendShared(const KvPagePool& pool, int l, const RopeTable* table, Rows& s,
+void BatchDecoder::AppendShared(KvPagePool& pool, int l, const RopeTable* table, Rows& s,
                                 const RotateOptions& rot) {
   const ModelConfig& c = model_.impl_->config;
   const int64_t B = s.batch, D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
   const int64_t hq = H * D, hk = Hkv * D, wqkv = hq + 2 * hk;
   float* const q = s.qkv.data();
   const TensorView k = RowView(q + hq, B, Hkv, D, wqkv), v = RowView(q + hq + hk, B, Hkv, D, wqkv);
-  float* const pk = const_cast<float*>(pool.k_.data()) + l * pool.layer_stride_;
-  float* const pv = const_cast<float*>(pool.v_.data()) + l * pool.layer_stride_;
+  float* const pk = pool.k_.data() + l * pool.layer_stride_;
+  float* const pv = pool.v_.data() + l * pool.layer_stride_;
   const std::span<const int64_t> slots(s.slots.data(), static_cast<size_t>(B));
   if (table == nullptr) {  // no rotary encoding: copy the rows
     for (int64_t b = 0; b < B; ++b) {
@@ -196,7 +196,7 @@ void BatchDecoder::AppendOwn(KVCache& cache, int l, const RopeTable* table, Rows
     std::memcpy(cache.ValueRow(l, pos), q + hq + hk, sizeof(float) * hk);
     return;
   }
-  // The cache's own rows: a one-page view of the sequence's layer l (contiguous or paged).
+  // A one-slot view of the cache's row for this position (contiguous or paged).
   RotateOptions rot;
   rot.layout = c.position_encoding.rope_layout;
   const TensorView qv = RowView(q, 1, H, D, wqkv);
@@ -250,8 +250,8 @@ void BatchDecoder::Attend(KVCache& cache, int l, Rows& s, int64_t b, std::vector
 }
 
 void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
-                               const RopeTable* table, const KvPagePool* shared, Rows& s,
-                               float* logits, ThreadPool* pool) {
+                               const RopeTable* table, KvPagePool* shared, Rows& s, float* logits,
+                               ThreadPool* pool) {
   Model::Impl& I = *model_.impl_;
   const ModelConfig& c = I.config;
   const int64_t B = static_cast<int64_t>(tokens.size());

@@ -375,11 +375,10 @@ Model::Impl::KeyValues Model::Impl::RotateAndCachePaged(int l, const Workspace::
   const int64_t M = f.m, hk = Hkv * D;
   const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
   if (f.table && !f.rotate_cache) {
-    const KvPagePool& pool = *cache.pool_;
-    const KvCacheView layer_cache =
-        PagedKvCache(const_cast<float*>(pool.k_.data()) + l * pool.layer_stride_,
-                     const_cast<float*>(pool.v_.data()) + l * pool.layer_stride_, DType::kF32,
-                     pool.num_pages_, pool.page_size_, Hkv, D);
+    KvPagePool& pool = *cache.pool_;
+    const KvCacheView layer_cache = PagedKvCache(
+        pool.k_.data() + l * pool.layer_stride_, pool.v_.data() + l * pool.layer_stride_,
+        DType::kF32, pool.num_pages_, pool.page_size_, Hkv, D);
     const std::vector<int64_t> slots =
         SlotsFromBlockTable(cache.block_table_, pool.page_size_, f.past, M);
     ApplyRopeAndAppend(*f.table, PositionSpan(positions), RopeOperand{q_view, q_view},

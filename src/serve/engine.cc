@@ -128,6 +128,11 @@ Engine::Engine(Model& model, const EngineOptions& options, ThreadPool* pool)
     throw Error("--kv-cache-tokens " + std::to_string(options.kv_cache_tokens) +
                 " must be >= 0 (0 = --max-batch x --ctx-size)");
   }
+  if (options.context_shift && pool_tokens < options.context) {
+    throw Error("--kv-cache-tokens " + std::to_string(pool_tokens) +
+                " must hold at least one context (--ctx-size " + std::to_string(options.context) +
+                ") with --context-shift: every sequence reserves its whole context");
+  }
   const int64_t pages = (pool_tokens + options.kv_page_size - 1) / options.kv_page_size;
   if (pages > (int64_t{1} << 31) - 1) {
     throw Error("--kv-cache-tokens " + std::to_string(pool_tokens) +

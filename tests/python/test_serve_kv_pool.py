@@ -116,3 +116,9 @@ def test_a_disconnected_stream_returns_its_pages_at_once(model):
         status, _, out = server.post("/v1/completions", dict(b, stream=False, max_tokens=20))
         assert status == 200, out
         wait_for_empty_pool(server)
+
+
+def test_a_pool_smaller_than_one_context_is_refused_with_context_shift(model):
+    # With a context shift every sequence reserves its whole context (128 tokens here).
+    with pytest.raises(RuntimeError, match="--kv-cache-tokens 64 must hold at least one context"):
+        Server(model, "--kv-cache-tokens", "64", "--context-shift")
