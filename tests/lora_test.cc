@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -201,6 +202,8 @@ struct LoraPlusCase {
   PositionEncodingKind kind;
   bool tied;
 };
+
+void PrintTo(const LoraPlusCase& c, std::ostream* os) { *os << c.name; }
 
 class LoraPlus : public ::testing::TestWithParam<LoraPlusCase> {};
 
