@@ -666,13 +666,18 @@ void Model::Impl::EmbeddingBackward(const int32_t* tokens, const BackwardPass& b
   if (pe->acts_on_embeddings() && !b.ad) {
     pe->AddToEmbeddingsBackward(PositionSpan(positions), ws.dx, d, b.grad_pe);
   }
-  // (With an adapter the scatter below runs only when it trains the embeddings, and then ws.dx
-  // holds layer 0's input gradient.)
-  if (float* dE = Grad(b, embed, b.ad ? b.ad->embed : -1)) {
-    for (int64_t m = 0; m < b.m; ++m) {
-      float* row = dE + int64_t{tokens[m]} * d;
-      const float* src = ws.dx + m * d;
-      for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+  // With an adapter the scatter runs only when it trains the embeddings (LoRA+), and then ws.dx
+  // holds layer 0's input gradient. The hooks did not run (an adapter never trains the position
+  // table), so their factor is applied here: x = scale * e + P gives de = scale * dx, rounded
+  // as AddToEmbeddingsBackward rounds it, so LoRA+ and full fine-tuning agree bit for bit.
+  float* dE = Grad(b, embed, b.ad ? b.ad->embed : -1);
+  if (dE == nullptr) return;
+  const double scale = b.ad && pe->acts_on_embeddings() ? pe->embedding_scale() : 1.0;
+  for (int64_t m = 0; m < b.m; ++m) {
+    float* row = dE + int64_t{tokens[m]} * d;
+    const float* src = ws.dx + m * d;
+    for (int64_t j = 0; j < d; ++j) {
+      row[j] += scale == 1.0 ? src[j] : static_cast<float>(scale * double{src[j]});
     }
   }
 }

@@ -22,6 +22,7 @@
 #include "ropekit/serve.h"
 #include "src/serve/chat_page.h"
 #include "src/serve/engine.h"
+#include "src/util/rng.h"
 
 namespace ropekit::serve {
 namespace {
@@ -184,14 +185,9 @@ Sampling ParseSampling(const json& body, int64_t default_max_tokens, const char*
   return s;
 }
 
-// Seed of choice j: a splitmix64 mix of (seed, j), so a choice's text does not depend on n or
-// on the other prompts of the request.
-uint64_t ChoiceSeed(uint64_t seed, int64_t j) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+// Seed of choice j: output j of the splitmix64 stream of `seed`, so a choice's text does not
+// depend on n or on the other prompts of the request.
+uint64_t ChoiceSeed(uint64_t seed, int64_t j) { return SplitMixAt(seed, static_cast<uint64_t>(j)); }
 
 std::string RandomId(const char* prefix) {
   static std::atomic<uint64_t> counter{0};
