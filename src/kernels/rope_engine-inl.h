@@ -77,17 +77,17 @@ HWY_INLINE void RotatePairsAllHeads2(D d, const HeadRows& heads, const float* co
   }
 }
 
-template <class Io, bool kInterleaved, bool kBackward>
-HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const float* sin, size_t n) {
-  using T = typename Io::T;
-  const hn::ScalableTag<float> d;
-  const hn::CappedTag<float, 1> d1;
+// Pairs [i, end) of every head with vectors of tag D, two at a time while they fit, then one at a
+// time; returns the first pair not rotated (end minus fewer than Lanes(d) pairs).
+template <class Io, bool kInterleaved, bool kBackward, class D>
+HWY_INLINE size_t RotateRange(D d, const HeadRows& heads, const float* cos, const float* sin,
+                              size_t n, size_t i, size_t end) {
   const size_t lanes = hn::Lanes(d);
-  size_t i = 0;
 #if HWY_TARGET != HWY_SCALAR
   if constexpr (Io::kPacksTwo && !kInterleaved) {
+    using T = typename Io::T;
     // 16-bit half-split: two vectors per row half, packed with one permute (RotateStepTwo).
-    for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    for (; i + 2 * lanes <= end; i += 2 * lanes) {
       const auto c0 = hn::LoadU(d, cos + i), c1 = hn::LoadU(d, cos + i + lanes);
       const auto s0 = hn::LoadU(d, sin + i), s1 = hn::LoadU(d, sin + i + lanes);
       const T* x = static_cast<const T*>(heads.in);
@@ -96,7 +96,7 @@ HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const flo
            --h, x += heads.in_head_stride, y += heads.out_head_stride) {
         const auto a0 = Io::Load(d, x + i), a1 = Io::Load(d, x + i + lanes);
         const auto b0 = Io::Load(d, x + n + i), b1 = Io::Load(d, x + n + i + lanes);
-        hn::Vec<decltype(d)> ya0, yb0, ya1, yb1;
+        hn::Vec<D> ya0, yb0, ya1, yb1;
         Rotate<kBackward>(a0, b0, c0, s0, ya0, yb0);
         Rotate<kBackward>(a1, b1, c1, s1, ya1, yb1);
         Io::StoreTwo(d, ya0, ya1, y + i);
@@ -106,18 +106,62 @@ HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const flo
   }
 #endif
   if constexpr (!Io::kPacksTwo || kInterleaved) {
-    for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    for (; i + 2 * lanes <= end; i += 2 * lanes) {
       RotatePairsAllHeads2<Io, kInterleaved, kBackward>(d, heads, cos, sin, n, i);
     }
   }
-  for (; i + lanes <= n; i += lanes) {
+  for (; i + lanes <= end; i += lanes) {
     RotatePairsAllHeads<Io, kInterleaved, kBackward>(d, heads, hn::LoadU(d, cos + i),
                                                      hn::LoadU(d, sin + i), n, i);
   }
-  for (; i < n; ++i) {
-    RotatePairsAllHeads<Io, kInterleaved, kBackward>(d1, heads, hn::LoadU(d1, cos + i),
-                                                     hn::LoadU(d1, sin + i), n, i);
+  return i;
+}
+
+// Pairs [i, end) with vectors of at most 8, then 4 lanes, then single lanes (the few pairs
+// before the first cache-line boundary, and the tail).
+template <class Io, bool kInterleaved, bool kBackward, size_t kMaxLanes = 8>
+HWY_INLINE void RotateRangeNarrow(const HeadRows& heads, const float* cos, const float* sin,
+                                  size_t n, size_t i, size_t end) {
+  const hn::CappedTag<float, kMaxLanes> d;
+  for (; i + hn::Lanes(d) <= end; i += hn::Lanes(d)) {
+    RotatePairsAllHeads<Io, kInterleaved, kBackward>(d, heads, hn::LoadU(d, cos + i),
+                                                     hn::LoadU(d, sin + i), n, i);
   }
+  if constexpr (kMaxLanes > 1) {
+    RotateRangeNarrow<Io, kInterleaved, kBackward, kMaxLanes / 2>(heads, cos, sin, n, i, end);
+  }
+}
+
+// Pairs to rotate before the full-width loop so that its loads and stores of every head start
+// on a 64-byte (cache-line) boundary: a vector access that straddles two lines costs about
+// twice as much (malloc'ed buffers are often only 16-byte aligned). 0 when the heads do not
+// share one alignment (strides or in/out offsets that are not multiples of 64 bytes, or a b half
+// at a different offset) or when the lead would leave no full vector.
+template <class Io, bool kInterleaved>
+HWY_INLINE size_t LeadPairs(const HeadRows& heads, size_t n, size_t lanes) {
+  using T = typename Io::T;
+  constexpr size_t kLine = 64;
+  const size_t es = sizeof(T), pair_elems = kInterleaved ? 2 : 1;
+  const auto in = reinterpret_cast<uintptr_t>(heads.in);
+  const auto out = reinterpret_cast<uintptr_t>(heads.out);
+  const auto line_multiple = [&](int64_t elems) {
+    return (static_cast<uint64_t>(elems) * es) % kLine == 0;
+  };
+  if (in % kLine == 0 || in % (pair_elems * es) != 0 || (in - out) % kLine != 0) return 0;
+  if (!line_multiple(heads.in_head_stride) || !line_multiple(heads.out_head_stride)) return 0;
+  if (!kInterleaved && !line_multiple(static_cast<int64_t>(n))) return 0;
+  const size_t lead = (kLine - in % kLine) / (pair_elems * es);
+  return lead + lanes <= n ? lead : 0;
+}
+
+template <class Io, bool kInterleaved, bool kBackward>
+HWY_NOINLINE void RotateHeads(const HeadRows& heads, const float* cos, const float* sin, size_t n) {
+  using T = typename Io::T;
+  const hn::ScalableTag<float> d;
+  const size_t lead = LeadPairs<Io, kInterleaved>(heads, n, hn::Lanes(d));
+  RotateRangeNarrow<Io, kInterleaved, kBackward>(heads, cos, sin, n, 0, lead);
+  const size_t i = RotateRange<Io, kInterleaved, kBackward>(d, heads, cos, sin, n, lead, n);
+  RotateRangeNarrow<Io, kInterleaved, kBackward>(heads, cos, sin, n, i, n);
   // Channels [R, D) pass through (nothing to do in place).
   const size_t pass = static_cast<size_t>(heads.head_dim) - 2 * n;
   if (pass == 0 || heads.in == heads.out) return;
