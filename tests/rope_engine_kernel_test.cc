@@ -5,6 +5,7 @@
 // out of place, token-major and head-major strides, and rows at any position, and for data at
 // every offset from a cache-line boundary (RotateHeads rotates the pairs before the first
 // boundary with narrower vectors, so that its full-width loop reads and writes whole lines).
+// Both loop orders (pairs outer: RotateHeads; heads outer: RotateHeadsStream) are checked.
 // GetRotateHeads returns the specialisation that matches its arguments.
 #include <algorithm>
 #include <cstring>
@@ -107,14 +108,18 @@ void TestRotateHeadsMatchesRotateTokens() {
     const PositionSpan pid(identity);
     for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
       for (Layout layout : {Layout::kHalfSplit, Layout::kInterleaved}) {
-        for (Direction dir : {Direction::kForward, Direction::kBackward}) {
-          const RotateHeadsFn fn = GetRotateHeads(dtype, layout, dir);
+        for (const auto& [dir, order] : {std::pair{Direction::kForward, HeadOrder::kPairsOuter},
+                                         {Direction::kBackward, HeadOrder::kPairsOuter},
+                                         {Direction::kForward, HeadOrder::kHeadsOuter},
+                                         {Direction::kBackward, HeadOrder::kHeadsOuter}}) {
+          const RotateHeadsFn fn = GetRotateHeads(dtype, layout, dir, order);
           for (bool head_major : {false, true}) {
             const std::string where =
                 std::string(hwy::TargetName(HWY_TARGET)) + " " + std::string(DTypeName(dtype)) +
                 " " + std::string(LayoutName(layout)) +
-                (dir == Direction::kBackward ? " bwd" : "") + " D " + std::to_string(D) + " R " +
-                std::to_string(R) + (head_major ? " head-major" : "");
+                (dir == Direction::kBackward ? " bwd" : "") +
+                (order == HeadOrder::kHeadsOuter ? " heads-outer" : "") + " D " +
+                std::to_string(D) + " R " + std::to_string(R) + (head_major ? " head-major" : "");
             std::vector<uint8_t> x = RandomBytes(T * H * D, dtype, 17 + D);
             TensorView xv = ContiguousView(x.data(), dtype, T, H, D);
             if (head_major) {
@@ -153,7 +158,9 @@ void TestRotateHeadsMatchesRotateTokens() {
       }
     }
   }
-  ASSERT_EQ(GetRotateHeads(DType::kSentinel, Layout::kHalfSplit, Direction::kForward), nullptr);
+  ASSERT_EQ(GetRotateHeads(DType::kSentinel, Layout::kHalfSplit, Direction::kForward,
+                           HeadOrder::kPairsOuter),
+            nullptr);
 }
 
 // Data starting at every element offset from a 64-byte boundary (in place, and out of place into
@@ -173,7 +180,8 @@ void TestRotateHeadsAtEveryAlignment() {
     for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
       const size_t es = DTypeSize(dtype), bytes = T * H * D * es;
       for (Layout layout : {Layout::kHalfSplit, Layout::kInterleaved}) {
-        const RotateHeadsFn fn = GetRotateHeads(dtype, layout, Direction::kForward);
+        const RotateHeadsFn fn =
+            GetRotateHeads(dtype, layout, Direction::kForward, HeadOrder::kPairsOuter);
         for (size_t offset = 0; offset < 64; offset += es) {
           const std::string where = std::string(hwy::TargetName(HWY_TARGET)) + " " +
                                     std::string(DTypeName(dtype)) + " " +
