@@ -12,8 +12,10 @@
 #include <fstream>
 #include <numbers>
 #include <set>
+#include <sstream>
 
 #include "gtest/gtest.h"
+#include "src/study/svg_plot.h"
 
 namespace ropekit::study {
 namespace {
@@ -420,6 +422,85 @@ TEST(StudyMethods, RecordsKeepTheirMethod) {
   EXPECT_THROW(RecordsFromJson(bad, "bad"), Error);
 }
 
+// Per-seed main-grid records of the micro preset: RoPE and ALiBi at every evaluation length.
+// ALiBi - RoPE at every length is alibi_minus_rope[seed - 1].
+std::vector<StudyRecord> TwoEncodingsThreeSeeds(const StudyPreset& p,
+                                                const std::vector<double>& alibi_minus_rope) {
+  std::vector<StudyRecord> out;
+  for (uint64_t seed = 1; seed <= 3; ++seed) {
+    for (int64_t m : p.eval_multipliers) {
+      for (const char* e : {"rope", "alibi"}) {
+        StudyRecord r;
+        r.encoding = e;
+        r.scaling = "none";
+        r.train_length = p.train.seq_len;
+        r.eval_length = m * p.train.seq_len;
+        r.seed = seed;
+        r.position_loss = {1.0};
+        // RoPE's loss grows with length and seed; ALiBi adds the seed's difference.
+        r.tail_loss = 1.0 + 0.1 * static_cast<double>(m) + 0.01 * static_cast<double>(seed);
+        if (r.encoding == "alibi") r.tail_loss += alibi_minus_rope[seed - 1];
+        r.window_loss = r.tail_loss;
+        out.push_back(r);
+      }
+    }
+  }
+  return out;
+}
+
+TEST(StudySeeds, PairedDifferencesCarryStudentIntervals) {
+  const StudyPreset p = GetStudyPreset("micro");
+  // Differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1; t(0.975, 2) = 4.303 (standard tables), so the
+  // half-width is 4.303 * 0.1 / sqrt(3) = 0.248 > 0.2: not significant. The change from 1x is
+  // the same difference minus itself: exactly 0 for every seed, an interval of width 0.
+  std::string md = MarkdownTables(p, TwoEncodingsThreeSeeds(p, {0.1, 0.2, 0.3}));
+  const size_t at = md.find("| ALiBi - RoPE |");
+  ASSERT_NE(at, std::string::npos) << md;
+  const std::string row = md.substr(at, md.find('\n', at) - at);
+  EXPECT_NE(row.find("| +0.200 ± 0.248 |"), std::string::npos) << row;
+  EXPECT_EQ(row.find('*'), std::string::npos) << row;
+  EXPECT_NE(row.find("| +0.000 ± 0.000 |"), std::string::npos) << row;
+  // Differences 0.5, 0.5, 0.6: mean 0.5333, sd 0.0577, half-width 4.303 * 0.0577 / sqrt(3) =
+  // 0.143 < 0.533: significant.
+  md = MarkdownTables(p, TwoEncodingsThreeSeeds(p, {0.5, 0.5, 0.6}));
+  EXPECT_NE(md.find("| +0.533 ± 0.143 * |"), std::string::npos) << md;
+  // The main table shows mean ± sd: RoPE at 1x is 1.1 + 0.01 * seed, mean 1.12, sd 0.01.
+  EXPECT_NE(md.find("| RoPE | 1.120 ± 0.010 |"), std::string::npos) << md;
+  // One seed: no paired differences.
+  std::vector<StudyRecord> one = TwoEncodingsThreeSeeds(p, {0.1, 0.2, 0.3});
+  std::erase_if(one, [](const StudyRecord& r) { return r.seed != 1; });
+  EXPECT_EQ(MarkdownTables(p, one).find("Paired differences"), std::string::npos);
+}
+
+TEST(StudySeeds, PlotBandsSpanOneSpreadAroundTheLine) {
+  PlotSpec spec;
+  spec.id = "p";
+  Series line{"a", {{0.0, 1.0}, {1.0, 2.0}, {2.0, 1.5}}, false};
+  EXPECT_EQ(SvgPlot(spec, {line}).find("class=\"band\""), std::string::npos);
+  line.spread = {0.0, 0.0, 0.0};  // a single seed: no band either
+  EXPECT_EQ(SvgPlot(spec, {line}).find("class=\"band\""), std::string::npos);
+  line.spread = {0.5, 0.25, 0.5};
+  const std::string svg = SvgPlot(spec, {line});
+  const size_t at = svg.find("class=\"band\" points=\"");
+  ASSERT_NE(at, std::string::npos) << svg;
+  // The band runs along y + w forwards and y - w backwards: six vertices. The y range is
+  // [0.5, 2.5] padded by 6%, so the top vertex 2.25 and the bottom 0.5 sit inside the frame.
+  const size_t from = at + std::string("class=\"band\" points=\"").size();
+  const std::string points = svg.substr(from, svg.find('"', from) - from);
+  std::vector<std::pair<double, double>> v;
+  std::istringstream in(points);
+  std::string xy;
+  while (in >> xy) v.emplace_back(std::stod(xy), std::stod(xy.substr(xy.find(',') + 1)));
+  ASSERT_EQ(v.size(), 6u) << points;
+  // Screen y grows downwards and is linear in data y: upper[k] - lower[k] is proportional to
+  // 2 * spread[k], and the vertices come back in reverse x order.
+  const double s0 = v[5].second - v[0].second, s1 = v[4].second - v[1].second;
+  EXPECT_NEAR(s0 / s1, 0.5 / 0.25, 1e-3);
+  EXPECT_EQ(v[0].first, v[5].first);
+  EXPECT_EQ(v[2].first, v[3].first);
+  EXPECT_LT(v[0].first, v[2].first);
+}
+
 TEST(StudyPartialPi, KeepsTheHighestFrequencyPairsAndInterpolatesTheRest) {
   RopeParams base;
   base.head_dim = base.rotary_dim = 16;
@@ -435,7 +516,9 @@ TEST(StudyPartialPi, KeepsTheHighestFrequencyPairsAndInterpolatesTheRest) {
       const double theta = std::pow(10000.0, -2.0 * j / 16);
       const double want = j < keep ? theta : theta / s;
       EXPECT_NEAR(f.inv_freq[j], want, 1e-15 * theta) << keep << " " << j;
-      if (j < keep) EXPECT_EQ(f.inv_freq[j], plain.inv_freq[j]);
+      if (j < keep) {
+        EXPECT_EQ(f.inv_freq[j], plain.inv_freq[j]);
+      }
     }
   }
   EXPECT_THROW(PartialPi(base, n + 1, s, 64), Error);

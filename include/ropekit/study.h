@@ -264,7 +264,9 @@ std::vector<StudyRecord> RecordsFromJson(std::string_view json, const std::strin
 std::string RecordsToCsv(const std::vector<StudyRecord>& records);
 
 // Summary tables (plain text) for the terminal, and the same tables in Markdown for the docs
-// (`ropekit study --report-only --markdown`).
+// (`ropekit study --report-only --markdown`), from per-seed records. With several seeds the
+// tables show mean ± sd, and a last table the paired differences (same seed) that the study's
+// conclusions compare, with 95% confidence intervals (Student's t).
 std::string SummaryTables(const StudyPreset& preset, const std::vector<StudyRecord>& records);
 std::string MarkdownTables(const StudyPreset& preset, const std::vector<StudyRecord>& records);
 

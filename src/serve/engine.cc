@@ -75,6 +75,22 @@ size_t HoldBack(const std::string& s, const std::vector<std::string>& stop) {
   return hold;
 }
 
+std::vector<std::string> SplitCharacters(const std::string& text) {
+  std::vector<std::string> pieces;
+  int pending = 0;  // continuation bytes the current piece's lead byte still expects
+  for (const char ch : text) {
+    const auto c = static_cast<unsigned char>(ch);
+    if (pending > 0 && (c & 0xC0) == 0x80) {
+      pieces.back().push_back(ch);
+      --pending;
+      continue;
+    }
+    pieces.emplace_back(1, ch);
+    pending = (c & 0xE0) == 0xC0 ? 1 : (c & 0xF0) == 0xE0 ? 2 : (c & 0xF8) == 0xF0 ? 3 : 0;
+  }
+  return pieces;
+}
+
 Engine::Engine(Model& model, const EngineOptions& options, ThreadPool* pool)
     : model_(model), options_(options), pool_(pool), decoder_(model) {
   if (options.context < 2) throw Error("serve: the context must be >= 2 tokens");

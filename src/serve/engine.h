@@ -146,6 +146,12 @@ class Engine {
 // stop string, or an incomplete UTF-8 sequence (whichever is longer).
 size_t HoldBack(const std::string& s, const std::vector<std::string>& stop);
 
+// `text` cut into UTF-8 characters: a lead byte with the continuation bytes it announces is one
+// piece; any other byte (a stray continuation byte, an invalid byte) is a piece of its own. Streams
+// send one piece per event, as OpenAI's API sends one chunk per token, however many tokens a
+// wake-up collected.
+std::vector<std::string> SplitCharacters(const std::string& text);
+
 }  // namespace ropekit::serve
 
 #endif  // ROPEKIT_SRC_SERVE_ENGINE_H_

@@ -443,7 +443,8 @@ struct Server::Impl {
 
   // Streams the job as SSE: objects `object` in the envelope env, one choice each, built by
   // make_choice(index, text, finish_reason or "", first); with include_usage every chunk has
-  // "usage": null and a last chunk without choices carries the usage and timings.
+  // "usage": null and a last chunk without choices carries the usage and timings. Released text
+  // goes out one character per chunk (SplitCharacters), so the chunks do not depend on timing.
   template <typename MakeChoice>
   void Stream(const std::shared_ptr<Job>& job, httplib::Response& res, const Envelope& env,
               const char* object, MakeChoice make_choice, bool include_usage,
@@ -495,12 +496,15 @@ struct Server::Impl {
                   error = g.error;
                   break;
                 }
-                if (g.text.size() > sent[i] || !started[i]) {
-                  frames.push_back(
-                      make_chunk(i, g.text.substr(sent[i]), std::string(), !started[i]));
-                  sent[i] = g.text.size();
+                if (!started[i] && g.text.size() == sent[i]) {
+                  frames.push_back(make_chunk(i, std::string(), std::string(), true));
                   started[i] = true;
                 }
+                for (const std::string& piece : SplitCharacters(g.text.substr(sent[i]))) {
+                  frames.push_back(make_chunk(i, piece, std::string(), !started[i]));
+                  started[i] = true;
+                }
+                sent[i] = g.text.size();
                 if (g.finished) {
                   frames.push_back(make_chunk(i, std::string(), g.finish_reason, false));
                   closed[i] = true;

@@ -200,6 +200,118 @@ void AddExperimentTables(const StudyPreset& p, const std::vector<StudyRecord>& r
   if (!cutoff.rows.empty()) tables.push_back(cutoff);
 }
 
+// ---- Paired differences over seeds ---------------------------------------------------------
+
+// One seed's lookup of a configuration at an evaluation length.
+using Finder = std::function<const StudyRecord*(const std::vector<StudyRecord>&, int64_t)>;
+
+// "b - a": two configurations that the study's conclusions compare.
+struct Comparison {
+  std::string label;
+  Finder a, b;
+};
+
+Finder MainGrid(const std::string& encoding, const std::string& scaling) {
+  return [=](const std::vector<StudyRecord>& r, int64_t c) {
+    return Find(r, encoding, scaling, 0, c);
+  };
+}
+
+Finder Variant(const std::string& encoding, const std::string& variant) {
+  return [=](const std::vector<StudyRecord>& r, int64_t c) {
+    return FindVariant(r, encoding, variant, c);
+  };
+}
+
+// Every encoding against RoPE, every scaling against plain RoPE, and every experiment's
+// setting against the study's (PI's cut-offs against PI, k = 0).
+std::vector<Comparison> Comparisons(const StudyPreset& p, const std::vector<StudyRecord>& rec) {
+  std::vector<Comparison> out;
+  for (const std::string& e : p.encodings) {
+    const std::string kind = std::string(PositionEncodingKindName(ParsePositionEncodingKind(e)));
+    if (kind != "rope") {
+      out.push_back(
+          {EncodingLabel(e) + " - RoPE", MainGrid("rope", "none"), MainGrid(kind, "none")});
+    }
+  }
+  for (const std::string& sc : p.scalings) {
+    out.push_back(
+        {ScalingLabel(sc) + " - plain RoPE", MainGrid("rope", "none"), MainGrid("rope", sc)});
+  }
+  std::set<std::pair<std::string, std::string>> variants;
+  for (const StudyRecord& r : rec) {
+    if (!r.variant.empty()) variants.insert({r.encoding, r.variant});
+  }
+  for (const auto& [enc, v] : variants) {
+    if (v.rfind("pi_keep=", 0) == 0) {
+      if (v != "pi_keep=0") {
+        out.push_back({"PI keeping " + v.substr(8) + " pairs - PI", Variant(enc, "pi_keep=0"),
+                       Variant(enc, v)});
+      }
+      continue;
+    }
+    out.push_back(
+        {EncodingLabel(enc) + " " + v + " - study's", MainGrid(enc, "none"), Variant(enc, v)});
+  }
+  return out;
+}
+
+// Mean ± half-width of the 95% confidence interval (Student's t) of paired differences; "*"
+// marks an interval that excludes 0. Fewer than two pairs: "-".
+std::string PairedCell(const std::vector<double>& d) {
+  const size_t n = d.size();
+  if (n < 2) return "-";
+  double mean = 0;
+  for (double v : d) mean += v;
+  mean /= static_cast<double>(n);
+  double ss = 0;
+  for (double v : d) ss += (v - mean) * (v - mean);
+  const double sd = std::sqrt(ss / static_cast<double>(n - 1));
+  const double half =
+      StudentT95(static_cast<int64_t>(n) - 1) * sd / std::sqrt(static_cast<double>(n));
+  return Fmt("%+.3f", mean) + " ± " + Fmt("%.3f", half) + (std::abs(mean) > half ? " *" : "");
+}
+
+// With two or more seeds: the paired differences b - a (same seed: same initialisation and data
+// order) of the tail loss at each length, then of the changes from 1x.
+void AddSignificanceTable(const StudyPreset& p, const std::vector<StudyRecord>& per_seed,
+                          std::vector<Table>& tables) {
+  std::map<uint64_t, std::vector<StudyRecord>> by_seed;
+  for (const StudyRecord& r : per_seed) by_seed[r.seed].push_back(r);
+  if (by_seed.size() < 2) return;
+  const std::vector<int64_t> lengths = Lengths(p);
+  Table t{"Paired differences over " + std::to_string(by_seed.size()) +
+              " seeds (b - a, same seed; mean ± 95% CI, Student's t; * = the interval excludes "
+              "0): tail loss, then its change from 1x",
+          {"b - a"},
+          {}};
+  for (int64_t c : lengths) t.header.push_back(std::to_string(c));
+  for (size_t i = 1; i < lengths.size(); ++i) {
+    t.header.push_back("d" + std::to_string(lengths[i] / p.train.seq_len) + "x");
+  }
+  for (const Comparison& cmp : Comparisons(p, per_seed)) {
+    // diffs[i]: per-seed b - a at lengths[i]; deltas[i]: per-seed change of (b - a) from 1x.
+    std::vector<std::vector<double>> diffs(lengths.size()), deltas(lengths.size());
+    for (const auto& [seed, recs] : by_seed) {
+      std::vector<double> d(lengths.size(), kNaN);
+      for (size_t i = 0; i < lengths.size(); ++i) {
+        const StudyRecord* a = cmp.a(recs, lengths[i]);
+        const StudyRecord* b = cmp.b(recs, lengths[i]);
+        if (a && b) d[i] = b->tail_loss - a->tail_loss;
+      }
+      for (size_t i = 0; i < lengths.size(); ++i) {
+        if (std::isfinite(d[i])) diffs[i].push_back(d[i]);
+        if (i > 0 && std::isfinite(d[i]) && std::isfinite(d[0])) deltas[i].push_back(d[i] - d[0]);
+      }
+    }
+    std::vector<std::string> row = {cmp.label};
+    for (const auto& d : diffs) row.push_back(PairedCell(d));
+    for (size_t i = 1; i < lengths.size(); ++i) row.push_back(PairedCell(deltas[i]));
+    t.rows.push_back(row);
+  }
+  if (!t.rows.empty()) tables.push_back(t);
+}
+
 std::string Thousands(int64_t v) {
   std::string digits = std::to_string(v), out;
   for (size_t i = 0; i < digits.size(); ++i) {
@@ -258,7 +370,9 @@ void AddMethodTable(const StudyPreset& p, const std::vector<StudyRecord>& rec,
   tables.push_back(t);
 }
 
-std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyRecord>& rec) {
+// The tables of the per-seed records `per_seed` (aggregated over seeds where there are several).
+std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyRecord>& per_seed) {
+  const std::vector<StudyRecord> rec = AggregateSeeds(per_seed);
   const std::vector<int64_t> lengths = Lengths(p);
   const int64_t L = p.train.seq_len;
   std::vector<Table> tables;
@@ -341,6 +455,7 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
     AddMethodTable(p, rec, tables);
   }
   AddExperimentTables(p, rec, tables);
+  AddSignificanceTable(p, per_seed, tables);
   return tables;
 }
 
@@ -348,7 +463,7 @@ std::vector<Table> BuildTables(const StudyPreset& p, const std::vector<StudyReco
 
 std::string MarkdownTables(const StudyPreset& preset, const std::vector<StudyRecord>& records) {
   std::string s;
-  for (const Table& t : BuildTables(preset, AggregateSeeds(records))) {
+  for (const Table& t : BuildTables(preset, records)) {
     s += "\n" + t.title + ":\n\n|";
     for (const std::string& h : t.header) s += " " + h + " |";
     s += "\n|";
@@ -365,7 +480,7 @@ std::string MarkdownTables(const StudyPreset& preset, const std::vector<StudyRec
 
 std::string SummaryTables(const StudyPreset& preset, const std::vector<StudyRecord>& records) {
   std::string s;
-  for (const Table& t : BuildTables(preset, AggregateSeeds(records))) {
+  for (const Table& t : BuildTables(preset, records)) {
     std::vector<std::string> header = t.header;
     s += "\n" + t.title + "\n" + TextTable(header, t.rows);
   }
@@ -426,11 +541,23 @@ struct ReportPage {
   void AddPlot(const PlotSpec& spec, const std::vector<Series>& series,
                const std::string& caption) {
     plot_ids.push_back(spec.id);
+    bool bands = false;
+    for (const Series& s : series) {
+      for (double w : s.spread) bands = bands || w > 0;
+    }
+    const std::string note = bands ? " Shaded: mean ± one standard deviation over the seeds." : "";
     body << "<figure>\n"
-         << SvgPlot(spec, series) << "<figcaption>" << HtmlEscape(caption)
+         << SvgPlot(spec, series) << "<figcaption>" << HtmlEscape(caption + note)
          << "</figcaption>\n</figure>\n";
   }
 };
+
+// Adds r's loss at x to s, with its standard deviation over seeds as the band's half-width (0
+// for a single seed: no band).
+void AddPoint(Series& s, double x, const StudyRecord& r, bool tail = true) {
+  s.points.emplace_back(x, tail ? r.tail_loss : r.window_loss);
+  s.spread.push_back(tail ? r.tail_loss_sd : r.window_loss_sd);
+}
 
 // One series per training curve whose name starts with `prefix` ("pretrain-", "finetune-"),
 // labelled from the rest of the name, with the points of `member` (loss or val_loss).
@@ -459,7 +586,7 @@ void LengthPlots(ReportPage& page) {
       Series s{EncodingLabel(e), {}, false};
       for (int64_t c : page.lengths) {
         if (const StudyRecord* r = Find(page.rec, ReportPage::KindName(e), "none", 0, c)) {
-          s.points.emplace_back(static_cast<double>(c), tail ? r->tail_loss : r->window_loss);
+          AddPoint(s, static_cast<double>(c), *r, tail);
         }
       }
       series.push_back(s);
@@ -517,7 +644,7 @@ void ExtensionPlot(ReportPage& page) {
     Series s{ScalingLabel(sc), {}, false};
     for (int64_t c : page.lengths) {
       if (const StudyRecord* r = Find(page.rec, "rope", sc, 0, c)) {
-        s.points.emplace_back(static_cast<double>(c), r->tail_loss);
+        AddPoint(s, static_cast<double>(c), *r);
       }
     }
     series.push_back(s);
@@ -544,11 +671,11 @@ void FinetunePlot(ReportPage& page) {
   for (const std::string& sc : p.finetune_scalings) {
     Series s{ScalingLabel(sc) + (sc == "none" ? " (direct)" : ""), {}, false};
     if (const StudyRecord* r = FinetuneStart(page.rec, sc, target)) {
-      s.points.emplace_back(0.0, r->tail_loss);
+      AddPoint(s, 0.0, *r);
     }
     for (int64_t k : p.finetune_steps) {
       if (const StudyRecord* r = Find(page.rec, "rope", sc, k, target)) {
-        s.points.emplace_back(static_cast<double>(k), r->tail_loss);
+        AddPoint(s, static_cast<double>(k), *r);
       }
     }
     series.push_back(s);
@@ -582,11 +709,11 @@ void MethodsSection(ReportPage& page) {
     for (const std::string& m : p.methods) {
       Series s{ScalingLabel(sc) + ", " + MethodLabel(m), {}, false};
       if (const StudyRecord* r = FinetuneStart(page.rec, sc, target)) {
-        s.points.emplace_back(0.0, r->tail_loss);
+        AddPoint(s, 0.0, *r);
       }
       for (int64_t k : p.finetune_steps) {
         if (const StudyRecord* r = Find(page.rec, "rope", sc, k, target, m)) {
-          s.points.emplace_back(static_cast<double>(k), r->tail_loss);
+          AddPoint(s, static_cast<double>(k), *r);
         }
       }
       series.push_back(s);
@@ -776,7 +903,7 @@ std::string ReportHtml(const StudyPreset& p, const StudyResult& result,
   PageHead(html);
   Introduction(p, result, corpus_description, html);
   html << "<h2>Tables</h2>\n";
-  for (const Table& t : BuildTables(p, page.rec)) {
+  for (const Table& t : BuildTables(p, result.records)) {
     html << "<h3>" << HtmlEscape(t.title) << "</h3>\n" << HtmlTable(t.header, t.rows);
   }
   html << page.body.str();

@@ -78,6 +78,19 @@ bool Drawable(const PlotSpec& spec, double x, double y) {
   return std::isfinite(x) && std::isfinite(y) && !(spec.log2x && x <= 0);
 }
 
+bool HasBand(const Series& series) {
+  return series.spread.size() == series.points.size() &&
+         std::any_of(series.spread.begin(), series.spread.end(),
+                     [](double w) { return std::isfinite(w) && w > 0; });
+}
+
+// Half-width of point k's band (0 without a band or for a non-finite width).
+double Spread(const Series& series, size_t k) {
+  if (!HasBand(series)) return 0.0;
+  const double w = series.spread[k];
+  return std::isfinite(w) && w > 0 ? w : 0.0;
+}
+
 // Data ranges (x in plot coordinates: log2 for log2x) and which series exceed the cap.
 struct Frame {
   explicit Frame(const PlotSpec& s) : spec(s) {}
@@ -96,18 +109,18 @@ Frame MeasureFrame(const PlotSpec& spec, const std::vector<Series>& series) {
   Frame f(spec);
   f.clipped.assign(series.size(), false);
   f.series_max.assign(series.size(), -1e300);
+  const bool capped = std::isfinite(spec.ycap);
   for (size_t i = 0; i < series.size(); ++i) {
-    for (auto [x, y] : series[i].points) {
+    for (size_t k = 0; k < series[i].points.size(); ++k) {
+      const auto [x, y] = series[i].points[k];
       if (!Drawable(spec, x, y)) continue;
       f.x0 = std::min(f.x0, f.Fx(x));
       f.x1 = std::max(f.x1, f.Fx(x));
       f.series_max[i] = std::max(f.series_max[i], y);
-      if (std::isfinite(spec.ycap) && y > spec.ycap) {
-        f.clipped[i] = true;
-        y = spec.ycap;
-      }
-      f.y0 = std::min(f.y0, y);
-      f.y1 = std::max(f.y1, y);
+      if (capped && y > spec.ycap) f.clipped[i] = true;
+      const double w = Spread(series[i], k);
+      f.y0 = std::min(f.y0, capped ? std::min(y - w, spec.ycap) : y - w);
+      f.y1 = std::max(f.y1, capped ? std::min(y + w, spec.ycap) : y + w);
     }
   }
   for (const auto& [x, label] : spec.vlines) {
@@ -178,10 +191,34 @@ void DrawMarkersAndLabels(const Frame& f, std::ostringstream& s) {
     << "text-anchor=\"middle\" font-size=\"12\">" << HtmlEscape(f.spec.ylabel) << "</text>\n";
 }
 
+// A series' band: the polygon through y + spread forwards and y - spread backwards, capped.
+void DrawBand(const Frame& f, const Series& series, const char* color, std::ostringstream& s) {
+  if (!HasBand(series)) return;
+  std::vector<std::pair<double, double>> upper, lower;
+  const double cap = std::isfinite(f.spec.ycap) ? f.spec.ycap : 1e300;
+  for (size_t k = 0; k < series.points.size(); ++k) {
+    const auto [x, y] = series.points[k];
+    if (!Drawable(f.spec, x, y)) continue;
+    const double w = Spread(series, k);
+    upper.emplace_back(f.Px(x), f.Py(std::min(y + w, cap)));
+    lower.emplace_back(f.Px(x), f.Py(std::min(y - w, cap)));
+  }
+  if (upper.size() < 2) return;
+  std::string pts;
+  for (auto [X, Y] : upper) pts += Fmt("%.2f", X) + "," + Fmt("%.2f", Y) + " ";
+  for (auto it = lower.rbegin(); it != lower.rend(); ++it) {
+    pts += Fmt("%.2f", it->first) + "," + Fmt("%.2f", it->second) + " ";
+  }
+  pts.pop_back();
+  s << "<polygon class=\"band\" points=\"" << pts << "\" fill=\"" << color
+    << "\" fill-opacity=\"0.15\" stroke=\"none\"/>\n";
+}
+
 // One series' line (with point marks when it has few points) and its legend entry.
 void DrawSeries(const Frame& f, const Series& series, size_t i, std::ostringstream& s) {
   const PlotSpec& spec = f.spec;
   const char* color = kPalette[i % std::size(kPalette)];
+  DrawBand(f, series, color, s);
   std::string path;
   std::string marks;
   for (auto [x, y] : series.points) {

@@ -18,9 +18,15 @@ std::string Fmt(const char* format, double v);
 std::string HtmlEscape(std::string_view s);
 
 struct Series {
+  explicit Series(std::string series_name, std::vector<std::pair<double, double>> xy = {},
+                  bool dashed_line = false)
+      : name(std::move(series_name)), points(std::move(xy)), dashed(dashed_line) {}
   std::string name;
   std::vector<std::pair<double, double>> points;  // (x, y); non-finite points are skipped
   bool dashed = false;
+  // Optional, one per point: the half-width of a shaded band y ± spread around the line (e.g.
+  // the standard deviation over seeds). Empty, or all zero: no band.
+  std::vector<double> spread;
 };
 
 struct PlotSpec {
@@ -32,7 +38,8 @@ struct PlotSpec {
 };
 
 // One <svg> element: framed plot area, grid, ticks, dashed vertical markers, one coloured line
-// per series and a legend (a clipped series says so, with its true maximum).
+// per series (over its translucent band, when it has one) and a legend (a clipped series says
+// so, with its true maximum).
 std::string SvgPlot(const PlotSpec& spec, const std::vector<Series>& series);
 
 }  // namespace ropekit::study

@@ -121,6 +121,9 @@ def test_streaming_matches_non_streaming(server):
     assert all(f["object"] == "text_completion" for f in frames)
     texts = stream_text(frames, chat=False)
     assert [texts[i] for i in range(2)] == [c["text"] for c in ref["choices"]]
+    for i in range(2):  # one chunk per character, however the tokens were collected
+        pieces = [c["text"] for f in frames for c in f["choices"] if c["index"] == i and c["text"]]
+        assert pieces == list(texts[i])
     assert frames[-1]["choices"] == [] and frames[-1]["usage"] == ref["usage"]
     finals = [c for f in frames[:-1] for c in f["choices"] if c["finish_reason"]]
     assert sorted(c["index"] for c in finals) == [0, 1]
