@@ -1,9 +1,12 @@
 // Decode throughput of batched decoding (BatchDecoder, as `ropekit serve` runs it) against
 // decoding one sequence at a time with the KV-cache forward (as `ropekit generate` runs it), on
 // the default model, without HTTP: aggregate tokens/s at B = 1, 8, 32 sequences and the ratio to
-// the single-sequence path, measured in the same run (medians of --repeats).
+// the single-sequence path, measured in the same run (medians of --repeats). Each batch size runs
+// twice: with one contiguous KVCache per sequence, and with every sequence's cache in one shared
+// KvPagePool of --page-size tokens per page (the server's layout; 0 skips it).
 //
-// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R] [--profile 1]
+// Usage: bench_batch_decode [--threads N] [--tokens T] [--repeats R] [--page-size P]
+//                           [--profile 1]
 // --profile 1 adds one more B = 32 run with the per-op profile on (ropekit/profile.h) and prints
 // each op's time per step, the sampler's included.
 #include <algorithm>
@@ -67,17 +70,24 @@ Rate SingleRate(ropekit::Model& model, int64_t tokens, ropekit::ThreadPool* pool
 }
 
 // B sequences decoded together: one BatchDecoder::Step per token position.
+// page_size > 0: the caches share one KvPagePool with pages of page_size tokens.
 Rate BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::ThreadPool* pool,
-               double& sample_seconds) {
+               double& sample_seconds, int64_t page_size = 0) {
   const int64_t V = model.config().vocab_size;
+  const int64_t capacity = static_cast<int64_t>(kPrompt.size()) + tokens + 1;
+  std::unique_ptr<ropekit::KvPagePool> kv_pool;
+  if (page_size > 0) {
+    kv_pool = std::make_unique<ropekit::KvPagePool>(
+        model.config(), batch * ((capacity + page_size - 1) / page_size), page_size);
+  }
   std::vector<std::unique_ptr<ropekit::KVCache>> caches;
   std::vector<ropekit::KVCache*> ptrs;
   std::vector<int32_t> next(batch);
   std::vector<float> logits(batch * V);
   ropekit::Sampler sampler({});
   for (int64_t b = 0; b < batch; ++b) {
-    caches.push_back(std::make_unique<ropekit::KVCache>(
-        model.config(), static_cast<int64_t>(kPrompt.size()) + tokens + 1));
+    caches.push_back(kv_pool ? std::make_unique<ropekit::KVCache>(*kv_pool, capacity)
+                             : std::make_unique<ropekit::KVCache>(model.config(), capacity));
     ptrs.push_back(caches.back().get());
     model.ForwardCached(kPrompt, *caches.back(), logits.data(), true, pool);
     next[b] = sampler.Sample(std::span<const float>(logits.data(), V));
@@ -99,7 +109,7 @@ Rate BatchRate(ropekit::Model& model, int64_t batch, int64_t tokens, ropekit::Th
 
 int main(int argc, char** argv) {
   int threads = 1;
-  int64_t tokens = 200, repeats = 5;
+  int64_t tokens = 200, repeats = 5, page_size = 16;
   bool profile = false;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
@@ -107,6 +117,8 @@ int main(int argc, char** argv) {
       threads = std::atoi(argv[i + 1]);
     } else if (k == "--tokens") {
       tokens = std::atoll(argv[i + 1]);
+    } else if (k == "--page-size") {
+      page_size = std::max(0LL, std::atoll(argv[i + 1]));
     } else if (k == "--profile") {
       profile = std::atoi(argv[i + 1]) != 0;
     } else if (k == "--repeats") {
@@ -123,7 +135,12 @@ int main(int argc, char** argv) {
     ropekit::ThreadPool pool(threads);
     // The repeats are interleaved (one-at-a-time, B = 1, 8, 32, then again), so that a change
     // in the load of a shared machine touches every configuration alike.
-    const std::vector<int64_t> batches = {1, 8, 32};
+    // (batch, page size) of each batched row: contiguous caches, then paged ones.
+    std::vector<std::pair<int64_t, int64_t>> batches;
+    for (int64_t b : {1, 8, 32}) {
+      batches.emplace_back(b, 0);
+      if (page_size > 0) batches.emplace_back(b, page_size);
+    }
     // rows[0]: one at a time; rows[1 + i]: batches[i]. Each holds the repeats' wall and CPU
     // rates.
     std::vector<std::vector<double>> wall(batches.size() + 1), cpu(batches.size() + 1);
@@ -135,7 +152,8 @@ int main(int argc, char** argv) {
       add(0, SingleRate(model, tokens, &pool));
       for (size_t i = 0; i < batches.size(); ++i) {
         double sample_seconds = 0.0;
-        add(1 + i, BatchRate(model, batches[i], tokens, &pool, sample_seconds));
+        add(1 + i,
+            BatchRate(model, batches[i].first, tokens, &pool, sample_seconds, batches[i].second));
       }
     }
     const double base = Median(wall[0]), base_cpu = Median(cpu[0]);
@@ -148,8 +166,12 @@ int main(int argc, char** argv) {
       if (row == 0) {
         std::snprintf(name, sizeof(name), "one at a time (generate)");
       } else {
-        std::snprintf(name, sizeof(name), "batched, %lld sequences",
-                      static_cast<long long>(batches[row - 1]));
+        const auto [b, p] = batches[row - 1];
+        if (p == 0) {
+          std::snprintf(name, sizeof(name), "batched, %lld sequences", static_cast<long long>(b));
+        } else {
+          std::snprintf(name, sizeof(name), "  paged (P = %lld)", static_cast<long long>(p));
+        }
       }
       const double w = Median(wall[row]), c = Median(cpu[row]);
       std::printf("%-26s %10.0f %6.2fx %14.0f %6.2fx\n", name, w, w / base, c, c / base_cpu);
@@ -160,7 +182,7 @@ int main(int argc, char** argv) {
       ropekit::ResetOpProfile();
       ropekit::SetOpProfiling(true);
       const double t0 = Now();
-      BatchRate(model, kBatch, tokens, &pool, sample_seconds);
+      BatchRate(model, kBatch, tokens, &pool, sample_seconds, page_size);
       const double total = Now() - t0;  // wall time, as the op totals
       ropekit::SetOpProfiling(false);
       std::printf(

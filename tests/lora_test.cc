@@ -10,6 +10,7 @@
 
 #include <cmath>
 #include <filesystem>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -189,6 +190,67 @@ TEST(Lora, GradientsFollowTheChainRuleOfTheMergedWeight) {
   }
   EXPECT_EQ(checked, 2 * 7 * 2 + 2 * 2 + 1 + 1);
 }
+
+// LoRA+ (LongLoRA, arXiv:2309.12307) trains the embeddings and norm gains as full fine-tuning
+// does. With B = 0 the adapted model computes the same floats as the base, and the adapter's
+// embedding and norm gradients are the same products in the same order as the full gradient's:
+// the rank-r paths add exact zeros (du = s dy B = 0), so the two must be equal bit for bit. That
+// includes the sqrt(d) embedding scale of the absolute encodings (x = sqrt(d) e + P, so
+// de = sqrt(d) dx) and the tied head's share of the embedding gradient.
+struct LoraPlusCase {
+  const char* name;
+  PositionEncodingKind kind;
+  bool tied;
+};
+
+void PrintTo(const LoraPlusCase& c, std::ostream* os) { *os << c.name; }
+
+class LoraPlus : public ::testing::TestWithParam<LoraPlusCase> {};
+
+TEST_P(LoraPlus, EmbeddingAndNormGradientsEqualFullFineTuning) {
+  ModelConfig c = Tiny();
+  c.tie_word_embeddings = GetParam().tied;
+  c.position_encoding.kind = GetParam().kind;
+  if (GetParam().kind == PositionEncodingKind::kSinusoidal ||
+      GetParam().kind == PositionEncodingKind::kLearned) {
+    c.position_encoding.embedding_scale = EmbeddingScale::kSqrtDim;
+  }
+  Model full(c, 7), adapted(c, 7);
+  adapted.AddLora(AllTargets(true), 3);
+  const std::vector<int32_t> tokens = Tokens(2 * 13, 6);
+  std::vector<float> gf(full.parameters().size(), 0.0f);
+  std::vector<float> ga(adapted.trainable_parameters().size(), 0.0f);
+  full.ForwardBackward(tokens, 2, 12, gf, 1.0f / 24, nullptr);
+  adapted.ForwardBackward(tokens, 2, 12, ga, 1.0f / 24, nullptr);
+  int checked = 0;
+  for (const TensorInfo& t : adapted.trainable_tensors()) {
+    if (t.name.find(".lora_") != std::string::npos) continue;
+    const std::string base_name = t.name.substr(std::string("base_model.model.").size());
+    const TensorInfo* f = nullptr;
+    for (const TensorInfo& x : full.tensors()) {
+      if (x.name == base_name) f = &x;
+    }
+    ASSERT_NE(f, nullptr) << t.name;
+    ASSERT_EQ(f->size, t.size) << t.name;
+    float largest = 0.0f;
+    for (int64_t i = 0; i < t.size; ++i) {
+      ASSERT_EQ(ga[t.offset + i], gf[f->offset + i]) << t.name << " element " << i;
+      largest = std::max(largest, std::fabs(ga[t.offset + i]));
+    }
+    EXPECT_GT(largest, 0.0f) << t.name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 1 + 2 * 2 + 1);  // embeddings, two norms per layer, the final norm
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Encodings, LoraPlus,
+    ::testing::Values(LoraPlusCase{"rope_tied", PositionEncodingKind::kRope, true},
+                      LoraPlusCase{"rope_untied", PositionEncodingKind::kRope, false},
+                      LoraPlusCase{"sinusoidal", PositionEncodingKind::kSinusoidal, true},
+                      LoraPlusCase{"learned", PositionEncodingKind::kLearned, true},
+                      LoraPlusCase{"alibi", PositionEncodingKind::kAlibi, true}),
+    [](const auto& info) { return std::string(info.param.name); });
 
 TEST(Lora, TrainingNeverWritesOrReallocatesTheBase) {
   Model m(Tiny(), 7);

@@ -99,11 +99,17 @@ const CommandRegistration kServe{
           ->capture_default_str();
       sub->add_option("--threads", o.threads, "Compute threads (0 = all cores)")
           ->capture_default_str();
-      sub->add_option("--max-batch", o.max_batch,
-                      "Sequences decoded together (each holds one KV-cache slot)")
+      sub->add_option("--max-batch", o.max_batch, "Sequences decoded together")
+          ->capture_default_str();
+      sub->add_option("--kv-cache-tokens", o.kv_cache_tokens,
+                      "Tokens of the KV page pool all sequences share (0 = --max-batch x "
+                      "--ctx-size); a request waits until the pool can reserve min(prompt + "
+                      "max_tokens, --ctx-size) tokens per choice, or gets 400 if it never can")
+          ->capture_default_str();
+      sub->add_option("--kv-page-size", o.kv_page_size, "Tokens per KV-cache page")
           ->capture_default_str();
       sub->add_option("--max-queue", o.max_queue,
-                      "Sequences waiting for a slot; beyond that requests get 503 + Retry-After")
+                      "Sequences waiting for admission; beyond that requests get 503 + Retry-After")
           ->capture_default_str();
       sub->add_option("--api-key", o.api_key,
                       "Require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize");

@@ -504,203 +504,228 @@ int RunTrainOn(Communicator& comm, TrainArgs& a, CLI::App* sub) {
   return 0;
 }
 
+// Input, output, resume and logging.
+void AddRunOptions(CLI::App* sub, TrainArgs* a) {
+  sub->add_option("--corpus", a->corpus, "Training text files (UTF-8 or any bytes)")
+      ->check(CLI::ExistingFile);
+  sub->add_option("--val-corpus", a->val_corpus,
+                  "Validation text files (default: the last --val-fraction of --corpus)")
+      ->check(CLI::ExistingFile);
+  sub->add_option("--val-fraction", a->val_fraction,
+                  "Fraction of the corpus held out for validation when no --val-corpus")
+      ->capture_default_str();
+  sub->add_option("--out", a->out,
+                  "Checkpoint directory (config.json, model.safetensors, optimizer state)")
+      ->required();
+  sub->add_option("--init", a->init,
+                  "Start from this checkpoint's weights (fine-tuning; fresh optimizer); the "
+                  "architecture options are then ignored, --rope-scaling still applies");
+  sub->add_flag("--resume", a->resume,
+                "Continue the run saved in --out (weights, AdamW moments, step, schedule) bit "
+                "for bit; options given explicitly replace the saved ones");
+  sub->add_flag("--overwrite", a->overwrite,
+                "Replace a checkpoint already in --out and an existing --log (without it, "
+                "train refuses to touch them)");
+  sub->add_option("--seed", a->seed, "Weight initialisation seed")->capture_default_str();
+  sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")->capture_default_str();
+  sub->add_flag("--quiet", a->quiet, "No progress lines");
+  sub->add_option("--log", a->log_file,
+                  "Write one JSON line per step (step, loss, lr, grad_norm, val_loss when "
+                  "validated); appended to with --resume");
+  sub->add_option("--stop-after", a->stop_after,
+                  "Stop after this step as if interrupted (the schedule still follows "
+                  "--steps); the checkpoint saved at a --checkpoint-interval step can then "
+                  "be continued with --resume");
+}
+
+// Data-parallel runs (mpirun).
+void AddDataParallelOptions(CLI::App* sub, TrainArgs* a) {
+  auto* d = "Data parallel (mpirun -np N ropekit train ...)";
+  sub->add_option("--comm-timeout", a->comm_timeout,
+                  "Seconds a rank waits for another before stopping all ranks with an error "
+                  "naming it")
+      ->group(d)
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_flag("--no-overlap", a->no_overlap,
+                "Reduce gradients only after the whole backward (to measure the overlap)")
+      ->group(d);
+  sub->add_option("--dist-stats", a->dist_stats,
+                  "Write per-rank timings and sizes (compute, communication, optimizer "
+                  "state) as JSON")
+      ->group(d);
+}
+
+// The architecture of a new run.
+void AddModelOptions(CLI::App* sub, TrainArgs* a) {
+  auto* m = "Model (new runs)";
+  sub->add_option("--hidden-size", a->hidden_size, "d")->group(m)->capture_default_str();
+  sub->add_option("--layers", a->layers, "Transformer layers")->group(m)->capture_default_str();
+  sub->add_option("--heads", a->heads, "Query heads")->group(m)->capture_default_str();
+  sub->add_option("--kv-heads", a->kv_heads, "Key/value heads (divides --heads; 1 = MQA)")
+      ->group(m)
+      ->capture_default_str();
+  sub->add_option("--head-dim", a->head_dim, "Head dimension (0 = hidden / heads)")
+      ->group(m)
+      ->capture_default_str();
+  sub->add_option("--intermediate-size", a->intermediate_size, "SwiGLU hidden width")
+      ->group(m)
+      ->capture_default_str();
+  sub->add_flag("--untied", a->untied, "Separate output head (default: tied to embeddings)")
+      ->group(m);
+  sub->add_option("--max-position-embeddings", a->max_position_embeddings,
+                  "Recorded training context (0 = --seq-len); dynamic RoPE's threshold")
+      ->group(m);
+  sub->add_option("--rms-norm-eps", a->rms_norm_eps, "RMSNorm epsilon")
+      ->group(m)
+      ->capture_default_str();
+  sub->add_option("--init-std", a->init_std, "Weight init std (out projections / sqrt(2L))")
+      ->group(m)
+      ->capture_default_str();
+}
+
+// The position encoding of a new run.
+void AddPositionEncodingOptions(CLI::App* sub, TrainArgs* a) {
+  auto* p = "Position encoding (new runs)";
+  sub->add_option("--pe", a->pe, "rope, none (nope), sinusoidal, learned, alibi, t5")
+      ->group(p)
+      ->capture_default_str();
+  sub->add_option("--rope-layout", a->rope_layout, "neox (half split) or gptj (interleaved)")
+      ->group(p)
+      ->capture_default_str();
+  sub->add_option("--rotary-dim", a->rotary_dim, "Rotated channels per head (0 = head_dim)")
+      ->group(p);
+  sub->add_option("--embedding-scale", a->embedding_scale,
+                  "none or sqrt_dim (default sqrt_dim for sinusoidal/learned)")
+      ->group(p);
+  sub->add_option("--learned-positions", a->learned_positions,
+                  "Rows of the learned table (0 = 8 * max_position_embeddings)")
+      ->group(p);
+  sub->add_option("--out-of-range", a->out_of_range, "Learned table past its end: error or clamp")
+      ->group(p)
+      ->capture_default_str();
+  sub->add_option("--t5-buckets", a->t5_buckets, "T5 relative buckets")
+      ->group(p)
+      ->capture_default_str();
+  sub->add_option("--t5-max-distance", a->t5_max_distance, "T5 max distance (0 = --seq-len)")
+      ->group(p);
+  AddRopeOverrideOptions(sub, a->rope);
+}
+
+// LoRA, QLoRA, prompt and prefix tuning.
+void AddPeftOptions(CLI::App* sub, TrainArgs* a) {
+  auto* f = "Parameter-efficient fine-tuning (with --init; --out receives a PEFT adapter)";
+  sub->add_option("--lora-rank", a->lora_rank,
+                  "LoRA rank r: freeze --init and train a LoRA adapter (Hu et al. 2021)")
+      ->group(f);
+  sub->add_option("--lora-alpha", a->lora_alpha, "LoRA alpha (scaling alpha / r)")
+      ->group(f)
+      ->capture_default_str();
+  sub->add_option("--lora-dropout", a->lora_dropout, "Dropout on the LoRA input, in [0, 1)")
+      ->group(f)
+      ->capture_default_str();
+  sub->add_option("--lora-targets", a->lora_targets,
+                  "Adapted projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+      ->group(f)
+      ->delimiter(',')
+      ->capture_default_str();
+  sub->add_flag("--lora-train-embeddings", a->lora_train_embeddings,
+                "Also train the token embeddings (LongLoRA's LoRA+)")
+      ->group(f);
+  sub->add_flag("--lora-train-norms", a->lora_train_norms,
+                "Also train the RMSNorm gains (LongLoRA's LoRA+)")
+      ->group(f);
+  sub->add_flag("--qlora", a->qlora,
+                "QLoRA: keep the frozen projections as NF4 with double-quantized scales "
+                "(Dettmers et al. 2023), dequantized inside every product")
+      ->group(f);
+  sub->add_option("--prompt-tuning", a->prompt_tuning,
+                  "Prompt tuning: freeze --init and train K virtual token embeddings "
+                  "prepended to the input (Lester et al. 2021)")
+      ->group(f);
+  sub->add_option("--prompt-tuning-init-text", a->prompt_init_text,
+                  "With --prompt-tuning: initialise the virtual tokens from the embeddings of "
+                  "this text's bytes, repeated or cut to K (PEFT's TEXT init; default RANDOM)")
+      ->group(f);
+  sub->add_option("--prefix-tuning", a->prefix_tuning,
+                  "Prefix tuning: freeze --init and train K key / value prefix entries per "
+                  "layer (Li & Liang 2021; P-Tuning v2)")
+      ->group(f);
+  sub->add_flag("--prefix-projection", a->prefix_projection,
+                "With --prefix-tuning: train through PEFT's reparameterisation MLP "
+                "(Embedding -> Linear -> tanh -> Linear); its output is saved")
+      ->group(f);
+  sub->add_option("--prefix-hidden", a->prefix_hidden,
+                  "With --prefix-projection: the MLP's hidden size (default: the KV width)")
+      ->group(f);
+}
+
+// Optimizer, schedule, batches, validation and checkpoints.
+void AddTrainingOptions(CLI::App* sub, TrainArgs* a) {
+  auto* t = "Training";
+  sub->add_option("--steps", a->tc.steps, "Optimizer steps")->group(t)->capture_default_str();
+  sub->add_option("--batch-size", a->tc.batch_size, "Sequences per micro-batch")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--seq-len", a->tc.seq_len, "Tokens per training sequence (context)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--grad-accum", a->tc.grad_accum, "Micro-batches per step")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--lr", a->tc.lr, "Peak learning rate")->group(t)->capture_default_str();
+  sub->add_option("--min-lr", a->tc.min_lr, "Final cosine learning rate")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--warmup", a->tc.warmup_steps, "Linear warmup steps")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--schedule", a->schedule, "cosine or constant")->group(t)->capture_default_str();
+  sub->add_option("--beta1", a->tc.beta1, "AdamW beta1")->group(t)->capture_default_str();
+  sub->add_option("--beta2", a->tc.beta2, "AdamW beta2")->group(t)->capture_default_str();
+  sub->add_option("--adam-eps", a->tc.eps, "AdamW epsilon")->group(t)->capture_default_str();
+  sub->add_option("--weight-decay", a->tc.weight_decay, "Decoupled decay (matrices only)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--grad-clip", a->tc.grad_clip, "Global gradient norm clip (0 = off)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--data-seed", a->tc.data_seed, "Seed of the random crops")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--eval-interval", a->tc.eval_interval, "Validate every N steps (0 = never)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--eval-batches", a->tc.eval_batches,
+                  "Validation windows = eval-batches * batch-size (fixed offsets)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_option("--checkpoint-interval", a->tc.checkpoint_interval,
+                  "Save every N steps (0 = at the end only)")
+      ->group(t)
+      ->capture_default_str();
+  sub->add_flag("--bf16", a->tc.bf16,
+                "Mixed precision: bfloat16 matmul operands, float32 accumulation and "
+                "master weights. Faster than float32 on CPUs with AVX512-BF16; elsewhere "
+                "the products fall back to float32 sgemm on the rounded operands (same "
+                "numerics, no speed-up). Here: " +
+                    Bf16MatmulSupport())
+      ->group(t);
+  sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
+      ->group(t)
+      ->capture_default_str();
+}
+
 const CommandRegistration kTrain{
     "train", "Train the LLaMA-style byte-level model (any position encoding) on text files",
     [](CLI::App* sub) -> std::function<int()> {
       auto a = std::make_shared<TrainArgs>();
-      sub->add_option("--corpus", a->corpus, "Training text files (UTF-8 or any bytes)")
-          ->check(CLI::ExistingFile);
-      sub->add_option("--val-corpus", a->val_corpus,
-                      "Validation text files (default: the last --val-fraction of --corpus)")
-          ->check(CLI::ExistingFile);
-      sub->add_option("--val-fraction", a->val_fraction,
-                      "Fraction of the corpus held out for validation when no --val-corpus")
-          ->capture_default_str();
-      sub->add_option("--out", a->out,
-                      "Checkpoint directory (config.json, model.safetensors, optimizer state)")
-          ->required();
-      sub->add_option("--init", a->init,
-                      "Start from this checkpoint's weights (fine-tuning; fresh optimizer); the "
-                      "architecture options are then ignored, --rope-scaling still applies");
-      sub->add_flag("--resume", a->resume,
-                    "Continue the run saved in --out (weights, AdamW moments, step, schedule) bit "
-                    "for bit; options given explicitly replace the saved ones");
-      sub->add_flag("--overwrite", a->overwrite,
-                    "Replace a checkpoint already in --out and an existing --log (without it, "
-                    "train refuses to touch them)");
-      sub->add_option("--seed", a->seed, "Weight initialisation seed")->capture_default_str();
-      sub->add_option("--threads", a->threads, "Worker threads (0 = all cores)")
-          ->capture_default_str();
-      sub->add_flag("--quiet", a->quiet, "No progress lines");
-      sub->add_option("--log", a->log_file,
-                      "Write one JSON line per step (step, loss, lr, grad_norm, val_loss when "
-                      "validated); appended to with --resume");
-      auto* d = "Data parallel (mpirun -np N ropekit train ...)";
-      sub->add_option("--comm-timeout", a->comm_timeout,
-                      "Seconds a rank waits for another before stopping all ranks with an error "
-                      "naming it")
-          ->group(d)
-          ->capture_default_str()
-          ->check(CLI::PositiveNumber);
-      sub->add_flag("--no-overlap", a->no_overlap,
-                    "Reduce gradients only after the whole backward (to measure the overlap)")
-          ->group(d);
-      sub->add_option("--dist-stats", a->dist_stats,
-                      "Write per-rank timings and sizes (compute, communication, optimizer "
-                      "state) as JSON")
-          ->group(d);
-      sub->add_option("--stop-after", a->stop_after,
-                      "Stop after this step as if interrupted (the schedule still follows "
-                      "--steps); the checkpoint saved at a --checkpoint-interval step can then "
-                      "be continued with --resume");
-      auto* m = "Model (new runs)";
-      sub->add_option("--hidden-size", a->hidden_size, "d")->group(m)->capture_default_str();
-      sub->add_option("--layers", a->layers, "Transformer layers")->group(m)->capture_default_str();
-      sub->add_option("--heads", a->heads, "Query heads")->group(m)->capture_default_str();
-      sub->add_option("--kv-heads", a->kv_heads, "Key/value heads (divides --heads; 1 = MQA)")
-          ->group(m)
-          ->capture_default_str();
-      sub->add_option("--head-dim", a->head_dim, "Head dimension (0 = hidden / heads)")
-          ->group(m)
-          ->capture_default_str();
-      sub->add_option("--intermediate-size", a->intermediate_size, "SwiGLU hidden width")
-          ->group(m)
-          ->capture_default_str();
-      sub->add_flag("--untied", a->untied, "Separate output head (default: tied to embeddings)")
-          ->group(m);
-      sub->add_option("--max-position-embeddings", a->max_position_embeddings,
-                      "Recorded training context (0 = --seq-len); dynamic RoPE's threshold")
-          ->group(m);
-      sub->add_option("--rms-norm-eps", a->rms_norm_eps, "RMSNorm epsilon")
-          ->group(m)
-          ->capture_default_str();
-      sub->add_option("--init-std", a->init_std, "Weight init std (out projections / sqrt(2L))")
-          ->group(m)
-          ->capture_default_str();
-      auto* p = "Position encoding (new runs)";
-      sub->add_option("--pe", a->pe, "rope, none (nope), sinusoidal, learned, alibi, t5")
-          ->group(p)
-          ->capture_default_str();
-      sub->add_option("--rope-layout", a->rope_layout, "neox (half split) or gptj (interleaved)")
-          ->group(p)
-          ->capture_default_str();
-      sub->add_option("--rotary-dim", a->rotary_dim, "Rotated channels per head (0 = head_dim)")
-          ->group(p);
-      sub->add_option("--embedding-scale", a->embedding_scale,
-                      "none or sqrt_dim (default sqrt_dim for sinusoidal/learned)")
-          ->group(p);
-      sub->add_option("--learned-positions", a->learned_positions,
-                      "Rows of the learned table (0 = 8 * max_position_embeddings)")
-          ->group(p);
-      sub->add_option("--out-of-range", a->out_of_range,
-                      "Learned table past its end: error or clamp")
-          ->group(p)
-          ->capture_default_str();
-      sub->add_option("--t5-buckets", a->t5_buckets, "T5 relative buckets")
-          ->group(p)
-          ->capture_default_str();
-      sub->add_option("--t5-max-distance", a->t5_max_distance, "T5 max distance (0 = --seq-len)")
-          ->group(p);
-      AddRopeOverrideOptions(sub, a->rope);
-      auto* f = "Parameter-efficient fine-tuning (with --init; --out receives a PEFT adapter)";
-      sub->add_option("--lora-rank", a->lora_rank,
-                      "LoRA rank r: freeze --init and train a LoRA adapter (Hu et al. 2021)")
-          ->group(f);
-      sub->add_option("--lora-alpha", a->lora_alpha, "LoRA alpha (scaling alpha / r)")
-          ->group(f)
-          ->capture_default_str();
-      sub->add_option("--lora-dropout", a->lora_dropout, "Dropout on the LoRA input, in [0, 1)")
-          ->group(f)
-          ->capture_default_str();
-      sub->add_option(
-             "--lora-targets", a->lora_targets,
-             "Adapted projections: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-          ->group(f)
-          ->delimiter(',')
-          ->capture_default_str();
-      sub->add_flag("--lora-train-embeddings", a->lora_train_embeddings,
-                    "Also train the token embeddings (LongLoRA's LoRA+)")
-          ->group(f);
-      sub->add_flag("--lora-train-norms", a->lora_train_norms,
-                    "Also train the RMSNorm gains (LongLoRA's LoRA+)")
-          ->group(f);
-      sub->add_flag("--qlora", a->qlora,
-                    "QLoRA: keep the frozen projections as NF4 with double-quantized scales "
-                    "(Dettmers et al. 2023), dequantized inside every product")
-          ->group(f);
-      sub->add_option("--prompt-tuning", a->prompt_tuning,
-                      "Prompt tuning: freeze --init and train K virtual token embeddings "
-                      "prepended to the input (Lester et al. 2021)")
-          ->group(f);
-      sub->add_option("--prompt-tuning-init-text", a->prompt_init_text,
-                      "With --prompt-tuning: initialise the virtual tokens from the embeddings of "
-                      "this text's bytes, repeated or cut to K (PEFT's TEXT init; default RANDOM)")
-          ->group(f);
-      sub->add_option("--prefix-tuning", a->prefix_tuning,
-                      "Prefix tuning: freeze --init and train K key / value prefix entries per "
-                      "layer (Li & Liang 2021; P-Tuning v2)")
-          ->group(f);
-      sub->add_flag("--prefix-projection", a->prefix_projection,
-                    "With --prefix-tuning: train through PEFT's reparameterisation MLP "
-                    "(Embedding -> Linear -> tanh -> Linear); its output is saved")
-          ->group(f);
-      sub->add_option("--prefix-hidden", a->prefix_hidden,
-                      "With --prefix-projection: the MLP's hidden size (default: the KV width)")
-          ->group(f);
-      auto* t = "Training";
-      sub->add_option("--steps", a->tc.steps, "Optimizer steps")->group(t)->capture_default_str();
-      sub->add_option("--batch-size", a->tc.batch_size, "Sequences per micro-batch")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--seq-len", a->tc.seq_len, "Tokens per training sequence (context)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--grad-accum", a->tc.grad_accum, "Micro-batches per step")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--lr", a->tc.lr, "Peak learning rate")->group(t)->capture_default_str();
-      sub->add_option("--min-lr", a->tc.min_lr, "Final cosine learning rate")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--warmup", a->tc.warmup_steps, "Linear warmup steps")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--schedule", a->schedule, "cosine or constant")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--beta1", a->tc.beta1, "AdamW beta1")->group(t)->capture_default_str();
-      sub->add_option("--beta2", a->tc.beta2, "AdamW beta2")->group(t)->capture_default_str();
-      sub->add_option("--adam-eps", a->tc.eps, "AdamW epsilon")->group(t)->capture_default_str();
-      sub->add_option("--weight-decay", a->tc.weight_decay, "Decoupled decay (matrices only)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--grad-clip", a->tc.grad_clip, "Global gradient norm clip (0 = off)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--data-seed", a->tc.data_seed, "Seed of the random crops")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--eval-interval", a->tc.eval_interval, "Validate every N steps (0 = never)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--eval-batches", a->tc.eval_batches,
-                      "Validation windows = eval-batches * batch-size (fixed offsets)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_option("--checkpoint-interval", a->tc.checkpoint_interval,
-                      "Save every N steps (0 = at the end only)")
-          ->group(t)
-          ->capture_default_str();
-      sub->add_flag("--bf16", a->tc.bf16,
-                    "Mixed precision: bfloat16 matmul operands, float32 accumulation and "
-                    "master weights. Faster than float32 on CPUs with AVX512-BF16; elsewhere "
-                    "the products fall back to float32 sgemm on the rounded operands (same "
-                    "numerics, no speed-up). Here: " +
-                        Bf16MatmulSupport())
-          ->group(t);
-      sub->add_option("--log-interval", a->tc.log_interval, "Progress line every N steps")
-          ->group(t)
-          ->capture_default_str();
+      AddRunOptions(sub, a.get());
+      AddDataParallelOptions(sub, a.get());
+      AddModelOptions(sub, a.get());
+      AddPositionEncodingOptions(sub, a.get());
+      AddPeftOptions(sub, a.get());
+      AddTrainingOptions(sub, a.get());
       return [a, sub] { return RunTrain(*a, sub); };
     }};
 

@@ -284,7 +284,50 @@ class Model {
   std::unique_ptr<Impl> impl_;
 };
 
-// Keys and values of every layer for one sequence: [L][capacity, Hkv*D] each. Cached decoding
+// A pool of KV-cache pages shared by many sequences, as vLLM's PagedAttention (Kwon et al. 2023,
+// arXiv:2309.06180): num_pages pages of P = page_size tokens, each holding the keys and values
+// of every layer. k and v are [L, pages, P, Hkv*D] each: per layer the NHD layout of
+// PagedKvCache (ropekit/kv_cache.h), and one block table addresses a sequence in every layer.
+// A KVCache made on the pool reserves ceil(capacity / P) pages when it is made (so a sequence
+// admitted by its reservation never runs out of pages), draws them from the free list one page at
+// a time as its tokens grow, returns the drawn pages when it is cleared and the reservation when
+// it is destroyed. The pool must outlive its caches. Not safe for concurrent use.
+class KvPagePool {
+ public:
+  // Throws Error naming num_pages (>= 1) or page_size (in [1, 65536]) when out of range, or when
+  // the pool would exceed 2^34 floats per tensor.
+  KvPagePool(const ModelConfig& config, int64_t num_pages, int64_t page_size = 16);
+  ~KvPagePool();
+  KvPagePool(const KvPagePool&) = delete;
+  KvPagePool& operator=(const KvPagePool&) = delete;
+
+  int64_t num_pages() const { return num_pages_; }
+  int64_t page_size() const { return page_size_; }
+  // Pages a sequence of `tokens` tokens needs: ceil(tokens / page_size).
+  int64_t PagesFor(int64_t tokens) const;
+  int64_t reserved_pages() const { return reserved_; }  // held by live caches
+  int64_t used_pages() const { return num_pages_ - static_cast<int64_t>(free_.size()); }  // drawn
+  int64_t available_pages() const { return num_pages_ - reserved_; }  // free to reserve
+  int64_t bytes() const;                                              // memory of k and v
+
+ private:
+  friend class KVCache;
+  friend struct Model::Impl;
+  friend class BatchDecoder;
+  int64_t num_pages_ = 0;
+  int64_t page_size_ = 0;
+  int64_t reserved_ = 0;
+  int64_t row_ = 0;            // Hkv * D
+  int64_t layer_stride_ = 0;   // pages * P * row
+  std::vector<int32_t> free_;  // page ids, drawn from the back
+  std::vector<float> k_, v_;   // [L, pages, P, Hkv*D]
+};
+
+// Keys and values of every layer for one sequence. Contiguous (the first constructor): the cache
+// owns [L][capacity, Hkv*D] for k and v. Paged (the second): rows live in pages of a
+// KvPagePool, position t at row t % P of page block_table()[t / P]; Model::ForwardCached, the
+// prompt / prefix tuning prefill, Model::ContextShift and BatchDecoder::Step accept both kinds
+// and give bitwise the same logits for either (any page size, any page order). Cached decoding
 // equals a full recompute of the same prefix. For length-dependent RoPE (dynamic, longrope) keys
 // are stored before rotation and re-rotated with the table of the current length at every step
 // (transformers instead caches rotated keys and never re-rotates them); hidden states of earlier
@@ -292,18 +335,40 @@ class Model {
 class KVCache {
  public:
   KVCache(const ModelConfig& config, int64_t capacity);
+  // Reserves pool.PagesFor(capacity) pages; throws Error naming the pool's free pages when it
+  // cannot. `config` must be the pool's model config.
+  KVCache(KvPagePool& pool, int64_t capacity);
+  ~KVCache();
+  KVCache(const KVCache&) = delete;
+  KVCache& operator=(const KVCache&) = delete;
+
   int64_t size() const { return size_; }
   int64_t capacity() const { return capacity_; }
-  void Clear() { size_ = 0; }
+  // Empties the cache; a paged cache returns its drawn pages to the pool (keeping its reservation).
+  void Clear();
+  bool paged() const { return pool_ != nullptr; }
+  // Pages drawn so far (paged caches; empty otherwise).
+  std::span<const int32_t> block_table() const { return block_table_; }
 
  private:
   friend class Model;
   friend struct Model::Impl;
   friend class BatchDecoder;
+  // Draws pages until the block table covers `tokens` positions (<= capacity).
+  void Cover(int64_t tokens);
+  // Row `pos` of layer l's keys / values.
+  float* KeyRow(int l, int64_t pos);
+  float* ValueRow(int l, int64_t pos);
+  // Whether the cache was made for a model with this config (layers and Hkv * D).
+  bool Fits(const ModelConfig& config) const;
   int64_t capacity_ = 0;
   int64_t size_ = 0;
-  int64_t row_ = 0;           // Hkv * D
-  std::vector<float> k_, v_;  // [L, capacity, Hkv*D]
+  int64_t row_ = 0;  // Hkv * D
+  int layers_ = 0;
+  std::vector<float> k_, v_;  // contiguous: [L, capacity, Hkv*D]
+  KvPagePool* pool_ = nullptr;
+  int64_t reserved_ = 0;              // pages reserved in pool_
+  std::vector<int32_t> block_table_;  // paged: pages drawn, in position order
 };
 
 // Batched decoding for serving (continuous batching): one step appends one token to each of B
@@ -328,8 +393,17 @@ class BatchDecoder {
   struct Rows;
   struct Scratch;
   // The layers for one group of sequences (all of them, or one worker's share), ops on `pool`.
+  // `shared`: the pool every cache lives in, or null.
   void DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
-                   const RopeTable* table, Rows& rows, float* logits, ThreadPool* pool);
+                   const RopeTable* table, KvPagePool* shared, Rows& rows, float* logits,
+                   ThreadPool* pool);
+  // Layer l's new keys and values of the group into the shared pool (one fused call).
+  void AppendShared(KvPagePool& pool, int l, const RopeTable* table, Rows& rows,
+                    const RotateOptions& rot);
+  // Sequence b's new key and value into its own cache (one fused call).
+  void AppendOwn(KVCache& cache, int l, const RopeTable* table, Rows& rows, int64_t b);
+  // Sequence b's attention output over its cache (page by page when paged).
+  void Attend(KVCache& cache, int l, Rows& rows, int64_t b, std::vector<float>& scores);
   Model& model_;
   std::unique_ptr<Scratch> scratch_;
 };

@@ -35,9 +35,15 @@ struct ServeOptions {
   std::string host = "127.0.0.1";
   int port = 8080;         // 0 = any free port (see Server::port())
   int threads = 1;         // compute threads (0 = all cores)
-  int64_t max_batch = 32;  // sequences decoded together (KV-cache slots)
-  int64_t max_queue = 64;  // sequences waiting for a slot; more gets 503
-  std::string api_key;     // non-empty: /v1/*, /tokenize, /detokenize need "Bearer <key>"
+  int64_t max_batch = 32;  // sequences decoded together
+  int64_t max_queue = 64;  // sequences waiting for admission; more gets 503
+  // Tokens of the KV page pool every sequence draws its cache pages from (rounded up to whole
+  // pages of kv_page_size tokens); 0 = max_batch * context, the memory of one full-context cache
+  // per running sequence. A request waits in the queue until the pool can reserve
+  // min(prompt + max_tokens, context) tokens (context with a context shift) for each choice.
+  int64_t kv_cache_tokens = 0;
+  int64_t kv_page_size = 16;
+  std::string api_key;  // non-empty: /v1/*, /tokenize, /detokenize need "Bearer <key>"
   std::string model_id = "ropekit";
   int64_t context = 0;       // tokens per sequence (prompt + completion); 0 = the model's
                              // max_position_embeddings

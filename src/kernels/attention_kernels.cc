@@ -99,24 +99,41 @@ void ScoreRow(const float* HWY_RESTRICT q, const float* HWY_RESTRICT k, int64_t 
   }
 }
 
-// out[c] = inv * sum_j p[j] v_j[c] over the n rows v_j = v + j * stride (ascending j, one
-// multiply-add per term and lane, then one multiplication by inv).
-void WeightedRowSum(const float* HWY_RESTRICT p, const float* HWY_RESTRICT v, int64_t stride,
-                    int64_t n, int64_t D, float inv, float* HWY_RESTRICT out) {
+// out[c] = inv * sum_j p[j] v_j[c] over the n rows v_j (ascending j, one multiply-add per term
+// and lane, then one multiplication by inv). Rows: v_j = v + j * stride, or, with a block table
+// (paged cache, page_size P), v_j = v + (block_table[j / P] * P + j % P) * stride, visited page
+// by page; the arithmetic is the same either way, so a paged cache gives the contiguous bits.
+template <class Visit>
+void ForEachRow(const float* v, int64_t stride, int64_t n, const int32_t* block_table,
+                int64_t page_size, const Visit& visit) {
+  if (block_table == nullptr) {
+    for (int64_t j = 0; j < n; ++j) visit(j, v + j * stride);
+    return;
+  }
+  for (int64_t j0 = 0, page = 0; j0 < n; j0 += page_size, ++page) {
+    const float* base = v + int64_t{block_table[page]} * page_size * stride;
+    const int64_t rows = n - j0 < page_size ? n - j0 : page_size;
+    for (int64_t r = 0; r < rows; ++r) visit(j0 + r, base + r * stride);
+  }
+}
+
+void WeightedRowSumPaged(const float* HWY_RESTRICT p, const float* HWY_RESTRICT v, int64_t stride,
+                         const int32_t* block_table, int64_t page_size, int64_t n, int64_t D,
+                         float inv, float* HWY_RESTRICT out) {
   const DecodeTag d;
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   const auto vi = hn::Set(d, inv);
   int64_t c = 0;
   for (; c + 4 * N <= D; c += 4 * N) {  // four independent chains per key
     auto a0 = hn::Zero(d), a1 = hn::Zero(d), a2 = hn::Zero(d), a3 = hn::Zero(d);
-    for (int64_t j = 0; j < n; ++j) {
+    ForEachRow(v, stride, n, block_table, page_size, [&](int64_t j, const float* row) {
       const auto pj = hn::Set(d, p[j]);
-      const float* vj = v + j * stride + c;
+      const float* vj = row + c;
       a0 = hn::MulAdd(pj, hn::LoadU(d, vj), a0);
       a1 = hn::MulAdd(pj, hn::LoadU(d, vj + N), a1);
       a2 = hn::MulAdd(pj, hn::LoadU(d, vj + 2 * N), a2);
       a3 = hn::MulAdd(pj, hn::LoadU(d, vj + 3 * N), a3);
-    }
+    });
     hn::StoreU(hn::Mul(a0, vi), d, out + c);
     hn::StoreU(hn::Mul(a1, vi), d, out + c + N);
     hn::StoreU(hn::Mul(a2, vi), d, out + c + 2 * N);
@@ -124,17 +141,17 @@ void WeightedRowSum(const float* HWY_RESTRICT p, const float* HWY_RESTRICT v, in
   }
   for (; c + N <= D; c += N) {
     auto a0 = hn::Zero(d);
-    for (int64_t j = 0; j < n; ++j) {
-      a0 = hn::MulAdd(hn::Set(d, p[j]), hn::LoadU(d, v + j * stride + c), a0);
-    }
+    ForEachRow(v, stride, n, block_table, page_size, [&](int64_t j, const float* row) {
+      a0 = hn::MulAdd(hn::Set(d, p[j]), hn::LoadU(d, row + c), a0);
+    });
     hn::StoreU(hn::Mul(a0, vi), d, out + c);
   }
   const hn::CappedTag<float, 1> d1;
   for (; c < D; ++c) {
     auto a0 = hn::Zero(d1);
-    for (int64_t j = 0; j < n; ++j) {
-      a0 = hn::MulAdd(hn::Set(d1, p[j]), hn::LoadU(d1, v + j * stride + c), a0);
-    }
+    ForEachRow(v, stride, n, block_table, page_size, [&](int64_t j, const float* row) {
+      a0 = hn::MulAdd(hn::Set(d1, p[j]), hn::LoadU(d1, row + c), a0);
+    });
     out[c] = hn::GetLane(hn::Mul(a0, hn::Set(d1, inv)));
   }
 }
@@ -151,7 +168,7 @@ namespace ropekit {
 HWY_EXPORT(ExpShiftSum);
 HWY_EXPORT(SoftmaxGradRow);
 HWY_EXPORT(ScoreRow);
-HWY_EXPORT(WeightedRowSum);
+HWY_EXPORT(WeightedRowSumPaged);
 
 float ExpShiftSumSimd(float* x, int64_t n, float shift) {
   return HWY_DYNAMIC_DISPATCH(ExpShiftSum)(x, n, shift);
@@ -168,7 +185,14 @@ void ScoreRowSimd(const float* q, const float* k, int64_t stride, int64_t n, int
 
 void WeightedRowSumSimd(const float* p, const float* v, int64_t stride, int64_t n, int64_t head_dim,
                         float inv, float* out) {
-  HWY_DYNAMIC_DISPATCH(WeightedRowSum)(p, v, stride, n, head_dim, inv, out);
+  HWY_DYNAMIC_DISPATCH(WeightedRowSumPaged)(p, v, stride, nullptr, 0, n, head_dim, inv, out);
+}
+
+void WeightedRowSumPagedSimd(const float* p, const float* v, int64_t stride,
+                             const int32_t* block_table, int64_t page_size, int64_t n,
+                             int64_t head_dim, float inv, float* out) {
+  HWY_DYNAMIC_DISPATCH(WeightedRowSumPaged)
+  (p, v, stride, block_table, page_size, n, head_dim, inv, out);
 }
 
 }  // namespace ropekit

@@ -16,6 +16,7 @@
 #include <numeric>
 #include <string>
 
+#include "ropekit/kv_cache.h"
 #include "src/model/model_impl.h"
 #include "src/ops/ops.h"
 #include "src/ops/rowwise_matmul.h"
@@ -40,6 +41,7 @@ struct BatchDecoder::Rows {
   // [B, ...] rows; qkv: q | k | v per row (hq + 2 hk), gu: gate | up per row (2 F).
   std::vector<float> x, xn, qkv, ao, mid, gu, h, inv;
   std::vector<int64_t> positions;          // [B]
+  std::vector<int64_t> slots;              // [B] rows in a shared page pool
   std::vector<std::vector<float>> scores;  // [workers][max Tk]
 
   void Resize(const ModelConfig& c, int64_t b, size_t workers, int64_t max_tk) {
@@ -55,6 +57,7 @@ struct BatchDecoder::Rows {
       h.assign(b * F, 0.0f);
       inv.assign(b, 0.0f);
       positions.assign(b, 0);
+      slots.assign(b, 0);
       batch = b;
     }
     if (scores.size() < workers) scores.resize(workers);
@@ -96,12 +99,11 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   }
   const int64_t B = static_cast<int64_t>(tokens.size());
   if (B == 0) return;
-  const int64_t hk = int64_t{c.num_kv_heads} * c.head_dim, V = c.vocab_size;
+  const int64_t V = c.vocab_size;
   int64_t max_tk = 0;
   for (int64_t b = 0; b < B; ++b) {
     const KVCache* cache = caches[b];
-    if (cache == nullptr || cache->row_ != hk ||
-        static_cast<int64_t>(cache->k_.size()) != c.num_layers * cache->capacity_ * hk) {
+    if (cache == nullptr || !cache->Fits(c)) {
       throw Error("BatchDecoder::Step: cache " + std::to_string(b) +
                   " is missing or was made for a different model config");
     }
@@ -115,6 +117,13 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
                   std::to_string(V) + ")");
     }
     max_tk = std::max(max_tk, cache->size_ + 1);
+  }
+  // Pages for the new tokens are drawn here, on one thread, before any worker appends. When every
+  // cache lives in the same pool, each layer appends the whole batch with one fused call.
+  KvPagePool* shared = caches[0]->pool_;
+  for (int64_t b = 0; b < B; ++b) {
+    caches[b]->Cover(caches[b]->size_ + 1);
+    if (caches[b]->pool_ != shared) shared = nullptr;
   }
   Scratch& s = *scratch_;
   if (static_cast<int64_t>(s.key_positions.size()) < max_tk) {
@@ -140,8 +149,8 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   auto run = [&](size_t g, ThreadPool* p) {
     const int64_t b0 = B * static_cast<int64_t>(g) / static_cast<int64_t>(groups);
     const int64_t b1 = B * static_cast<int64_t>(g + 1) / static_cast<int64_t>(groups);
-    DecodeGroup(caches.subspan(b0, b1 - b0), tokens.subspan(b0, b1 - b0), table, s.groups[g],
-                logits + b0 * V, p);
+    DecodeGroup(caches.subspan(b0, b1 - b0), tokens.subspan(b0, b1 - b0), table, shared,
+                s.groups[g], logits + b0 * V, p);
   };
   if (split) {
     pool->ParallelFor(groups, [&](size_t begin, size_t end, size_t) {
@@ -153,8 +162,96 @@ void BatchDecoder::Step(std::span<KVCache* const> caches, std::span<const int32_
   for (int64_t b = 0; b < B; ++b) caches[b]->size_ += 1;
 }
 
+void BatchDecoder::AppendShared(KvPagePool& pool, int l, const RopeTable* table, Rows& s,
+                                const RotateOptions& rot) {
+  const ModelConfig& c = model_.impl_->config;
+  const int64_t B = s.batch, D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, wqkv = hq + 2 * hk;
+  float* const q = s.qkv.data();
+  const TensorView k = RowView(q + hq, B, Hkv, D, wqkv), v = RowView(q + hq + hk, B, Hkv, D, wqkv);
+  float* const pk = pool.k_.data() + l * pool.layer_stride_;
+  float* const pv = pool.v_.data() + l * pool.layer_stride_;
+  const std::span<const int64_t> slots(s.slots.data(), static_cast<size_t>(B));
+  if (table == nullptr) {  // no rotary encoding: copy the rows
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(pk + slots[b] * hk, q + b * wqkv + hq, sizeof(float) * hk);
+      std::memcpy(pv + slots[b] * hk, q + b * wqkv + hq + hk, sizeof(float) * hk);
+    }
+    return;
+  }
+  const TensorView qv = RowView(q, B, H, D, wqkv);
+  ApplyRopeAndAppend(
+      *table, PositionSpan(std::span<const int64_t>(s.positions.data(), B)), RopeOperand{qv, qv}, k,
+      v, PagedKvCache(pk, pv, DType::kF32, pool.num_pages_, pool.page_size_, Hkv, D), slots, rot);
+}
+
+void BatchDecoder::AppendOwn(KVCache& cache, int l, const RopeTable* table, Rows& s, int64_t b) {
+  const ModelConfig& c = model_.impl_->config;
+  const int64_t D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, wqkv = hq + 2 * hk;
+  float* const q = s.qkv.data() + b * wqkv;
+  const int64_t pos = s.positions[b];
+  if (table == nullptr) {
+    std::memcpy(cache.KeyRow(l, pos), q + hq, sizeof(float) * hk);
+    std::memcpy(cache.ValueRow(l, pos), q + hq + hk, sizeof(float) * hk);
+    return;
+  }
+  // A one-slot view of the cache's row for this position (contiguous or paged).
+  RotateOptions rot;
+  rot.layout = c.position_encoding.rope_layout;
+  const TensorView qv = RowView(q, 1, H, D, wqkv);
+  const int64_t slot = 0;
+  const KvCacheView row =
+      ContiguousKvCache(cache.KeyRow(l, pos), cache.ValueRow(l, pos), DType::kF32, 1, Hkv, D);
+  ApplyRopeAndAppend(*table, PositionSpan(std::span<const int64_t>(&s.positions[b], 1)),
+                     RopeOperand{qv, qv}, RowView(q + hq, 1, Hkv, D, wqkv),
+                     RowView(q + hq + hk, 1, Hkv, D, wqkv), row, std::span<const int64_t>(&slot, 1),
+                     rot);
+}
+
+void BatchDecoder::Attend(KVCache& cache, int l, Rows& s, int64_t b, std::vector<float>& scores) {
+  const Model::Impl& I = *model_.impl_;
+  const ModelConfig& c = I.config;
+  const int64_t D = c.head_dim, H = c.num_heads, Hkv = c.num_kv_heads;
+  const int64_t hq = H * D, hk = Hkv * D, wqkv = hq + 2 * hk;
+  const int64_t pos = s.positions[b];
+  ops::AttentionArgs args;
+  args.batch = 1;
+  args.tq = 1;
+  args.tk = pos + 1;
+  args.heads = H;
+  args.kv_heads = Hkv;
+  args.head_dim = D;
+  args.q = s.qkv.data() + b * wqkv;
+  args.q_row_stride = wqkv;
+  args.q_batch_stride = wqkv;
+  if (cache.paged()) {  // page by page through the block table
+    const KvPagePool& pool = *cache.pool_;
+    args.k = pool.k_.data() + l * pool.layer_stride_;
+    args.v = pool.v_.data() + l * pool.layer_stride_;
+    args.block_table = cache.block_table_;
+    args.page_size = pool.page_size_;
+  } else {
+    args.k = cache.KeyRow(l, 0);
+    args.v = cache.ValueRow(l, 0);
+  }
+  args.kv_row_stride = hk;
+  args.kv_batch_stride = (pos + 1) * hk;
+  args.out = s.ao.data() + b * hq;
+  args.out_row_stride = hq;
+  args.out_batch_stride = hq;
+  args.q_positions = std::span<const int64_t>(&s.positions[b], 1);
+  args.k_positions =
+      std::span<const int64_t>(scratch_->key_positions.data(), static_cast<size_t>(pos + 1));
+  args.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  args.logit_bias = I.pe.get();
+  args.bias_params = I.PeParams();
+  ops::DecodeAttention(args, scores);
+}
+
 void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const int32_t> tokens,
-                               const RopeTable* table, Rows& s, float* logits, ThreadPool* pool) {
+                               const RopeTable* table, KvPagePool* shared, Rows& s, float* logits,
+                               ThreadPool* pool) {
   Model::Impl& I = *model_.impl_;
   const ModelConfig& c = I.config;
   const int64_t B = static_cast<int64_t>(tokens.size());
@@ -164,8 +261,11 @@ void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const
   for (int64_t b = 0; b < B; ++b) {
     s.positions[b] = caches[b]->size_;
     max_tk = std::max(max_tk, caches[b]->size_ + 1);
+    if (shared != nullptr) {
+      const int64_t P = shared->page_size_;
+      s.slots[b] = int64_t{caches[b]->block_table_[s.positions[b] / P]} * P + s.positions[b] % P;
+    }
   }
-  const std::vector<int64_t>& key_positions = scratch_->key_positions;
   const float* P = I.params.data();
   const float* W = I.MatmulWeights();
   for (int64_t b = 0; b < B; ++b) {
@@ -176,7 +276,6 @@ void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const
   RotateOptions rot;
   rot.layout = c.position_encoding.rope_layout;
   rot.pool = pool;
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const int64_t wqkv = hq + 2 * hk;  // row width of s.qkv
   float* const qk_k = s.qkv.data() + hq;
   float* const qk_v = s.qkv.data() + hq + hk;
@@ -194,50 +293,21 @@ void BatchDecoder::DecodeGroup(std::span<KVCache* const> caches, std::span<const
           {W + o.q, hq, s.qkv.data()}, {W + o.k, hk, qk_k}, {W + o.v, hk, qk_v}};
       ops::MatMulRowwiseMulti(s.xn.data(), outs, B, d, wqkv, pool);
     }
-    if (table != nullptr) {
+    if (shared != nullptr) {
+      // One fused call: rotate q in place, rotate k into each sequence's slot of the shared pool
+      // (its block table's row for its position), copy v beside it.
       OpTimer timer("dec rope");
-      const TensorView qv = RowView(s.qkv.data(), B, H, D, wqkv);
-      const TensorView kv = RowView(qk_k, B, Hkv, D, wqkv);
-      const RopeOperand opsv[] = {{qv, qv}, {kv, kv}};
-      ApplyRope(*table, pos_span, opsv, rot);
+      AppendShared(*shared, l, table, s, rot);
     }
-    // Append each sequence's key and value, then attend over its own cache (one task each).
+    // Append each sequence's key and value (unless done above), then attend over its own cache
+    // (one task each).
     OpTimer attention_timer("dec attention");
     ParallelFor(B * max_tk * hq < (int64_t{1} << 15) ? nullptr : pool, static_cast<size_t>(B),
                 [&](size_t begin, size_t end, size_t worker) {
-                  std::vector<float>& scores = s.scores[worker];
                   for (size_t bi = begin; bi < end; ++bi) {
                     const int64_t b = static_cast<int64_t>(bi);
-                    KVCache& cache = *caches[b];
-                    const int64_t pos = s.positions[b];
-                    float* ck = cache.k_.data() + (l * cache.capacity_) * hk;
-                    float* cv = cache.v_.data() + (l * cache.capacity_) * hk;
-                    std::memcpy(ck + pos * hk, qk_k + b * wqkv, sizeof(float) * hk);
-                    std::memcpy(cv + pos * hk, qk_v + b * wqkv, sizeof(float) * hk);
-                    ops::AttentionArgs args;
-                    args.batch = 1;
-                    args.tq = 1;
-                    args.tk = pos + 1;
-                    args.heads = H;
-                    args.kv_heads = Hkv;
-                    args.head_dim = D;
-                    args.q = s.qkv.data() + b * wqkv;
-                    args.q_row_stride = wqkv;
-                    args.q_batch_stride = wqkv;
-                    args.k = ck;
-                    args.v = cv;
-                    args.kv_row_stride = hk;
-                    args.kv_batch_stride = (pos + 1) * hk;
-                    args.out = s.ao.data() + b * hq;
-                    args.out_row_stride = hq;
-                    args.out_batch_stride = hq;
-                    args.q_positions = std::span<const int64_t>(&s.positions[b], 1);
-                    args.k_positions = std::span<const int64_t>(key_positions.data(),
-                                                                static_cast<size_t>(pos + 1));
-                    args.scale = scale;
-                    args.logit_bias = I.pe.get();
-                    args.bias_params = I.PeParams();
-                    ops::DecodeAttention(args, scores);
+                    if (shared == nullptr) AppendOwn(*caches[b], l, table, s, b);
+                    Attend(*caches[b], l, s, b, s.scores[worker]);
                   }
                 });
     attention_timer.Stop();

@@ -146,7 +146,52 @@ std::string ModelConfigToJson(const ModelConfig& config) {
   return j.dump(2) + "\n";
 }
 
-ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& name) {
+namespace {
+
+// Typed reads of config.json fields; errors name the file and the field's path.
+class ConfigFields {
+ public:
+  explicit ConfigFields(const std::string& name) : name_(name) {}
+
+  int64_t Int(const Json& obj, const char* key, int64_t fallback, bool required,
+              const std::string& path) const {
+    if (!obj.contains(key) || obj[key].is_null()) {
+      if (required) throw Error(name_ + ": " + path + " is missing");
+      return fallback;
+    }
+    if (!obj[key].is_number_integer()) {
+      throw Error(name_ + ": " + path + " must be an integer, got " + obj[key].dump());
+    }
+    return obj[key].get<int64_t>();
+  }
+  double Num(const Json& obj, const char* key, double fallback, const std::string& path) const {
+    if (!obj.contains(key) || obj[key].is_null()) return fallback;
+    if (!obj[key].is_number()) throw Error(name_ + ": " + path + " must be a number");
+    return obj[key].get<double>();
+  }
+  std::string Str(const Json& obj, const char* key, const std::string& fallback,
+                  const std::string& path) const {
+    if (!obj.contains(key) || obj[key].is_null()) return fallback;
+    if (!obj[key].is_string()) throw Error(name_ + ": " + path + " must be a string");
+    return obj[key].get<std::string>();
+  }
+  // v as an int in [0, 2^30].
+  int Narrow(int64_t v, const char* key) const {
+    if (v < 0 || v > (int64_t{1} << 30)) {
+      throw Error(name_ + ": " + key + " = " + std::to_string(v) + " is out of range");
+    }
+    return static_cast<int>(v);
+  }
+  // A required integer field of the top level, narrowed.
+  int RequiredInt(const Json& j, const char* key) const {
+    return Narrow(Int(j, key, 0, true, key), key);
+  }
+
+ private:
+  const std::string& name_;
+};
+
+Json ParseConfigObject(std::string_view json_text, const std::string& name) {
   CheckJsonLimits(json_text, name);
   Json j;
   try {
@@ -155,51 +200,24 @@ ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& n
     throw Error(name + ": not valid JSON (" + e.what() + ")");
   }
   if (!j.is_object()) throw Error(name + ": the top level must be a JSON object");
-  auto get_int = [&](const Json& obj, const char* key, int64_t fallback, bool required,
-                     const std::string& path) -> int64_t {
-    if (!obj.contains(key) || obj[key].is_null()) {
-      if (required) throw Error(name + ": " + path + " is missing");
-      return fallback;
-    }
-    if (!obj[key].is_number_integer()) {
-      throw Error(name + ": " + path + " must be an integer, got " + obj[key].dump());
-    }
-    return obj[key].get<int64_t>();
-  };
-  auto get_num = [&](const Json& obj, const char* key, double fallback,
-                     const std::string& path) -> double {
-    if (!obj.contains(key) || obj[key].is_null()) return fallback;
-    if (!obj[key].is_number()) throw Error(name + ": " + path + " must be a number");
-    return obj[key].get<double>();
-  };
-  auto get_str = [&](const Json& obj, const char* key, const std::string& fallback,
-                     const std::string& path) -> std::string {
-    if (!obj.contains(key) || obj[key].is_null()) return fallback;
-    if (!obj[key].is_string()) throw Error(name + ": " + path + " must be a string");
-    return obj[key].get<std::string>();
-  };
-  auto narrow = [&](int64_t v, const char* key) {
-    if (v < 0 || v > (int64_t{1} << 30)) {
-      throw Error(name + ": " + key + " = " + std::to_string(v) + " is out of range");
-    }
-    return static_cast<int>(v);
-  };
+  return j;
+}
+
+// The LlamaConfig keys: sizes, norm epsilon, context, tying and the init range.
+ModelConfig ReadArchitecture(const Json& j, const ConfigFields& f, const std::string& name) {
   ModelConfig c;
-  c.vocab_size = narrow(get_int(j, "vocab_size", 0, true, "vocab_size"), "vocab_size");
-  c.hidden_size = narrow(get_int(j, "hidden_size", 0, true, "hidden_size"), "hidden_size");
-  c.intermediate_size =
-      narrow(get_int(j, "intermediate_size", 0, true, "intermediate_size"), "intermediate_size");
-  c.num_layers =
-      narrow(get_int(j, "num_hidden_layers", 0, true, "num_hidden_layers"), "num_hidden_layers");
-  c.num_heads = narrow(get_int(j, "num_attention_heads", 0, true, "num_attention_heads"),
-                       "num_attention_heads");
+  c.vocab_size = f.RequiredInt(j, "vocab_size");
+  c.hidden_size = f.RequiredInt(j, "hidden_size");
+  c.intermediate_size = f.RequiredInt(j, "intermediate_size");
+  c.num_layers = f.RequiredInt(j, "num_hidden_layers");
+  c.num_heads = f.RequiredInt(j, "num_attention_heads");
   c.num_kv_heads =
-      narrow(get_int(j, "num_key_value_heads", c.num_heads, false, "num_key_value_heads"),
-             "num_key_value_heads");
-  c.head_dim = narrow(get_int(j, "head_dim", 0, false, "head_dim"), "head_dim");
-  c.rms_norm_eps = get_num(j, "rms_norm_eps", 1e-6, "rms_norm_eps");
+      f.Narrow(f.Int(j, "num_key_value_heads", c.num_heads, false, "num_key_value_heads"),
+               "num_key_value_heads");
+  c.head_dim = f.Narrow(f.Int(j, "head_dim", 0, false, "head_dim"), "head_dim");
+  c.rms_norm_eps = f.Num(j, "rms_norm_eps", 1e-6, "rms_norm_eps");
   c.max_position_embeddings =
-      get_int(j, "max_position_embeddings", 0, true, "max_position_embeddings");
+      f.Int(j, "max_position_embeddings", 0, true, "max_position_embeddings");
   if (j.contains("tie_word_embeddings")) {
     if (!j["tie_word_embeddings"].is_boolean()) {
       throw Error(name + ": tie_word_embeddings must be true or false");
@@ -208,47 +226,61 @@ ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& n
   } else {
     c.tie_word_embeddings = false;  // LlamaConfig default
   }
-  c.init_std = get_num(j, "initializer_range", 0.02, "initializer_range");
+  c.init_std = f.Num(j, "initializer_range", 0.02, "initializer_range");
+  return c;
+}
 
+// The encoding's fields of the "ropekit" object r (RoPE: the Hugging Face rope keys of the top
+// level j, read by ParseHfConfig). Errors may lack the file name; the caller adds it.
+void ReadEncodingFields(std::string_view json_text, const Json& j, const Json& r,
+                        const ConfigFields& f, PositionEncodingSpec& pe) {
+  if (pe.kind == PositionEncodingKind::kRope) {
+    HfRopeConfig hf = ParseHfConfig(json_text);
+    pe.rope = hf.params;
+    pe.rope_layout = ParseLayout(f.Str(r, "rope_layout", "neox", "ropekit.rope_layout"));
+    pe.rope_numerics = ParseNumerics(f.Str(r, "rope_numerics", "exact", "ropekit.rope_numerics"));
+    if (r.contains("rotary_dim")) {
+      pe.rope.rotary_dim =
+          f.Narrow(f.Int(r, "rotary_dim", 0, true, "ropekit.rotary_dim"), "ropekit.rotary_dim");
+    }
+  } else {
+    pe.rope.base = f.Num(j, "rope_theta", 10000.0, "rope_theta");
+  }
+  pe.max_positions = f.Int(r, "max_positions", 0, false, "ropekit.max_positions");
+  pe.out_of_range = ParseOutOfRange(f.Str(r, "out_of_range", "error", "ropekit.out_of_range"));
+  pe.embedding_scale =
+      ParseEmbeddingScale(f.Str(r, "embedding_scale", "none", "ropekit.embedding_scale"));
+  pe.sinusoidal_base = f.Num(r, "sinusoidal_base", 10000.0, "ropekit.sinusoidal_base");
+  pe.num_buckets =
+      f.Narrow(f.Int(r, "num_buckets", 32, false, "ropekit.num_buckets"), "ropekit.num_buckets");
+  pe.max_distance = f.Narrow(f.Int(r, "max_distance", 128, false, "ropekit.max_distance"),
+                             "ropekit.max_distance");
+  if (r.contains("bidirectional")) {
+    if (!r["bidirectional"].is_boolean()) {
+      throw Error("ropekit.bidirectional must be true or false");
+    }
+    pe.bidirectional = r["bidirectional"].get<bool>();
+  }
+  pe.init_std = f.Num(r, "init_std", 0.02, "ropekit.init_std");
+}
+
+}  // namespace
+
+ModelConfig ModelConfigFromJson(std::string_view json_text, const std::string& name) {
+  const Json j = ParseConfigObject(json_text, name);
+  const ConfigFields f(name);
+  ModelConfig c = ReadArchitecture(j, f, name);
   const Json r = j.contains("ropekit") ? j["ropekit"] : Json::object();
   if (!r.is_object()) throw Error(name + ": ropekit must be a JSON object");
   PositionEncodingSpec pe;
   try {
     pe.kind = ParsePositionEncodingKind(
-        get_str(r, "position_encoding", "rope", "ropekit.position_encoding"));
+        f.Str(r, "position_encoding", "rope", "ropekit.position_encoding"));
   } catch (const Error& e) {
     throw Error(name + ": ropekit.position_encoding: " + e.what());
   }
   try {
-    if (pe.kind == PositionEncodingKind::kRope) {
-      HfRopeConfig hf = ParseHfConfig(json_text);
-      pe.rope = hf.params;
-      pe.rope_layout = ParseLayout(get_str(r, "rope_layout", "neox", "ropekit.rope_layout"));
-      pe.rope_numerics =
-          ParseNumerics(get_str(r, "rope_numerics", "exact", "ropekit.rope_numerics"));
-      if (r.contains("rotary_dim")) {
-        pe.rope.rotary_dim =
-            narrow(get_int(r, "rotary_dim", 0, true, "ropekit.rotary_dim"), "ropekit.rotary_dim");
-      }
-    } else {
-      pe.rope.base = get_num(j, "rope_theta", 10000.0, "rope_theta");
-    }
-    pe.max_positions = get_int(r, "max_positions", 0, false, "ropekit.max_positions");
-    pe.out_of_range = ParseOutOfRange(get_str(r, "out_of_range", "error", "ropekit.out_of_range"));
-    pe.embedding_scale =
-        ParseEmbeddingScale(get_str(r, "embedding_scale", "none", "ropekit.embedding_scale"));
-    pe.sinusoidal_base = get_num(r, "sinusoidal_base", 10000.0, "ropekit.sinusoidal_base");
-    pe.num_buckets =
-        narrow(get_int(r, "num_buckets", 32, false, "ropekit.num_buckets"), "ropekit.num_buckets");
-    pe.max_distance = narrow(get_int(r, "max_distance", 128, false, "ropekit.max_distance"),
-                             "ropekit.max_distance");
-    if (r.contains("bidirectional")) {
-      if (!r["bidirectional"].is_boolean()) {
-        throw Error("ropekit.bidirectional must be true or false");
-      }
-      pe.bidirectional = r["bidirectional"].get<bool>();
-    }
-    pe.init_std = get_num(r, "init_std", 0.02, "ropekit.init_std");
+    ReadEncodingFields(json_text, j, r, f, pe);
     c.position_encoding = pe;
     return c.Resolved();
   } catch (const Error& e) {

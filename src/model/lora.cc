@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <set>
 #include <tuple>
 
@@ -256,17 +257,11 @@ void Model::Impl::LoraBackward(int layer, int module, const float* x, const floa
 // ---------------------------------------------------------------------------------------------
 // Model API.
 
-void Model::AddLora(const LoraConfig& config, uint64_t seed) {
-  Impl& I = *impl_;
-  if (I.lora) throw Error("AddLora: the model already has an adapter");
-  config.Validate(I.config);
-  if (I.precision == MatmulPrecision::kBf16) {
-    throw Error("LoRA: bf16 matmul precision (--bf16) is not supported with adapters");
-  }
-  if (config.type == PeftType::kPromptTuning) return I.AddPromptTuning(config, seed);
-  if (config.type == PeftType::kPrefixTuning) return I.AddPrefixTuning(config, seed);
-  if (config.type != PeftType::kLora) throw Error("AddLora: this adapter type is not supported");
-  const ModelConfig& c = I.config;
+namespace {
+
+// The adapter's tensors in PEFT order (lora_A and lora_B of each targeted projection, layer by
+// layer, then the LoRA+ tensors) and a zeroed buffer for them.
+std::unique_ptr<LoraState> LayOutLora(const LoraConfig& config, const ModelConfig& c) {
   auto s = std::make_unique<LoraState>();
   s->config = config;
   s->scaling = static_cast<float>(config.alpha / config.rank);
@@ -304,82 +299,122 @@ void Model::AddLora(const LoraConfig& config, uint64_t seed) {
     s->final_norm = add("base_model.model.model.norm.weight", {d}, false);
   }
   s->params.assign(static_cast<size_t>(offset), 0.0f);
-  // A ~ U(-1/sqrt(in), 1/sqrt(in)): kaiming_uniform_(a = sqrt(5)) on [r, in] (fan_in = in), as
-  // torch's nn.Linear.reset_parameters and peft's LoraLayer.reset_lora_parameters. B = 0.
-  for (size_t i = 0; i < s->tensors.size(); ++i) {
-    const TensorInfo& t = s->tensors[i];
+  return s;
+}
+
+// A ~ U(-1/sqrt(in), 1/sqrt(in)): kaiming_uniform_(a = sqrt(5)) on [r, in] (fan_in = in), as
+// torch's nn.Linear.reset_parameters and peft's LoraLayer.reset_lora_parameters. B stays 0.
+void InitLoraA(LoraState& s, uint64_t seed) {
+  for (size_t i = 0; i < s.tensors.size(); ++i) {
+    const TensorInfo& t = s.tensors[i];
     if (!t.name.ends_with(".lora_A.weight")) continue;
     const double bound = 1.0 / std::sqrt(static_cast<double>(t.shape[1]));
     uint64_t state = SplitMixAt(seed, i);
     for (int64_t k = 0; k < t.size; ++k) {
       const double u01 = UnitInterval53(SplitMix64(state));
-      s->params[t.offset + k] = static_cast<float>((2.0 * u01 - 1.0) * bound);
+      s.params[t.offset + k] = static_cast<float>((2.0 * u01 - 1.0) * bound);
     }
   }
+}
+
+// The LoRA+ tensors start as copies of the base's embeddings and norm gains.
+void CopyLoraPlusFromBase(LoraState& s, const Model::Impl& I) {
+  const ModelConfig& c = I.config;
+  const int64_t d = c.hidden_size;
   auto copy = [&](int64_t to, int64_t from, int64_t n) {
-    std::copy(I.params.begin() + from, I.params.begin() + from + n, s->params.begin() + to);
+    std::copy(I.params.begin() + from, I.params.begin() + from + n, s.params.begin() + to);
   };
-  if (s->embed >= 0) copy(s->embed, I.embed, int64_t{c.vocab_size} * d);
-  if (config.train_norms) {
+  if (s.embed >= 0) copy(s.embed, I.embed, int64_t{c.vocab_size} * d);
+  if (s.config.train_norms) {
     for (int l = 0; l < c.num_layers; ++l) {
-      copy(s->layers[l].input_norm, I.layers[l].input_norm, d);
-      copy(s->layers[l].post_norm, I.layers[l].post_norm, d);
+      copy(s.layers[l].input_norm, I.layers[l].input_norm, d);
+      copy(s.layers[l].post_norm, I.layers[l].post_norm, d);
     }
-    copy(s->final_norm, I.final_norm, d);
+    copy(s.final_norm, I.final_norm, d);
   }
+}
+
+// QLoRA: every projection of the base as NF4, and one float matrix to dequantize into.
+void QuantizeProjections(LoraState& s, const Model::Impl& I) {
+  const ModelConfig& c = I.config;
+  s.nf4.resize(c.num_layers);
+  int64_t max_w = 0;
+  for (int l = 0; l < c.num_layers; ++l) {
+    for (int m = 0; m < 7; ++m) {
+      const auto [in, out] = ModuleShape(c, m);
+      s.nf4[l][m] = ops::QuantizeNf4(I.params.data() + ModuleOffset(I.layers[l], m), out, in);
+      max_w = std::max(max_w, in * out);
+    }
+  }
+  s.wbuf.assign(static_cast<size_t>(max_w), 0.0f);
+}
+
+// QLoRA: keeps only the base's other tensors (embeddings, norms, head, position table) in its
+// float buffer, moved together, and points the model's offsets at their new places (the
+// projections' at -1).
+void DropFloatProjections(Model::Impl& I) {
+  std::vector<TensorInfo> kept;
+  std::vector<float> compact;
+  auto is_proj = [](const std::string& n) {
+    for (const char* m : kLoraModules) {
+      if (n.ends_with(std::string(m) + ".weight")) return true;
+    }
+    return false;
+  };
+  std::vector<std::pair<int64_t, int64_t>> moves;  // old offset -> new offset
+  int64_t at = 0;
+  for (const TensorInfo& t : I.tensors) {
+    if (is_proj(t.name)) continue;
+    TensorInfo n = t;
+    n.offset = at;
+    moves.push_back({t.offset, at});
+    kept.push_back(n);
+    at = AlignUp(at + t.size);
+  }
+  compact.assign(static_cast<size_t>(at), 0.0f);
+  for (size_t i = 0; i < kept.size(); ++i) {
+    std::copy(I.params.begin() + moves[i].first, I.params.begin() + moves[i].first + kept[i].size,
+              compact.begin() + kept[i].offset);
+  }
+  auto move = [&](int64_t old) {
+    for (const auto& [from, to] : moves) {
+      if (from == old) return to;
+    }
+    return at;  // the end of the buffer (an absent position table)
+  };
+  I.embed = move(I.embed);
+  I.head = move(I.head);
+  I.final_norm = move(I.final_norm);
+  I.pe_params = I.pe_size > 0 ? move(I.pe_params) : at;
+  for (LayerOffsets& o : I.layers) {
+    o.input_norm = move(o.input_norm);
+    o.post_norm = move(o.post_norm);
+    o.q = o.k = o.v = o.o = o.gate = o.up = o.down = -1;
+  }
+  I.tensors = std::move(kept);
+  I.params = std::move(compact);
+  I.params.shrink_to_fit();
+}
+
+}  // namespace
+
+void Model::AddLora(const LoraConfig& config, uint64_t seed) {
+  Impl& I = *impl_;
+  if (I.lora) throw Error("AddLora: the model already has an adapter");
+  config.Validate(I.config);
+  if (I.precision == MatmulPrecision::kBf16) {
+    throw Error("LoRA: bf16 matmul precision (--bf16) is not supported with adapters");
+  }
+  if (config.type == PeftType::kPromptTuning) return I.AddPromptTuning(config, seed);
+  if (config.type == PeftType::kPrefixTuning) return I.AddPrefixTuning(config, seed);
+  if (config.type != PeftType::kLora) throw Error("AddLora: this adapter type is not supported");
+  std::unique_ptr<LoraState> s = LayOutLora(config, I.config);
+  InitLoraA(*s, seed);
+  CopyLoraPlusFromBase(*s, I);
   if (config.qlora) {
     // Quantize every projection, then keep only the other tensors in the float buffer.
-    s->nf4.resize(c.num_layers);
-    int64_t max_w = 0;
-    for (int l = 0; l < c.num_layers; ++l) {
-      for (int m = 0; m < 7; ++m) {
-        const auto [in, out] = ModuleShape(c, m);
-        s->nf4[l][m] = ops::QuantizeNf4(I.params.data() + ModuleOffset(I.layers[l], m), out, in);
-        max_w = std::max(max_w, in * out);
-      }
-    }
-    s->wbuf.assign(static_cast<size_t>(max_w), 0.0f);
-    std::vector<TensorInfo> kept;
-    std::vector<float> compact;
-    auto is_proj = [](const std::string& n) {
-      for (const char* m : kLoraModules) {
-        if (n.ends_with(std::string(m) + ".weight")) return true;
-      }
-      return false;
-    };
-    std::vector<std::pair<int64_t, int64_t>> moves;  // old offset -> new offset
-    int64_t at = 0;
-    for (const TensorInfo& t : I.tensors) {
-      if (is_proj(t.name)) continue;
-      TensorInfo n = t;
-      n.offset = at;
-      moves.push_back({t.offset, at});
-      kept.push_back(n);
-      at = AlignUp(at + t.size);
-    }
-    compact.assign(static_cast<size_t>(at), 0.0f);
-    for (size_t i = 0; i < kept.size(); ++i) {
-      std::copy(I.params.begin() + moves[i].first, I.params.begin() + moves[i].first + kept[i].size,
-                compact.begin() + kept[i].offset);
-    }
-    auto move = [&](int64_t old) {
-      for (const auto& [from, to] : moves) {
-        if (from == old) return to;
-      }
-      return at;  // the end of the buffer (an absent position table)
-    };
-    I.embed = move(I.embed);
-    I.head = move(I.head);
-    I.final_norm = move(I.final_norm);
-    I.pe_params = I.pe_size > 0 ? move(I.pe_params) : at;
-    for (LayerOffsets& o : I.layers) {
-      o.input_norm = move(o.input_norm);
-      o.post_norm = move(o.post_norm);
-      o.q = o.k = o.v = o.o = o.gate = o.up = o.down = -1;
-    }
-    I.tensors = std::move(kept);
-    I.params = std::move(compact);
-    I.params.shrink_to_fit();
+    QuantizeProjections(*s, I);
+    DropFloatProjections(I);
   }
   I.lora = std::move(s);
   I.ws = Workspace();  // the activation plan is rebuilt for the adapter

@@ -326,6 +326,7 @@ Model::Impl::KeyValues Model::Impl::RotateAndCache(int l, const Workspace::Layer
     }
     return {A.k, A.v};
   }
+  if (f.cache->paged()) return RotateAndCachePaged(l, A, f);
   const int64_t hk = Hkv * D, cap = f.cache->capacity_;
   float* ck = f.cache->k_.data() + (l * cap) * hk;
   float* cv = f.cache->v_.data() + (l * cap) * hk;
@@ -352,6 +353,54 @@ Model::Impl::KeyValues Model::Impl::RotateAndCache(int l, const Workspace::Layer
     std::memcpy(cv + f.past * hk, A.v, sizeof(float) * M * hk);
   }
   return {ck, cv};
+}
+
+void Model::Impl::GatherCache(int l, const ForwardPass& f) {
+  const int64_t hk = f.cache->row_;
+  paged_k.resize(static_cast<size_t>(f.tk * hk));
+  paged_v.resize(paged_k.size());
+  for (int64_t t = 0; t < f.tk; ++t) {
+    std::memcpy(paged_k.data() + t * hk, f.cache->KeyRow(l, t), sizeof(float) * hk);
+    std::memcpy(paged_v.data() + t * hk, f.cache->ValueRow(l, t), sizeof(float) * hk);
+  }
+}
+
+// A paged cache: the new keys go in through ApplyRopeAndAppend at the slots of the block table
+// (raw keys for length-dependent RoPE); attention then reads the sequence's rows gathered in
+// position order, so its arithmetic and bits are those of a contiguous cache.
+Model::Impl::KeyValues Model::Impl::RotateAndCachePaged(int l, const Workspace::Layer& A,
+                                                        const ForwardPass& f) {
+  KVCache& cache = *f.cache;
+  const int64_t H = config.num_heads, Hkv = config.num_kv_heads, D = config.head_dim;
+  const int64_t M = f.m, hk = Hkv * D;
+  const TensorView q_view = ContiguousView(A.q, DType::kF32, M, H, D);
+  if (f.table && !f.rotate_cache) {
+    KvPagePool& pool = *cache.pool_;
+    const KvCacheView layer_cache = PagedKvCache(
+        pool.k_.data() + l * pool.layer_stride_, pool.v_.data() + l * pool.layer_stride_,
+        DType::kF32, pool.num_pages_, pool.page_size_, Hkv, D);
+    const std::vector<int64_t> slots =
+        SlotsFromBlockTable(cache.block_table_, pool.page_size_, f.past, M);
+    ApplyRopeAndAppend(*f.table, PositionSpan(positions), RopeOperand{q_view, q_view},
+                       ContiguousView(A.k, DType::kF32, M, Hkv, D),
+                       ContiguousView(A.v, DType::kF32, M, Hkv, D), layer_cache,
+                       std::span<const int64_t>(slots), f.rot);
+    GatherCache(l, f);
+    return {paged_k.data(), paged_v.data()};
+  }
+  for (int64_t t = 0; t < M; ++t) {
+    std::memcpy(cache.KeyRow(l, f.past + t), A.k + t * hk, sizeof(float) * hk);
+    std::memcpy(cache.ValueRow(l, f.past + t), A.v + t * hk, sizeof(float) * hk);
+  }
+  GatherCache(l, f);
+  if (!f.rotate_cache) return {paged_k.data(), paged_v.data()};
+  // Pre-rotation keys are stored; rotate the whole cache with the table of length tk.
+  const std::vector<RopeOperand> opsv = {{q_view, q_view}};
+  ApplyRope(*f.table, PositionSpan(positions), opsv, f.rot);
+  RopeOperand kop{ContiguousView(paged_k.data(), DType::kF32, f.tk, Hkv, D),
+                  ContiguousView(ws.k_rot, DType::kF32, f.tk, Hkv, D)};
+  ApplyRope(*f.table, PositionSpan(k_positions), std::span<const RopeOperand>(&kop, 1), f.rot);
+  return {ws.k_rot, paged_v.data()};
 }
 
 void Model::Impl::AttentionBlockForward(int l, Workspace::Layer& A, float* xin,
@@ -433,6 +482,7 @@ void Model::Impl::RunForward(const int32_t* tokens, int64_t batch, int64_t seq_l
   f.cache = cache;
   f.pool = pool;
   CheckForwardInputs(tokens, f.m, f.tk, cache);
+  if (cache) cache->Cover(f.tk);
   Prepare(batch, seq_len, cache || f.past > 0 ? f.tk : seq_len, train);
   if (lora) PrepareLora(f.m, train);
   if (!cache && f.past > 0) PrefixForwardPrepare(batch, seq_len, train);
@@ -616,13 +666,18 @@ void Model::Impl::EmbeddingBackward(const int32_t* tokens, const BackwardPass& b
   if (pe->acts_on_embeddings() && !b.ad) {
     pe->AddToEmbeddingsBackward(PositionSpan(positions), ws.dx, d, b.grad_pe);
   }
-  // (With an adapter the scatter below runs only when it trains the embeddings, and then ws.dx
-  // holds layer 0's input gradient.)
-  if (float* dE = Grad(b, embed, b.ad ? b.ad->embed : -1)) {
-    for (int64_t m = 0; m < b.m; ++m) {
-      float* row = dE + int64_t{tokens[m]} * d;
-      const float* src = ws.dx + m * d;
-      for (int64_t j = 0; j < d; ++j) row[j] += src[j];
+  // With an adapter the scatter runs only when it trains the embeddings (LoRA+), and then ws.dx
+  // holds layer 0's input gradient. The hooks did not run (an adapter never trains the position
+  // table), so their factor is applied here: x = scale * e + P gives de = scale * dx, rounded
+  // as AddToEmbeddingsBackward rounds it, so LoRA+ and full fine-tuning agree bit for bit.
+  float* dE = Grad(b, embed, b.ad ? b.ad->embed : -1);
+  if (dE == nullptr) return;
+  const double scale = b.ad && pe->acts_on_embeddings() ? pe->embedding_scale() : 1.0;
+  for (int64_t m = 0; m < b.m; ++m) {
+    float* row = dE + int64_t{tokens[m]} * d;
+    const float* src = ws.dx + m * d;
+    for (int64_t j = 0; j < d; ++j) {
+      row[j] += scale == 1.0 ? src[j] : static_cast<float>(scale * double{src[j]});
     }
   }
 }
@@ -791,8 +846,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
                           bool last_only, ThreadPool* pool) {
   Impl& I = *impl_;
   if (tokens.empty()) throw Error("ForwardCached: no tokens given");
-  if (cache.row_ != int64_t{I.config.num_kv_heads} * I.config.head_dim ||
-      static_cast<int64_t>(cache.k_.size()) != I.config.num_layers * cache.capacity_ * cache.row_) {
+  if (!cache.Fits(I.config)) {
     throw Error("ForwardCached: the KV cache was made for a different model config");
   }
   const int64_t n = static_cast<int64_t>(tokens.size());
@@ -812,8 +866,7 @@ void Model::ForwardCached(std::span<const int32_t> tokens, KVCache& cache, float
 void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, ThreadPool* pool) {
   Impl& I = *impl_;
   const ModelConfig& c = I.config;
-  if (cache.row_ != int64_t{c.num_kv_heads} * c.head_dim ||
-      static_cast<int64_t>(cache.k_.size()) != c.num_layers * cache.capacity_ * cache.row_) {
+  if (!cache.Fits(c)) {
     throw Error("ContextShift: the KV cache was made for a different model config");
   }
   if (n_keep < 0 || n_discard < 1 || n_keep + n_discard > cache.size_) {
@@ -840,6 +893,26 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
   rot.layout = c.position_encoding.rope_layout;
   rot.pool = pool;
   for (int l = 0; l < c.num_layers; ++l) {
+    if (cache.paged()) {
+      // Row by row through the block table (destinations precede sources), the keys gathered
+      // for the same ShiftKeys call as a contiguous cache, then written back.
+      std::vector<float>& keys = I.paged_k;
+      keys.resize(static_cast<size_t>(moved * row));
+      for (int64_t i = 0; i < moved; ++i) {
+        const int64_t from = n_keep + n_discard + i;
+        std::memcpy(keys.data() + i * row, cache.KeyRow(l, from), sizeof(float) * row);
+        std::memcpy(cache.ValueRow(l, n_keep + i), cache.ValueRow(l, from), sizeof(float) * row);
+      }
+      if (table != nullptr && moved > 0) {
+        ShiftKeys(*table,
+                  ContiguousView(keys.data(), DType::kF32, moved, c.num_kv_heads, c.head_dim),
+                  -n_discard, rot);
+      }
+      for (int64_t i = 0; i < moved; ++i) {
+        std::memcpy(cache.KeyRow(l, n_keep + i), keys.data() + i * row, sizeof(float) * row);
+      }
+      continue;
+    }
     float* ck = cache.k_.data() + l * cache.capacity_ * row;
     float* cv = cache.v_.data() + l * cache.capacity_ * row;
     std::memmove(ck + n_keep * row, ck + (n_keep + n_discard) * row, sizeof(float) * moved * row);
@@ -851,26 +924,6 @@ void Model::ContextShift(KVCache& cache, int64_t n_keep, int64_t n_discard, Thre
     }
   }
   cache.size_ -= n_discard;
-}
-
-KVCache::KVCache(const ModelConfig& config, int64_t capacity) {
-  const ModelConfig c = config.Resolved();
-  if (capacity < 1 || capacity > kMaxPosition) {
-    throw Error("KV cache capacity " + std::to_string(capacity) + " must be in [1, 2^31 - 1]");
-  }
-  capacity_ = capacity;
-  row_ = int64_t{c.num_kv_heads} * c.head_dim;
-  // layers <= 1024, capacity < 2^31, row <= 2^32: checked in 128 bits against 2^34 floats.
-  const unsigned __int128 floats = static_cast<unsigned __int128>(c.num_layers) *
-                                   static_cast<unsigned __int128>(capacity) *
-                                   static_cast<unsigned __int128>(row_);
-  if (floats > (static_cast<unsigned __int128>(1) << 34)) {
-    throw Error("KV cache of " + std::to_string(capacity) +
-                " positions for this model needs more "
-                "than 2^34 floats per tensor (64 GiB); use a shorter sequence");
-  }
-  k_.assign(static_cast<size_t>(floats), 0.0f);
-  v_.assign(k_.size(), 0.0f);
 }
 
 }  // namespace ropekit

@@ -153,6 +153,8 @@ struct Model::Impl {
   std::unique_ptr<RopeTable> rope_table;
   int64_t rope_table_key = -1;  // FrequencySeqLen of the table's length
   int64_t rope_table_builds = 0;
+  // [tk, Hkv*D] rows of a paged cache gathered for attention (and ContextShift's moved keys).
+  std::vector<float> paged_k, paged_v;
   std::unique_ptr<LoraState> lora;
 
   void BuildLayout();
@@ -181,6 +183,10 @@ struct Model::Impl {
     const float* values;
   };
   KeyValues RotateAndCache(int l, const Workspace::Layer& A, const ForwardPass& f);
+  // The same for a paged cache (KvPagePool): appends through the block table, then gathers.
+  KeyValues RotateAndCachePaged(int l, const Workspace::Layer& A, const ForwardPass& f);
+  // Copies layer l's rows [0, tk) of a paged f.cache, in position order, to paged_k / paged_v.
+  void GatherCache(int l, const ForwardPass& f);
   // mid -> xout = mid + SwiGLU MLP(RMSNorm(mid)) for layer l.
   void MlpBlockForward(int l, Workspace::Layer& A, float* xout, const ForwardPass& f);
   // The attention arguments of layer activations A: [B, T] queries over tk keys (k_positions

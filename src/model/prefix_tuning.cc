@@ -240,12 +240,11 @@ void Model::Impl::PrefillPrefix(KVCache& cache) {
   }
   ComputePrefix();
   const float* P = PrefixTable();
+  cache.Cover(K);
   for (int l = 0; l < config.num_layers; ++l) {
-    float* ck = cache.k_.data() + l * cache.capacity_ * row;
-    float* cv = cache.v_.data() + l * cache.capacity_ * row;
     for (int64_t j = 0; j < K; ++j) {
-      std::memcpy(ck + j * row, P + j * W + 2 * l * row, sizeof(float) * row);
-      std::memcpy(cv + j * row, P + j * W + (2 * l + 1) * row, sizeof(float) * row);
+      std::memcpy(cache.KeyRow(l, j), P + j * W + 2 * l * row, sizeof(float) * row);
+      std::memcpy(cache.ValueRow(l, j), P + j * W + (2 * l + 1) * row, sizeof(float) * row);
     }
   }
   cache.size_ = K;

@@ -240,16 +240,10 @@ double ValidationLoss(Model& model, std::span<const int32_t> tokens, int64_t seq
   return sum / static_cast<double>(count);
 }
 
-std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
-                                 std::span<const int32_t> train, std::span<const int32_t> val,
-                                 ThreadPool* pool,
-                                 const std::function<void(const TrainLogEntry&)>& on_step,
-                                 const DataParallelOptions& dp) {
-  config.Validate();
-  Communicator& comm = dp.comm ? *dp.comm : SingleProcess();
-  const int N = comm.size(), rank = comm.rank();
-  const int64_t T = config.seq_len, B = config.batch_size, A = config.grad_accum;
-  const int64_t n = static_cast<int64_t>(train.size());
+namespace {
+
+// Train's preconditions on the text (n tokens) and on the split of A micro-batches over N ranks.
+void CheckTrainSplit(int64_t n, int64_t T, int64_t A, int N) {
   if (n < T + 1) {
     throw Error("training text has " + std::to_string(n) +
                 " tokens, fewer than seq_len + 1 = " + std::to_string(T + 1));
@@ -260,10 +254,10 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
                 " ranks (each rank computes at least one); use grad_accum >= " + std::to_string(N) +
                 ", a multiple of the rank count to balance them");
   }
-  model.set_matmul_precision(config.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kF32);
-  // With an adapter only its own buffer trains (the base stays frozen and is never copied).
-  std::span<float> params = model.trainable_parameters();
-  const int64_t P = static_cast<int64_t>(params.size());
+}
+
+// Zero AdamW moments for a new run; a resumed run's moments must match the P parameters.
+void PrepareMoments(OptimizerState& state, int64_t P) {
   if (state.m.empty() && state.v.empty() && state.step == 0) {
     state.m.assign(P, 0.0f);
     state.v.assign(P, 0.0f);
@@ -272,6 +266,170 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     throw Error("optimizer state has " + std::to_string(state.m.size()) +
                 " moments, the model has " + std::to_string(P) + " parameters");
   }
+}
+
+// 1 for the elements of the shard [s0, s0 + S) that belong to a weight-decayed tensor (padding is
+// never decayed; its gradient stays 0).
+std::vector<uint8_t> DecayMask(const Model& model, int64_t s0, int64_t S) {
+  std::vector<uint8_t> decay(S, 0);
+  for (const TensorInfo& t : model.trainable_tensors()) {
+    const int64_t b = std::max(t.offset, s0), e = std::min(t.offset + t.size, s0 + S);
+    if (t.weight_decay && b < e) std::fill(decay.begin() + (b - s0), decay.begin() + (e - s0), 1);
+  }
+  return decay;
+}
+
+// Micro-batch `micro` of step s: batch_size crops of seq_len + 1 tokens whose starts are hashed
+// from (data seed, step, micro-batch, row), so any rank can draw any micro-batch.
+void FillMicroBatch(const TrainConfig& config, std::span<const int32_t> train, int64_t s,
+                    int64_t micro, std::vector<int32_t>& batch) {
+  const int64_t T = config.seq_len;
+  const int64_t span = static_cast<int64_t>(train.size()) - (T + 1);
+  for (int64_t b = 0; b < config.batch_size; ++b) {
+    const uint64_t h = Hash(config.data_seed, static_cast<uint64_t>(s),
+                            static_cast<uint64_t>(micro), static_cast<uint64_t>(b));
+    const int64_t start = static_cast<int64_t>(h % static_cast<uint64_t>(span + 1));
+    std::copy(train.begin() + start, train.begin() + start + T + 1, batch.begin() + b * (T + 1));
+  }
+}
+
+// The step's mean loss over its A micro-batches and the latest end of any rank's backward, from
+// the gathered blocks (rank r's block: its micro-batch losses, then that time).
+std::pair<double, double> StepLoss(const std::vector<double>& shared,
+                                   const std::vector<int64_t>& offsets, int N, int64_t A) {
+  double loss = 0.0;
+  double last_backward = 0.0;
+  for (int r = 0; r < N; ++r) {
+    for (int64_t i = offsets[r]; i + 1 < offsets[r + 1]; ++i) loss += shared[i];
+    last_backward = std::max(last_backward, shared[offsets[r + 1] - 1]);
+  }
+  return {loss / static_cast<double>(A), last_backward};
+}
+
+// AdamW (Loshchilov & Hutter 2019, decoupled weight decay) at step t on the shard: gradient g
+// (scaled by clip), moments m and v, parameters p, decay mask; updates in double, rounded once.
+void AdamWStep(const TrainConfig& config, int64_t t, double lr, double clip,
+               std::span<const float> grad, std::span<const uint8_t> decay, std::vector<float>& m,
+               std::vector<float>& v, float* params) {
+  const double bc1 = 1.0 - std::pow(config.beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - std::pow(config.beta2, static_cast<double>(t));
+  const float b1 = static_cast<float>(config.beta1), b2 = static_cast<float>(config.beta2);
+  const int64_t S = static_cast<int64_t>(grad.size());
+  for (int64_t i = 0; i < S; ++i) {
+    const float g = static_cast<float>(grad[i] * clip);
+    m[i] = b1 * m[i] + (1.0f - b1) * g;
+    v[i] = b2 * v[i] + (1.0f - b2) * g * g;
+    const double mhat = m[i] / bc1;
+    const double vhat = v[i] / bc2;
+    double p = params[i];
+    if (decay[i]) p -= lr * config.weight_decay * p;
+    p -= lr * mhat / (std::sqrt(vhat) + config.eps);
+    params[i] = static_cast<float>(p);
+  }
+}
+
+// The progress line of step entry.step: loss, validation loss, lr, gradient norm, throughput.
+void PrintProgress(const TrainConfig& config, const TrainLogEntry& entry, int64_t first_step,
+                   double elapsed) {
+  const int64_t t = entry.step;
+  const double done = static_cast<double>(t - first_step);
+  const double tok_s =
+      done * config.batch_size * config.seq_len * config.grad_accum / std::max(elapsed, 1e-9);
+  const double eta = elapsed / done * static_cast<double>(config.steps - t);
+  std::fprintf(stderr, "step %lld/%lld  loss %.4f", static_cast<long long>(t),
+               static_cast<long long>(config.steps), entry.loss);
+  if (entry.val_loss >= 0) std::fprintf(stderr, "  val %.4f", entry.val_loss);
+  std::fprintf(stderr, "  lr %.3g  |g| %.3f  %.0f tok/s  elapsed %s  eta %s\n", entry.lr,
+               entry.grad_norm, tok_s, FormatDuration(elapsed).c_str(),
+               FormatDuration(eta).c_str());
+}
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// When a step's phases ended: compute (t1), gradient reduction (t2), optimizer (t4), parameter
+// all-gather (t5) from its start t0; the reduction work done inside the backward (post_s) and the
+// latest end of any rank's backward (seconds since the steady clock's epoch).
+struct StepTimes {
+  Clock::time_point t0, t1, t2, t4, t5;
+  double post_s = 0.0, last_backward = 0.0;
+};
+
+void AddStepTimes(const StepTimes& w, DataParallelStats& stats) {
+  stats.steps += 1;
+  stats.step_s += Seconds(w.t0, w.t5);
+  stats.compute_s += Seconds(w.t0, w.t1) - w.post_s;
+  stats.reduce_post_s += w.post_s;
+  stats.reduce_wait_s += Seconds(w.t1, w.t2);
+  stats.reduce_after_last_backward_s += std::max(
+      0.0, std::chrono::duration<double>(w.t2.time_since_epoch()).count() - w.last_backward);
+  stats.optimizer_s += Seconds(w.t2, w.t4);
+  stats.allgather_s += Seconds(w.t4, w.t5);
+}
+
+// Global gradient norm: per-chunk sums of squares of the summed gradient (this rank's chunks from
+// its shard, the others' gathered), added in chunk order, the same terms in the same order for
+// any rank count.
+double GlobalGradNorm(Communicator& comm, const dist::ShardLayout& layout, int rank,
+                      std::span<const float> shard_grad, std::vector<double>& chunk_sq) {
+  dist::ChunkSquares(shard_grad, std::span<double>(chunk_sq).subspan(
+                                     layout.chunk_begin(rank),
+                                     layout.chunk_begin(rank + 1) - layout.chunk_begin(rank)));
+  comm.AllGather(std::span<double>(chunk_sq), layout.chunk_offsets());
+  double sq = 0.0;
+  for (double c : chunk_sq) sq += c;
+  return std::sqrt(sq);
+}
+
+// One checkpoint after step t, written by rank 0 (after the moments' shards m, v are gathered to
+// it when the optimizer state is sharded). Every rank takes part: the gather is collective.
+void SaveTrainCheckpoint(Communicator& comm, const dist::ShardLayout& layout, const Model& model,
+                         const OptimizerState& state, const TrainConfig& config,
+                         const std::vector<float>& m, const std::vector<float>& v, int64_t t) {
+  if (comm.size() == 1) {
+    SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
+    return;
+  }
+  const int64_t P = static_cast<int64_t>(model.trainable_parameters().size());
+  const bool lead = comm.rank() == 0;
+  OptimizerState full{t, std::vector<float>(lead ? P : 0), std::vector<float>(lead ? P : 0)};
+  comm.Gather(m, full.m, layout.offsets());
+  comm.Gather(v, full.v, layout.offsets());
+  if (lead) SaveCheckpoint(config.checkpoint_dir, model, &full, &config);
+}
+
+// The full moments on every rank from the shards m, v at s0, as one process would hold them.
+void GatherMoments(Communicator& comm, const dist::ShardLayout& layout, int64_t s0,
+                   const std::vector<float>& m, const std::vector<float>& v, int64_t P,
+                   OptimizerState& state) {
+  state.m.assign(P, 0.0f);
+  state.v.assign(P, 0.0f);
+  std::copy(m.begin(), m.end(), state.m.begin() + s0);
+  std::copy(v.begin(), v.end(), state.v.begin() + s0);
+  comm.AllGather(std::span<float>(state.m), layout.offsets());
+  comm.AllGather(std::span<float>(state.v), layout.offsets());
+}
+
+}  // namespace
+
+std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const TrainConfig& config,
+                                 std::span<const int32_t> train, std::span<const int32_t> val,
+                                 ThreadPool* pool,
+                                 const std::function<void(const TrainLogEntry&)>& on_step,
+                                 const DataParallelOptions& dp) {
+  config.Validate();
+  Communicator& comm = dp.comm ? *dp.comm : SingleProcess();
+  const int N = comm.size(), rank = comm.rank();
+  const int64_t T = config.seq_len, B = config.batch_size, A = config.grad_accum;
+  CheckTrainSplit(static_cast<int64_t>(train.size()), T, A, N);
+  model.set_matmul_precision(config.bf16 ? MatmulPrecision::kBf16 : MatmulPrecision::kF32);
+  // With an adapter only its own buffer trains (the base stays frozen and is never copied).
+  std::span<float> params = model.trainable_parameters();
+  const int64_t P = static_cast<int64_t>(params.size());
+  PrepareMoments(state, P);
   if (N > 1) CheckSameRun(comm, model, state, config, train, val);
 
   // ZeRO stage 1: this rank's shard [s0, s0 + S) of the moments and of the summed gradient.
@@ -287,11 +445,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
   }
   std::vector<float>& m = N > 1 ? m_shard : state.m;
   std::vector<float>& v = N > 1 ? v_shard : state.v;
-  std::vector<uint8_t> decay(S, 0);  // padding is never decayed; its gradient stays 0
-  for (const TensorInfo& t : model.trainable_tensors()) {
-    const int64_t b = std::max(t.offset, s0), e = std::min(t.offset + t.size, s0 + S);
-    if (t.weight_decay && b < e) std::fill(decay.begin() + (b - s0), decay.begin() + (e - s0), 1);
-  }
+  const std::vector<uint8_t> decay = DecayMask(model, s0, S);
   // Local gradient buffers: rank 0 folds its micro-batches into one (a scratch buffer takes each
   // later micro-batch), every other rank keeps one per micro-batch for the owners' fold.
   const int64_t micro0 = dist::MicroBegin(A, N, rank), micro1 = dist::MicroBegin(A, N, rank + 1);
@@ -313,30 +467,20 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
   stats.ranks = N;
   stats.optimizer_floats = 2 * S;
   stats.optimizer_floats_unsharded = 2 * P;
-  using Clock = std::chrono::steady_clock;
-  auto seconds = [](Clock::time_point a, Clock::time_point b) {
-    return std::chrono::duration<double>(b - a).count();
-  };
 
   std::vector<int32_t> batch(B * (T + 1));
   std::vector<TrainLogEntry> log;
   const float grad_scale = static_cast<float>(1.0 / static_cast<double>(B * T * A));
   const auto t_start = Clock::now();
   const int64_t first_step = state.step;
-  const int64_t span = n - (T + 1);
   while (state.step < config.steps) {
     const int64_t s = state.step;
-    const auto t0 = Clock::now();
+    StepTimes w;
+    w.t0 = Clock::now();
     reducer.BeginStep(owner_view);
-    double post_s = 0.0;
+    double& post_s = w.post_s;
     for (int64_t micro = micro0; micro < micro1; ++micro) {
-      for (int64_t b = 0; b < B; ++b) {
-        const uint64_t h = Hash(config.data_seed, static_cast<uint64_t>(s),
-                                static_cast<uint64_t>(micro), static_cast<uint64_t>(b));
-        const int64_t start = static_cast<int64_t>(h % static_cast<uint64_t>(span + 1));
-        std::copy(train.begin() + start, train.begin() + start + T + 1,
-                  batch.begin() + b * (T + 1));
-      }
+      FillMicroBatch(config, train, s, micro, batch);
       const bool into_scratch = rank == 0 && micro > micro0;
       std::vector<float>& g = into_scratch ? scratch : grads[rank == 0 ? 0 : micro - micro0];
       std::fill(g.begin(), g.end(), 0.0f);
@@ -348,7 +492,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
             for (int64_t i = begin; i < end; ++i) grads[0][i] += scratch[i];
           }
           reducer.Ready(begin, end);
-          post_s += seconds(r0, Clock::now());
+          post_s += Seconds(r0, Clock::now());
         };
       }
       // LoRA dropout masks: a pure function of (data seed, step, micro-batch), like the crops.
@@ -360,57 +504,23 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
         for (int64_t i = 0; i < P; ++i) grads[0][i] += scratch[i];
       }
     }
-    const auto t1 = Clock::now();
+    w.t1 = Clock::now();
     reducer.Finish(shard_grad);
-    const auto t2 = Clock::now();
-    // Global gradient norm: per-chunk sums of squares of the summed gradient, added in chunk
-    // order, the same terms in the same order for any rank count.
-    dist::ChunkSquares(shard_grad, std::span<double>(chunk_sq).subspan(
-                                       layout.chunk_begin(rank),
-                                       layout.chunk_begin(rank + 1) - layout.chunk_begin(rank)));
-    comm.AllGather(std::span<double>(chunk_sq), layout.chunk_offsets());
-    shared[my_block + local_micro] = std::chrono::duration<double>(t1.time_since_epoch()).count();
+    w.t2 = Clock::now();
+    const double norm = GlobalGradNorm(comm, layout, rank, shard_grad, chunk_sq);
+    shared[my_block + local_micro] = std::chrono::duration<double>(w.t1.time_since_epoch()).count();
     comm.AllGather(std::span<double>(shared), shared_offsets);
-    double loss = 0.0;
-    double last_backward = 0.0;
-    for (int r = 0; r < N; ++r) {
-      for (int64_t i = shared_offsets[r]; i + 1 < shared_offsets[r + 1]; ++i) loss += shared[i];
-      last_backward = std::max(last_backward, shared[shared_offsets[r + 1] - 1]);
-    }
-    loss /= static_cast<double>(A);
-    double sq = 0.0;
-    for (double c : chunk_sq) sq += c;
-    const double norm = std::sqrt(sq);
+    const auto [loss, last_backward] = StepLoss(shared, shared_offsets, N, A);
+    w.last_backward = last_backward;
     const double clip =
         config.grad_clip > 0 && norm > config.grad_clip ? config.grad_clip / norm : 1.0;
     const double lr = LearningRate(config, s);
     const int64_t t = s + 1;
-    const double bc1 = 1.0 - std::pow(config.beta1, static_cast<double>(t));
-    const double bc2 = 1.0 - std::pow(config.beta2, static_cast<double>(t));
-    const float b1 = static_cast<float>(config.beta1), b2 = static_cast<float>(config.beta2);
-    for (int64_t i = 0; i < S; ++i) {
-      const float g = static_cast<float>(shard_grad[i] * clip);
-      m[i] = b1 * m[i] + (1.0f - b1) * g;
-      v[i] = b2 * v[i] + (1.0f - b2) * g * g;
-      const double mhat = m[i] / bc1;
-      const double vhat = v[i] / bc2;
-      double p = params[s0 + i];
-      if (decay[i]) p -= lr * config.weight_decay * p;
-      p -= lr * mhat / (std::sqrt(vhat) + config.eps);
-      params[s0 + i] = static_cast<float>(p);
-    }
-    const auto t4 = Clock::now();
+    AdamWStep(config, t, lr, clip, shard_grad, decay, m, v, params.data() + s0);
+    w.t4 = Clock::now();
     comm.AllGather(params, layout.offsets());
-    const auto t5 = Clock::now();
-    stats.steps += 1;
-    stats.step_s += seconds(t0, t5);
-    stats.compute_s += seconds(t0, t1) - post_s;
-    stats.reduce_post_s += post_s;
-    stats.reduce_wait_s += seconds(t1, t2);
-    stats.reduce_after_last_backward_s +=
-        std::max(0.0, std::chrono::duration<double>(t2.time_since_epoch()).count() - last_backward);
-    stats.optimizer_s += seconds(t2, t4);
-    stats.allgather_s += seconds(t4, t5);
+    w.t5 = Clock::now();
+    AddStepTimes(w, stats);
     state.step = t;
     TrainLogEntry entry{t, loss, lr, norm, -1.0};
     const bool last = t == config.steps;
@@ -421,31 +531,13 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     log.push_back(entry);
     if (rank == 0 && config.progress &&
         (t % config.log_interval == 0 || last || entry.val_loss >= 0)) {
-      const double elapsed = seconds(t_start, Clock::now());
-      const double done = static_cast<double>(t - first_step);
-      const double tok_s = done * B * T * A / std::max(elapsed, 1e-9);
-      const double eta = elapsed / done * static_cast<double>(config.steps - t);
-      std::fprintf(stderr, "step %lld/%lld  loss %.4f", static_cast<long long>(t),
-                   static_cast<long long>(config.steps), loss);
-      if (entry.val_loss >= 0) std::fprintf(stderr, "  val %.4f", entry.val_loss);
-      std::fprintf(stderr, "  lr %.3g  |g| %.3f  %.0f tok/s  elapsed %s  eta %s\n", lr, norm, tok_s,
-                   FormatDuration(elapsed).c_str(), FormatDuration(eta).c_str());
+      PrintProgress(config, entry, first_step, Seconds(t_start, Clock::now()));
     }
     const bool save =
         !config.checkpoint_dir.empty() &&
         ((config.checkpoint_interval > 0 && t % config.checkpoint_interval == 0) || last);
-    // One checkpoint, written by rank 0 (after the moments' shards are gathered to it when the
-    // optimizer state is sharded). Every rank takes part: the gather is collective.
     auto save_checkpoint = [&] {
-      if (N == 1) {
-        SaveCheckpoint(config.checkpoint_dir, model, &state, &config);
-        return;
-      }
-      OptimizerState full{t, std::vector<float>(rank == 0 ? P : 0),
-                          std::vector<float>(rank == 0 ? P : 0)};
-      comm.Gather(m, full.m, layout.offsets());
-      comm.Gather(v, full.v, layout.offsets());
-      if (rank == 0) SaveCheckpoint(config.checkpoint_dir, model, &full, &config);
+      SaveTrainCheckpoint(comm, layout, model, state, config, m, v, t);
     };
     // on_step (which may log the step) runs before the save, so that a log never lacks a step
     // that a checkpoint holds; a resumed run drops the logged steps after its checkpoint. A
@@ -460,15 +552,7 @@ std::vector<TrainLogEntry> Train(Model& model, OptimizerState& state, const Trai
     }
     if (save) save_checkpoint();
   }
-  // The full moments on every rank, as one process would hold them.
-  if (N > 1) {
-    state.m.assign(P, 0.0f);
-    state.v.assign(P, 0.0f);
-    std::copy(m.begin(), m.end(), state.m.begin() + s0);
-    std::copy(v.begin(), v.end(), state.v.begin() + s0);
-    comm.AllGather(std::span<float>(state.m), layout.offsets());
-    comm.AllGather(std::span<float>(state.v), layout.offsets());
-  }
+  if (N > 1) GatherMoments(comm, layout, s0, m, v, P, state);
   stats.grad_floats_sent = reducer.floats_sent();
   if (dp.stats) *dp.stats = stats;
   return log;

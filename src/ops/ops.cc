@@ -256,7 +256,10 @@ void CrossEntropy(const float* logits, const int32_t* targets, float* losses, fl
 
 namespace {
 
-void CheckAttention(const AttentionArgs& a) {
+void CheckAttention(const AttentionArgs& a, bool paged_ok = false) {
+  if (!paged_ok && !a.block_table.empty()) {
+    throw Error("attention: a paged KV cache (block_table) is read by DecodeAttention only");
+  }
   if (a.heads < 1 || a.kv_heads < 1 || a.heads % a.kv_heads != 0) {
     throw Error("attention: num_kv_heads " + std::to_string(a.kv_heads) +
                 " must divide num_heads " + std::to_string(a.heads) + " (both >= 1)");
@@ -595,13 +598,40 @@ void FlashForwardTile(const FlashPlan& P, int64_t b, int64_t h, int64_t i0, int6
 
 }  // namespace
 
+namespace {
+
+// s[j] = scale * (q_h . k_j) for the first n keys of kv head g: one ScoreRowSimd call over
+// contiguous keys, or one per page of a block table (each score is one row's dot product, so the
+// bits are the same).
+void ScoreKeys(const AttentionArgs& a, int64_t h, int64_t g, int64_t n, float* s) {
+  const int64_t D = a.head_dim;
+  const float* q = a.q + h * D;
+  if (a.block_table.empty()) {
+    ScoreRowSimd(q, a.k + g * D, a.kv_row_stride, n, D, a.scale, s);
+    return;
+  }
+  const int64_t P = a.page_size;
+  for (int64_t j0 = 0, page = 0; j0 < n; j0 += P, ++page) {
+    const float* k = a.k + (int64_t{a.block_table[page]} * P) * a.kv_row_stride + g * D;
+    ScoreRowSimd(q, k, a.kv_row_stride, std::min(P, n - j0), D, a.scale, s + j0);
+  }
+}
+
+}  // namespace
+
 void DecodeAttention(const AttentionArgs& a, std::span<float> scratch) {
-  CheckAttention(a);
+  CheckAttention(a, /*paged_ok=*/true);
   if (a.batch != 1 || a.tq != 1) throw Error("DecodeAttention: needs batch = 1 and Tq = 1");
   const int64_t D = a.head_dim, Tk = a.tk, group = a.heads / a.kv_heads;
   if (static_cast<int64_t>(scratch.size()) < Tk) {
     throw Error("DecodeAttention: scratch holds " + std::to_string(scratch.size()) +
                 " floats, needs Tk = " + std::to_string(Tk));
+  }
+  const bool paged = !a.block_table.empty();
+  if (paged && (a.page_size < 1 || static_cast<int64_t>(a.block_table.size()) * a.page_size < Tk)) {
+    throw Error("DecodeAttention: a block table of " + std::to_string(a.block_table.size()) +
+                " pages of " + std::to_string(a.page_size) +
+                " tokens does not cover Tk = " + std::to_string(Tk));
   }
   const int64_t qp = a.q_positions[0];
   const bool contiguous = ContiguousKeys(a);
@@ -611,7 +641,7 @@ void DecodeAttention(const AttentionArgs& a, std::span<float> scratch) {
   for (int64_t h = 0; h < a.heads; ++h) {
     const int64_t g = h / group;
     float* o = a.out + h * D;
-    ScoreRowSimd(a.q + h * D, a.k + g * D, a.kv_row_stride, visible, D, a.scale, s);
+    ScoreKeys(a, h, g, visible, s);
     if (HasBias(a) && visible > 0) {
       if (contiguous) {
         a.logit_bias->AddLogitBias(qp, a.k_positions[0], visible, int(h), a.bias_params, s);
@@ -629,7 +659,12 @@ void DecodeAttention(const AttentionArgs& a, std::span<float> scratch) {
       continue;
     }
     const float sum = ExpShiftSumSimd(s, visible, mx);
-    WeightedRowSumSimd(s, a.v + g * D, a.kv_row_stride, visible, D, 1.0f / sum, o);
+    if (paged) {
+      WeightedRowSumPagedSimd(s, a.v + g * D, a.kv_row_stride, a.block_table.data(), a.page_size,
+                              visible, D, 1.0f / sum, o);
+    } else {
+      WeightedRowSumSimd(s, a.v + g * D, a.kv_row_stride, visible, D, 1.0f / sum, o);
+    }
   }
 }
 

@@ -89,6 +89,12 @@ struct AttentionArgs {
   // Optional [B, H, Tq, Tk] buffer: receives the attention probabilities (masked entries 0),
   // which AttentionBackward needs.
   float* probs = nullptr;
+  // Paged keys and values (DecodeAttention only; empty = contiguous rows): key j is row
+  // block_table[j / page_size] * page_size + j % page_size of k and v, kv_row_stride floats
+  // apart (vLLM's paged attention over one sequence's block table, Kwon et al. 2023,
+  // arXiv:2309.06180). The table must cover Tk keys.
+  std::span<const int32_t> block_table;
+  int64_t page_size = 0;
 };
 void AttentionForward(const AttentionArgs& args, ThreadPool* pool);
 // One decoding query per call (args.batch = 1, args.tq = 1), run on the calling thread without
@@ -96,7 +102,9 @@ void AttentionForward(const AttentionArgs& args, ThreadPool* pool);
 // AttentionForward for that case (masking, GQA, logit-bias hooks), with scores from Highway dot
 // products (ScoreRowSimd), float32 probabilities exp(s - max) (ExpShiftSumSimd, <= 1 ulp each)
 // and out = (sum_j p_j v_j) / sum_j p_j summed in ascending j. The bits depend on the inputs and
-// the SIMD target only. scratch: at least Tk floats. args.probs is ignored.
+// the SIMD target only. scratch: at least Tk floats. args.probs is ignored. With a block table
+// the keys are read page by page with the same arithmetic, so the bits equal those of the same
+// keys laid out contiguously.
 void DecodeAttention(const AttentionArgs& args, std::span<float> scratch);
 // Gradients from dout (laid out like out): dq (like q, written), dk and dv (like k / v,
 // written), grad_bias_params += (T5 table; summed over the batch in ascending order).

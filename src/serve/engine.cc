@@ -117,10 +117,30 @@ Engine::Engine(Model& model, const EngineOptions& options, ThreadPool* pool)
                   std::to_string(options.context - options.n_keep) + ") (0 = half)");
     }
   }
-  for (int64_t i = 0; i < options.max_batch; ++i) {
-    slots_.push_back(std::make_unique<KVCache>(model.config(), options.context));
+  if (options.kv_page_size < 1 || options.kv_page_size > 65536) {
+    throw Error("--kv-page-size " + std::to_string(options.kv_page_size) +
+                " is outside [1, 65536]");
   }
-  for (auto it = slots_.rbegin(); it != slots_.rend(); ++it) free_slots_.push_back(it->get());
+  // Default: the memory of max_batch full-context caches.
+  const int64_t pool_tokens =
+      options.kv_cache_tokens > 0 ? options.kv_cache_tokens : options.max_batch * options.context;
+  if (options.kv_cache_tokens < 0) {
+    throw Error("--kv-cache-tokens " + std::to_string(options.kv_cache_tokens) +
+                " must be >= 0 (0 = --max-batch x --ctx-size)");
+  }
+  if (options.context_shift && pool_tokens < options.context) {
+    throw Error("--kv-cache-tokens " + std::to_string(pool_tokens) +
+                " must hold at least one context (--ctx-size " + std::to_string(options.context) +
+                ") with --context-shift: every sequence reserves its whole context");
+  }
+  const int64_t pages = (pool_tokens + options.kv_page_size - 1) / options.kv_page_size;
+  if (pages > (int64_t{1} << 31) - 1) {
+    throw Error("--kv-cache-tokens " + std::to_string(pool_tokens) +
+                " needs more than 2^31 - 1 "
+                "pages of " +
+                std::to_string(options.kv_page_size) + " tokens");
+  }
+  kv_pool_ = std::make_unique<KvPagePool>(model.config(), pages, options.kv_page_size);
   thread_ = std::thread([this] { Loop(); });
 }
 
@@ -134,21 +154,30 @@ Engine::~Engine() {
   for (Active& a : queue_) Finish(a, "", "the server is shutting down");
 }
 
-bool Engine::Submit(const std::shared_ptr<Job>& job) {
+int64_t Engine::CacheTokens(const Generation& gen) const {
+  if (options_.context_shift) return options_.context;
+  const int64_t n = static_cast<int64_t>(gen.prompt.size());
+  return std::max<int64_t>(1, std::min(options_.context, n + std::max<int64_t>(gen.max_tokens, 0)));
+}
+
+SubmitResult Engine::Submit(const std::shared_ptr<Job>& job) {
+  for (const auto& g : job->gens) {
+    if (kv_pool_->PagesFor(CacheTokens(*g)) > kv_pool_->num_pages()) return SubmitResult::kTooLarge;
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return false;
-    // Generations beyond the free slots wait in the queue, which holds at most max_queue.
+    if (stop_) return SubmitResult::kBusy;
+    // Generations beyond the free batch positions wait in the queue, which holds at most max_queue.
     const int64_t free_now = options_.max_batch - running_count_.load();
     const int64_t waiting = static_cast<int64_t>(queue_.size() + job->gens.size()) - free_now;
-    if (waiting > options_.max_queue) return false;
+    if (waiting > options_.max_queue) return SubmitResult::kBusy;
     for (auto& g : job->gens) {
       g->job = job.get();
       queue_.push_back({job, g.get()});
     }
   }
   cv_.notify_all();
-  return true;
+  return SubmitResult::kQueued;
 }
 
 EngineStats Engine::Stats() const {
@@ -160,14 +189,23 @@ EngineStats Engine::Stats() const {
   s.running = running_count_.load();
   s.steps = steps_.load();
   s.tokens = tokens_.load();
+  s.kv_pages = kv_pool_->num_pages();
+  s.kv_page_size = kv_pool_->page_size();
+  s.kv_bytes = kv_pool_->bytes();
+  s.kv_pages_reserved = pages_reserved_.load();
+  s.kv_pages_used = pages_used_.load();
   return s;
+}
+
+void Engine::PublishPool() {
+  pages_reserved_.store(kv_pool_->reserved_pages());
+  pages_used_.store(kv_pool_->used_pages());
 }
 
 void Engine::ReleaseSlot(Generation* gen) {
   if (gen->cache) {
-    gen->cache->Clear();
-    free_slots_.push_back(gen->cache);
-    gen->cache = nullptr;
+    gen->cache.reset();  // its pages go back to the pool
+    PublishPool();
   }
 }
 
@@ -256,8 +294,7 @@ void Engine::Admit(Active a) {
     std::lock_guard<std::mutex> lock(a.job->mu);
     g.admit_time = Clock::now();
   }
-  g.cache = free_slots_.back();
-  free_slots_.pop_back();
+  if (!g.cache) throw Error("internal: a generation was admitted without a KV cache");
   g.rng = std::make_unique<Sampler>(g.sampler);
   const int64_t n = static_cast<int64_t>(g.prompt.size());
   const int64_t V = model_.config().vocab_size;
@@ -290,12 +327,22 @@ void Engine::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] { return stop_ || !queue_.empty() || !running_.empty(); });
       if (stop_) break;
+      // First come, first served: the head of the queue waits until the pool can reserve its
+      // cache (those behind it wait too). Cancelled or expired generations leave at once.
       while (!queue_.empty() &&
              static_cast<int64_t>(running_.size() + admitted.size()) < options_.max_batch) {
-        admitted.push_back(std::move(queue_.front()));
+        Active& head = queue_.front();
+        if (!head.job->cancelled.load() && Clock::now() <= head.job->deadline &&
+            head.gen->max_tokens > 0) {
+          const int64_t tokens = CacheTokens(*head.gen);
+          if (kv_pool_->PagesFor(tokens) > kv_pool_->available_pages()) break;
+          head.gen->cache = std::make_unique<KVCache>(*kv_pool_, tokens);
+        }
+        admitted.push_back(std::move(head));
         queue_.pop_front();
       }
     }
+    PublishPool();
     for (Active& a : admitted) {
       try {
         Admit(a);
@@ -329,7 +376,7 @@ void Engine::Loop() {
     caches.clear();
     tokens.clear();
     for (Active& a : running_) {
-      caches.push_back(a.gen->cache);
+      caches.push_back(a.gen->cache.get());
       tokens.push_back(a.gen->next);
     }
     logits.resize(running_.size() * V);
@@ -341,6 +388,7 @@ void Engine::Loop() {
       continue;
     }
     steps_.fetch_add(1);
+    PublishPool();
     for (size_t b = 0; b < running_.size(); ++b) {
       try {
         Accept(running_[b], logits.data() + b * V);

@@ -22,6 +22,7 @@
 #include "ropekit/serve.h"
 #include "src/serve/chat_page.h"
 #include "src/serve/engine.h"
+#include "src/util/rng.h"
 
 namespace ropekit::serve {
 namespace {
@@ -184,14 +185,9 @@ Sampling ParseSampling(const json& body, int64_t default_max_tokens, const char*
   return s;
 }
 
-// Seed of choice j: a splitmix64 mix of (seed, j), so a choice's text does not depend on n or
-// on the other prompts of the request.
-uint64_t ChoiceSeed(uint64_t seed, int64_t j) {
-  uint64_t z = seed + 0x9E3779B97F4A7C15ull * static_cast<uint64_t>(j + 1);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
+// Seed of choice j: output j of the splitmix64 stream of `seed`, so a choice's text does not
+// depend on n or on the other prompts of the request.
+uint64_t ChoiceSeed(uint64_t seed, int64_t j) { return SplitMixAt(seed, static_cast<uint64_t>(j)); }
 
 std::string RandomId(const char* prefix) {
   static std::atomic<uint64_t> counter{0};
@@ -381,16 +377,27 @@ struct Server::Impl {
   }
 
   void Submit(const std::shared_ptr<Job>& job, httplib::Response& res) {
-    if (!engine->Submit(job)) {
+    const SubmitResult r = engine->Submit(job);
+    if (r == SubmitResult::kBusy) {
       res.set_header("Retry-After", "1");
       throw ApiError{503, "The server is busy: the request queue is full; retry later",
                      "server_error", "", "server_busy"};
+    }
+    if (r == SubmitResult::kTooLarge) {
+      const Generation& g = *job->gens.front();
+      throw BadRequest("max_tokens",
+                       "the prompt (" + std::to_string(g.prompt.size()) +
+                           " tokens) plus max_tokens (" + std::to_string(g.max_tokens) +
+                           ") needs a KV cache of " + std::to_string(engine->CacheTokens(g)) +
+                           " tokens, more than the server's whole KV cache pool (" +
+                           std::to_string(engine->PoolTokens()) +
+                           " tokens, --kv-cache-tokens); lower max_tokens or shorten the prompt");
     }
   }
 
   // Waits until every generation finished; false when a generation failed (res holds the error)
   // or the client went away meanwhile (checked every kDisconnectPoll; the job is then cancelled,
-  // which frees its slots at the next step).
+  // which frees its KV-cache pages at the next step).
   bool Wait(Job& job, const httplib::Request& req, httplib::Response& res) {
     std::unique_lock<std::mutex> lock(job.mu);
     int fd = -2;  // -2: not looked up yet, -1: not found
@@ -842,7 +849,13 @@ struct Server::Impl {
                                 {"running", st.running},
                                 {"queued", st.queued},
                                 {"steps", st.steps},
-                                {"tokens", st.tokens}}),
+                                {"tokens", st.tokens},
+                                {"kv_cache",
+                                 {{"pages", st.kv_pages},
+                                  {"page_size", st.kv_page_size},
+                                  {"pages_reserved", st.kv_pages_reserved},
+                                  {"pages_used", st.kv_pages_used},
+                                  {"bytes", st.kv_bytes}}}}),
                       "application/json");
     });
     http.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
@@ -888,6 +901,8 @@ Server::Server(Model model, const ServeOptions& options)
   eo.context = I.context;
   eo.max_batch = o.max_batch;
   eo.max_queue = o.max_queue;
+  eo.kv_cache_tokens = o.kv_cache_tokens;
+  eo.kv_page_size = o.kv_page_size;
   eo.context_shift = o.context_shift;
   eo.n_keep = o.n_keep;
   eo.n_discard = o.n_discard;

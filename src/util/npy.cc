@@ -82,7 +82,12 @@ std::string NpyDTypeName(NpyDType dtype) {
   return "unknown";
 }
 
-NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
+namespace {
+
+// The header dict's text after the magic string, version and length; *data_offset: where the
+// payload starts.
+std::string_view LocateHeader(const std::vector<uint8_t>& bytes, const std::string& name,
+                              size_t* data_offset) {
   if (bytes.size() < kMagicSize + 4 || std::memcmp(bytes.data(), kMagic, kMagicSize) != 0) {
     Fail(name, "missing the \\x93NUMPY magic string");
   }
@@ -101,17 +106,71 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
     Fail(name, "unsupported format version " + std::to_string(major));
   }
   if (header_len > bytes.size() - offset) Fail(name, "truncated header");
-  const std::string_view header(reinterpret_cast<const char*>(bytes.data()) + offset, header_len);
-  const size_t data_offset = offset + header_len;
+  *data_offset = offset + header_len;
+  return std::string_view(reinterpret_cast<const char*>(bytes.data()) + offset, header_len);
+}
 
-  // The header is the Python dict literal numpy writes (numpy.lib.format, read there with
-  // ast.literal_eval): {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } followed by
-  // spaces and a newline. Read strictly: exactly the keys descr, fortran_order and shape, each
-  // once, a tuple shape ("(4,)", "(4, 2)", "()"; "(4)" is an int and "(4 2)" is no literal),
-  // commas between items, and nothing but padding after the closing brace.
-  std::string descr;
-  bool have_descr = false, have_order = false, have_shape = false, fortran = false;
+// The value of 'fortran_order' at header[i]: True or False.
+bool ReadFortranOrder(std::string_view header, size_t& i, const std::string& name) {
+  if (header.substr(i, 4) == "True") {
+    i += 4;
+    return true;
+  }
+  if (header.substr(i, 5) == "False") {
+    i += 5;
+    return false;
+  }
+  Fail(name, "fortran_order must be True or False");
+}
+
+// The value of 'shape' at header[i]: a tuple of non-negative ints ("(4,)", "(4, 2)", "()"; "(4)"
+// is an int and "(4 2)" is no literal).
+std::vector<int64_t> ReadShapeTuple(std::string_view header, size_t& i, const std::string& name) {
+  if (i >= header.size() || header[i] != '(') Fail(name, "shape must be a tuple");
+  ++i;
   std::vector<int64_t> shape;
+  bool comma = false;
+  for (;;) {
+    SkipSpaces(header, i);
+    if (i < header.size() && header[i] == ')') {
+      ++i;
+      break;
+    }
+    int64_t dim = 0;
+    size_t digits = 0;
+    while (i < header.size() && header[i] >= '0' && header[i] <= '9') {
+      dim = dim * 10 + (header[i] - '0');
+      if (dim > kMaxDim) Fail(name, "shape dimension too large");
+      ++i;
+      ++digits;
+    }
+    if (digits == 0) Fail(name, "bad shape entry");
+    shape.push_back(dim);
+    SkipSpaces(header, i);
+    comma = i < header.size() && header[i] == ',';
+    if (comma) {
+      ++i;
+    } else if (i >= header.size() || header[i] != ')') {
+      Fail(name, "shape entries must be separated by commas");
+    }
+  }
+  if (shape.size() == 1 && !comma) Fail(name, "shape (n) is an int, not a tuple: use (n,)");
+  return shape;
+}
+
+struct HeaderFields {
+  std::string descr;
+  bool fortran = false;
+  std::vector<int64_t> shape;
+};
+
+// The header is the Python dict literal numpy writes (numpy.lib.format, read there with
+// ast.literal_eval): {'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), } followed by
+// spaces and a newline. Read strictly: exactly the keys descr, fortran_order and shape, each
+// once, a tuple shape, commas between items, and nothing but padding after the closing brace.
+HeaderFields ParseHeaderDict(std::string_view header, const std::string& name) {
+  HeaderFields h;
+  bool have_descr = false, have_order = false, have_shape = false;
   size_t i = 0;
   SkipSpaces(header, i);
   if (i >= header.size() || header[i] != '{') Fail(name, "header is not a dict");
@@ -132,45 +191,11 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
     if (*seen) Fail(name, "header key '" + key + "' appears twice");
     *seen = true;
     if (key == "descr") {
-      descr = ReadQuoted(header, i, name);
+      h.descr = ReadQuoted(header, i, name);
     } else if (key == "fortran_order") {
-      if (header.substr(i, 4) == "True") {
-        fortran = true;
-        i += 4;
-      } else if (header.substr(i, 5) == "False") {
-        i += 5;
-      } else {
-        Fail(name, "fortran_order must be True or False");
-      }
+      h.fortran = ReadFortranOrder(header, i, name);
     } else {
-      if (i >= header.size() || header[i] != '(') Fail(name, "shape must be a tuple");
-      ++i;
-      bool comma = false;
-      for (;;) {
-        SkipSpaces(header, i);
-        if (i < header.size() && header[i] == ')') {
-          ++i;
-          break;
-        }
-        int64_t dim = 0;
-        size_t digits = 0;
-        while (i < header.size() && header[i] >= '0' && header[i] <= '9') {
-          dim = dim * 10 + (header[i] - '0');
-          if (dim > kMaxDim) Fail(name, "shape dimension too large");
-          ++i;
-          ++digits;
-        }
-        if (digits == 0) Fail(name, "bad shape entry");
-        shape.push_back(dim);
-        SkipSpaces(header, i);
-        comma = i < header.size() && header[i] == ',';
-        if (comma) {
-          ++i;
-        } else if (i >= header.size() || header[i] != ')') {
-          Fail(name, "shape entries must be separated by commas");
-        }
-      }
-      if (shape.size() == 1 && !comma) Fail(name, "shape (n) is an int, not a tuple: use (n,)");
+      h.shape = ReadShapeTuple(header, i, name);
     }
     SkipSpaces(header, i);
     if (i >= header.size()) Fail(name, "unterminated header dict");
@@ -188,13 +213,15 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
   }
   if (!have_descr || !have_order || !have_shape)
     Fail(name, "header lacks descr, fortran_order or shape");
-  if (fortran) Fail(name, "Fortran-ordered arrays are not supported (use numpy.ascontiguousarray)");
+  return h;
+}
 
-  NpyArray array;
+NpyDType DTypeFromDescr(const std::string& descr, const std::string& name) {
   bool known = false;
+  NpyDType dtype = NpyDType::kF32;
   for (const auto& info : kDTypes) {
     if (descr == info.descr || (info.size == 1 && descr == std::string("|") + (info.descr + 1))) {
-      array.dtype = info.dtype;
+      dtype = info.dtype;
       known = true;
     }
   }
@@ -202,14 +229,32 @@ NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
     throw Error(name + ": unsupported dtype '" + descr +
                 "' (accepted: float32 <f4, float16 <f2, float64 <f8, int32 <i4, int64 <i8)");
   }
-  array.shape = shape;
+  return dtype;
+}
+
+// Elements of `shape`, checked against overflow of the payload's byte count.
+int64_t CheckedCount(const std::vector<int64_t>& shape, const std::string& name) {
   int64_t count = 1;
   for (int64_t d : shape) {
     if (d != 0 && count > std::numeric_limits<int64_t>::max() / 8 / d)
       Fail(name, "shape too large");
     count *= d;
   }
-  const size_t payload = static_cast<size_t>(count) * array.ItemSize();
+  return count;
+}
+
+}  // namespace
+
+NpyArray ParseNpy(const std::vector<uint8_t>& bytes, const std::string& name) {
+  size_t data_offset = 0;
+  const HeaderFields h = ParseHeaderDict(LocateHeader(bytes, name, &data_offset), name);
+  if (h.fortran) {
+    Fail(name, "Fortran-ordered arrays are not supported (use numpy.ascontiguousarray)");
+  }
+  NpyArray array;
+  array.dtype = DTypeFromDescr(h.descr, name);
+  array.shape = h.shape;
+  const size_t payload = static_cast<size_t>(CheckedCount(h.shape, name)) * array.ItemSize();
   if (bytes.size() - data_offset != payload) {
     Fail(name, "payload has " + std::to_string(bytes.size() - data_offset) +
                    " bytes, shape needs " + std::to_string(payload));

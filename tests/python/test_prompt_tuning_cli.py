@@ -27,34 +27,18 @@ O(1) of their scale). A generated token is compared where the float64 top-2 marg
 the logit tolerance (elsewhere float32 may legitimately pick the other token).
 """
 
-import json
 import math
 import os
-import struct
 import subprocess
 import tempfile
 
-import numpy as np
 import torch
 
-from test_model_torch import CLI, corpus_file, read_safetensors
+from tiny_llama import (CLI, SHAPE, assert_within, checkpoint_files, corpus_file, eval_dump,
+                        fails, next_token_loss, read_file, read_json, read_safetensors, rms_norm,
+                        run, safetensors_header, train_base)
 
-torch.set_default_dtype(torch.float64)
 K, TEXT = 5, "rope "
-
-
-def run(*args):
-    return subprocess.run([CLI, *args], check=True, capture_output=True, text=True)
-
-
-def fails(*args):
-    r = subprocess.run([CLI, *args], capture_output=True, text=True)
-    assert r.returncode != 0, args
-    return r.stderr
-
-
-def rms_norm(x, w, eps):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
 def rotate_half_split(x, pos, theta):
@@ -68,24 +52,29 @@ def rotate_half_split(x, pos, theta):
     return x * cos + rot * sin
 
 
-def hf_llama_from_embeds(cfg, t, x):
-    """LlamaModel.forward on inputs_embeds x [B, N, d], position_ids = arange(N); the logits."""
-    B, N, _ = x.shape
+def hf_llama(cfg, t, x, pos, prefix=None):
+    """LlamaModel.forward on inputs_embeds x [B, T, d] at position_ids pos [T]; the logits.
+    prefix: optional past_key_values [K, L * 2, Hkv, D] (layer l's key at 2l, value at 2l + 1),
+    cache entries 0..K-1 that are never rotated and that every real token sees."""
+    B, T, _ = x.shape
     H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
-    pos = torch.arange(N)
-    mask = pos[None, :] > pos[:, None]
+    K = 0 if prefix is None else prefix.shape[0]
+    mask = torch.arange(K + T)[None, :] > pos[:, None]
     for l in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{l}."
         h = rms_norm(x, t[p + "input_layernorm.weight"], eps)
-        q = rotate_half_split((h @ t[p + "self_attn.q_proj.weight"].T).view(B, N, H, D), pos, theta)
-        k = rotate_half_split((h @ t[p + "self_attn.k_proj.weight"].T).view(B, N, Hkv, D), pos,
+        q = rotate_half_split((h @ t[p + "self_attn.q_proj.weight"].T).view(B, T, H, D), pos, theta)
+        k = rotate_half_split((h @ t[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, D), pos,
                               theta)
-        v = (h @ t[p + "self_attn.v_proj.weight"].T).view(B, N, Hkv, D)
+        v = (h @ t[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, D)
+        if prefix is not None:
+            k = torch.cat([prefix[:, 2 * l][None].expand(B, -1, -1, -1), k], 1)
+            v = torch.cat([prefix[:, 2 * l + 1][None].expand(B, -1, -1, -1), v], 1)
         k, v = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
         s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
         a = torch.softmax(s.masked_fill(mask, float("-inf")), -1)
-        x = x + torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, N, H * D) @ t[
+        x = x + torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, T, H * D) @ t[
             p + "self_attn.o_proj.weight"].T
         h = rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
         x = x + (torch.nn.functional.silu(h @ t[p + "mlp.gate_proj.weight"].T) *
@@ -97,38 +86,67 @@ def peft_prompt_logits(cfg, t, prompt, ids):
     """PeftModelForCausalLM.forward for PROMPT_TUNING: cat(prompt, embed(ids)); real rows."""
     B = ids.shape[0]
     x = torch.cat([prompt[None].expand(B, -1, -1), t["model.embed_tokens.weight"][ids]], 1)
-    return hf_llama_from_embeds(cfg, t, x)[:, prompt.shape[0]:]
+    return hf_llama(cfg, t, x, torch.arange(x.shape[1]))[:, prompt.shape[0]:]
+
+
+def check_greedy_generate(base, adapter, logits_of, scale):
+    """generate --adapter (KV cache) against a float64 recompute of the whole sequence at every
+    step (logits_of(ids [1, N]) -> [1, N, V]). A token is compared where the float64 top-2
+    margin exceeds twice the logit tolerance 2e-4 * scale; at least 4 of the 8 must be."""
+    out = subprocess.run([CLI, "generate", "--model", base, "--adapter", adapter, "--prompt",
+                          "alpha ", "--max-new-tokens", "8"], check=True,
+                         capture_output=True).stdout
+    new = list(out[len(b"alpha "):-1])
+    assert len(new) == 8
+    seq = [ord(c) for c in "alpha "]
+    compared = 0
+    with torch.no_grad():
+        for tok in new:
+            last = logits_of(torch.tensor([seq]))[0, -1]
+            top2 = torch.topk(last, 2).values
+            if (top2[0] - top2[1]).item() > 4e-4 * scale:
+                assert tok == int(last.argmax()), (seq, tok)
+                compared += 1
+            seq.append(tok)
+    assert compared >= 4
+
+
+def check_resume(out, part, args, files):
+    """Training to `part` in two runs (--stop-after 2, then --resume) gives `out`'s files."""
+    run("train", "--out", part, "--stop-after", "2", *args)
+    run("train", "--out", part, "--resume", "--corpus", args[args.index("--corpus") + 1],
+        "--quiet")
+    for f in files:
+        assert read_file(os.path.join(out, f)) == read_file(os.path.join(part, f)), f
+
+
+def check_prompt_header(adapter, shape):
+    """adapter_model.safetensors: one F32 tensor `prompt_embeddings` of `shape`, format pt."""
+    header = safetensors_header(os.path.join(adapter, "adapter_model.safetensors"))
+    assert header["__metadata__"]["format"] == "pt"
+    assert {k: (v["dtype"], v["shape"]) for k, v in header.items()
+            if k != "__metadata__"} == {"prompt_embeddings": ("F32", shape)}
 
 
 def test_prompt_tuning_files_logits_gradients_generate_resume_and_errors():
     with tempfile.TemporaryDirectory() as tmp:
         corpus = corpus_file(tmp)
-        base, adapter, part = (os.path.join(tmp, n) for n in ("base", "adapter", "part"))
-        shape = ["--batch-size", "2", "--seq-len", "12", "--quiet"]
-        run("train", "--corpus", corpus, "--out", base, "--steps", "4", "--hidden-size", "32",
-            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate-size", "40",
-            "--lr", "0.02", "--warmup", "1", "--init-std", "0.1", *shape)
-        base_files = {f: open(os.path.join(base, f), "rb").read()
-                      for f in ("config.json", "model.safetensors")}
+        base = train_base(tmp, corpus)
+        adapter, part = os.path.join(tmp, "adapter"), os.path.join(tmp, "part")
+        base_files = checkpoint_files(base)
         pt = ["--corpus", corpus, "--init", base, "--steps", "4", "--checkpoint-interval", "2",
               "--lr", "0.05", "--warmup", "1", "--prompt-tuning", str(K),
-              "--prompt-tuning-init-text", TEXT, *shape]
+              "--prompt-tuning-init-text", TEXT, *SHAPE]
         run("train", "--out", adapter, *pt)
-        for f, data in base_files.items():
-            assert open(os.path.join(base, f), "rb").read() == data, f
+        assert checkpoint_files(base) == base_files
         # Resume is bit-exact: adapter, moments and config.
-        run("train", "--out", part, "--stop-after", "2", *pt)
-        run("train", "--out", part, "--resume", "--corpus", corpus, "--quiet")
-        for f in ("adapter_model.safetensors", "optimizer.safetensors", "adapter_config.json"):
-            assert open(os.path.join(adapter, f), "rb").read() == open(os.path.join(part, f),
-                                                                       "rb").read(), f
+        check_resume(adapter, part, pt, ("adapter_model.safetensors", "optimizer.safetensors",
+                                         "adapter_config.json"))
 
         # adapter_config.json: PEFT's PromptTuningConfig keys, sorted.
-        text = open(os.path.join(adapter, "adapter_config.json")).read()
-        cfg = json.loads(text)
+        cfg = read_json(os.path.join(adapter, "adapter_config.json"))
         assert list(cfg) == sorted(cfg)
-        with open(os.path.join(base, "config.json")) as f:
-            mcfg = json.load(f)
+        mcfg = read_json(os.path.join(base, "config.json"))
         d = mcfg["hidden_size"]
         assert cfg["peft_type"] == "PROMPT_TUNING" and cfg["task_type"] == "CAUSAL_LM"
         assert cfg["num_virtual_tokens"] == K and cfg["token_dim"] == d
@@ -137,13 +155,7 @@ def test_prompt_tuning_files_logits_gradients_generate_resume_and_errors():
         assert cfg["prompt_tuning_init"] == "TEXT" and cfg["prompt_tuning_init_text"] == TEXT
         assert os.path.samefile(cfg["base_model_name_or_path"], base)
 
-        # adapter_model.safetensors: one F32 tensor [K, d], metadata format pt.
-        raw = open(os.path.join(adapter, "adapter_model.safetensors"), "rb").read()
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        assert header["__metadata__"]["format"] == "pt"
-        assert {k: (v["dtype"], v["shape"]) for k, v in header.items()
-                if k != "__metadata__"} == {"prompt_embeddings": ("F32", [K, d])}
+        check_prompt_header(adapter, [K, d])
         prompt = read_safetensors(os.path.join(adapter, "adapter_model.safetensors"))[
             "prompt_embeddings"]
         base_t = read_safetensors(os.path.join(base, "model.safetensors"))
@@ -152,46 +164,17 @@ def test_prompt_tuning_files_logits_gradients_generate_resume_and_errors():
         assert (prompt - init).abs().max() > 0
 
         # Logits and the gradient of prompt_embeddings against the float64 PEFT computation.
-        rng = np.random.default_rng(1)
-        tokens = rng.integers(0, 256, size=(3, 13)).astype(np.int32)
-        tok_path = os.path.join(tmp, "tokens.npy")
-        np.save(tok_path, tokens)
-        logits_path = os.path.join(tmp, "logits.npy")
-        grads_path = os.path.join(tmp, "grads.safetensors")
-        run("eval", "--model", base, "--adapter", adapter, "--dump-tokens", tok_path,
-            "--dump-logits", logits_path, "--dump-grads", grads_path)
+        ids, got, g, _ = eval_dump(tmp, base, "--adapter", adapter)
         p = prompt.clone().requires_grad_(True)
-        ids = torch.from_numpy(tokens.astype(np.int64))
         logits = peft_prompt_logits(mcfg, base_t, p, ids[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256), ids[:, 1:].reshape(-1))
-        loss.backward()
-        got = torch.from_numpy(np.load(logits_path).astype(np.float64))
-        scale = logits.abs().max().item()
-        err = (got - logits.detach()).abs().max().item()
-        assert err <= 2e-4 * scale, f"logits: max error {err:.3g}, scale {scale:.3g}"
-        g = read_safetensors(grads_path)
+        next_token_loss(logits, ids).backward()
+        assert_within(got, logits.detach(), 2e-4, "logits")
         assert set(g) == {"prompt_embeddings"}
-        g_scale = p.grad.abs().max().item()
-        g_err = (g["prompt_embeddings"] - p.grad).abs().max().item()
-        assert g_scale > 0 and g_err <= 1e-3 * g_scale, f"grad: {g_err:.3g} of {g_scale:.3g}"
+        assert_within(g["prompt_embeddings"], p.grad, 1e-3, "grad", nonzero=True)
 
         # generate --adapter (KV cache, virtual tokens at entries 0..K-1) against a recompute.
-        out = subprocess.run([CLI, "generate", "--model", base, "--adapter", adapter, "--prompt",
-                              "alpha ", "--max-new-tokens", "8"], check=True,
-                             capture_output=True).stdout
-        new = list(out[len(b"alpha "):-1])
-        assert len(new) == 8
-        seq = [ord(c) for c in "alpha "]
-        compared = 0
-        with torch.no_grad():
-            for tok in new:
-                last = peft_prompt_logits(mcfg, base_t, prompt, torch.tensor([seq]))[0, -1]
-                top2 = torch.topk(last, 2).values
-                if (top2[0] - top2[1]).item() > 4e-4 * scale:
-                    assert tok == int(last.argmax()), (seq, tok)
-                    compared += 1
-                seq.append(tok)
-        assert compared >= 4
+        check_greedy_generate(base, adapter, lambda s: peft_prompt_logits(mcfg, base_t, prompt, s),
+                              logits.abs().max().item())
 
         # Errors name the option and the range.
         merged = os.path.join(tmp, "merged")
@@ -199,7 +182,7 @@ def test_prompt_tuning_files_logits_gradients_generate_resume_and_errors():
                                            "--out", merged)
         assert not os.path.exists(os.path.join(merged, "config.json"))
         e = os.path.join(tmp, "e")
-        common = ["train", "--corpus", corpus, "--init", base, "--out", e, "--steps", "1", *shape]
+        common = ["train", "--corpus", corpus, "--init", base, "--out", e, "--steps", "1", *SHAPE]
         assert "--prompt-tuning 0 (num_virtual_tokens) is outside [1, " in fails(
             *common, "--prompt-tuning", "0")
         assert "cannot be combined" in fails(*common, "--prompt-tuning", "2", "--lora-rank", "2")
@@ -209,37 +192,12 @@ def test_prompt_tuning_files_logits_gradients_generate_resume_and_errors():
 
 
 def hf_llama_with_prefix(cfg, t, ids, table):
-    """PEFT PREFIX_TUNING on LLaMA: get_prompt's table [K, L*2*td] viewed [K, L*2, Hkv, D], layer
-    l's key = slice 2l, value = 2l+1, handed over as past_key_values (cache entries 0..K-1,
-    never rotated); cache_position and position_ids K..K+T-1 for the real tokens, which see
-    every prefix entry."""
-    B, T = ids.shape
-    H, Hkv, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    eps, theta, L = cfg["rms_norm_eps"], cfg["rope_theta"], cfg["num_hidden_layers"]
-    K = table.shape[0]
-    kv = table.view(K, L * 2, Hkv, D)
-    pos = torch.arange(K, K + T)
-    kpos = torch.arange(K + T)
-    mask = kpos[None, :] > pos[:, None]
-    x = t["model.embed_tokens.weight"][ids]
-    for l in range(L):
-        p = f"model.layers.{l}."
-        h = rms_norm(x, t[p + "input_layernorm.weight"], eps)
-        q = rotate_half_split((h @ t[p + "self_attn.q_proj.weight"].T).view(B, T, H, D), pos, theta)
-        k = rotate_half_split((h @ t[p + "self_attn.k_proj.weight"].T).view(B, T, Hkv, D), pos,
-                              theta)
-        v = (h @ t[p + "self_attn.v_proj.weight"].T).view(B, T, Hkv, D)
-        k = torch.cat([kv[:, 2 * l][None].expand(B, -1, -1, -1), k], 1)
-        v = torch.cat([kv[:, 2 * l + 1][None].expand(B, -1, -1, -1), v], 1)
-        k, v = k.repeat_interleave(H // Hkv, 2), v.repeat_interleave(H // Hkv, 2)
-        s = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(D)
-        a = torch.softmax(s.masked_fill(mask, float("-inf")), -1)
-        x = x + torch.einsum("bhij,bjhd->bihd", a, v).reshape(B, T, H * D) @ t[
-            p + "self_attn.o_proj.weight"].T
-        h = rms_norm(x, t[p + "post_attention_layernorm.weight"], eps)
-        x = x + (torch.nn.functional.silu(h @ t[p + "mlp.gate_proj.weight"].T) *
-                 (h @ t[p + "mlp.up_proj.weight"].T)) @ t[p + "mlp.down_proj.weight"].T
-    return rms_norm(x, t["model.norm.weight"], eps) @ t["model.embed_tokens.weight"].T
+    """PEFT PREFIX_TUNING on LLaMA: get_prompt's table [K, L*2*td] viewed [K, L*2, Hkv, D] and
+    handed over as past_key_values; cache_position and position_ids K..K+T-1 for the real
+    tokens."""
+    K, T = table.shape[0], ids.shape[1]
+    kv = table.view(K, cfg["num_hidden_layers"] * 2, cfg["num_key_value_heads"], cfg["head_dim"])
+    return hf_llama(cfg, t, t["model.embed_tokens.weight"][ids], torch.arange(K, K + T), kv)
 
 
 def prefix_encoder(enc):
@@ -252,35 +210,24 @@ def prefix_encoder(enc):
 def test_prefix_tuning_files_logits_gradients_generate_resume_and_errors():
     with tempfile.TemporaryDirectory() as tmp:
         corpus = corpus_file(tmp)
-        base = os.path.join(tmp, "base")
+        base = train_base(tmp, corpus)
         plain, proj, part = (os.path.join(tmp, n) for n in ("plain", "proj", "part"))
-        shape = ["--batch-size", "2", "--seq-len", "12", "--quiet"]
-        run("train", "--corpus", corpus, "--out", base, "--steps", "4", "--hidden-size", "32",
-            "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate-size", "40",
-            "--lr", "0.02", "--warmup", "1", "--init-std", "0.1", *shape)
-        base_files = {f: open(os.path.join(base, f), "rb").read()
-                      for f in ("config.json", "model.safetensors")}
+        base_files = checkpoint_files(base)
         common = ["--corpus", corpus, "--init", base, "--steps", "4", "--lr", "0.02",
-                  "--warmup", "1", "--prefix-tuning", "4", *shape]
+                  "--warmup", "1", "--prefix-tuning", "4", *SHAPE]
         run("train", "--out", plain, *common)
         pj = [*common, "--prefix-projection", "--prefix-hidden", "24", "--checkpoint-interval",
               "2"]
         run("train", "--out", proj, *pj)
-        for f, data in base_files.items():
-            assert open(os.path.join(base, f), "rb").read() == data, f
-        run("train", "--out", part, "--stop-after", "2", *pj)
-        run("train", "--out", part, "--resume", "--corpus", corpus, "--quiet")
-        for f in ("adapter_model.safetensors", "optimizer.safetensors", "adapter_config.json",
-                  "prefix_encoder.safetensors"):
-            assert open(os.path.join(proj, f), "rb").read() == open(os.path.join(part, f),
-                                                                    "rb").read(), f
-        with open(os.path.join(base, "config.json")) as f:
-            mcfg = json.load(f)
+        assert checkpoint_files(base) == base_files
+        check_resume(proj, part, pj, ("adapter_model.safetensors", "optimizer.safetensors",
+                                      "adapter_config.json", "prefix_encoder.safetensors"))
+        mcfg = read_json(os.path.join(base, "config.json"))
         Hkv, D, L = mcfg["num_key_value_heads"], mcfg["head_dim"], mcfg["num_hidden_layers"]
         td = Hkv * D  # PEFT's GQA rule
         base_t = read_safetensors(os.path.join(base, "model.safetensors"))
         for adapter, projected in ((plain, False), (proj, True)):
-            cfg = json.loads(open(os.path.join(adapter, "adapter_config.json")).read())
+            cfg = read_json(os.path.join(adapter, "adapter_config.json"))
             assert list(cfg) == sorted(cfg)
             assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["task_type"] == "CAUSAL_LM"
             assert cfg["num_virtual_tokens"] == 4 and cfg["token_dim"] == td
@@ -288,12 +235,7 @@ def test_prefix_tuning_files_logits_gradients_generate_resume_and_errors():
             assert cfg["num_transformer_submodules"] == 1
             assert cfg["prefix_projection"] == projected
             assert cfg["encoder_hidden_size"] == (24 if projected else td)
-            raw = open(os.path.join(adapter, "adapter_model.safetensors"), "rb").read()
-            (n,) = struct.unpack("<Q", raw[:8])
-            header = json.loads(raw[8:8 + n])
-            assert header["__metadata__"]["format"] == "pt"
-            assert {k: (v["dtype"], v["shape"]) for k, v in header.items()
-                    if k != "__metadata__"} == {"prompt_embeddings": ("F32", [4, L * 2 * td])}
+            check_prompt_header(adapter, [4, L * 2 * td])
             table = read_safetensors(os.path.join(adapter, "adapter_model.safetensors"))[
                 "prompt_embeddings"]
             enc = None
@@ -304,54 +246,25 @@ def test_prefix_tuning_files_logits_gradients_generate_resume_and_errors():
                     os.path.join(adapter, "prefix_encoder.safetensors")).items()}
                 out = prefix_encoder(enc)
                 assert (out - table).abs().max() <= 1e-5 * table.abs().max()
-            rng = np.random.default_rng(1)
-            tokens = rng.integers(0, 256, size=(3, 13)).astype(np.int32)
-            tok_path = os.path.join(tmp, "tokens.npy")
-            np.save(tok_path, tokens)
-            logits_path = os.path.join(tmp, "logits.npy")
-            grads_path = os.path.join(tmp, "grads.safetensors")
             # eval of the training directory (projection: the encoder, as --resume loads it).
-            run("eval", "--model", base, "--adapter", adapter, "--dump-tokens", tok_path,
-                "--dump-logits", logits_path, "--dump-grads", grads_path)
+            ids, got, g, _ = eval_dump(tmp, base, "--adapter", adapter)
             p = table.clone().requires_grad_(True)
-            ids = torch.from_numpy(tokens.astype(np.int64))
             logits = hf_llama_with_prefix(mcfg, base_t, ids[:, :-1],
                                           prefix_encoder(enc) if projected else p)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 256),
-                                                     ids[:, 1:].reshape(-1))
-            loss.backward()
-            got = torch.from_numpy(np.load(logits_path).astype(np.float64))
-            scale = logits.abs().max().item()
-            err = (got - logits.detach()).abs().max().item()
-            assert err <= 2e-4 * scale, f"logits: max error {err:.3g}, scale {scale:.3g}"
-            g = read_safetensors(grads_path)
+            next_token_loss(logits, ids).backward()
+            assert_within(got, logits.detach(), 2e-4, "logits")
             leaves = enc if projected else {"prompt_embeddings": p}
             assert set(g) == set(leaves)
             for k, leaf in leaves.items():
-                g_scale = leaf.grad.abs().max().item()
-                g_err = (g[k] - leaf.grad).abs().max().item()
-                assert g_scale > 0 and g_err <= 1e-3 * g_scale, f"{k}: {g_err:.3g} of {g_scale:.3g}"
+                assert_within(g[k], leaf.grad, 1e-3, k, nonzero=True)
             # generate --adapter: the prefix in the KV cache, greedy against a recompute.
-            out = subprocess.run([CLI, "generate", "--model", base, "--adapter", adapter,
-                                  "--prompt", "alpha ", "--max-new-tokens", "8"], check=True,
-                                 capture_output=True).stdout
-            new = list(out[len(b"alpha "):-1])
-            assert len(new) == 8
-            seq = [ord(c) for c in "alpha "]
-            compared = 0
-            with torch.no_grad():
-                for tok in new:
-                    last = hf_llama_with_prefix(mcfg, base_t, torch.tensor([seq]), table)[0, -1]
-                    top2 = torch.topk(last, 2).values
-                    if (top2[0] - top2[1]).item() > 4e-4 * scale:
-                        assert tok == int(last.argmax()), (seq, tok)
-                        compared += 1
-                    seq.append(tok)
-            assert compared >= 4
+            check_greedy_generate(base, adapter,
+                                  lambda s, tb=table: hf_llama_with_prefix(mcfg, base_t, s, tb),
+                                  logits.abs().max().item())
         assert "cannot be merged" in fails("merge", "--model", base, "--adapter", plain, "--out",
                                            os.path.join(tmp, "m"))
         e = ["train", "--corpus", corpus, "--init", base, "--out", os.path.join(tmp, "e"),
-             "--steps", "1", *shape]
+             "--steps", "1", *SHAPE]
         assert "cannot be combined" in fails(*e, "--prefix-tuning", "2", "--prompt-tuning", "2")
         assert "needs --prefix-tuning" in fails(*e, "--prefix-projection")
         assert "needs --prefix-projection" in fails(*e, "--prefix-tuning", "2", "--prefix-hidden",
