@@ -1,10 +1,13 @@
 // Shared pieces of the Google Benchmark programs with a summary table (bench_rope,
-// bench_engine): the default repetitions and the runs their summaries quote.
+// bench_engine): the default repetitions, the runs their summaries quote, and the paired timing
+// that measures a case and its bound alternately in the same repetition.
 #ifndef ROPEKIT_BENCH_BENCH_MAIN_H_
 #define ROPEKIT_BENCH_BENCH_MAIN_H_
 
 #include <benchmark/benchmark.h>
+#include <time.h>
 
+#include <cstdint>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -47,6 +50,52 @@ inline std::pair<std::string, std::string> SplitRunName(
   const std::string name = run.run_name.str();
   const size_t slash = name.find('/');
   return {name.substr(0, slash), name.substr(slash)};
+}
+
+// Which clock TimePaired reads: wall time (calls that use a thread pool) or the calling thread's
+// CPU time (one-thread calls on a shared machine: time the scheduler gives to other processes is
+// not counted).
+enum class PairClock { kWall, kThreadCpu };
+
+inline double ClockSeconds(PairClock clock) {
+  timespec ts;
+  clock_gettime(clock == PairClock::kWall ? CLOCK_MONOTONIC : CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
+// Times `subject` and its bound `bound` alternately: every iteration of `state` runs `batch`
+// calls of subject, then `batch` calls of bound, each batch timed on `clock`. The iteration time
+// (the benchmark must use UseManualTime) is subject's batch, so the console's time column is per
+// batch; the counters hold the times per call of subject ("ns") and bound ("bound_ns") and the
+// ratio subject / bound of this repetition ("ratio"), so that each repetition's ratio compares
+// two measurements taken within milliseconds of each other and the median over repetitions is
+// robust to a machine whose speed drifts between minutes.
+template <class Subject, class Bound>
+void TimePaired(benchmark::State& state, int64_t batch, PairClock clock, Subject&& subject,
+                Bound&& bound) {
+  double subject_s = 0, bound_s = 0;
+  for (auto _ : state) {
+    const double t0 = ClockSeconds(clock);
+    for (int64_t i = 0; i < batch; ++i) subject();
+    benchmark::ClobberMemory();
+    const double t1 = ClockSeconds(clock);
+    for (int64_t i = 0; i < batch; ++i) bound();
+    benchmark::ClobberMemory();
+    const double t2 = ClockSeconds(clock);
+    state.SetIterationTime(t1 - t0);
+    subject_s += t1 - t0;
+    bound_s += t2 - t1;
+  }
+  const double calls = static_cast<double>(state.iterations()) * static_cast<double>(batch);
+  state.counters["ns"] = calls > 0 ? 1e9 * subject_s / calls : 0.0;
+  state.counters["bound_ns"] = calls > 0 ? 1e9 * bound_s / calls : 0.0;
+  state.counters["ratio"] = bound_s > 0 ? subject_s / bound_s : 0.0;
+}
+
+// The counter `name` of a run (0 when absent).
+inline double Counter(const benchmark::BenchmarkReporter::Run& run, const char* name) {
+  const auto it = run.counters.find(name);
+  return it == run.counters.end() ? 0.0 : it->second.value;
 }
 
 }  // namespace ropekit::bench

@@ -2,7 +2,11 @@
 // head_dim 128), q and k together, against bounds measured in the same run:
 //   Roof:  in place, a streaming pass that reads and writes the same q+k bytes once
 //          (bench::StreamInPlace); out of place, a non-temporal copy of them into the outputs
-//          (bench::StreamCopy). Both on the same threads, split by token rows like the rotation.
+//          (bench::StreamCopy). Both on the same threads, split by token rows like the rotation,
+//          and timed alternately with the rotation in every repetition (bench::TimePaired), so
+//          that each repetition's RoPE / Roof compares two measurements milliseconds apart; the
+//          summary quotes the median of these ratios (the machine's bandwidth may drift between
+//          minutes, which a roof measured after all rotation cases would not see).
 //   Naive: (in place, half-split) the three-pass eager formula y = x*cos + rotate_half(x)*sin
 //          with [T, D] cos/sin tables and temporaries, as PyTorch eager computes it.
 // Data are N(0, 1) samples (as activations are; no subnormals). Bytes per second count the
@@ -80,12 +84,33 @@ const RopeTable& Table() {
 // Tensor bytes read plus written per call.
 size_t TrafficBytes(const Buffers& b) { return 2 * (b.q.size() + b.k.size()); }
 
-void SetCounters(benchmark::State& state, const Buffers& b) {
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * TrafficBytes(b)));
+// `calls` calls per iteration (a batch of BM_Rope; 1 for BM_Naive).
+void SetCounters(benchmark::State& state, const Buffers& b, int64_t calls = 1) {
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * calls * TrafficBytes(b)));
   state.counters["working_set"] =
       static_cast<double>(b.q.size() + b.k.size() + b.q_out.size() + b.k_out.size());
 }
 
+// One pass of the roof over the same bytes on the same threads (see the file comment): like the
+// rotation, a call below RotateOptions::min_parallel_bytes stays on the calling thread.
+void Roof(ThreadPool& pool, const Shape& s, Buffers& b) {
+  const size_t qrow = b.q.size() / s.tokens, krow = b.k.size() / s.tokens;
+  const bool split =
+      static_cast<int64_t>(b.q.size() + b.k.size()) >= RotateOptions{}.min_parallel_bytes;
+  ParallelFor(split ? &pool : nullptr, s.tokens, [&](size_t begin, size_t end, size_t) {
+    if (s.in_place) {
+      bench::StreamInPlace(b.q.data() + begin * qrow, (end - begin) * qrow);
+      bench::StreamInPlace(b.k.data() + begin * krow, (end - begin) * krow);
+    } else {
+      bench::StreamCopy(b.q.data() + begin * qrow, b.q_out.data() + begin * qrow,
+                        (end - begin) * qrow);
+      bench::StreamCopy(b.k.data() + begin * krow, b.k_out.data() + begin * krow,
+                        (end - begin) * krow);
+    }
+  });
+}
+
+// The rotation, timed alternately with the roof (counters bound_ns and ratio = RoPE / Roof time).
 void BM_Rope(benchmark::State& state) {
   const Shape s(state);
   ThreadPool pool(s.threads);
@@ -100,33 +125,12 @@ void BM_Rope(benchmark::State& state) {
   RotateOptions options;
   options.layout = s.layout;
   options.pool = &pool;
-  for (auto _ : state) {
-    ApplyRope(Table(), b.positions, ops, options);
-    benchmark::ClobberMemory();
-  }
-  SetCounters(state, b);
-}
-
-void BM_Roof(benchmark::State& state) {
-  const Shape s(state);
-  ThreadPool pool(s.threads);
-  Buffers b = MakeBuffers(s);
-  const size_t qrow = b.q.size() / s.tokens, krow = b.k.size() / s.tokens;
-  for (auto _ : state) {
-    pool.ParallelFor(s.tokens, [&](size_t begin, size_t end, size_t) {
-      if (s.in_place) {
-        bench::StreamInPlace(b.q.data() + begin * qrow, (end - begin) * qrow);
-        bench::StreamInPlace(b.k.data() + begin * krow, (end - begin) * krow);
-      } else {
-        bench::StreamCopy(b.q.data() + begin * qrow, b.q_out.data() + begin * qrow,
-                          (end - begin) * qrow);
-        bench::StreamCopy(b.k.data() + begin * krow, b.k_out.data() + begin * krow,
-                          (end - begin) * krow);
-      }
-    });
-    benchmark::ClobberMemory();
-  }
-  SetCounters(state, b);
+  // Batches of at least 4 MiB of traffic, so that a small case's batch is timed in microseconds.
+  const int64_t batch = std::max<int64_t>(1, (int64_t{4} << 20) / TrafficBytes(b));
+  bench::TimePaired(
+      state, batch, bench::PairClock::kWall, [&] { ApplyRope(Table(), b.positions, ops, options); },
+      [&] { Roof(pool, s, b); });
+  SetCounters(state, b, batch);
 }
 
 float LoadAs(DType dtype, uint16_t h) {
@@ -211,12 +215,16 @@ void Shapes(benchmark::internal::Benchmark* b, bool all_cases) {
           b->Args({dtype, tokens, kv, threads, 0, 0});
           b->Args({dtype, tokens, kv, threads, 1, 0});
         }
-  b->UseRealTime();
 }
 
-BENCHMARK(BM_Rope)->Apply([](auto* b) { Shapes(b, true); });
-BENCHMARK(BM_Roof)->Apply([](auto* b) { Shapes(b, true); });
-BENCHMARK(BM_Naive)->Apply([](auto* b) { Shapes(b, false); });
+BENCHMARK(BM_Rope)->Apply([](auto* b) {
+  Shapes(b, true);
+  b->UseManualTime();
+});
+BENCHMARK(BM_Naive)->Apply([](auto* b) {
+  Shapes(b, false);
+  b->UseRealTime();
+});
 
 // Collects the median of every case and prints the ratios at the end.
 class SummaryReporter : public benchmark::ConsoleReporter {
@@ -230,15 +238,26 @@ class SummaryReporter : public benchmark::ConsoleReporter {
       const auto [name, shape] = bench::SplitRunName(run);
       Case& c = cases_[shape];
       c.gbs[name] = it->second.value / 1e9;
+      if (name == "BM_Rope") {
+        // The roof's GB/s from its time per call; RoPE / Roof as the median of the ratios.
+        const double bound_ns = bench::Counter(run, "bound_ns"),
+                     ratio = bench::Counter(run, "ratio");
+        if (bound_ns > 0 && ratio > 0) {
+          c.gbs["BM_Roof"] = c.gbs[name] * ratio;
+          c.pct_roof = 100.0 / ratio;
+        }
+      }
       const auto ws = run.counters.find("working_set");
       if (ws != run.counters.end()) c.working_set = static_cast<int64_t>(ws->second.value);
     }
   }
   void PrintSummary() const {
     std::printf(
-        "\nMedians, GB/s of tensor bytes read + written. Roof: in place, a streaming read+write "
-        "of the same bytes;\nout of place, a non-temporal copy; both measured in this run on the "
-        "same threads. 2T/1T: RoPE speed-up of 2 threads over 1.\n");
+        "\nMedians over repetitions, GB/s of tensor bytes read + written. Roof: in place, a "
+        "streaming read+write of the\nsame bytes; out of place, a non-temporal copy; timed "
+        "alternately with the rotation in every repetition on the\nsame threads (Roof GB/s here "
+        "= RoPE GB/s x the median ratio). %%roof: median of the per-repetition\nratios. 2T/1T: "
+        "RoPE speed-up of 2 threads over 1.\n");
     std::printf("%-5s %6s %3s %3s %-5s %-3s %9s %-5s | %7s %7s %7s | %5s %6s %5s\n", "dtype",
                 "tokens", "kv", "thr", "layout", "ip", "work set", "fits", "RoPE", "Roof", "Naive",
                 "%roof", "xNaive", "2T/1T");
@@ -262,7 +281,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
                                : "fp16",
                   tokens, kv, threads, layout == 0 ? "half" : "inter", in_place ? "in" : "out",
                   c.working_set / 1e6, bench::CacheFit(c.working_set).c_str(), rope, roof, naive,
-                  roof > 0 ? 100 * rope / roof : 0.0, naive_col, speed_col);
+                  c.pct_roof, naive_col, speed_col);
     }
   }
 
@@ -270,6 +289,7 @@ class SummaryReporter : public benchmark::ConsoleReporter {
   struct Case {
     std::map<std::string, double> gbs;
     int64_t working_set = 0;
+    double pct_roof = 0;  // 100 / median(RoPE time / Roof time)
     double Get(const char* n) const {
       const auto it = gbs.find(n);
       return it == gbs.end() ? 0.0 : it->second;

@@ -2,8 +2,11 @@
 // RotateTokens, which rope_kernel_test.cc checks against the double reference: RotateHeads (the
 // kernel of decode plans, the fused KV-cache append, multimodal rows and context shift) gives
 // RotateTokens' bits for every dtype, both layouts, both directions, partial rotary, in place and
-// out of place, token-major and head-major strides, and rows at any position. GetRotateHeads
-// returns the specialisation that matches its arguments.
+// out of place, token-major and head-major strides, and rows at any position, and for data at
+// every offset from a cache-line boundary (RotateHeads rotates the pairs before the first
+// boundary with narrower vectors, so that its full-width loop reads and writes whole lines).
+// Both loop orders (pairs outer: RotateHeads; heads outer: RotateHeadsStream) are checked.
+// GetRotateHeads returns the specialisation that matches its arguments.
 #include <algorithm>
 #include <cstring>
 #include <random>
@@ -12,6 +15,7 @@
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "tests/rope_engine_kernel_test.cc"
+#include "hwy/aligned_allocator.h"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/tests/hwy_gtest.h"
@@ -104,14 +108,18 @@ void TestRotateHeadsMatchesRotateTokens() {
     const PositionSpan pid(identity);
     for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
       for (Layout layout : {Layout::kHalfSplit, Layout::kInterleaved}) {
-        for (Direction dir : {Direction::kForward, Direction::kBackward}) {
-          const RotateHeadsFn fn = GetRotateHeads(dtype, layout, dir);
+        for (const auto& [dir, order] : {std::pair{Direction::kForward, HeadOrder::kPairsOuter},
+                                         {Direction::kBackward, HeadOrder::kPairsOuter},
+                                         {Direction::kForward, HeadOrder::kHeadsOuter},
+                                         {Direction::kBackward, HeadOrder::kHeadsOuter}}) {
+          const RotateHeadsFn fn = GetRotateHeads(dtype, layout, dir, order);
           for (bool head_major : {false, true}) {
             const std::string where =
                 std::string(hwy::TargetName(HWY_TARGET)) + " " + std::string(DTypeName(dtype)) +
                 " " + std::string(LayoutName(layout)) +
-                (dir == Direction::kBackward ? " bwd" : "") + " D " + std::to_string(D) + " R " +
-                std::to_string(R) + (head_major ? " head-major" : "");
+                (dir == Direction::kBackward ? " bwd" : "") +
+                (order == HeadOrder::kHeadsOuter ? " heads-outer" : "") + " D " +
+                std::to_string(D) + " R " + std::to_string(R) + (head_major ? " head-major" : "");
             std::vector<uint8_t> x = RandomBytes(T * H * D, dtype, 17 + D);
             TensorView xv = ContiguousView(x.data(), dtype, T, H, D);
             if (head_major) {
@@ -150,7 +158,63 @@ void TestRotateHeadsMatchesRotateTokens() {
       }
     }
   }
-  ASSERT_EQ(GetRotateHeads(DType::kSentinel, Layout::kHalfSplit, Direction::kForward), nullptr);
+  ASSERT_EQ(GetRotateHeads(DType::kSentinel, Layout::kHalfSplit, Direction::kForward,
+                           HeadOrder::kPairsOuter),
+            nullptr);
+}
+
+// Data starting at every element offset from a 64-byte boundary (in place, and out of place into
+// an output at the same or at another offset): the lead pairs before the boundary, the
+// full-width loop and the tail give RotateTokens' bits.
+void TestRotateHeadsAtEveryAlignment() {
+  const int64_t T = 2, H = 3;
+  for (const int D : {128, 256, 136}) {  // 136: head stride not a multiple of 64 bytes in fp32
+    const RopeTable table(Frequencies(D, 1.0));
+    const int n = D / 2;
+    std::vector<float> rows(T * 2 * n);
+    for (int64_t t = 0; t < T; ++t) {
+      table.ComputeRow(1000 + 7 * t, rows.data() + t * 2 * n, rows.data() + t * 2 * n + n);
+    }
+    const std::vector<int64_t> identity = {0, 1};
+    const PositionSpan pid(identity);
+    for (DType dtype : {DType::kF32, DType::kBF16, DType::kF16}) {
+      const size_t es = DTypeSize(dtype), bytes = T * H * D * es;
+      for (Layout layout : {Layout::kHalfSplit, Layout::kInterleaved}) {
+        const RotateHeadsFn fn =
+            GetRotateHeads(dtype, layout, Direction::kForward, HeadOrder::kPairsOuter);
+        for (size_t offset = 0; offset < 64; offset += es) {
+          const std::string where = std::string(hwy::TargetName(HWY_TARGET)) + " " +
+                                    std::string(DTypeName(dtype)) + " " +
+                                    std::string(LayoutName(layout)) + " D " + std::to_string(D) +
+                                    " offset " + std::to_string(offset);
+          const std::vector<uint8_t> x = RandomBytes(T * H * D, dtype, 5 + offset);
+          auto in_buf = hwy::AllocateAligned<uint8_t>(bytes + 64);
+          auto out_buf = hwy::AllocateAligned<uint8_t>(bytes + 64);
+          uint8_t* in = in_buf.get() + offset;
+          std::memcpy(in, x.data(), bytes);
+          const TensorView xv = ContiguousView(in, dtype, T, H, D);
+          std::vector<uint8_t> want(bytes);
+          const RopeOperand want_op{xv, ContiguousView(want.data(), dtype, T, H, D)};
+          RotateTokens(
+              MakeJob(rows.data(), T, 2 * n, n, {&want_op, 1}, &pid, layout, Direction::kForward),
+              0, T);
+          for (const size_t out_offset : {offset, (offset + 16) % 64}) {
+            uint8_t* out = out_buf.get() + out_offset;
+            const TensorView ov = ContiguousView(out, dtype, T, H, D);
+            for (int64_t t = 0; t < T; ++t) {
+              fn(HeadsOf(xv, ov, t), rows.data() + t * 2 * n, rows.data() + t * 2 * n + n, n);
+            }
+            ASSERT_EQ(std::vector<uint8_t>(out, out + bytes), want)
+                << "out of place at offset " << out_offset << ", " << where;
+          }
+          for (int64_t t = 0; t < T; ++t) {
+            fn(HeadsOf(xv, xv, t), rows.data() + t * 2 * n, rows.data() + t * 2 * n + n, n);
+          }
+          ASSERT_EQ(std::vector<uint8_t>(in, in + bytes), want) << "in place, " << where;
+        }
+      }
+    }
+  }
 }
 
 }  // namespace HWY_NAMESPACE
@@ -161,5 +225,6 @@ HWY_AFTER_NAMESPACE();
 namespace ropekit {
 HWY_BEFORE_TEST(RopeEngineKernelTest);
 HWY_EXPORT_AND_TEST_P(RopeEngineKernelTest, TestRotateHeadsMatchesRotateTokens);
+HWY_EXPORT_AND_TEST_P(RopeEngineKernelTest, TestRotateHeadsAtEveryAlignment);
 }  // namespace ropekit
 #endif

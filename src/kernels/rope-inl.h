@@ -296,14 +296,47 @@ HWY_INLINE void RotateStepTwo(D d, const typename Io::T* x, typename Io::T* y, c
 }
 #endif
 
-// One operand, one token: every head, with vectors of tag D. x and y may be the same memory
-// (in-place).
+// One head's pairs [0, N) with vectors of tag D, then single lanes; x and y may be the same
+// memory (in place). Channels [R, D) are the caller's.
 template <class Io, bool kInterleaved, bool kBackward, class D>
-HWY_NOINLINE void RotateOperandToken(D d, const RopeOperand& op, int64_t t, const float* cos,
-                                     const float* sin, size_t n) {
-  using T = typename Io::T;
+HWY_INLINE void RotateOneHead(D d, const typename Io::T* x, typename Io::T* y, const float* cos,
+                              const float* sin, size_t n) {
   const hn::CappedTag<float, 1> d1;
   const size_t lanes = hn::Lanes(d);
+  size_t i = 0;
+#if HWY_TARGET != HWY_SCALAR
+  if constexpr (Io::kPacksTwo && !kInterleaved) {
+    for (; i + 2 * lanes <= n; i += 2 * lanes) {
+      RotateStepTwo<Io, kBackward>(d, x, y, cos, sin, n, i);
+    }
+  } else if constexpr (Io::kPacksTwo) {  // 16-bit interleaved: two independent steps
+    for (; i + 2 * lanes <= n; i += 2 * lanes) {
+      RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i);
+      RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i + lanes);
+    }
+  }
+#endif
+  for (; i + lanes <= n; i += lanes)
+    RotateStep<Io, kInterleaved, kBackward>(d, x, y, cos, sin, n, i);
+  for (; i < n; ++i) RotateStep<Io, kInterleaved, kBackward>(d1, x, y, cos, sin, n, i);
+}
+
+// The vector tag of the heads-outer loops. fp32 streams through memory with little arithmetic
+// per byte. On AVX-512 CPUs 256-bit vectors rotate a 4096-token prompt faster than 512-bit ones:
+// 1.7x with 16-byte aligned data (a NumPy array; every 512-bit access then straddles two cache
+// lines) and 1.1x with 64-byte aligned data (AMD EPYC, Zen 5). The 16-bit paths are bound by the
+// conversions and keep the full width. The bits do not depend on the width (the same operations
+// per lane).
+template <class Io>
+using StreamTag =
+    std::conditional_t<std::is_same_v<Io, F32Io>, hn::CappedTag<float, 8>, hn::ScalableTag<float>>;
+
+// One operand, one token: every head, heads outer. x and y may be the same memory (in place).
+template <class Io, bool kInterleaved, bool kBackward>
+HWY_NOINLINE void RotateOperandToken(const RopeOperand& op, int64_t t, const float* cos,
+                                     const float* sin, size_t n) {
+  using T = typename Io::T;
+  const StreamTag<Io> d;
   const T* in = static_cast<const T*>(op.in.data) + t * op.in.token_stride;
   T* out = static_cast<T*>(op.out.data) + t * op.out.token_stride;
   const size_t pass = static_cast<size_t>(op.in.head_dim) - 2 * n;
@@ -311,40 +344,8 @@ HWY_NOINLINE void RotateOperandToken(D d, const RopeOperand& op, int64_t t, cons
   for (int64_t h = 0; h < op.in.num_heads; ++h) {
     const T* x = in + h * op.in.head_stride;
     T* y = out + h * op.out.head_stride;
-    size_t i = 0;
-#if HWY_TARGET != HWY_SCALAR
-    if constexpr (Io::kPacksTwo && !kInterleaved) {
-      for (; i + 2 * lanes <= n; i += 2 * lanes) {
-        RotateStepTwo<Io, kBackward>(d, x, y, cos, sin, n, i);
-      }
-    } else if constexpr (Io::kPacksTwo) {  // 16-bit interleaved: two independent steps
-      for (; i + 2 * lanes <= n; i += 2 * lanes) {
-        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i);
-        RotateStep<Io, true, kBackward>(d, x, y, cos, sin, n, i + lanes);
-      }
-    }
-#endif
-    for (; i + lanes <= n; i += lanes)
-      RotateStep<Io, kInterleaved, kBackward>(d, x, y, cos, sin, n, i);
-    for (; i < n; ++i) RotateStep<Io, kInterleaved, kBackward>(d1, x, y, cos, sin, n, i);
+    RotateOneHead<Io, kInterleaved, kBackward>(d, x, y, cos, sin, n);
     if (copy_pass) std::memcpy(y + 2 * n, x + 2 * n, pass * sizeof(T));
-  }
-}
-
-template <class Io, bool kInterleaved, bool kBackward>
-HWY_INLINE void RotateOperandTokenWidth(const RopeOperand& op, int64_t t, const float* cos,
-                                        const float* sin, size_t n) {
-  if constexpr (std::is_same_v<Io, F32Io>) {
-    // fp32 streams through memory with little arithmetic per byte. On AVX-512 CPUs 256-bit
-    // vectors rotate a 4096-token prompt faster than 512-bit ones: 1.7x with 16-byte aligned data
-    // (a NumPy array; every 512-bit access then straddles two cache lines) and 1.1x with 64-byte
-    // aligned data (AMD EPYC, Zen 5). The 16-bit paths are bound by the conversions and keep the
-    // full width. The bits do not depend on the width (the same operations per lane).
-    const hn::CappedTag<float, 8> d8;
-    RotateOperandToken<Io, kInterleaved, kBackward>(d8, op, t, cos, sin, n);
-  } else {
-    const hn::ScalableTag<float> d;
-    RotateOperandToken<Io, kInterleaved, kBackward>(d, op, t, cos, sin, n);
   }
 }
 
@@ -352,11 +353,11 @@ template <class Io>
 HWY_INLINE void RotateOperandTokenIo(const RopeOperand& op, int64_t t, const float* cos,
                                      const float* sin, size_t n, Layout layout, bool backward) {
   if (layout == Layout::kInterleaved) {
-    backward ? RotateOperandTokenWidth<Io, true, true>(op, t, cos, sin, n)
-             : RotateOperandTokenWidth<Io, true, false>(op, t, cos, sin, n);
+    backward ? RotateOperandToken<Io, true, true>(op, t, cos, sin, n)
+             : RotateOperandToken<Io, true, false>(op, t, cos, sin, n);
   } else {
-    backward ? RotateOperandTokenWidth<Io, false, true>(op, t, cos, sin, n)
-             : RotateOperandTokenWidth<Io, false, false>(op, t, cos, sin, n);
+    backward ? RotateOperandToken<Io, false, true>(op, t, cos, sin, n)
+             : RotateOperandToken<Io, false, false>(op, t, cos, sin, n);
   }
 }
 

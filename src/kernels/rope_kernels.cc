@@ -20,8 +20,8 @@ void RotateTokensSimd(const RotateJob& job, int64_t t_begin, int64_t t_end) {
 
 HWY_EXPORT(GetRotateHeads);
 
-RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction) {
-  return HWY_DYNAMIC_DISPATCH(GetRotateHeads)(dtype, layout, direction);
+RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction, HeadOrder order) {
+  return HWY_DYNAMIC_DISPATCH(GetRotateHeads)(dtype, layout, direction, order);
 }
 
 std::string SimdTargetName() {

@@ -46,9 +46,16 @@ struct HeadRows {
 using RotateHeadsFn = void (*)(const HeadRows& heads, const float* cos, const float* sin,
                                size_t num_pairs);
 
+// Loop order of a RotateHeadsFn. kPairsOuter (RotateHeads) loads each cos/sin vector once and
+// sweeps it over every head: the fastest for one token whose heads sit in the L1 cache (a decode
+// step). kHeadsOuter (RotateHeadsStream) reads each head front to back: the fastest for calls of
+// many tokens streamed from memory (a prompt). Both give the same bits.
+enum class HeadOrder { kPairsOuter, kHeadsOuter };
+
 // The best target's RotateHeads for this CPU; resolve once, call many times. Throws nothing;
 // null only for an unknown dtype.
-RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction);
+RotateHeadsFn ResolveRotateHeads(DType dtype, Layout layout, Direction direction,
+                                 HeadOrder order = HeadOrder::kPairsOuter);
 
 }  // namespace ropekit
 

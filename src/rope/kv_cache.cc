@@ -246,6 +246,13 @@ struct AppendCall {
   }
 };
 
+// The kernel of an append of T tokens: pairs outer for one token (its heads are in the L1 cache),
+// heads outer for more (streamed from memory); the same bits either way.
+RotateHeadsFn AppendFn(const RotateOptions& options, DType dtype, int64_t num_tokens) {
+  return ResolveRotateHeads(dtype, options.layout, options.direction,
+                            num_tokens > 1 ? HeadOrder::kHeadsOuter : HeadOrder::kPairsOuter);
+}
+
 // The reference composition: rotate(ops) rotates q in place (or into q.out) and k into a
 // [T, Hkv, D] scratch with the reference backend; then k and v are copied into the slots.
 template <class Rotate>
@@ -286,8 +293,7 @@ void ApplyRopeAndAppend(const RopeTable& table, PositionSpan positions, const Ro
     return;
   }
   const int n = table.num_pairs();
-  const AppendCall call{
-      q, k, v, cache, slots, ResolveRotateHeads(cache.dtype, options.layout, options.direction), n};
+  const AppendCall call{q, k, v, cache, slots, AppendFn(options, cache.dtype, num_tokens), n};
   if (internal::UseReferenceBackend(options.backend)) {
     AppendReference(call, num_tokens, [&](std::span<const RopeOperand> ops) {
       ApplyRope(table, positions, ops, options);
@@ -326,8 +332,7 @@ void ApplyRopeAndAppend(const RopeTable& table, const AxisPositions& positions,
     }
     return;
   }
-  const AppendCall call{
-      q, k, v, cache, slots, ResolveRotateHeads(cache.dtype, options.layout, options.direction), n};
+  const AppendCall call{q, k, v, cache, slots, AppendFn(options, cache.dtype, num_tokens), n};
   if (internal::UseReferenceBackend(options.backend)) {
     AppendReference(call, num_tokens, [&](std::span<const RopeOperand> ops) {
       ApplyRope(table, positions, axes, ops, options);
